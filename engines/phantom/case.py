@@ -1,0 +1,53 @@
+"""The product of the phantom: co-registered dual-echo MR magnitudes, CT and tissue labels of one subject."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from engines.phantom.acquisition import Acquisition
+from engines.phantom.geometry import VolumeGeometry
+from engines.phantom.subject import SubjectParameters
+
+#: CT numbers are clipped to the range a 12-bit CT scanner stores (physics.md §3.4).
+CT_HU_MIN = -1024
+CT_HU_MAX = 3071
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class PhantomCase:
+    """One simulated subject, voxel for voxel on one grid.
+
+    ``echoes`` are the magnitude images a scanner reconstructs, already scaled to the unsigned 16-bit range it
+    stores (``[echo, slice, row, column]``, echoes in order of echo time). ``ct_hu`` is the matching CT in
+    Hounsfield units as int16. ``labels`` holds the tissue (:class:`engines.phantom.tissues.Tissue`) that fills
+    most of each voxel: ground truth for per-tissue metrics. Arrays are read-only.
+    """
+
+    seed: int
+    subject: SubjectParameters
+    acquisition: Acquisition
+    geometry: VolumeGeometry
+    echoes: npt.NDArray[np.uint16]
+    ct_hu: npt.NDArray[np.int16]
+    labels: npt.NDArray[np.uint8]
+
+    def __post_init__(self) -> None:
+        n_echoes = len(self.acquisition.echo_times_ms)
+        if self.echoes.shape != (n_echoes, *self.geometry.shape):
+            raise ValueError(
+                f"echoes shape {self.echoes.shape} does not match {n_echoes} echoes on grid {self.geometry.shape}"
+            )
+        for name in ("ct_hu", "labels"):
+            arr = getattr(self, name)
+            if arr.shape != self.geometry.shape:
+                raise ValueError(f"{name} shape {arr.shape} does not match grid {self.geometry.shape}")
+        for arr in (self.echoes, self.ct_hu, self.labels):
+            arr.setflags(write=False)
+
+    @property
+    def body_mask(self) -> npt.NDArray[np.bool_]:
+        """Voxels inside the body (not air outside it)."""
+        return np.asarray(self.labels != 0)

@@ -1,0 +1,1 @@
+"""Scanner simulator: exports phantom cases as DICOM the way Siemens- and Philips-like consoles do."""
