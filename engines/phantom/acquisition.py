@@ -53,7 +53,8 @@ class Acquisition:
     #: Bipolar readouts flip the fat chemical-shift displacement between echoes; monopolar keep it.
     bipolar_readout: bool = False
     number_of_averages: float = 1.0
-    #: Multiplies the physical noise level; 1.0 gives muscle SNR of about 25 on echo 1 at the seed protocol.
+    #: Multiplies the physical noise level; 1.0 gives muscle SNR of about 25 on echo 1 at the seed protocol,
+    #: 0 gives noiseless images (physics tests).
     noise_scale: float = 1.0
     #: Extra attributes the scanner simulator writes verbatim (protocol deviations that have no physics here).
     header_overrides: tuple[tuple[str, Any], ...] = field(default=())
@@ -63,6 +64,8 @@ class Acquisition:
         _check_positive("FlipAngle", self.flip_angle_deg, "deg")
         _check_positive("PixelBandwidth", self.pixel_bandwidth_hz, "Hz/px")
         _check_positive("NumberOfAverages", self.number_of_averages, "")
+        if not (math.isfinite(self.noise_scale) and self.noise_scale >= 0):
+            raise ValueError(f"noise_scale must be finite and >= 0 (0 = noiseless); found {self.noise_scale!r}")
         if not self.echo_times_ms:
             raise ValueError("EchoTime: at least one echo time is required; found none")
         for i, te in enumerate(self.echo_times_ms, start=1):

@@ -364,7 +364,7 @@ def _discs(b: _Builder) -> None:
         if seg.kind != "disc":
             continue
         sacral = seg.position > 7.0
-        degeneration = 0.0 if sacral else subj.disc_degeneration[DISC_LEVELS.index(seg.name)]
+        degeneration = 0.0 if sacral else subj.disc_degeneration[DISC_LEVELS.index(seg.name.split("-")[0])]
         bulge = 1.0 + 0.05 * degeneration
         disc = VertebralBody(
             label=Tissue.DISC_ANNULUS,
@@ -388,7 +388,7 @@ def _discs(b: _Builder) -> None:
         nucleus_r = nucleus_r * (1.0 - 0.3 * degeneration)
         center = seg.to_world((0.0, seg.half_depth * 0.12, 0.0))
         b.add(Ellipsoid(nucleus_label, center, seg.frame, nucleus_r), frozenset({Tissue.DISC_ANNULUS}))
-        if subj.disc_vacuum and DISC_LEVELS.index(seg.name) == worst:
+        if subj.disc_vacuum and DISC_LEVELS.index(seg.name.split("-")[0]) == worst:
             gas_r = np.array([seg.half_width * 0.35, seg.half_depth * 0.25, max(seg.height * 0.2, 0.8)])
             b.add(Ellipsoid(Tissue.DISC_GAS, seg.to_world((0.0, -seg.half_depth * 0.3, 0.0)), seg.frame, gas_r),
                   frozenset({Tissue.DISC_ANNULUS, Tissue.DISC_DEGENERATED}))

@@ -50,9 +50,10 @@ MARROW_R2PRIME_PER_BMD = 0.20
 POSTERIOR_BVTV_FACTOR = 1.8
 
 
-@dataclass(frozen=True, slots=True)
-class _TissueModel:
-    """Per-subject tissue properties: the table with individual jitter and the subject's fat fractions."""
+@dataclass(frozen=True, slots=True, eq=False)
+class TissueModel:
+    """Per-subject tissue properties, indexed by :class:`Tissue`: the table with individual jitter (people's
+    relaxation times differ by a few percent) and the subject's own muscle fat fraction."""
 
     pd: F64
     ff: F64
@@ -61,7 +62,9 @@ class _TissueModel:
     hu: F64
 
 
-def _tissue_model(subject: SubjectParameters, field: float, rng: np.random.Generator) -> _TissueModel:
+def tissue_model(subject: SubjectParameters, field: float) -> TissueModel:
+    """The tissue properties this subject's images are simulated with at ``field`` tesla (deterministic)."""
+    rng = np.random.default_rng([subject.seed, 0x7155])
     n = N_TISSUES
     pd, ff, t1w, t2sw, hu = (np.zeros(n) for _ in range(5))
     for tissue, props in TISSUE_TABLE.items():
@@ -72,7 +75,7 @@ def _tissue_model(subject: SubjectParameters, field: float, rng: np.random.Gener
         hu[tissue] = props.hu + (float(rng.normal(0.0, 4.0)) if abs(props.hu) < 200 else 0.0)
     ff[Tissue.MUSCLE] = subject.muscle_fat_fraction
     hu[Tissue.MUSCLE] = (1 - subject.muscle_fat_fraction) * hu[Tissue.MUSCLE] + subject.muscle_fat_fraction * HU_FAT
-    return _TissueModel(pd=pd, ff=ff, t1w=t1w, t2sw=t2sw, hu=hu)
+    return TissueModel(pd=pd, ff=ff, t1w=t1w, t2sw=t2sw, hu=hu)
 
 
 class _PlaneWaves:
@@ -122,7 +125,7 @@ class _Accumulator:
         self.anatomy = anatomy
         self.field = acq.table_field_strength()
         self.norm = float(supersample**3)
-        self.model = _tissue_model(subject, self.field, rng)
+        self.model = tissue_model(subject, self.field)
         self.fields = _Fields(
             b1=_PlaneWaves(rng, 3, (300.0, 600.0)),
             b1_amplitude=0.04 if self.field < 2.0 else 0.12,

@@ -76,13 +76,19 @@ def noise_sigma(acq: Acquisition) -> float:
 
 
 def shift_along(volume: C64, axis: int, shift_px: float) -> C64:
-    """Sub-pixel shift by linear interpolation (the fat displacement is below one pixel at > 400 Hz/px)."""
+    """Sub-pixel shift by linear interpolation (the fat displacement is below one pixel at > 400 Hz/px).
+
+    Edges are clamped, not wrapped: readout oversampling keeps a real scanner's chemical shift from folding
+    signal across the FOV.
+    """
     if abs(shift_px) < 1e-6:
         return volume
+    n = volume.shape[axis]
     whole = math.floor(shift_px)
     frac = np.float32(shift_px - whole)
-    a = np.roll(volume, whole, axis=axis)
-    b = np.roll(volume, whole + 1, axis=axis)
+    source = np.arange(n) - whole
+    a = np.take(volume, np.clip(source, 0, n - 1), axis=axis)
+    b = np.take(volume, np.clip(source - 1, 0, n - 1), axis=axis)
     return np.asarray((1 - frac) * a + frac * b, dtype=np.complex64)
 
 

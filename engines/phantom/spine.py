@@ -66,6 +66,7 @@ SCOLIOSIS_ROTATION_MAX_DEG = 20.0
 class Segment:
     """One vertebra or disc placed in patient space.
 
+    Vertebrae are named by level ("L4"), discs by the two levels they join ("L4-L5").
     ``frame`` columns are the segment's local x (patient left), y (posterior) and z (cranial, along the axis).
     ``position`` is its fractional index along VERTEBRA_LEVELS (a disc sits half-way between its vertebrae).
     """
@@ -121,7 +122,7 @@ def build_spine(subject: SubjectParameters) -> list[Segment]:
         degeneration = subject.disc_degeneration[DISC_LEVELS.index(disc_level)]
         disc_h = DISC_HEIGHT[disc_level] * s * (1.0 - DISC_HEIGHT_LOSS_AT_FULL_DEGENERATION * degeneration)
         if disc_level in DISC_LORDOSIS_SHARE:
-            wedge = lordosis * DISC_LORDOSIS_SHARE[disc_level] * (1.0 - 0.5 * degeneration)
+            wedge = lordosis * DISC_LORDOSIS_SHARE[disc_level]
         elif disc_level == "T12":
             wedge = 0.0
         else:
@@ -130,9 +131,10 @@ def build_spine(subject: SubjectParameters) -> list[Segment]:
         body_h, body_b, body_a = body_dims(level)
         mid = phi - math.radians(wedge) / 2.0
         disc_center = endplate + _axis(mid) * disc_h / 2.0
+        below_level = VERTEBRA_LEVELS[VERTEBRA_LEVELS.index(disc_level) + 1]
         segments.append(
             Segment(
-                disc_level,
+                f"{disc_level}-{below_level}",
                 "disc",
                 index + 0.5,
                 disc_center,
@@ -179,7 +181,7 @@ def build_spine(subject: SubjectParameters) -> list[Segment]:
         phi_mid = phi + math.radians(SACRAL_CURVE_DEG) / 2.0
         disc_center = bottom - _axis(phi_mid) * remnant / 2.0
         segments.append(
-            Segment(f"S{offset}", "disc", 7.0 + offset - 0.5, disc_center, _sagittal_frame(phi_mid), remnant,
+            Segment(f"S{offset}-S{offset + 1}", "disc", 7.0 + offset - 0.5, disc_center, _sagittal_frame(phi_mid), remnant,
                     b * s, a * s, 0.0, None)
         )
         bottom = bottom - _axis(phi_mid) * remnant
