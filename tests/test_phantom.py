@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -67,7 +68,9 @@ _PPM = np.array([-3.80, -3.40, -2.60, -1.94, -0.39, 0.60])
 _AMP = np.array([0.087, 0.693, 0.128, 0.004, 0.039, 0.048])
 
 
-def _expected_magnitude(pd: float, ff: float, t1w: float, t2sw: float, te_ms: float, acq: Acquisition) -> float:
+def _expected_magnitude(
+    pd: float, ff: float, t1w: float, t2sw: float, te_ms: float, acq: Acquisition
+) -> float:
     """The spoiled-GRE signal equation (physics.md §3.1) for one tissue, B1 and bias taken as 1."""
     alpha = math.radians(acq.flip_angle_deg)
 
@@ -95,7 +98,9 @@ def test_echo_signals_follow_the_signal_equation(noiseless_case: PhantomCase, ti
     model = tissue_model(case.subject, case.acquisition.table_field_strength())
     args = (model.pd[tissue], model.ff[tissue], model.t1w[tissue], model.t2sw[tissue])
     te1, te2 = case.acquisition.echo_times_ms
-    expected = _expected_magnitude(*args, te2, case.acquisition) / _expected_magnitude(*args, te1, case.acquisition)
+    expected = _expected_magnitude(*args, te2, case.acquisition) / _expected_magnitude(
+        *args, te1, case.acquisition
+    )
     measured = case.echoes[1][mask].astype(float).mean() / case.echoes[0][mask].astype(float).mean()
     assert measured == pytest.approx(expected, rel=0.02)
 
@@ -111,8 +116,12 @@ def test_fat_to_water_signal_ratio_matches_the_equation_at_each_echo(noiseless_c
     near = ndimage.binary_dilation(blood_mask, iterations=8) & fat_mask
     assert near.sum() > 50 and blood_mask.sum() > 50
     for echo, te in enumerate(case.acquisition.echo_times_ms):
-        fat_args = (model.pd[Tissue.VISCERAL_FAT], model.ff[Tissue.VISCERAL_FAT], model.t1w[Tissue.VISCERAL_FAT],
-                    model.t2sw[Tissue.VISCERAL_FAT])
+        fat_args = (
+            model.pd[Tissue.VISCERAL_FAT],
+            model.ff[Tissue.VISCERAL_FAT],
+            model.t1w[Tissue.VISCERAL_FAT],
+            model.t2sw[Tissue.VISCERAL_FAT],
+        )
         blood_args = (model.pd[Tissue.BLOOD], 0.0, model.t1w[Tissue.BLOOD], model.t2sw[Tissue.BLOOD])
         expected = _expected_magnitude(*fat_args, te, case.acquisition) / _expected_magnitude(
             *blood_args, te, case.acquisition
@@ -124,8 +133,12 @@ def test_fat_to_water_signal_ratio_matches_the_equation_at_each_echo(noiseless_c
 
 def test_fat_phasor_matches_the_reference_table() -> None:
     """physics.md §3.2: |c| and angle of the 6-peak fat phasor at the brief's echo times."""
-    for field, te, magnitude, angle in ((1.5, 2.1, 0.80, -159), (1.5, 4.2, 0.85, 36), (1.5, 2.3, 0.79, -176),
-                                        (3.0, 2.3, 0.82, 7)):
+    for field, te, magnitude, angle in (
+        (1.5, 2.1, 0.80, -159),
+        (1.5, 4.2, 0.85, 36),
+        (1.5, 2.3, 0.79, -176),
+        (3.0, 2.3, 0.82, 7),
+    ):
         c = fat_phasor(te, field)
         assert abs(c) == pytest.approx(magnitude, abs=0.01)
         assert math.degrees(math.atan2(c.imag, c.real)) == pytest.approx(angle, abs=2.0)
@@ -149,8 +162,9 @@ def test_marrow_is_darker_at_the_near_opposed_phase_echo(noiseless_case: Phantom
         (Tissue.MARROW_BODY, 50, 300),
     ],
 )
-def test_ct_numbers_lie_in_the_reference_ranges(noisy_case: PhantomCase, tissue: Tissue, low: float,
-                                                high: float) -> None:
+def test_ct_numbers_lie_in_the_reference_ranges(
+    noisy_case: PhantomCase, tissue: Tissue, low: float, high: float
+) -> None:
     mask = pure(noisy_case, tissue)
     assert mask.sum() > 100
     assert low <= noisy_case.ct_hu[mask].mean() <= high
@@ -192,15 +206,22 @@ def test_noise_scales_with_bandwidth() -> None:
 
 def test_seed_protocol_grid() -> None:
     assert SEED_PROTOCOL.matrix == (100, 338, 338)
-    geo = VolumeGeometry.from_fov(center=(0.0, 0.0, 0.0), fov_mm=SEED_PROTOCOL.fov_mm, voxel_mm=SEED_PROTOCOL.voxel_mm)
+    geo = VolumeGeometry.from_fov(
+        center=(0.0, 0.0, 0.0), fov_mm=SEED_PROTOCOL.fov_mm, voxel_mm=SEED_PROTOCOL.voxel_mm
+    )
     assert geo.shape == (100, 338, 338)
     assert geo.image_orientation_patient == (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)  # sagittal
     assert np.allclose(geo.center, (0.0, 0.0, 0.0))
 
 
 def test_supersampled_grid_covers_the_same_voxels() -> None:
-    geo = VolumeGeometry.from_fov(center=(1.0, 2.0, 3.0), fov_mm=(20.0, 30.0, 9.0), voxel_mm=(1.0, 1.5, 3.0),
-                                  orientation=Orientation.AXIAL, oblique_deg=10.0)
+    geo = VolumeGeometry.from_fov(
+        center=(1.0, 2.0, 3.0),
+        fov_mm=(20.0, 30.0, 9.0),
+        voxel_mm=(1.0, 1.5, 3.0),
+        orientation=Orientation.AXIAL,
+        oblique_deg=10.0,
+    )
     fine = geo.supersampled(3)
     idx = np.array([[k, r, c, 1.0] for k in range(3) for r in range(3) for c in range(3)])
     sub = (fine.affine @ idx.T)[:3].mean(axis=1)
@@ -224,16 +245,25 @@ def test_lordosis_is_the_angle_between_l1_and_s1() -> None:
     angle = math.degrees(math.acos(float(np.clip(l1.frame[:, 2] @ s1.frame[:, 2], -1, 1))))
     # L1's frame sits at mid-body: half its own wedge short of the superior endplate.
     assert angle == pytest.approx(subject.lordosis_deg - l1.wedge_deg / 2.0, abs=1e-6)
-    assert [n for n in ("L1", "L2", "L3", "L4", "L5", "S1") if n in spine] == ["L1", "L2", "L3", "L4", "L5", "S1"]
+    assert [n for n in ("L1", "L2", "L3", "L4", "L5", "S1") if n in spine] == [
+        "L1",
+        "L2",
+        "L3",
+        "L4",
+        "L5",
+        "S1",
+    ]
 
 
 def test_spondylolisthesis_moves_the_slipped_vertebra_anteriorly() -> None:
     base = dataclasses.replace(SubjectParameters.from_seed(3), scoliosis_mm=0.0, listhesis_level="")
     slipped = dataclasses.replace(base, listhesis_level="L5", listhesis_fraction=0.25)
+
     def offset(subject: SubjectParameters) -> float:
         spine = {s.name: s for s in build_spine(subject)}
         rel = spine["L5"].center - spine["S1"].center
         return float(rel @ spine["S1"].frame[:, 1])  # posterior component in S1's frame
+
     assert offset(base) - offset(slipped) == pytest.approx(0.25 * 2 * base.spine_scale * 17.5, rel=0.15)
 
 
@@ -259,14 +289,21 @@ def test_subjects_vary_across_seeds() -> None:
         ({"voxel_mm": (0.74, float("nan"), 0.9)}, r"voxel_mm must be three positive mm values"),
     ],
 )
-def test_bad_acquisitions_are_refused_with_the_attribute_named(change: dict[str, object], message: str) -> None:
+def test_bad_acquisitions_are_refused_with_the_attribute_named(
+    change: dict[str, Any], message: str
+) -> None:
     with pytest.raises(ValueError, match=message):
         dataclasses.replace(SEED_PROTOCOL, **change)
 
 
 def test_other_orientation_and_field_strength() -> None:
-    acq = dataclasses.replace(SMALL, orientation=Orientation.AXIAL, field_strength_t=3.0, echo_times_ms=(1.15, 2.3),
-                              fov_mm=(120.0, 120.0, 9.0))
+    acq = dataclasses.replace(
+        SMALL,
+        orientation=Orientation.AXIAL,
+        field_strength_t=3.0,
+        echo_times_ms=(1.15, 2.3),
+        fov_mm=(120.0, 120.0, 9.0),
+    )
     case = generate_case(2, acq)
     assert case.geometry.slice_direction == pytest.approx((0.0, 0.0, 1.0))
     assert case.echoes.shape == (2, 10, 162, 162)

@@ -65,7 +65,9 @@ class Acquisition:
         _check_positive("PixelBandwidth", self.pixel_bandwidth_hz, "Hz/px")
         _check_positive("NumberOfAverages", self.number_of_averages, "")
         if not (math.isfinite(self.noise_scale) and self.noise_scale >= 0):
-            raise ValueError(f"noise_scale must be finite and >= 0 (0 = noiseless); found {self.noise_scale!r}")
+            raise ValueError(
+                f"noise_scale must be finite and >= 0 (0 = noiseless); found {self.noise_scale!r}"
+            )
         if not self.echo_times_ms:
             raise ValueError("EchoTime: at least one echo time is required; found none")
         for i, te in enumerate(self.echo_times_ms, start=1):
@@ -124,7 +126,9 @@ class Acquisition:
 
 def _check_positive(attribute: str, value: float, unit: str) -> None:
     if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{attribute} must be a finite positive value{f' in {unit}' if unit else ''}; found {value!r}")
+        raise ValueError(
+            f"{attribute} must be a finite positive value{f' in {unit}' if unit else ''}; found {value!r}"
+        )
 
 
 #: The seed protocol: sagittal 3D RF-spoiled GRE, TR 7 ms, TE 2.1 / 4.2 ms, > 500 Hz/px, 0.74x0.74x0.9 mm, 1.5 T.

@@ -8,6 +8,7 @@ vertebra merge into one marrow cavity inside one shell.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -15,9 +16,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from engines.phantom.shapes import Capsule, Ellipsoid, F32, Primitive, VertebralBody, frame_from_axes
+from engines.phantom.shapes import F32, Capsule, Ellipsoid, Primitive, VertebralBody, frame_from_axes
 from engines.phantom.spine import LEVEL_DIMENSIONS, Segment
-from engines.phantom.subject import SubjectParameters
+from engines.phantom.subject import DISC_LEVELS, SubjectParameters
 from engines.phantom.tissues import Tissue
 
 F64 = npt.NDArray[np.float64]
@@ -133,7 +134,9 @@ class _Builder:
             self.add(_cap(label, points[i], points[i + 1], ry, rz, up[i]), only_on)
 
     # --- the column's running lines, extended beyond both ends so tubes do not stop inside the FOV -------------
-    def column_points(self, local: Iterator[tuple[float, float, float]] | list[tuple[float, float, float]]) -> list[F64]:
+    def column_points(
+        self, local: Iterator[tuple[float, float, float]] | list[tuple[float, float, float]]
+    ) -> list[F64]:
         pts = [seg.to_world(loc) for seg, loc in zip(self.segments, local, strict=True)]
         head = pts[0] + (pts[0] - pts[1]) * 3.0
         tail = pts[-1] + (pts[-1] - pts[-2]) * 2.0
@@ -157,13 +160,28 @@ def build_anatomy(subject: SubjectParameters, segments: list[Segment]) -> Anatom
     _facets_and_bones(b)
     torso = _torso(b)
     bodies = [s for s in segments if s.kind == "vertebra" and s.dims is not None]
-    level_factor = {"T11": 0.95, "T12": 0.97, "L1": 1.0, "L2": 1.02, "L3": 1.04, "L4": 1.06, "L5": 1.08, "S1": 1.0}
+    level_factor = {
+        "T11": 0.95,
+        "T12": 0.97,
+        "L1": 1.0,
+        "L2": 1.02,
+        "L3": 1.04,
+        "L4": 1.06,
+        "L5": 1.08,
+        "S1": 1.0,
+    }
     order = np.argsort([seg.center[2] for seg in bodies])
     z = np.array([bodies[i].center[2] for i in order])
     bvtv = np.array([subject.trabecular_bvtv * level_factor[bodies[i].name] for i in order])
     ff = np.full(len(bodies), subject.marrow_fat_fraction)
-    return Anatomy(torso=torso, strokes=tuple(b.strokes), segments=tuple(segments), marrow_z=z, marrow_bvtv=bvtv,
-                   marrow_ff=ff)
+    return Anatomy(
+        torso=torso,
+        strokes=tuple(b.strokes),
+        segments=tuple(segments),
+        marrow_z=z,
+        marrow_bvtv=bvtv,
+        marrow_ff=ff,
+    )
 
 
 def _torso(b: _Builder) -> Torso:
@@ -182,8 +200,15 @@ def _torso(b: _Builder) -> Torso:
         cx.append(seg.center[0] * 0.5)
     order = np.argsort(zs)
     arr = [np.asarray(v, dtype=np.float64)[order] for v in (zs, back, depth, width, cx)]
-    return Torso(z=arr[0], back_y=arr[1], half_depth=arr[2], half_width=arr[3], center_x=arr[4],
-                 fat_mm=subj.subcutaneous_fat_mm, wall_mm=9.0)
+    return Torso(
+        z=arr[0],
+        back_y=arr[1],
+        half_depth=arr[2],
+        half_width=arr[3],
+        center_x=arr[4],
+        fat_mm=subj.subcutaneous_fat_mm,
+        wall_mm=9.0,
+    )
 
 
 def _retroperitoneum_and_bowel(b: _Builder) -> None:
@@ -191,7 +216,13 @@ def _retroperitoneum_and_bowel(b: _Builder) -> None:
     pts = b.column_points([(0.0, -(s.half_depth + 14.0), 0.0) for s in segs])
     radii = [(s.half_width + 35.0, 24.0) for s in segs]
     radii = [radii[0], *radii, radii[-1]]
-    b.tube(Tissue.VISCERAL_FAT, pts, radii, b.column_up(1), only_on=frozenset({Tissue.VISCERAL_FAT, Tissue.MUSCLE}))
+    b.tube(
+        Tissue.VISCERAL_FAT,
+        pts,
+        radii,
+        b.column_up(1),
+        only_on=frozenset({Tissue.VISCERAL_FAT, Tissue.MUSCLE}),
+    )
     # Bowel loops anterior to the retroperitoneum, only inside the abdominal cavity.
     cavity = frozenset({Tissue.VISCERAL_FAT})
     l3 = next(s for s in segs if s.name == "L3")
@@ -204,13 +235,22 @@ def _retroperitoneum_and_bowel(b: _Builder) -> None:
         direction = b.rng.normal(size=3)
         length = float(b.rng.uniform(15.0, 60.0))
         radius = float(b.rng.uniform(5.0, 13.0)) * (1.0 - 0.5 * b.subject.visceral_fat_fraction)
-        start, end = center - direction / np.linalg.norm(direction) * length / 2, center + direction / np.linalg.norm(
-            direction) * length / 2
+        start, end = (
+            center - direction / np.linalg.norm(direction) * length / 2,
+            center + direction / np.linalg.norm(direction) * length / 2,
+        )
         b.add(_cap(Tissue.VISCERA, start, end, radius, radius, np.array([0.0, 0.0, 1.0])), cavity)
         if b.rng.random() < 0.3:
             g = float(b.rng.uniform(0.3, 0.7)) * radius
-            b.add(Ellipsoid(Tissue.BOWEL_GAS, center + np.array([0.0, -radius * 0.3, 0.0]), np.eye(3),
-                            np.array([g, g * 0.8, g])), frozenset({Tissue.VISCERA}))
+            b.add(
+                Ellipsoid(
+                    Tissue.BOWEL_GAS,
+                    center + np.array([0.0, -radius * 0.3, 0.0]),
+                    np.eye(3),
+                    np.array([g, g * 0.8, g]),
+                ),
+                frozenset({Tissue.VISCERA}),
+            )
 
 
 def _vessels(b: _Builder) -> None:
@@ -228,8 +268,10 @@ def _vessels(b: _Builder) -> None:
     b.tube(Tissue.BLOOD, ivc, [(12.0, 8.0)] * len(ivc), [up] * len(ivc))
     l4, s1 = by_name["L4"], by_name["S1"]
     for side in (-1.0, 1.0):
-        art = [l4.to_world((side * 6.0, -(l4.half_depth + aorta_r), -5.0)),
-               s1.to_world((side * (s1.half_width + 14.0), -(s1.half_depth + 12.0), 0.0))]
+        art = [
+            l4.to_world((side * 6.0, -(l4.half_depth + aorta_r), -5.0)),
+            s1.to_world((side * (s1.half_width + 14.0), -(s1.half_depth + 12.0), 0.0)),
+        ]
         b.tube(Tissue.BLOOD, [*art, art[-1] + (art[-1] - art[0])], [(6.5, 6.5)] * 3, [up] * 3)
 
 
@@ -249,8 +291,13 @@ def _muscles(b: _Builder) -> None:
     for side in (-1.0, 1.0):
         env = b.column_points([(side * 27.0 * b.scale, post(s) + 19.0, 0.0) for s in segs])
         env_r = [(34.0 * m, 21.0 * m) for _ in segs]
-        b.tube(Tissue.INTERMUSCULAR_FAT, env, [env_r[0], *env_r, env_r[-1]], up,
-               only_on=frozenset({Tissue.VISCERAL_FAT, Tissue.MUSCLE, Tissue.SUBCUTANEOUS_FAT}))
+        b.tube(
+            Tissue.INTERMUSCULAR_FAT,
+            env,
+            [env_r[0], *env_r, env_r[-1]],
+            up,
+            only_on=frozenset({Tissue.VISCERAL_FAT, Tissue.MUSCLE, Tissue.SUBCUTANEOUS_FAT}),
+        )
         multifidus = b.column_points([(side * 14.0 * b.scale, post(s) + 21.0, 0.0) for s in segs])
         mr = [((8.0 + 5.0 * caudal(s)) * m, (11.0 + 6.0 * caudal(s)) * m) for s in segs]
         erector = b.column_points([(side * 37.0 * b.scale, post(s) + 17.0, 0.0) for s in segs])
@@ -265,7 +312,11 @@ def _muscles(b: _Builder) -> None:
                 continue
             r = psoas_r[seg.name] * m
             y = -seg.half_depth - 6.0 if seg.name == "S1" else -2.0
-            pts.append(seg.to_world((side * (seg.half_width + r - 3.0 + (10.0 if seg.name == "S1" else 0.0)), y, 0.0)))
+            pts.append(
+                seg.to_world(
+                    (side * (seg.half_width + r - 3.0 + (10.0 if seg.name == "S1" else 0.0)), y, 0.0)
+                )
+            )
             rad.append((r, r * 0.95))
             ups.append(seg.frame[:, 2])
         b.tube(Tissue.MUSCLE, pts, rad, ups)
@@ -287,15 +338,19 @@ def _canal(b: _Builder) -> None:
     fat_r = [(12.5 * scale, (_canal_center(s)[1] + 3.5) * scale) for s in segs]
     b.tube(Tissue.EPIDURAL_FAT, fat_pts, [fat_r[0], *fat_r, fat_r[-1]], up)
     sac_pts = b.column_points([(0.0, _canal_center(s)[0], 0.0) for s in segs])
-    sac_r = [((10.0 if not sac else 3.0) * scale, (_canal_center(s)[1] if not sac else 2.0) * scale)
-             for s, sac in zip(segs, sacral, strict=True)]
+    sac_r = [
+        ((10.0 if not sac else 3.0) * scale, (_canal_center(s)[1] if not sac else 2.0) * scale)
+        for s, sac in zip(segs, sacral, strict=True)
+    ]
     b.tube(Tissue.CSF, sac_pts, [sac_r[0], *sac_r, sac_r[-1]], up)
     # The conus ends between T12 and L2 (position 1.5 .. 3.0).
     conus_pos = float(b.rng.uniform(1.6, 3.0))
     cord_pts = [p for p, s in zip(sac_pts[1:-1], segs, strict=True) if s.position <= conus_pos]
     cord_pts = [sac_pts[0], *cord_pts]
     cord = [p + np.array([0.0, 1.2, 0.0]) for p in cord_pts]
-    b.tube(Tissue.NERVE, cord, [(4.5 * scale, 3.8 * scale)] * len(cord), [np.array([0.0, 1.0, 0.0])] * len(cord))
+    b.tube(
+        Tissue.NERVE, cord, [(4.5 * scale, 3.8 * scale)] * len(cord), [np.array([0.0, 1.0, 0.0])] * len(cord)
+    )
     tip = cord[-1]
     b.add(Ellipsoid(Tissue.NERVE, tip, segs[0].frame, np.array([3.5, 3.0, 9.0]) * scale))
     # Cauda equina: a pair of roots leaves through each foramen from L1 to S1, running in the dependent
@@ -304,23 +359,37 @@ def _canal(b: _Builder) -> None:
         if not (2.0 <= seg.position <= 7.0) or seg.position <= conus_pos - 0.5:
             continue
         d = seg.dims or LEVEL_DIMENSIONS["S1"]
-        y_sac, r_ap = _canal_center(seg)
+        y_sac, _ = _canal_center(seg)
         spread = 2.0 + 5.0 * (seg.position - 2.0) / 5.0
         for side in (-1.0, 1.0):
-            inside = seg.to_world((side * (d.interpedicular_half - 4.0) * scale, y_sac - 2.0, -seg.height / 2.0 + 6.0))
+            inside = seg.to_world(
+                (side * (d.interpedicular_half - 4.0) * scale, y_sac - 2.0, -seg.height / 2.0 + 6.0)
+            )
             start = tip + np.array([side * spread * 0.3, 2.5, 0.0])
             mid = start + (inside - start) * 0.85 + seg.frame[:, 0] * side * 0.0
             exit_pt = seg.to_world(
-                (side * (d.interpedicular_half + d.pedicle_width + 10.0) * scale, seg.half_depth + 1.0,
-                 -seg.height / 2.0 - 3.0)
+                (
+                    side * (d.interpedicular_half + d.pedicle_width + 10.0) * scale,
+                    seg.half_depth + 1.0,
+                    -seg.height / 2.0 - 3.0,
+                )
             )
             ganglion = seg.to_world(
-                (side * (d.interpedicular_half + d.pedicle_width / 2.0 + 2.0) * scale, seg.half_depth + 3.0,
-                 -seg.height / 2.0 - 1.0)
+                (
+                    side * (d.interpedicular_half + d.pedicle_width / 2.0 + 2.0) * scale,
+                    seg.half_depth + 3.0,
+                    -seg.height / 2.0 - 1.0,
+                )
             )
-            b.add(Ellipsoid(Tissue.EPIDURAL_FAT, ganglion, seg.frame, np.array([6.5, 6.0, 7.5]) * scale),
-                  frozenset({Tissue.VISCERAL_FAT, Tissue.MUSCLE, Tissue.INTERMUSCULAR_FAT, Tissue.EPIDURAL_FAT}))
-            b.add(_cap(Tissue.NERVE, start, mid, 0.9, 0.9, np.array([0.0, 1.0, 0.0])), frozenset({Tissue.CSF}))
+            b.add(
+                Ellipsoid(Tissue.EPIDURAL_FAT, ganglion, seg.frame, np.array([6.5, 6.0, 7.5]) * scale),
+                frozenset(
+                    {Tissue.VISCERAL_FAT, Tissue.MUSCLE, Tissue.INTERMUSCULAR_FAT, Tissue.EPIDURAL_FAT}
+                ),
+            )
+            b.add(
+                _cap(Tissue.NERVE, start, mid, 0.9, 0.9, np.array([0.0, 1.0, 0.0])), frozenset({Tissue.CSF})
+            )
             b.add(_cap(Tissue.NERVE, mid, exit_pt, 1.6, 1.6, np.array([0.0, 1.0, 0.0])))
             b.add(Ellipsoid(Tissue.NERVE, ganglion, seg.frame, np.array([3.0, 2.8, 4.0]) * scale))
     # Remaining roots of the cauda equina continue down as a posterior bundle to the sacrum.
@@ -328,8 +397,13 @@ def _canal(b: _Builder) -> None:
     for k, dx in enumerate((-3.0, -1.0, 1.0, 3.0)):
         line = [p + np.array([dx, 3.0 + 0.8 * (k % 2), 0.0]) for p in bottom[:-1]]
         if len(line) >= 2:
-            b.tube(Tissue.NERVE, line, [(0.8, 0.8)] * len(line), [np.array([0.0, 1.0, 0.0])] * len(line),
-                   only_on=frozenset({Tissue.CSF}))
+            b.tube(
+                Tissue.NERVE,
+                line,
+                [(0.8, 0.8)] * len(line),
+                [np.array([0.0, 1.0, 0.0])] * len(line),
+                only_on=frozenset({Tissue.CSF}),
+            )
 
 
 def _ligaments(b: _Builder) -> None:
@@ -340,15 +414,25 @@ def _ligaments(b: _Builder) -> None:
     pll_pts = b.column_points([(0.0, s.half_depth - 0.5, 0.0) for s in segs])
     b.tube(Tissue.LIGAMENT, pll_pts, [(5.0, 1.0)] * len(pll_pts), up)
     verts = [s for s in b.vertebrae if s.dims is not None]
-    for upper, lower in zip(verts[:-1], verts[1:], strict=True):
+    for upper, lower in itertools.pairwise(verts):
         du, dl = upper.dims, lower.dims
         assert du is not None and dl is not None
         s = b.scale
         for side in (-1.0, 1.0):  # ligamentum flavum, lamina to lamina
-            a = upper.to_world((side * (du.interpedicular_half - 3.0) * s, upper.half_depth + (du.pedicle_length + 7.0) * s,
-                                -upper.height * 0.35))
-            c = lower.to_world((side * (dl.interpedicular_half - 3.0) * s, lower.half_depth + (dl.pedicle_length + 5.0) * s,
-                                lower.height * 0.25))
+            a = upper.to_world(
+                (
+                    side * (du.interpedicular_half - 3.0) * s,
+                    upper.half_depth + (du.pedicle_length + 7.0) * s,
+                    -upper.height * 0.35,
+                )
+            )
+            c = lower.to_world(
+                (
+                    side * (dl.interpedicular_half - 3.0) * s,
+                    lower.half_depth + (dl.pedicle_length + 5.0) * s,
+                    lower.height * 0.25,
+                )
+            )
             b.add(_cap(Tissue.LIGAMENT, a, c, 4.0, 2.6, upper.frame[:, 1]))
         a = upper.to_world((0.0, upper.half_depth + (du.pedicle_length + 20.0) * s, -upper.height * 0.2))
         c = lower.to_world((0.0, lower.half_depth + (dl.pedicle_length + 20.0) * s, lower.height * 0.2))
@@ -357,8 +441,6 @@ def _ligaments(b: _Builder) -> None:
 
 def _discs(b: _Builder) -> None:
     subj = b.subject
-    from engines.phantom.subject import DISC_LEVELS
-
     worst = int(np.argmax(subj.disc_degeneration))
     for seg in b.segments:
         if seg.kind != "disc":
@@ -390,8 +472,10 @@ def _discs(b: _Builder) -> None:
         b.add(Ellipsoid(nucleus_label, center, seg.frame, nucleus_r), frozenset({Tissue.DISC_ANNULUS}))
         if subj.disc_vacuum and DISC_LEVELS.index(seg.name.split("-")[0]) == worst:
             gas_r = np.array([seg.half_width * 0.35, seg.half_depth * 0.25, max(seg.height * 0.2, 0.8)])
-            b.add(Ellipsoid(Tissue.DISC_GAS, seg.to_world((0.0, -seg.half_depth * 0.3, 0.0)), seg.frame, gas_r),
-                  frozenset({Tissue.DISC_ANNULUS, Tissue.DISC_DEGENERATED}))
+            b.add(
+                Ellipsoid(Tissue.DISC_GAS, seg.to_world((0.0, -seg.half_depth * 0.3, 0.0)), seg.frame, gas_r),
+                frozenset({Tissue.DISC_ANNULUS, Tissue.DISC_DEGENERATED}),
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,8 +522,12 @@ def _facets_and_bones(b: _Builder) -> None:
         up = v.frame[:, 2]
         if d is None:  # S2, S3: fused sacral segments with lateral masses and a dorsal plate
             for side in (-1.0, 1.0):
-                mass = Ellipsoid(Tissue.CORTICAL_BONE, v.to_world((side * (v.half_width + 4.0), v.half_depth * 0.2, 0.0)),
-                                 v.frame, np.array([13.0, 12.0, 11.0]) * s)
+                mass = Ellipsoid(
+                    Tissue.CORTICAL_BONE,
+                    v.to_world((side * (v.half_width + 4.0), v.half_depth * 0.2, 0.0)),
+                    v.frame,
+                    np.array([13.0, 12.0, 11.0]) * s,
+                )
                 shells[v.name].append(mass)
                 cores[v.name].append(Ellipsoid(Tissue.MARROW_BODY, mass.center, v.frame, mass.radii - shell))
             plate_a = v.to_world((0.0, v.half_depth + 13.0 * s, v.height / 2.0))
@@ -458,43 +546,63 @@ def _facets_and_bones(b: _Builder) -> None:
             bone_rod(v.name, ped_a, ped_c, pw / 2.0, ph / 2.0, up)
             junction[v.name][side] = ped_c
             bone_rod(v.name, ped_c, spinous_root, 3.4 * s, 9.5 * s, up)  # lamina
-            lamina_low[v.name][side] = v.to_world((side * (ip - 1.0), v.half_depth + pl + 7.0 * s, zp - 12.0 * s))
+            lamina_low[v.name][side] = v.to_world(
+                (side * (ip - 1.0), v.half_depth + pl + 7.0 * s, zp - 12.0 * s)
+            )
             if v.name == "S1":  # sacral ala instead of a transverse process
-                ala = Ellipsoid(Tissue.CORTICAL_BONE, v.to_world((side * (v.half_width + 14.0 * s), v.half_depth * 0.1,
-                                                                  -2.0)), v.frame, np.array([22.0, 16.0, 15.0]) * s)
+                ala = Ellipsoid(
+                    Tissue.CORTICAL_BONE,
+                    v.to_world((side * (v.half_width + 14.0 * s), v.half_depth * 0.1, -2.0)),
+                    v.frame,
+                    np.array([22.0, 16.0, 15.0]) * s,
+                )
                 shells[v.name].append(ala)
                 cores[v.name].append(Ellipsoid(Tissue.MARROW_BODY, ala.center, v.frame, ala.radii - shell))
             else:
                 tp_r = (6.0, 7.0) if v.name == "L5" else (3.6, 5.0)
                 tp_a = v.to_world((side * (ip + pw), v.half_depth + pl - 3.0, zp))
-                tp_c = v.to_world((side * (ip + pw + d.transverse_length * s), v.half_depth + pl - 1.0, zp + 2.0))
+                tp_c = v.to_world(
+                    (side * (ip + pw + d.transverse_length * s), v.half_depth + pl - 1.0, zp + 2.0)
+                )
                 bone_rod(v.name, tp_a, tp_c, tp_r[0] * s, tp_r[1] * s, up)
         if v.name == "S1":
             plate_a = v.to_world((0.0, v.half_depth + pl + 8.0 * s, zp))
             plate_c = v.to_world((0.0, v.half_depth + pl + 6.0 * s, -v.height / 2.0))
             bone_rod(v.name, plate_a, plate_c, 16.0 * s, 4.0, v.frame[:, 1])
         tip = v.to_world((0.0, v.half_depth + pl + (12.0 + d.spinous_length) * s, zp - 14.0 * s))
-        bone_rod(v.name, spinous_root, tip, 3.6 * s, 8.0 * s, up)
-        shells[v.name].append(Ellipsoid(Tissue.CORTICAL_BONE, tip, v.frame, np.array([4.5, 6.0, 9.0]) * s))
+        # A plate, taller at its posterior end (the "hatchet" profile of a lumbar spinous process).
+        bone_rod(v.name, spinous_root, tip, 3.4 * s, 7.5 * s, up)
+        bone_rod(v.name, (spinous_root + 2 * tip) / 3.0, tip, 3.6 * s, 9.5 * s, up)
 
     # Facet joints between consecutive vertebrae that have posterior elements.
     named = [v for v in verts if v.name in junction]
-    for upper, lower in zip(named[:-1], named[1:], strict=True):
+    for upper, lower in itertools.pairwise(named):
         dl = lower.dims
         assert dl is not None
         beta = math.radians(20.0 + 25.0 * float(np.clip((lower.position - 3.0) / 4.0, 0.0, 1.0)))
         for side in (-1.0, 1.0):
             sap_base = junction[lower.name][side]
-            sap_top = lower.to_world((side * (dl.interpedicular_half + dl.pedicle_width / 2.0 + 1.0) * s,
-                                      lower.half_depth + dl.pedicle_length * s + 2.0, 0.2 * lower.height + 12.0 * s))
+            sap_top = lower.to_world(
+                (
+                    side * (dl.interpedicular_half + dl.pedicle_width / 2.0 + 1.0) * s,
+                    lower.half_depth + dl.pedicle_length * s + 2.0,
+                    0.2 * lower.height + 12.0 * s,
+                )
+            )
             iap_base = lamina_low[upper.name][side]
             joint = (sap_top + iap_base) / 2.0 + lower.frame[:, 2] * 2.0
             normal_local = np.array([-side * math.cos(beta), math.sin(beta), 0.0])
             normal = lower.frame @ normal_local
             r = 4.2 * s
-            b.add(Ellipsoid(Tissue.FACET_CARTILAGE, joint, frame_from_axes(normal, lower.frame[:, 2]),
-                            np.array([FACET_GAP_MM / 2.0 + 1.3, 7.0 * s, 8.0 * s])),
-                  frozenset(set(Tissue) - {Tissue.CORTICAL_BONE, Tissue.MARROW_POSTERIOR, Tissue.MARROW_BODY}))
+            b.add(
+                Ellipsoid(
+                    Tissue.FACET_CARTILAGE,
+                    joint,
+                    frame_from_axes(normal, lower.frame[:, 2]),
+                    np.array([FACET_GAP_MM / 2.0 + 1.3, 7.0 * s, 8.0 * s]),
+                ),
+                frozenset(set(Tissue) - {Tissue.CORTICAL_BONE, Tissue.MARROW_POSTERIOR, Tissue.MARROW_BODY}),
+            )
             sap_end = joint - normal * (FACET_GAP_MM / 2.0 + r)
             iap_end = joint + normal * (FACET_GAP_MM / 2.0 + r) - lower.frame[:, 2] * 4.0
             bone_rod(lower.name, sap_base, sap_end, r, r * 1.2, lower.frame[:, 2])

@@ -74,7 +74,9 @@ def tissue_model(subject: SubjectParameters, field: float) -> TissueModel:
         t2sw[tissue] = props.t2star_water_ms[field] * float(rng.normal(1.0, 0.05))
         hu[tissue] = props.hu + (float(rng.normal(0.0, 4.0)) if abs(props.hu) < 200 else 0.0)
     ff[Tissue.MUSCLE] = subject.muscle_fat_fraction
-    hu[Tissue.MUSCLE] = (1 - subject.muscle_fat_fraction) * hu[Tissue.MUSCLE] + subject.muscle_fat_fraction * HU_FAT
+    hu[Tissue.MUSCLE] = (1 - subject.muscle_fat_fraction) * hu[
+        Tissue.MUSCLE
+    ] + subject.muscle_fat_fraction * HU_FAT
     return TissueModel(pd=pd, ff=ff, t1w=t1w, t2sw=t2sw, hu=hu)
 
 
@@ -117,8 +119,15 @@ def _voxel_points(geometry: VolumeGeometry, start: int, stop: int) -> F64:
 class _Accumulator:
     """Turns each slab's tissue counts into complex water / fat signal per echo, HU and labels."""
 
-    def __init__(self, case_seed: int, acq: Acquisition, geometry: VolumeGeometry, anatomy: Anatomy,
-                 subject: SubjectParameters, supersample: int) -> None:
+    def __init__(
+        self,
+        case_seed: int,
+        acq: Acquisition,
+        geometry: VolumeGeometry,
+        anatomy: Anatomy,
+        subject: SubjectParameters,
+        supersample: int,
+    ) -> None:
         rng = np.random.default_rng([case_seed, 0xF1E1D])
         self.acq = acq
         self.geometry = geometry
@@ -150,7 +159,9 @@ class _Accumulator:
         m, acq = self.model, self.acq
         flip = math.radians(acq.flip_angle_deg)
         fw = mr_signal.spoiled_gre_taylor(m.t1w, acq.repetition_time_ms, flip)
-        ff_ = mr_signal.spoiled_gre_taylor(np.full(N_TISSUES, FAT_T1_MS[self.field]), acq.repetition_time_ms, flip)
+        ff_ = mr_signal.spoiled_gre_taylor(
+            np.full(N_TISSUES, FAT_T1_MS[self.field]), acq.repetition_time_ms, flip
+        )
         cols: list[F64] = []
         for te in acq.echo_times_ms:
             water_amp = m.pd * (1 - m.ff) * np.exp(-te / m.t2sw)
@@ -240,7 +251,7 @@ class _Accumulator:
             decay_f = np.exp(-te * 1e-3 * fat_r2s)
             phasor = mr_signal.fat_phasor(te, self.field, mr_signal.FAT_MARROW_9PEAK)
             mw.append(pd * (1 - ff) * fw * decay_w)
-            mf.append(pd * ff * ffat * decay_f * phasor)
+            mf.append(np.asarray(pd * ff * ffat * decay_f * phasor, dtype=np.complex128))
         hu = amount * (bvtv * HU_BONE_TISSUE + (1 - bvtv) * (ff * HU_FAT + (1 - ff) * HU_SOFT_TISSUE))
         return idx, mw, mf, hu
 
@@ -294,7 +305,7 @@ def _ct_image(hu: F32, geometry: VolumeGeometry, seed: int) -> npt.NDArray[np.in
     noise = rng.standard_normal(hu.shape, dtype=np.float32)
     noise = scipy.ndimage.gaussian_filter(noise, 0.6)
     noise *= np.float32(CT_NOISE_HU / max(float(noise.std()), 1e-6))
-    return np.clip(np.rint(blurred + noise), CT_HU_MIN, CT_HU_MAX).astype(np.int16)
+    return np.asarray(np.clip(np.rint(blurred + noise), CT_HU_MIN, CT_HU_MAX), dtype=np.int16)
 
 
 def generate_case(
@@ -317,10 +328,18 @@ def generate_case(
     echoes = _mr_images(acc, acquisition, seed)
     ct = _ct_image(acc.hu, geometry, seed)
     logger.info(
-        "phantom seed %d: %s grid, %d echoes, %.1f s", seed, "x".join(map(str, geometry.shape)),
-        echoes.shape[0], time.perf_counter() - started,
+        "phantom seed %d: %s grid, %d echoes, %.1f s",
+        seed,
+        "x".join(map(str, geometry.shape)),
+        echoes.shape[0],
+        time.perf_counter() - started,
     )
     return PhantomCase(
-        seed=seed, subject=subject, acquisition=acquisition, geometry=geometry, echoes=echoes, ct_hu=ct,
+        seed=seed,
+        subject=subject,
+        acquisition=acquisition,
+        geometry=geometry,
+        echoes=echoes,
+        ct_hu=ct,
         labels=acc.labels,
     )

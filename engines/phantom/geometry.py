@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 import numpy as np
 import numpy.typing as npt
@@ -20,7 +20,7 @@ FloatArray = npt.NDArray[np.float64]
 ORTHONORMAL_TOLERANCE = 1e-6
 
 
-class Orientation(str, Enum):
+class Orientation(StrEnum):
     """Principal slice orientations a protocol may ask for."""
 
     SAGITTAL = "sagittal"
@@ -73,7 +73,9 @@ class VolumeGeometry:
         if len(self.shape) != 3 or any(int(n) != n or n < 1 for n in self.shape):
             raise ValueError(f"VolumeGeometry.shape must be three positive integers; found {self.shape}")
         if len(self.spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in self.spacing):
-            raise ValueError(f"VolumeGeometry.spacing must be three finite positive mm values; found {self.spacing}")
+            raise ValueError(
+                f"VolumeGeometry.spacing must be three finite positive mm values; found {self.spacing}"
+            )
         basis = np.array([self.row_direction, self.column_direction, self.slice_direction], dtype=np.float64)
         if not np.all(np.isfinite(basis)):
             raise ValueError(f"VolumeGeometry direction cosines must be finite; found {basis.tolist()}")
@@ -151,7 +153,9 @@ class VolumeGeometry:
 
     def image_position_patient(self, slice_index: int) -> tuple[float, float, float]:
         """DICOM ImagePositionPatient of one slice: the centre of its first transmitted pixel."""
-        return _tuple3(np.asarray(self.origin) + slice_index * self.spacing[0] * np.asarray(self.slice_direction))
+        return _tuple3(
+            np.asarray(self.origin) + slice_index * self.spacing[0] * np.asarray(self.slice_direction)
+        )
 
     @property
     def center(self) -> tuple[float, float, float]:

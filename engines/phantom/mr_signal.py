@@ -23,11 +23,23 @@ C64 = npt.NDArray[np.complex64]
 #: Fat spectra: (ppm relative to water, relative amplitude). Hamilton 6-peak for adipose tissue, Ren 9-peak
 #: for vertebral marrow (physics.md §3.2).
 FAT_6PEAK = (
-    (-3.80, 0.087), (-3.40, 0.693), (-2.60, 0.128), (-1.94, 0.004), (-0.39, 0.039), (0.60, 0.048),
+    (-3.80, 0.087),
+    (-3.40, 0.693),
+    (-2.60, 0.128),
+    (-1.94, 0.004),
+    (-0.39, 0.039),
+    (0.60, 0.048),
 )
 FAT_MARROW_9PEAK = (
-    (-3.8, 0.0899), (-3.4, 0.5834), (-3.1, 0.0599), (-2.68, 0.0849), (-2.46, 0.0599), (-1.95, 0.0150),
-    (-0.5, 0.04), (0.49, 0.01), (0.59, 0.0569),
+    (-3.8, 0.0899),
+    (-3.4, 0.5834),
+    (-3.1, 0.0599),
+    (-2.68, 0.0849),
+    (-2.46, 0.0599),
+    (-1.95, 0.0150),
+    (-0.5, 0.04),
+    (0.49, 0.01),
+    (0.59, 0.0569),
 )
 #: Main methylene peak, the one whose shift sets the readout displacement of fat.
 FAT_MAIN_PPM = -3.4
@@ -45,7 +57,9 @@ def fat_phasor(te_ms: float, field_t: float, peaks: tuple[tuple[float, float], .
     """Σ a_p exp(i 2π f_p TE): the fat signal's complex weight at one echo time, amplitudes normalised."""
     f0_hz = 42.577478e6 * field_t
     total = sum(a for _, a in peaks)
-    return complex(sum(a * np.exp(2j * np.pi * ppm * 1e-6 * f0_hz * te_ms * 1e-3) for ppm, a in peaks) / total)
+    return complex(
+        sum(a * np.exp(2j * np.pi * ppm * 1e-6 * f0_hz * te_ms * 1e-3) for ppm, a in peaks) / total
+    )
 
 
 def spoiled_gre(t1_ms: F64 | float, tr_ms: float, flip_rad: float) -> F64:
@@ -103,8 +117,8 @@ def truncate_kspace(volume: C64, fractions: tuple[float, float, float]) -> C64:
         keep = max(1, round(n * fractions[axis]))
         freqs = np.abs(scipy.fft.fftfreq(n) * n)
         mask = freqs > keep / 2.0
-        index = [slice(None)] * 3
-        index[axis] = mask  # type: ignore[call-overload]
+        index: list[slice | npt.NDArray[np.bool_]] = [slice(None)] * 3
+        index[axis] = mask
         k[tuple(index)] = 0
     return np.asarray(scipy.fft.ifftn(k, axes=axes, workers=2), dtype=np.complex64)
 

@@ -37,7 +37,11 @@ class SlabCounts:
 
 
 def _axis_terms(
-    geometry: VolumeGeometry, origin_offset: F64, basis: F64, k: npt.NDArray[np.intp], r: npt.NDArray[np.intp],
+    geometry: VolumeGeometry,
+    origin_offset: F64,
+    basis: F64,
+    k: npt.NDArray[np.intp],
+    r: npt.NDArray[np.intp],
     c: npt.NDArray[np.intp],
 ) -> tuple[F32, F32, F32]:
     """Coordinates ``basis.T @ (p - center)`` of the grid block k x r x c, as three broadcastable float32 arrays.
@@ -84,7 +88,7 @@ StrokeBoxes = list[tuple[slice, slice, slice] | None]
 
 def stroke_boxes(anatomy: Anatomy, fine: VolumeGeometry) -> StrokeBoxes:
     """Fine-grid index box of every stroke, computed once per case rather than once per slab."""
-    inv = np.linalg.inv(fine.affine)
+    inv = np.asarray(np.linalg.inv(fine.affine), dtype=np.float64)
     return [_index_box(fine, inv, *stroke.primitive.world_bounds()) for stroke in anatomy.strokes]
 
 

@@ -90,7 +90,9 @@ class Capsule(Primitive):
             axis = np.asarray(up_hint, dtype=np.float64)[[1, 2, 0]] + np.array([1.0, 0.0, 0.0])
         frame = frame_from_axes(axis, np.asarray(up_hint, dtype=np.float64))
         center = (np.asarray(start, dtype=np.float64) + np.asarray(end, dtype=np.float64)) / 2.0
-        return cls(label=label, center=center, frame=frame, length=length, radius_y=radius_y, radius_z=radius_z)
+        return cls(
+            label=label, center=center, frame=frame, length=length, radius_y=radius_y, radius_z=radius_z
+        )
 
     def local_half_extent(self) -> F64:
         cap = min(self.radius_y, self.radius_z)
@@ -101,7 +103,8 @@ class Capsule(Primitive):
         cap = np.float32(min(self.radius_y, self.radius_z))
         beyond = np.maximum(np.abs(x) - half, np.float32(0.0)) / cap
         return np.asarray(
-            beyond * beyond + (y / np.float32(self.radius_y)) ** 2 + (z / np.float32(self.radius_z)) ** 2 <= 1.0
+            beyond * beyond + (y / np.float32(self.radius_y)) ** 2 + (z / np.float32(self.radius_z)) ** 2
+            <= 1.0
         )
 
     def shrunk(self, by: float, label: Tissue) -> Capsule:
@@ -145,7 +148,9 @@ class VertebralBody(Primitive):
         half_h = np.float32(self.height / 2.0) - np.float32(np.tan(self.wedge_rad) / 2.0) * y
         zeta = z / half_h
         shrink = np.float32(1.0) - np.float32(self.waist) * (np.float32(1.0) - np.minimum(zeta * zeta, 1.0))
-        q = (x / (np.float32(self.half_width) * shrink)) ** 2 + (y / (np.float32(self.half_depth) * shrink)) ** 2
+        q = (x / (np.float32(self.half_width) * shrink)) ** 2 + (
+            y / (np.float32(self.half_depth) * shrink)
+        ) ** 2
         inside = q <= 1.0
         # Posterior concavity: a circle centred behind the posterior wall.
         yc = np.float32(self.half_depth + self.canal_radius - self.canal_depth)

@@ -114,7 +114,18 @@ def build_spine(subject: SubjectParameters) -> list[Segment]:
     s1_h, s1_b, s1_a = body_dims("S1")
     s1_center = endplate - _axis(phi) * s1_h / 2.0
     segments.append(
-        Segment("S1", "vertebra", 7.0, s1_center, _sagittal_frame(phi), s1_h, s1_b, s1_a, 0.0, LEVEL_DIMENSIONS["S1"])
+        Segment(
+            "S1",
+            "vertebra",
+            7.0,
+            s1_center,
+            _sagittal_frame(phi),
+            s1_h,
+            s1_b,
+            s1_a,
+            0.0,
+            LEVEL_DIMENSIONS["S1"],
+        )
     )
     upward = list(zip(DISC_LEVELS[::-1], VERTEBRA_LEVELS[-2::-1], strict=True))  # (disc L5, vertebra L5), ...
     for disc_level, level in upward:
@@ -152,7 +163,9 @@ def build_spine(subject: SubjectParameters) -> list[Segment]:
             # Spondylolisthesis: the vertebra and everything above it slip anteriorly in the endplate plane.
             anterior = -_sagittal_frame(phi)[:, 1]
             endplate = endplate + anterior * subject.listhesis_fraction * 2.0 * body_b
-        body_wedge = lordosis * BODY_LORDOSIS_SHARE.get(level, 0.0) if level.startswith("L") else THORACIC_WEDGE_DEG
+        body_wedge = (
+            lordosis * BODY_LORDOSIS_SHARE.get(level, 0.0) if level.startswith("L") else THORACIC_WEDGE_DEG
+        )
         mid = phi - math.radians(body_wedge) / 2.0
         center = endplate + _axis(mid) * body_h / 2.0
         segments.append(
@@ -181,14 +194,26 @@ def build_spine(subject: SubjectParameters) -> list[Segment]:
         phi_mid = phi + math.radians(SACRAL_CURVE_DEG) / 2.0
         disc_center = bottom - _axis(phi_mid) * remnant / 2.0
         segments.append(
-            Segment(f"S{offset}-S{offset + 1}", "disc", 7.0 + offset - 0.5, disc_center, _sagittal_frame(phi_mid), remnant,
-                    b * s, a * s, 0.0, None)
+            Segment(
+                f"S{offset}-S{offset + 1}",
+                "disc",
+                7.0 + offset - 0.5,
+                disc_center,
+                _sagittal_frame(phi_mid),
+                remnant,
+                b * s,
+                a * s,
+                0.0,
+                None,
+            )
         )
         bottom = bottom - _axis(phi_mid) * remnant
         phi += math.radians(SACRAL_CURVE_DEG)
         center = bottom - _axis(phi) * h * s / 2.0
         segments.append(
-            Segment(name, "vertebra", 7.0 + offset, center, _sagittal_frame(phi), h * s, b * s, a * s, 0.0, None)
+            Segment(
+                name, "vertebra", 7.0 + offset, center, _sagittal_frame(phi), h * s, b * s, a * s, 0.0, None
+            )
         )
         bottom = bottom - _axis(phi) * h * s
 
@@ -201,8 +226,18 @@ def build_spine(subject: SubjectParameters) -> list[Segment]:
     l3 = rotation @ by_name["L3"].center
     placed = []
     for seg in segments:
-        turned = Segment(seg.name, seg.kind, seg.position, rotation @ seg.center, rotation @ seg.frame, seg.height,
-                         seg.half_depth, seg.half_width, seg.wedge_deg, seg.dims)
+        turned = Segment(
+            seg.name,
+            seg.kind,
+            seg.position,
+            rotation @ seg.center,
+            rotation @ seg.frame,
+            seg.height,
+            seg.half_depth,
+            seg.half_width,
+            seg.wedge_deg,
+            seg.dims,
+        )
         placed.append(_scoliotic(turned, turned.center - l3, subject))
     return placed
 
@@ -215,7 +250,11 @@ def _scoliotic(seg: Segment, center: F64, subject: SubjectParameters) -> Segment
     slope = (lateral(seg.position + 0.1) - lateral(seg.position - 0.1)) / (0.2 * 37.0)  # ~37 mm per level
     tilt = math.atan(slope)  # coronal tilt about the AP axis
     spin = math.radians(
-        float(np.clip(dx * SCOLIOSIS_ROTATION_DEG_PER_MM, -SCOLIOSIS_ROTATION_MAX_DEG, SCOLIOSIS_ROTATION_MAX_DEG))
+        float(
+            np.clip(
+                dx * SCOLIOSIS_ROTATION_DEG_PER_MM, -SCOLIOSIS_ROTATION_MAX_DEG, SCOLIOSIS_ROTATION_MAX_DEG
+            )
+        )
     )
     c, s_ = math.cos(tilt), math.sin(tilt)
     coronal = np.array([[c, 0.0, s_], [0.0, 1.0, 0.0], [-s_, 0.0, c]])
@@ -224,6 +263,14 @@ def _scoliotic(seg: Segment, center: F64, subject: SubjectParameters) -> Segment
     frame = coronal @ seg.frame @ axial
     new_center = center + np.array([dx, 0.0, 0.0])
     return Segment(
-        seg.name, seg.kind, seg.position, new_center, frame, seg.height, seg.half_depth, seg.half_width,
-        seg.wedge_deg, seg.dims,
+        seg.name,
+        seg.kind,
+        seg.position,
+        new_center,
+        frame,
+        seg.height,
+        seg.half_depth,
+        seg.half_width,
+        seg.wedge_deg,
+        seg.dims,
     )

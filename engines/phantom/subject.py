@@ -75,7 +75,9 @@ class SubjectParameters:
         decline = 0.001 * max(age - 25.0, 0.0) + (0.0006 * max(age - 50.0, 0.0) if not male else 0.0)
         bvtv = float(np.clip(rng.normal(0.125, 0.012) - decline, 0.045, 0.18))
         # Marrow fat rises ~0.45 %/year (Baum 2018: 27-35 % in the 20s-30s at 3 T).
-        marrow_ff = float(np.clip(rng.normal(0.30 if male else 0.27, 0.06) + 0.0045 * max(age - 25.0, 0.0), 0.12, 0.85))
+        marrow_ff = float(
+            np.clip(rng.normal(0.30 if male else 0.27, 0.06) + 0.0045 * max(age - 25.0, 0.0), 0.12, 0.85)
+        )
         muscle_ff = float(np.clip(rng.normal(0.03, 0.015) + 0.0012 * max(age - 30.0, 0.0), 0.01, 0.35))
         degen_base = np.clip((age - 25.0) / 60.0, 0.0, 1.0)
         # Lower discs degenerate first.
@@ -112,7 +114,9 @@ class SubjectParameters:
             subcutaneous_fat_mm=float(np.clip(4.0 + 18.0 * fat_scale + rng.normal(0, 3.0), 3.0, 45.0)),
             body_half_width_mm=float(np.clip(140.0 + 35.0 * fat_scale + rng.normal(0, 8), 115.0, 210.0)),
             body_half_depth_mm=float(np.clip(95.0 + 30.0 * fat_scale + rng.normal(0, 7), 80.0, 165.0)),
-            visceral_fat_fraction=float(np.clip(0.15 + 0.25 * fat_scale + (0.08 if male else 0.0), 0.05, 0.7)),
+            visceral_fat_fraction=float(
+                np.clip(0.15 + 0.25 * fat_scale + (0.08 if male else 0.0), 0.05, 0.7)
+            ),
             fov_offset_mm=(
                 float(rng.normal(0.0, 3.0)),
                 float(rng.normal(0.0, 4.0)),

@@ -42,7 +42,9 @@ N_TISSUES = len(Tissue)
 #: Groupings used by evaluation metrics (physics.md §4: bone, trabecular bone, soft tissue, fat).
 CORTICAL_TISSUES = frozenset({Tissue.CORTICAL_BONE})
 TRABECULAR_TISSUES = frozenset({Tissue.MARROW_BODY, Tissue.MARROW_POSTERIOR})
-FAT_TISSUES = frozenset({Tissue.SUBCUTANEOUS_FAT, Tissue.INTERMUSCULAR_FAT, Tissue.VISCERAL_FAT, Tissue.EPIDURAL_FAT})
+FAT_TISSUES = frozenset(
+    {Tissue.SUBCUTANEOUS_FAT, Tissue.INTERMUSCULAR_FAT, Tissue.VISCERAL_FAT, Tissue.EPIDURAL_FAT}
+)
 GAS_TISSUES = frozenset({Tissue.AIR, Tissue.BOWEL_GAS, Tissue.DISC_GAS})
 SOFT_TISSUES = frozenset(set(Tissue) - CORTICAL_TISSUES - TRABECULAR_TISSUES - FAT_TISSUES - GAS_TISSUES)
 
@@ -78,25 +80,45 @@ _NONE = {1.5: 1.0, 3.0: 1.0}
 TISSUE_TABLE: dict[Tissue, TissueProperties] = {
     Tissue.AIR: TissueProperties(0.0, 0.0, _NONE, _NONE, -1000.0),
     Tissue.SKIN: TissueProperties(0.70, 0.05, {1.5: 800.0, 3.0: 1000.0}, {1.5: 20.0, 3.0: 14.0}, 30.0),
-    Tissue.SUBCUTANEOUS_FAT: TissueProperties(0.95, 0.92, {1.5: 800.0, 3.0: 1000.0}, {1.5: 30.0, 3.0: 20.0}, -105.0),
+    Tissue.SUBCUTANEOUS_FAT: TissueProperties(
+        0.95, 0.92, {1.5: 800.0, 3.0: 1000.0}, {1.5: 30.0, 3.0: 20.0}, -105.0
+    ),
     # MUSCLE fat fraction is per subject (SubjectParameters.muscle_fat_fraction); 0.03 is the young adult value.
     Tissue.MUSCLE: TissueProperties(0.75, 0.03, {1.5: 1008.0, 3.0: 1412.0}, {1.5: 30.0, 3.0: 22.0}, 50.0),
-    Tissue.INTERMUSCULAR_FAT: TissueProperties(0.92, 0.85, {1.5: 800.0, 3.0: 1000.0}, {1.5: 28.0, 3.0: 18.0}, -90.0),
+    Tissue.INTERMUSCULAR_FAT: TissueProperties(
+        0.92, 0.85, {1.5: 800.0, 3.0: 1000.0}, {1.5: 28.0, 3.0: 18.0}, -90.0
+    ),
     Tissue.VISCERA: TissueProperties(0.80, 0.05, {1.5: 650.0, 3.0: 850.0}, {1.5: 30.0, 3.0: 20.0}, 40.0),
-    Tissue.VISCERAL_FAT: TissueProperties(0.93, 0.90, {1.5: 800.0, 3.0: 1000.0}, {1.5: 28.0, 3.0: 18.0}, -95.0),
+    Tissue.VISCERAL_FAT: TissueProperties(
+        0.93, 0.90, {1.5: 800.0, 3.0: 1000.0}, {1.5: 28.0, 3.0: 18.0}, -95.0
+    ),
     Tissue.BOWEL_GAS: TissueProperties(0.0, 0.0, _NONE, _NONE, -950.0),
     Tissue.BLOOD: TissueProperties(0.85, 0.0, {1.5: 1441.0, 3.0: 1932.0}, {1.5: 60.0, 3.0: 35.0}, 50.0),
-    Tissue.EPIDURAL_FAT: TissueProperties(0.95, 0.90, {1.5: 800.0, 3.0: 1000.0}, {1.5: 30.0, 3.0: 20.0}, -95.0),
+    Tissue.EPIDURAL_FAT: TissueProperties(
+        0.95, 0.90, {1.5: 800.0, 3.0: 1000.0}, {1.5: 30.0, 3.0: 20.0}, -95.0
+    ),
     Tissue.CSF: TissueProperties(1.0, 0.0, {1.5: 4273.0, 3.0: 4300.0}, {1.5: 300.0, 3.0: 200.0}, 8.0),
     Tissue.NERVE: TissueProperties(0.60, 0.0, {1.5: 745.0, 3.0: 993.0}, {1.5: 50.0, 3.0: 40.0}, 32.0),
-    Tissue.DISC_NUCLEUS: TissueProperties(0.79, 0.0, {1.5: 1165.0, 3.0: 1350.0}, {1.5: 50.0, 3.0: 35.0}, 80.0),
-    Tissue.DISC_ANNULUS: TissueProperties(0.55, 0.0, {1.5: 800.0, 3.0: 1000.0}, {1.5: 15.0, 3.0: 10.0}, 100.0),
-    Tissue.DISC_DEGENERATED: TissueProperties(0.55, 0.0, {1.5: 640.0, 3.0: 800.0}, {1.5: 30.0, 3.0: 20.0}, 100.0),
+    Tissue.DISC_NUCLEUS: TissueProperties(
+        0.79, 0.0, {1.5: 1165.0, 3.0: 1350.0}, {1.5: 50.0, 3.0: 35.0}, 80.0
+    ),
+    Tissue.DISC_ANNULUS: TissueProperties(
+        0.55, 0.0, {1.5: 800.0, 3.0: 1000.0}, {1.5: 15.0, 3.0: 10.0}, 100.0
+    ),
+    Tissue.DISC_DEGENERATED: TissueProperties(
+        0.55, 0.0, {1.5: 640.0, 3.0: 800.0}, {1.5: 30.0, 3.0: 20.0}, 100.0
+    ),
     Tissue.DISC_GAS: TissueProperties(0.0, 0.0, _NONE, _NONE, -700.0),
     Tissue.LIGAMENT: TissueProperties(0.45, 0.0, {1.5: 800.0, 3.0: 1000.0}, {1.5: 6.0, 3.0: 4.0}, 90.0),
-    Tissue.FACET_CARTILAGE: TissueProperties(0.70, 0.0, {1.5: 1000.0, 3.0: 1200.0}, {1.5: 15.0, 3.0: 10.0}, 70.0),
+    Tissue.FACET_CARTILAGE: TissueProperties(
+        0.70, 0.0, {1.5: 1000.0, 3.0: 1200.0}, {1.5: 15.0, 3.0: 10.0}, 70.0
+    ),
     Tissue.CORTICAL_BONE: TissueProperties(0.20, 0.0, {1.5: 200.0, 3.0: 302.0}, {1.5: 0.8, 3.0: 0.5}, 1850.0),
     # Marrow: water pool values; PD, FF and HU are replaced per voxel from BV/TV and marrow fat fraction.
-    Tissue.MARROW_BODY: TissueProperties(0.91, 0.30, {1.5: 1000.0, 3.0: 1300.0}, {1.5: 40.0, 3.0: 30.0}, 220.0),
-    Tissue.MARROW_POSTERIOR: TissueProperties(0.91, 0.30, {1.5: 1000.0, 3.0: 1300.0}, {1.5: 40.0, 3.0: 30.0}, 400.0),
+    Tissue.MARROW_BODY: TissueProperties(
+        0.91, 0.30, {1.5: 1000.0, 3.0: 1300.0}, {1.5: 40.0, 3.0: 30.0}, 220.0
+    ),
+    Tissue.MARROW_POSTERIOR: TissueProperties(
+        0.91, 0.30, {1.5: 1000.0, 3.0: 1300.0}, {1.5: 40.0, 3.0: 30.0}, 400.0
+    ),
 }
