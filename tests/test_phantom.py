@@ -289,9 +289,7 @@ def test_subjects_vary_across_seeds() -> None:
         ({"voxel_mm": (0.74, float("nan"), 0.9)}, r"voxel_mm must be three positive mm values"),
     ],
 )
-def test_bad_acquisitions_are_refused_with_the_attribute_named(
-    change: dict[str, Any], message: str
-) -> None:
+def test_bad_acquisitions_are_refused_with_the_attribute_named(change: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         dataclasses.replace(SEED_PROTOCOL, **change)
 

@@ -1,0 +1,34 @@
+"""sct-agent: synthetic CT from dual-echo MRI at the scanner's edge.
+
+Subcommands are the tools of the people who use the product: the simulated scanner and the demo for developers
+and evaluators; later the agent itself, its subscriber and protocol checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from agent import demo, simulate
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sct-agent", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    simulate.add_parser(subparsers)
+    demo.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        return 2
+    return int(handler(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
