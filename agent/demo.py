@@ -9,6 +9,7 @@ is deliberate: the picture shows what a navigation system would receive.
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +33,9 @@ class DemoResult:
 
 def run_demo(out: Path, seed: int = DEFAULT_SEED) -> DemoResult:
     export_dir, ct_dir = out / "export", out / "ct"
+    # The demo owns these folders: a second run replaces the first run's series instead of mixing with it.
     for folder in (export_dir, ct_dir):
-        if folder.exists() and any(folder.iterdir()):
-            raise FileExistsError(f"{folder} is not empty; choose another --out or remove it")
+        shutil.rmtree(folder, ignore_errors=True)
     started = time.perf_counter()
     summary = simulate(SimulationRequest(seed=seed), ExportOptions(out_dir=export_dir, ct_dir=ct_dir))
     export_seconds = time.perf_counter() - started - summary.simulation_seconds

@@ -1,0 +1,51 @@
+"""The demo (simulator -> DICOM -> read back -> picture) and the montage's anatomical orientation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from agent.cli import main
+from agent.montage import Panel, render_montage, to_lps
+from engines.phantom.geometry import Orientation, VolumeGeometry
+
+
+@pytest.mark.parametrize("orientation", list(Orientation))
+def test_to_lps_puts_every_voxel_at_its_patient_position(orientation: Orientation) -> None:
+    geo = VolumeGeometry.from_fov(
+        center=(0.0, 0.0, 0.0), fov_mm=(8.0, 6.0, 4.0), voxel_mm=(1.0, 1.0, 1.0), orientation=orientation
+    )
+    k, r, c = np.meshgrid(*(np.arange(n) for n in geo.shape), indexing="ij")
+    idx = np.stack([k, r, c, np.ones_like(k)], axis=-1).reshape(-1, 4).T
+    xyz = (geo.affine @ idx)[:3].T.reshape(*geo.shape, 3)
+    lps, spacing = to_lps(xyz[..., 0], geo)  # the volume holds each voxel's own x coordinate
+    assert spacing == (1.0, 1.0, 1.0)
+    assert np.all(np.diff(lps, axis=0) > 0)  # x increases along the first axis (towards patient left)
+    for axis, coord in ((1, 1), (2, 2)):
+        lps_c, _ = to_lps(xyz[..., coord], geo)
+        assert np.all(np.diff(lps_c, axis=axis) > 0)
+
+
+def test_montage_rejects_a_panel_off_the_grid(tmp_path: Path) -> None:
+    geo = VolumeGeometry.from_fov(center=(0.0, 0.0, 0.0), fov_mm=(8.0, 6.0, 4.0), voxel_mm=(1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match=r"panel 'x' has shape \(2, 2, 2\); the grid is \(4, 8, 6\)"):
+        render_montage([Panel("x", np.zeros((2, 2, 2)))], geo, tmp_path / "m.png")
+
+
+def test_demo_writes_series_and_picture_and_can_run_twice(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "demo"
+    for _ in range(2):
+        assert main(["demo", "--out", str(out)]) == 0
+    assert (
+        len(list((out / "export").iterdir())) == 200
+    )  # 100 slices x 2 echoes, second run replaced the first
+    assert len(list((out / "ct").iterdir())) == 100
+    picture = Image.open(out / "scan.png")
+    assert picture.width > 900 and picture.height > 600
+    assert np.asarray(picture).std() > 20  # an image, not a blank canvas
+    assert "picture:" in capsys.readouterr().out
