@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from agent import demo, simulate
+from agent import demo, evaluate, simulate, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     simulate.add_parser(subparsers)
     demo.add_parser(subparsers)
+    train.add_parser(subparsers)
+    evaluate.add_parser(subparsers)
     return parser
 
 

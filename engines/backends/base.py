@@ -1,0 +1,130 @@
+"""The backend interface the slab runner talks to; TensorRT and CUDA backends plug in here.
+
+A backend knows nothing about DICOM, slabs or HU: it takes a normalised window ``[echoes, depth, rows, cols]``
+(float32) and returns the network output ``[depth, rows, cols]`` (float32, HU / hu_scale). Shapes are static per
+backend instance because compiled and TensorRT engines are; a window of another shape is refused with both shapes
+in the message rather than silently recompiled in the middle of a patient's series.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+import numpy as np
+import numpy.typing as npt
+
+from engines.model.manifest import ModelManifest
+
+F32 = npt.NDArray[np.float32]
+
+
+class Precision(StrEnum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+
+class BackendUnavailableError(RuntimeError):
+    """The backend's libraries or device are not present on this machine (e.g. TensorRT without a GPU)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BackendOptions:
+    """Settings common to all backends."""
+
+    #: Intra-op threads for CPU backends; None = torch's default (all cores).
+    threads: int | None = None
+    precision: Precision = Precision.FP32
+    #: Where exported/compiled artefacts are cached (ONNX files, inductor cache, TensorRT engines).
+    cache_dir: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BackendInfo:
+    """What is running, for logs, metrics (engine info gauge) and the published header."""
+
+    backend: str
+    device: str
+    precision: str
+    input_shape: tuple[int, ...]
+    model_id: str
+    model_version: str
+    weights_sha256: str
+    warmup_s: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class InferenceBackend(ABC):
+    """One loaded, warmed-up model for one static window shape."""
+
+    name: ClassVar[str]
+
+    def __init__(
+        self, manifest: ModelManifest, input_shape: tuple[int, int, int, int], options: BackendOptions
+    ):
+        if input_shape[0] != manifest.architecture.in_channels:
+            raise ValueError(
+                f"input channels: found {input_shape[0]}, model {manifest.label} expects "
+                f"{manifest.architecture.in_channels} (one per echo)"
+            )
+        factor = manifest.architecture.downsampling_factor
+        if any(n % factor for n in input_shape[1:]):
+            raise ValueError(f"window shape {input_shape[1:]} must be multiples of {factor} on every axis")
+        self.manifest = manifest
+        self.input_shape = input_shape
+        self.options = options
+        self._warmup_s = 0.0
+
+    @classmethod
+    def load(
+        cls, manifest: ModelManifest, input_shape: tuple[int, int, int, int], options: BackendOptions
+    ) -> Self:
+        """Build the backend and run one warm-up inference (compilation happens here, not on the first slab)."""
+        backend = cls(manifest, input_shape, options)
+        started = time.perf_counter()
+        backend._prepare()
+        backend.infer(np.zeros(input_shape, dtype=np.float32))
+        backend._warmup_s = time.perf_counter() - started
+        return backend
+
+    def infer(self, window: F32) -> F32:
+        if window.shape != self.input_shape:
+            raise ValueError(
+                f"slab window shape {window.shape} differs from the shape {self.input_shape} this "
+                f"{self.name} backend was built for"
+            )
+        return self._infer(np.ascontiguousarray(window, dtype=np.float32))
+
+    @property
+    def info(self) -> BackendInfo:
+        return BackendInfo(
+            backend=self.name,
+            device=self._device(),
+            precision=self.options.precision.value,
+            input_shape=self.input_shape,
+            model_id=self.manifest.model_id,
+            model_version=self.manifest.version,
+            weights_sha256=self.manifest.weights_sha256,
+            warmup_s=round(self._warmup_s, 3),
+            details=self._details(),
+        )
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release device memory or sessions; the default has nothing to release."""
+
+    @abstractmethod
+    def _prepare(self) -> None: ...
+
+    @abstractmethod
+    def _infer(self, window: F32) -> F32: ...
+
+    def _device(self) -> str:
+        return "cpu"
+
+    def _details(self) -> dict[str, Any]:
+        return {}

@@ -1,0 +1,1 @@
+"""The sCT network, its manifest, input normalisation and the shipped default weights."""

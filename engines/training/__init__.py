@@ -1,0 +1,1 @@
+"""Training the default sCT model on phantoms generated on the fly."""

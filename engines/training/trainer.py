@@ -1,0 +1,186 @@
+"""The training loop: resumable from atomic checkpoints, deterministic batches, BatchNorm recalibration at the end.
+
+Output folder layout (``train`` writes, ``package`` reads):
+
+- ``checkpoint.pt``: model, optimiser and scheduler state, step, loss history and the recipe; replaced atomically.
+- ``weights.pt``: the final fp32 state dict (written once training and BatchNorm recalibration are done).
+- ``training.json``: recipe, architecture, normalisation, seeds, wall time and loss curve.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+from torch import nn
+
+from engines.model.normalisation import Normalisation
+from engines.model.unet import LightUNet3d, UNetConfig
+from engines.training.cases import CasePool
+from engines.training.patches import sample_batch
+from engines.training.progress import Progress
+from engines.training.recipe import TrainingRecipe
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+WEIGHTS_NAME = "weights.pt"
+RECORD_NAME = "training.json"
+#: Steps per loss-history entry (mean L1 over the interval, in HU).
+LOSS_LOG_EVERY = 50
+
+
+class RecipeMismatchError(RuntimeError):
+    """A checkpoint exists in the output folder but was made with another recipe."""
+
+
+def _lr_factor(recipe: TrainingRecipe, step: int) -> float:
+    if step < recipe.warmup_steps:
+        return (step + 1) / recipe.warmup_steps
+    span = max(recipe.steps - recipe.warmup_steps, 1)
+    progress = min((step - recipe.warmup_steps) / span, 1.0)
+    floor = recipe.final_lr_fraction
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    with tmp.open("rb") as f:
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def train(
+    out_dir: Path,
+    recipe: TrainingRecipe = TrainingRecipe(),
+    *,
+    architecture: UNetConfig = UNetConfig(),
+    normalisation: Normalisation = Normalisation(),
+    threads: int | None = None,
+    progress_stream: TextIO | None = None,
+    stop_after: int | None = None,
+) -> Path | None:
+    """Train (or resume) in ``out_dir``; returns the final weights, or None when ``stop_after`` ended the run.
+
+    ``stop_after`` checkpoints and returns once that many steps are done in total, so a long run can be split
+    across sessions (and tests can prove that an interrupted run resumes to the same weights).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(recipe.seed)
+    model = LightUNet3d(architecture).to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+    optimiser = torch.optim.AdamW(
+        model.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: _lr_factor(recipe, s))
+    step, history, wall_s = 0, [], 0.0
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if state["recipe"] != recipe.to_dict():
+            raise RecipeMismatchError(
+                f"{ckpt_path} was made with another recipe; use a new output folder or the same recipe "
+                f"(differences: {_diff(state['recipe'], recipe.to_dict())})"
+            )
+        model.load_state_dict(state["model"])
+        optimiser.load_state_dict(state["optimiser"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, history, wall_s = state["step"], state["history"], state["wall_s"]
+        logger.info("resuming from step %d of %d", step, recipe.steps)
+
+    weights_path = out_dir / WEIGHTS_NAME
+    if step < recipe.steps or not weights_path.exists():
+        pool = CasePool(recipe, normalisation)
+        progress = Progress(recipe.steps, start=step, stream=progress_stream, label="train ")
+        model.train()
+        loss_sum, loss_n = 0.0, 0
+        t_start = time.monotonic() - wall_s
+        while step < recipe.steps:
+            cases = pool.at_step(step)
+            x_np, y_np = sample_batch(recipe, cases, step)
+            x = torch.from_numpy(x_np).to(memory_format=torch.channels_last_3d)
+            y = torch.from_numpy(y_np)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16_autocast):
+                pred = model(x)
+            loss = nn.functional.l1_loss(pred.float(), y)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimiser.step()
+            scheduler.step()
+            step += 1
+            loss_sum += float(loss.detach()) * 1000.0
+            loss_n += 1
+            if step % LOSS_LOG_EVERY == 0 or step == recipe.steps:
+                history.append([step, loss_sum / loss_n])
+                loss_sum, loss_n = 0.0, 0
+            progress.update(step, l1_hu=history[-1][1] if history else float("nan"))
+            stopping = stop_after is not None and step >= stop_after and step < recipe.steps
+            if step % recipe.checkpoint_every == 0 or step == recipe.steps or stopping:
+                wall_s = time.monotonic() - t_start
+                _save_atomic(
+                    {
+                        "recipe": recipe.to_dict(),
+                        "model": model.state_dict(),
+                        "optimiser": optimiser.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "step": step,
+                        "history": history,
+                        "wall_s": wall_s,
+                    },
+                    ckpt_path,
+                )
+            if stopping:
+                logger.info("stopped at step %d of %d; run again to resume", step, recipe.steps)
+                return None
+        recalibrate_batchnorm(model, recipe, pool)
+        wall_s = time.monotonic() - t_start
+        state_dict = {k: v.contiguous() for k, v in model.state_dict().items()}
+        _save_atomic(state_dict, weights_path)
+        record = {
+            "recipe": recipe.to_dict(),
+            "architecture": {**asdict(architecture), "channels": list(architecture.channels)},
+            "normalisation": normalisation.to_dict(),
+            "training_seeds": [recipe.training_seeds.start, recipe.training_seeds.stop - 1],
+            "steps": step,
+            "wall_s": round(wall_s, 1),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "loss_history_l1_hu": [[s, round(v, 2)] for s, v in history],
+        }
+        (out_dir / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
+    return weights_path
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, recipe: TrainingRecipe, pool: CasePool) -> None:
+    """Replace the running BatchNorm statistics with a plain average over fresh fp32 batches.
+
+    The exponential running average of training carries the noise of the last few small batches and statistics
+    of bf16 activations; inference runs fp32 or fp16, so the statistics are re-estimated in fp32.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    cases = pool.at_step(recipe.steps - 1)
+    for i in range(recipe.bn_recalibration_batches):
+        x_np, _ = sample_batch(recipe, cases, recipe.steps + 1 + i)
+        model(torch.from_numpy(x_np).to(memory_format=torch.channels_last_3d))
+    for m in norms:
+        m.momentum = 0.1
+    model.eval()
+
+
+def _diff(a: dict[str, Any], b: dict[str, Any]) -> str:
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys)
