@@ -125,6 +125,7 @@ class ModelManifest:
                 in_channels=int(arch["in_channels"]),
                 out_channels=int(arch["out_channels"]),
                 channels=tuple(int(c) for c in arch["channels"]),
+                planar_levels=int(arch.get("planar_levels", 0)),
             )
             normalisation = Normalisation.from_dict(reader.obj("input")["normalisation"])
         except (KeyError, TypeError, ValueError) as exc:
@@ -198,6 +199,7 @@ class ModelManifest:
                 "in_channels": self.architecture.in_channels,
                 "out_channels": self.architecture.out_channels,
                 "channels": list(self.architecture.channels),
+                "planar_levels": self.architecture.planar_levels,
             },
             "input": {
                 "channel_order": "echo magnitudes in order of increasing echo time",

@@ -29,13 +29,23 @@ class UNetConfig:
     in_channels: int = 2
     out_channels: int = 1
     #: Feature channels per resolution level, finest first.
-    channels: tuple[int, ...] = (16, 32, 64, 128)
+    channels: tuple[int, ...] = (16, 32, 96, 192)
+    #: The coarsest ``planar_levels`` levels convolve in-plane only (1x3x3). They keep the wide in-plane context
+    #: that tells dark cortical bone from dark air, while the receptive field along the slice axis stays small
+    #: (at most 19 slices either side instead of 46), which is what lets a halo be short and stitching exact.
+    planar_levels: int = 2
 
     def __post_init__(self) -> None:
         if self.in_channels < 1 or self.out_channels < 1:
             raise ValueError(f"in/out channels must be >= 1; found {self.in_channels}/{self.out_channels}")
         if len(self.channels) < 2 or any(c < 1 for c in self.channels):
             raise ValueError(f"channels needs >= 2 positive levels; found {self.channels}")
+        if not 0 <= self.planar_levels < len(self.channels):
+            raise ValueError(f"planar_levels: found {self.planar_levels}, expected 0..{len(self.channels) - 1}")
+
+    def kernel(self, level: int) -> tuple[int, int, int]:
+        """Convolution kernel at ``level`` (0 = finest)."""
+        return (1, 3, 3) if level >= len(self.channels) - self.planar_levels else (3, 3, 3)
 
     @property
     def downsampling_factor(self) -> int:
@@ -43,12 +53,13 @@ class UNetConfig:
         return int(2 ** (len(self.channels) - 1))
 
 
-def _double_conv(c_in: int, c_out: int) -> nn.Sequential:
+def _double_conv(c_in: int, c_out: int, kernel: tuple[int, int, int]) -> nn.Sequential:
+    padding = tuple(k // 2 for k in kernel)
     return nn.Sequential(
-        nn.Conv3d(c_in, c_out, 3, padding=1, bias=False),
+        nn.Conv3d(c_in, c_out, kernel, padding=padding, bias=False),
         nn.BatchNorm3d(c_out),
         nn.ReLU(inplace=True),
-        nn.Conv3d(c_out, c_out, 3, padding=1, bias=False),
+        nn.Conv3d(c_out, c_out, kernel, padding=padding, bias=False),
         nn.BatchNorm3d(c_out),
         nn.ReLU(inplace=True),
     )
@@ -63,15 +74,16 @@ class LightUNet3d(nn.Module):
         chans = config.channels
         self.encoders = nn.ModuleList()
         c_prev = config.in_channels
-        for c in chans:
-            self.encoders.append(_double_conv(c_prev, c))
+        for level, c in enumerate(chans):
+            self.encoders.append(_double_conv(c_prev, c, config.kernel(level)))
             c_prev = c
         self.pool = nn.MaxPool3d(2)
         self.ups = nn.ModuleList()
         self.decoders = nn.ModuleList()
-        for c_coarse, c_fine in zip(chans[:0:-1], chans[-2::-1], strict=True):
+        for level in range(len(chans) - 2, -1, -1):
+            c_coarse, c_fine = chans[level + 1], chans[level]
             self.ups.append(nn.ConvTranspose3d(c_coarse, c_fine, 2, stride=2))
-            self.decoders.append(_double_conv(2 * c_fine, c_fine))
+            self.decoders.append(_double_conv(2 * c_fine, c_fine, config.kernel(level)))
         self.head = nn.Conv3d(chans[0], config.out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -147,6 +147,7 @@ def _draft(run_dir: Path, record: dict[str, Any], slab: SlabSpec) -> ModelManife
         in_channels=int(arch["in_channels"]),
         out_channels=int(arch["out_channels"]),
         channels=tuple(int(c) for c in arch["channels"]),
+        planar_levels=int(arch.get("planar_levels", 0)),
     )
     row, col, sl = SEED_PROTOCOL.voxel_mm
     return ModelManifest(

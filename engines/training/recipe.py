@@ -23,7 +23,7 @@ class TrainingRecipe:
     """Optimisation, data and augmentation settings of one run."""
 
     seed: int = 2026
-    steps: int = 6000
+    steps: int = 5000
     batch_size: int = 2
     #: Patch (slices, rows, columns); multiples of the network's downsampling factor.
     patch: tuple[int, int, int] = (32, 96, 96)
