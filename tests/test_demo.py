@@ -12,6 +12,9 @@ from agent.cli import main
 from agent.montage import Panel, render_montage, to_lps
 from engines.phantom.geometry import Orientation, VolumeGeometry
 
+#: The demo's sCT against its CT (HU-threshold masks): far below the intensity-inversion baseline's error.
+DEMO_MAE_LIMIT_HU = 60.0
+
 
 @pytest.mark.parametrize("orientation", list(Orientation))
 def test_to_lps_puts_every_voxel_at_its_patient_position(orientation: Orientation) -> None:
@@ -48,4 +51,9 @@ def test_demo_writes_series_and_picture_and_can_run_twice(
     picture = Image.open(out / "scan.png")
     assert picture.width > 900 and picture.height > 600
     assert np.asarray(picture).std() > 20  # an image, not a blank canvas
-    assert "picture:" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "picture:" in out_text
+    sct_line = next(line for line in out_text.splitlines() if line.startswith("synthetic CT:"))
+    assert "sct-lumbar-dual-echo-unet" in sct_line
+    mae = float(sct_line.split("MAE ")[1].split(" HU")[0])
+    assert 0 < mae < DEMO_MAE_LIMIT_HU

@@ -1,8 +1,9 @@
 """Backend names as configuration spells them, and the ``auto`` rule that picks the embedded default.
 
-``auto`` = the fastest CPU configuration that is (a) native on this CPU and (b) recorded in the model's manifest
-as agreeing with fp32 eager within ``backend_tolerance_hu``. Speed order, measured by bench/engine.py on our box:
-optimised fp16 ≈ optimised bf16 < optimised fp32 < eager fp32 ≈ ONNX Runtime.
+``auto`` = the fastest CPU configuration that is (a) accelerated on this CPU (AMX or AVX512-FP16; see
+cpu_features) and (b) recorded in the model's manifest as agreeing with fp32 eager within
+``backend_tolerance_hu``. Without such units the choice is optimised fp32, which is exact. Speed order measured
+by bench/engine.py: optimised fp16 ≈ bf16 (with AMX) < optimised fp32 < ONNX Runtime < eager fp32.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from engines.backends.base import BackendOptions, InferenceBackend, Precision
-from engines.backends.cpu_features import native_precisions
+from engines.backends.cpu_features import accelerated_precisions
 from engines.backends.onnx_runtime import OnnxRuntimeBackend
 from engines.backends.torch_cpu import TorchEagerBackend, TorchOptimisedBackend
 from engines.model.manifest import ModelManifest
@@ -35,12 +36,16 @@ def accuracy_key(backend: str, precision: Precision) -> str:
 
 def resolve_auto(manifest: ModelManifest) -> tuple[str, Precision, str]:
     """(backend, precision, why) chosen by the ``auto`` rule."""
-    native = native_precisions()
+    fast = accelerated_precisions()
     for name, precision in _AUTO_ORDER:
-        if precision not in native:
+        if precision not in fast:
             continue
         if precision is Precision.FP32:
-            return name, precision, "fp32 needs no accuracy record"
+            return (
+                name,
+                precision,
+                "no faster precision accelerated on this CPU and within tolerance; fp32 is exact",
+            )
         record = manifest.backend_accuracy.get(accuracy_key(name, precision))
         if record is None:
             continue
@@ -50,7 +55,7 @@ def resolve_auto(manifest: ModelManifest) -> tuple[str, Precision, str]:
                 name,
                 precision,
                 (
-                    f"native on this CPU, mean |ΔHU| {mean_abs:.2f} <= tolerance {manifest.backend_tolerance_hu}"
+                    f"accelerated on this CPU, mean |ΔHU| {mean_abs:.2f} <= tolerance {manifest.backend_tolerance_hu}"
                 ),
             )
     raise AssertionError("fp32 is always native")  # pragma: no cover

@@ -41,7 +41,9 @@ class UNetConfig:
         if len(self.channels) < 2 or any(c < 1 for c in self.channels):
             raise ValueError(f"channels needs >= 2 positive levels; found {self.channels}")
         if not 0 <= self.planar_levels < len(self.channels):
-            raise ValueError(f"planar_levels: found {self.planar_levels}, expected 0..{len(self.channels) - 1}")
+            raise ValueError(
+                f"planar_levels: found {self.planar_levels}, expected 0..{len(self.channels) - 1}"
+            )
 
     def kernel(self, level: int) -> tuple[int, int, int]:
         """Convolution kernel at ``level`` (0 = finest)."""
@@ -54,7 +56,7 @@ class UNetConfig:
 
 
 def _double_conv(c_in: int, c_out: int, kernel: tuple[int, int, int]) -> nn.Sequential:
-    padding = tuple(k // 2 for k in kernel)
+    padding = (kernel[0] // 2, kernel[1] // 2, kernel[2] // 2)
     return nn.Sequential(
         nn.Conv3d(c_in, c_out, kernel, padding=padding, bias=False),
         nn.BatchNorm3d(c_out),
