@@ -83,12 +83,10 @@ class SctEngine:
         """HU of the window's core slices ``[core_start, core_stop)``."""
         self._check_echoes(echoes, plan)
         rows, cols = echoes.shape[-2:]
-        x = np.take(echoes, plan.slice_indices(window), axis=1).astype(np.float32)
-        x *= np.float32(1.0 / scale)
-        x = pad_in_plane(x, self.manifest.architecture.downsampling_factor)
+        x = network_input(self.manifest, echoes, plan.slice_indices(window), scale)
         out = self.backend_for((rows, cols)).infer(x)
         core = out[plan.halo : plan.halo + (window.core_stop - window.core_start), :rows, :cols]
-        return self.to_hu(core)
+        return to_hu(self.manifest, core)
 
     def infer_volume(self, echoes: npt.NDArray[Any]) -> F32:
         """HU of a complete volume, slab by slab (what the agent publishes, stitched)."""
@@ -98,11 +96,6 @@ class SctEngine:
         for window in plan.windows:
             out[window.core_start : window.core_stop] = self.infer_slab(echoes, plan, window, scale)
         return out
-
-    def to_hu(self, raw: F32) -> F32:
-        low, high = self.manifest.hu_range
-        hu = raw * np.float32(self.manifest.hu_scale)
-        return np.clip(hu, low, high, out=hu)
 
     def close(self) -> None:
         for backend in self._backends.values():
@@ -116,20 +109,30 @@ class SctEngine:
                 f"echoes: found shape {echoes.shape}, expected [{expected} echoes, slices, rows, columns]"
             )
         if echoes.shape[1] != plan.n_slices:
-            raise ValueError(f"echoes have {echoes.shape[1]} slices, the slab plan {plan.n_slices}")
+            raise ValueError(f"echoes: found {echoes.shape[1]} slices, the slab plan expects {plan.n_slices}")
+
+
+def network_input(
+    manifest: ModelManifest, echoes: npt.NDArray[Any], slice_indices: npt.NDArray[np.intp], scale: float
+) -> F32:
+    """The normalised, in-plane padded float32 input for the given slices (edge slices repeated by the indices)."""
+    x = np.take(echoes, slice_indices, axis=1).astype(np.float32)
+    x *= np.float32(1.0 / scale)
+    return pad_in_plane(x, manifest.architecture.downsampling_factor)
+
+
+def to_hu(manifest: ModelManifest, raw: F32) -> F32:
+    """Network output to HU, clipped to the manifest's range (a new array; ``raw`` may be a backend's view)."""
+    low, high = manifest.hu_range
+    hu = raw * np.float32(manifest.hu_scale)
+    return np.clip(hu, low, high, out=hu)
 
 
 def whole_volume_reference(manifest: ModelManifest, echoes: npt.NDArray[Any]) -> F32:
     """One fp32 eager pass over the whole padded volume: the ground truth that stitched slabs must match."""
     plan = SlabPlan.for_volume(echoes.shape[1], manifest.slab.depth, manifest.slab.halo)
-    scale = manifest.normalisation.scale(echoes)
     rows, cols = echoes.shape[-2:]
-    x = np.take(echoes, plan.reference_indices(), axis=1).astype(np.float32) * np.float32(1.0 / scale)
-    x = pad_in_plane(x, manifest.architecture.downsampling_factor)
-    model = manifest.build_model()
+    x = network_input(manifest, echoes, plan.reference_indices(), manifest.normalisation.scale(echoes))
     with torch.inference_mode():
-        raw = model(torch.from_numpy(x)[None])[0, 0].numpy()
-    core = raw[plan.halo : plan.halo + plan.n_slices, :rows, :cols]
-    low, high = manifest.hu_range
-    hu: F32 = np.clip(core * np.float32(manifest.hu_scale), low, high).astype(np.float32)
-    return hu
+        raw = manifest.build_model()(torch.from_numpy(x)[None])[0, 0].numpy()
+    return to_hu(manifest, raw[plan.halo : plan.halo + plan.n_slices, :rows, :cols])
