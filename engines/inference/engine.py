@@ -26,10 +26,26 @@ F32 = npt.NDArray[np.float32]
 
 
 class SctEngine:
-    def __init__(self, manifest: ModelManifest, backend_name: str, options: BackendOptions) -> None:
+    def __init__(
+        self,
+        manifest: ModelManifest,
+        backend_name: str,
+        options: BackendOptions,
+        slab_depth: int | None = None,
+    ) -> None:
         self.manifest = manifest
         self.backend_name = backend_name
         self.options = options
+        #: Output slices per slab. The manifest's depth is the default; another multiple of the network's
+        #: downsampling factor gives the same stitched result (the halo, which decides exactness, stays the
+        #: manifest's), trading per-slab latency against halo overhead.
+        self.slab_depth = slab_depth or manifest.slab.depth
+        factor = manifest.architecture.downsampling_factor
+        if self.slab_depth < 1 or self.slab_depth % factor:
+            raise ValueError(
+                f"slab depth: found {self.slab_depth}, expected a positive multiple of {factor} "
+                f"(the network's downsampling factor)"
+            )
         self._backends: dict[tuple[int, int, int, int], InferenceBackend] = {}
 
     @classmethod
@@ -40,9 +56,10 @@ class SctEngine:
         backend: str = AUTO,
         options: BackendOptions = BackendOptions(),
         in_plane: tuple[int, int] | None = None,
+        slab_depth: int | None = None,
     ) -> SctEngine:
         """Load and warm up for the manifest's matrix (or ``in_plane``), so the first slab is not slow."""
-        engine = cls(manifest or default_manifest(), backend, options)
+        engine = cls(manifest or default_manifest(), backend, options, slab_depth)
         engine.backend_for(in_plane or engine.manifest.matrix)
         return engine
 
@@ -53,7 +70,7 @@ class SctEngine:
     def window_shape(self, in_plane: tuple[int, int]) -> tuple[int, int, int, int]:
         factor = self.manifest.architecture.downsampling_factor
         rows, cols = (-(-n // factor) * factor for n in in_plane)
-        depth = self.manifest.slab.depth + 2 * self.manifest.slab.halo
+        depth = self.slab_depth + 2 * self.manifest.slab.halo
         return (self.manifest.architecture.in_channels, depth, rows, cols)
 
     def backend_for(self, in_plane: tuple[int, int]) -> InferenceBackend:
@@ -73,7 +90,7 @@ class SctEngine:
         return self._backends[shape]
 
     def plan(self, n_slices: int) -> SlabPlan:
-        return SlabPlan.for_volume(n_slices, self.manifest.slab.depth, self.manifest.slab.halo)
+        return SlabPlan.for_volume(n_slices, self.slab_depth, self.manifest.slab.halo)
 
     def scale(self, echoes: npt.NDArray[Any]) -> float:
         """Intensity scale of a volume; needs only its leading slices (see Normalisation)."""

@@ -1,0 +1,696 @@
+"""The state journal: what the agent has seen, decided and published, in SQLite, so that a restart loses nothing.
+
+DESIGN.md §6: after a crash or restart nothing is lost and nothing is published twice with different content. The
+journal records each file, acquisition, verdict, slab and publication as it happens, one transaction per call, and
+answers the questions the agent asks when it starts again: was this file already handled, how far did this
+acquisition get, which slabs went out and with what content, which acquisitions are finished.
+
+Why SQLite in WAL mode with ``synchronous=NORMAL``: a committed transaction survives a process crash (the WAL is
+written before the commit returns) and only the last transactions can be lost on a power cut, never the file's
+integrity; readers (``sct-agent check``, an operator's ``sqlite3`` shell) never block the agent's writes. The busy
+timeout covers those other processes; inside the agent there is no contention to wait for (next paragraph).
+
+Why one connection behind a lock rather than a connection per thread: SQLite admits one writer at a time anyway,
+so per-thread connections would only turn in-process contention into ``SQLITE_BUSY`` retries; one connection also
+closes deterministically in ``close()``, whereas a thread's connection outlives an ended thread unless that thread
+remembers to close it. Each call is a single short statement or transaction (a row per file or slab, next to about
+a second of inference per slab), so the lock is held for microseconds and costs the pipeline nothing.
+
+What is stored: acquisition ids (opaque digests, ``records.py``), protocol ids, outcomes, reasons, hashes, times
+and file paths. There are no patient names, IDs or birth dates in any record the journal takes. File paths are
+stored because the operator needs them to find a bad or skipped file; some scanners name export folders after the
+patient, so the journal is as sensitive as the export folder itself and is created readable by its owner only.
+
+A file at the path that is not a journal (not SQLite, corrupt, another program's database, or written by a newer
+agent) is refused with an error naming the path; it is never deleted or rewritten.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final
+
+from agent.records import Outcome, Reason, Verdict
+
+logger = logging.getLogger(__name__)
+
+#: The schema this code writes, kept in ``PRAGMA user_version``. Bump it with a step in ``_MIGRATIONS``.
+SCHEMA_VERSION: Final = 1
+#: How long a write waits for another process's lock (an operator's shell mid-transaction) before failing.
+BUSY_TIMEOUT_S: Final = 5.0
+#: New journal files are readable by their owner only: paths may name patients (module docstring).
+JOURNAL_FILE_MODE: Final = 0o600
+
+#: What became of a file the watcher handed over (the same set as the metrics' ``outcome`` label).
+FILE_OUTCOMES: Final = ("accepted", "skipped", "bad", "duplicate")
+#: What a publication carries.
+PUBLICATION_KINDS: Final = ("slab", "volume")
+_SHA256_HEX_LENGTH: Final = 64
+
+
+class AcquisitionState(StrEnum):
+    """Where an acquisition is in its life. ``FINISHED_STATES`` need nothing more after a restart."""
+
+    OPEN = "open"  # images still arriving, or verdict pending
+    PASSED = "passed"  # final verdict passed; slabs may be in flight
+    REJECTED = "rejected"
+    INCOMPLETE = "incomplete"
+    PUBLISHED = "published"  # every slab and the volume went out
+    FAILED = "failed"  # the engine or publisher gave up on it
+
+
+#: States after which the agent has nothing left to do for an acquisition.
+FINISHED_STATES: Final = frozenset(
+    {
+        AcquisitionState.REJECTED,
+        AcquisitionState.INCOMPLETE,
+        AcquisitionState.PUBLISHED,
+        AcquisitionState.FAILED,
+    }
+)
+
+
+class JournalError(RuntimeError):
+    """The journal cannot be opened or used; ``path`` names the file."""
+
+    def __init__(self, path: Path, message: str) -> None:
+        super().__init__(f"state journal {path}: {message}")
+        self.path = path
+
+
+class JournalSchemaError(JournalError):
+    """The journal's schema version is one this agent cannot use (written by a newer agent)."""
+
+    def __init__(self, path: Path, found: int, supported: int) -> None:
+        super().__init__(
+            path,
+            f"schema version {found} is newer than this agent supports ({supported}); "
+            "run the agent version that wrote it, or move the file aside to start a new journal",
+        )
+        self.found = found
+        self.supported = supported
+
+
+class JournalConflictError(JournalError):
+    """A record would contradict what the journal says was already published (same slab, other content)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FileRecord:
+    """What the journal knows about one file, identified by path, size and mtime."""
+
+    path: Path
+    size: int
+    mtime_ns: int
+    outcome: str
+    reason: str
+    acquisition_id: str | None
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class AcquisitionRecord:
+    """What the journal knows about one acquisition."""
+
+    acquisition_id: str
+    state: AcquisitionState
+    protocol_id: str | None
+    first_image_at: float | None
+    last_image_at: float | None
+    updated_at: float
+
+
+# One list of statements per schema version; version N's list builds the whole schema from nothing.
+_SCHEMA_V1: Final = (
+    """CREATE TABLE files (
+        path TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        outcome TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        acquisition_id TEXT,
+        at REAL NOT NULL,
+        PRIMARY KEY (path, size, mtime_ns)
+    )""",
+    "CREATE INDEX files_by_acquisition ON files (acquisition_id)",
+    """CREATE TABLE acquisitions (
+        acquisition_id TEXT PRIMARY KEY,
+        state TEXT NOT NULL,
+        protocol_id TEXT,
+        first_image_at REAL,
+        last_image_at REAL,
+        updated_at REAL NOT NULL
+    )""",
+    "CREATE INDEX acquisitions_by_state ON acquisitions (state)",
+    """CREATE TABLE verdicts (
+        id INTEGER PRIMARY KEY,
+        acquisition_id TEXT NOT NULL,
+        protocol_id TEXT NOT NULL,
+        protocol_version TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        final INTEGER NOT NULL,
+        reasons TEXT NOT NULL,
+        pending TEXT NOT NULL,
+        at REAL NOT NULL
+    )""",
+    "CREATE INDEX verdicts_by_acquisition ON verdicts (acquisition_id)",
+    """CREATE TABLE slabs (
+        acquisition_id TEXT NOT NULL,
+        slab_index INTEGER NOT NULL,
+        start INTEGER NOT NULL,
+        size INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        seq INTEGER,
+        at REAL NOT NULL,
+        PRIMARY KEY (acquisition_id, slab_index)
+    )""",
+    """CREATE TABLE publications (
+        id INTEGER PRIMARY KEY,
+        acquisition_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        at REAL NOT NULL
+    )""",
+    "CREATE INDEX publications_by_acquisition ON publications (acquisition_id, kind)",
+)
+_TABLES: Final = frozenset({"files", "acquisitions", "verdicts", "slabs", "publications"})
+#: Statements that take a journal from version N (the key) to N + 1. None yet.
+_MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {}
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    text = str(value)
+    if text not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {text!r}")
+    return text
+
+
+def _check_sha256(value: str) -> str:
+    if len(value) != _SHA256_HEX_LENGTH or any(c not in "0123456789abcdef" for c in value):
+        raise ValueError(f"sha256 must be {_SHA256_HEX_LENGTH} lower-case hex digits; got {value!r}")
+    return value
+
+
+def _state(value: str) -> AcquisitionState:
+    try:
+        return AcquisitionState(value)
+    except ValueError:
+        allowed = ", ".join(s.value for s in AcquisitionState)
+        raise ValueError(f"acquisition state must be one of {allowed}; got {value!r}") from None
+
+
+def _now(at: float | None) -> float:
+    return time.time() if at is None else at
+
+
+def _create_private(path: Path) -> None:
+    """Create an empty journal file (a valid empty SQLite database) readable by its owner only."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, JOURNAL_FILE_MODE)
+    except FileExistsError:
+        return
+    except OSError as exc:
+        raise JournalError(path, f"cannot create the file: {exc.strerror or exc}") from exc
+    os.close(fd)
+
+
+class Journal:
+    """The agent's state journal in one SQLite file; safe to call from every stage thread."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = Path(path)
+        self._lock = threading.Lock()
+        self._closed = False
+        if not self._path.exists():
+            _create_private(self._path)
+        try:
+            self._conn = sqlite3.connect(
+                self._path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise JournalError(self._path, f"cannot open: {exc}") from exc
+        try:
+            self._prepare()
+        except BaseException:
+            self._conn.close()
+            raise
+        logger.info("state journal %s open (schema version %d)", self._path, SCHEMA_VERSION)
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    # ------------------------------------------------------------------------------------------- opening
+
+    def _prepare(self) -> None:
+        """Check the file is a journal this agent can use, then switch on WAL and bring the schema up to date.
+
+        Everything that could refuse the file runs before ``journal_mode=WAL``, which is persistent: a file that
+        is refused is left exactly as it was.
+        """
+        conn = self._conn
+        try:
+            # The first statement that reads the file: a non-SQLite file fails here.
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise JournalSchemaError(self._path, version, SCHEMA_VERSION)
+            check = conn.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise JournalError(self._path, f"the database is corrupt ({check}); move it aside")
+            if version == 0:
+                self._refuse_foreign_database()
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise JournalError(
+                    self._path, f"cannot switch to WAL mode (got {mode!r}); is it on a network share?"
+                )
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
+        except sqlite3.OperationalError as exc:
+            raise JournalError(self._path, f"cannot open: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            raise JournalError(self._path, f"not a readable SQLite journal ({exc}); move it aside") from exc
+
+    def _refuse_foreign_database(self) -> None:
+        """A database without our version stamp must be empty: anything else is another program's file."""
+        tables = sorted(
+            row[0] for row in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        )
+        if tables:
+            raise JournalError(
+                self._path,
+                f"an SQLite database that is not a state journal (tables {', '.join(tables)}); "
+                "move it aside or choose another path",
+            )
+
+    def _migrate(self) -> None:
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Read again inside the write lock: another process may have created the schema meanwhile.
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise JournalSchemaError(self._path, version, SCHEMA_VERSION)
+            if version == 0:
+                self._refuse_foreign_database()
+                for statement in _SCHEMA_V1:
+                    conn.execute(statement)
+                version = 1
+            while version < SCHEMA_VERSION:
+                for statement in _MIGRATIONS[version]:
+                    conn.execute(statement)
+                version += 1
+            conn.execute(f"PRAGMA user_version = {version:d}")
+            missing = _TABLES - {
+                row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
+            if missing:
+                raise JournalError(
+                    self._path, f"schema version {version} but tables missing: {', '.join(sorted(missing))}"
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    # ------------------------------------------------------------------------------------------ plumbing
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction under the lock; rolled back if anything in it fails."""
+        with self._lock:
+            self._ensure_open()
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise JournalError(self._path, f"write failed: {exc}") from exc
+
+    def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            self._ensure_open()
+            try:
+                return self._conn.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise JournalError(self._path, f"read failed: {exc}") from exc
+
+    def _ensure_open(self) -> None:
+        if self._closed:
+            raise JournalError(self._path, "the journal is closed")
+
+    # ------------------------------------------------------------------------------------------- records
+
+    def record_file(
+        self,
+        path: Path,
+        size: int,
+        mtime_ns: int,
+        outcome: str,
+        reason: str = "",
+        acquisition_id: str | None = None,
+        *,
+        at: float | None = None,
+    ) -> None:
+        """Record what became of a file; the same (path, size, mtime) recorded again replaces the earlier row."""
+        outcome = _check_choice("file outcome", outcome, FILE_OUTCOMES)
+        with self._transaction() as conn:
+            conn.execute(
+                """INSERT INTO files (path, size, mtime_ns, outcome, reason, acquisition_id, at)
+                VALUES (?, ?, ?, ?, ?, ?, ?)
+                ON CONFLICT (path, size, mtime_ns) DO UPDATE SET
+                    outcome = excluded.outcome, reason = excluded.reason,
+                    acquisition_id = excluded.acquisition_id, at = excluded.at""",
+                (str(path), size, mtime_ns, outcome, reason, acquisition_id, _now(at)),
+            )
+
+    def record_acquisition(
+        self,
+        acquisition_id: str,
+        state: str,
+        *,
+        protocol_id: str | None = None,
+        first_image_at: float | None = None,
+        last_image_at: float | None = None,
+        at: float | None = None,
+    ) -> None:
+        """Create or update an acquisition. ``None`` leaves a field as it was; ``state`` always replaces."""
+        checked = _state(state)
+        with self._transaction() as conn:
+            conn.execute(
+                """INSERT INTO acquisitions
+                    (acquisition_id, state, protocol_id, first_image_at, last_image_at, updated_at)
+                VALUES (?, ?, ?, ?, ?, ?)
+                ON CONFLICT (acquisition_id) DO UPDATE SET
+                    state = excluded.state,
+                    protocol_id = COALESCE(excluded.protocol_id, protocol_id),
+                    first_image_at = COALESCE(excluded.first_image_at, first_image_at),
+                    last_image_at = COALESCE(excluded.last_image_at, last_image_at),
+                    updated_at = excluded.updated_at""",
+                (acquisition_id, checked.value, protocol_id, first_image_at, last_image_at, _now(at)),
+            )
+
+    def record_verdict(self, verdict: Verdict) -> None:
+        """Append a verdict (provisional or final), its reasons kept as JSON, stamped with ``decided_at``."""
+        reasons = json.dumps(
+            [
+                {
+                    "protocol_id": r.protocol_id,
+                    "attribute": r.attribute,
+                    "found": r.found,
+                    "required": r.required,
+                    "category": r.category,
+                }
+                for r in verdict.reasons
+            ],
+            ensure_ascii=False,
+        )
+        with self._transaction() as conn:
+            conn.execute(
+                """INSERT INTO verdicts
+                    (acquisition_id, protocol_id, protocol_version, outcome, final, reasons, pending, at)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+                (
+                    verdict.acquisition_id,
+                    verdict.protocol_id,
+                    verdict.protocol_version,
+                    Outcome(verdict.outcome).value,
+                    int(verdict.final),
+                    reasons,
+                    json.dumps(list(verdict.pending), ensure_ascii=False),
+                    verdict.decided_at,
+                ),
+            )
+
+    def record_slab(
+        self,
+        acquisition_id: str,
+        slab_index: int,
+        start: int,
+        size: int,
+        sha256: str,
+        seq: int | None = None,
+        *,
+        at: float | None = None,
+    ) -> bool:
+        """Record a slab when it is made (``seq=None``) or once published (its ``seq``). True if a row changed.
+
+        A published slab's content is fixed: the same index with another hash, start or size raises
+        ``JournalConflictError`` and changes nothing, because the journal must not vouch for a second, different
+        version of something already sent. A slab made but not yet published may be replaced (a restart infers
+        it again). Recording a published slab again with the same content keeps its first ``seq``.
+        """
+        _check_sha256(sha256)
+        if slab_index < 0 or start < 0 or size <= 0:
+            raise ValueError(
+                f"slab index and start must be >= 0 and size > 0; got {slab_index}, {start}, {size}"
+            )
+        with self._transaction() as conn:
+            row = conn.execute(
+                "SELECT start, size, sha256, seq FROM slabs WHERE acquisition_id = ? AND slab_index = ?",
+                (acquisition_id, slab_index),
+            ).fetchone()
+            if row is None:
+                conn.execute(
+                    """INSERT INTO slabs (acquisition_id, slab_index, start, size, sha256, seq, at)
+                    VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                    (acquisition_id, slab_index, start, size, sha256, seq, _now(at)),
+                )
+                return True
+            same = (row[0], row[1], row[2]) == (start, size, sha256)
+            if row[3] is not None:
+                if not same:
+                    raise JournalConflictError(
+                        self._path,
+                        f"slab {slab_index} of acquisition {acquisition_id} was published as start {row[0]}, "
+                        f"size {row[1]}, sha256 {row[2][:12]}…; refusing start {start}, size {size}, "
+                        f"sha256 {sha256[:12]}…",
+                    )
+                return False
+            if same and seq is None:
+                return False
+            conn.execute(
+                """UPDATE slabs SET start = ?, size = ?, sha256 = ?, seq = ?, at = ?
+                WHERE acquisition_id = ? AND slab_index = ?""",
+                (start, size, sha256, seq, _now(at), acquisition_id, slab_index),
+            )
+            return True
+
+    def record_publication(
+        self,
+        acquisition_id: str,
+        kind: str,
+        seq: int,
+        sha256: str,
+        *,
+        slab_index: int | None = None,
+        at: float | None = None,
+    ) -> None:
+        """Append one message published (a slab or a volume) with its sequence number and payload hash.
+
+        For a slab, the slab recorded when it was made is marked published under ``seq``: the one at
+        ``slab_index`` when given (pass it: two slabs of one acquisition can have equal content, all air), else
+        the only unpublished slab of the acquisition with this hash, if exactly one. A slab or volume whose hash
+        differs from what the journal holds as published for it raises ``JournalConflictError``.
+        """
+        kind = _check_choice("publication kind", kind, PUBLICATION_KINDS)
+        _check_sha256(sha256)
+        with self._transaction() as conn:
+            if kind == "volume":
+                row = conn.execute(
+                    "SELECT sha256 FROM publications WHERE acquisition_id = ? AND kind = 'volume' AND sha256 != ?",
+                    (acquisition_id, sha256),
+                ).fetchone()
+                if row is not None:
+                    raise JournalConflictError(
+                        self._path,
+                        f"the volume of acquisition {acquisition_id} was published with sha256 {row[0][:12]}…; "
+                        f"refusing sha256 {sha256[:12]}…",
+                    )
+            elif slab_index is not None:
+                row = conn.execute(
+                    "SELECT sha256 FROM slabs WHERE acquisition_id = ? AND slab_index = ?",
+                    (acquisition_id, slab_index),
+                ).fetchone()
+                if row is not None and row[0] != sha256:
+                    raise JournalConflictError(
+                        self._path,
+                        f"slab {slab_index} of acquisition {acquisition_id} is recorded with sha256 "
+                        f"{row[0][:12]}…; refusing a publication with sha256 {sha256[:12]}…",
+                    )
+                conn.execute(
+                    "UPDATE slabs SET seq = ? WHERE acquisition_id = ? AND slab_index = ? AND seq IS NULL",
+                    (seq, acquisition_id, slab_index),
+                )
+            else:
+                matches = conn.execute(
+                    "SELECT slab_index FROM slabs WHERE acquisition_id = ? AND sha256 = ? AND seq IS NULL",
+                    (acquisition_id, sha256),
+                ).fetchall()
+                if len(matches) == 1:
+                    conn.execute(
+                        "UPDATE slabs SET seq = ? WHERE acquisition_id = ? AND slab_index = ?",
+                        (seq, acquisition_id, matches[0][0]),
+                    )
+            conn.execute(
+                "INSERT INTO publications (acquisition_id, kind, seq, sha256, at) VALUES (?, ?, ?, ?, ?)",
+                (acquisition_id, kind, seq, sha256, _now(at)),
+            )
+
+    # ------------------------------------------------------------------------------------------- queries
+
+    def file_record(self, path: Path, size: int, mtime_ns: int) -> FileRecord | None:
+        """What was recorded for this exact file (same path, size and mtime), if anything."""
+        rows = self._read(
+            "SELECT outcome, reason, acquisition_id, at FROM files WHERE path = ? AND size = ? AND mtime_ns = ?",
+            (str(path), size, mtime_ns),
+        )
+        if not rows:
+            return None
+        outcome, reason, acquisition_id, at = rows[0]
+        return FileRecord(Path(path), size, mtime_ns, outcome, reason, acquisition_id, at)
+
+    def file_already_ingested(self, path: Path, size: int, mtime_ns: int) -> bool:
+        """True if this exact file was recorded with any outcome. A rewritten file (new size or mtime) is new."""
+        return self.file_record(path, size, mtime_ns) is not None
+
+    def files_of(self, acquisition_id: str) -> tuple[Path, ...]:
+        """The accepted files of an acquisition, by path: what to read again to resume it after a restart."""
+        rows = self._read(
+            "SELECT path FROM files WHERE acquisition_id = ? AND outcome = 'accepted' ORDER BY path",
+            (acquisition_id,),
+        )
+        return tuple(Path(row[0]) for row in rows)
+
+    def acquisition(self, acquisition_id: str) -> AcquisitionRecord | None:
+        rows = self._read(
+            """SELECT state, protocol_id, first_image_at, last_image_at, updated_at
+            FROM acquisitions WHERE acquisition_id = ?""",
+            (acquisition_id,),
+        )
+        if not rows:
+            return None
+        state, protocol_id, first_at, last_at, updated_at = rows[0]
+        return AcquisitionRecord(
+            acquisition_id, AcquisitionState(state), protocol_id, first_at, last_at, updated_at
+        )
+
+    def acquisition_state(self, acquisition_id: str) -> AcquisitionState | None:
+        """The acquisition's state (a ``str``), or ``None`` if the journal has never seen it."""
+        record = self.acquisition(acquisition_id)
+        return None if record is None else record.state
+
+    def finished_acquisitions(self) -> set[str]:
+        """Acquisitions in a finished state (rejected, incomplete, published, failed): nothing left to do."""
+        return self._ids_in_states(FINISHED_STATES)
+
+    def unfinished_acquisitions(self) -> set[str]:
+        """Acquisitions a restart interrupted (open or passed): to resume or restart."""
+        return self._ids_in_states(frozenset(AcquisitionState) - FINISHED_STATES)
+
+    def _ids_in_states(self, states: frozenset[AcquisitionState]) -> set[str]:
+        marks = ", ".join("?" * len(states))
+        rows = self._read(
+            f"SELECT acquisition_id FROM acquisitions WHERE state IN ({marks})",
+            tuple(s.value for s in states),
+        )
+        return {row[0] for row in rows}
+
+    def verdicts(self, acquisition_id: str) -> tuple[Verdict, ...]:
+        """Every verdict recorded for an acquisition, oldest first, as ``Verdict`` records."""
+        rows = self._read(
+            """SELECT protocol_id, protocol_version, outcome, final, reasons, pending, at
+            FROM verdicts WHERE acquisition_id = ? ORDER BY id""",
+            (acquisition_id,),
+        )
+        return tuple(
+            Verdict(
+                acquisition_id=acquisition_id,
+                protocol_id=protocol_id,
+                protocol_version=protocol_version,
+                outcome=Outcome(outcome),
+                final=bool(final),
+                reasons=tuple(Reason(**r) for r in json.loads(reasons)),
+                pending=tuple(json.loads(pending)),
+                decided_at=at,
+            )
+            for protocol_id, protocol_version, outcome, final, reasons, pending, at in rows
+        )
+
+    def published_slabs(self, acquisition_id: str) -> dict[int, str]:
+        """Slab index -> sha256 of every slab of the acquisition already published (made but unsent: left out)."""
+        rows = self._read(
+            "SELECT slab_index, sha256 FROM slabs WHERE acquisition_id = ? AND seq IS NOT NULL",
+            (acquisition_id,),
+        )
+        return {int(index): sha for index, sha in rows}
+
+    def published_volume(self, acquisition_id: str) -> str | None:
+        """The sha256 of the acquisition's published volume, or ``None`` if none went out."""
+        rows = self._read(
+            "SELECT sha256 FROM publications WHERE acquisition_id = ? AND kind = 'volume' ORDER BY id LIMIT 1",
+            (acquisition_id,),
+        )
+        return rows[0][0] if rows else None
+
+    def last_seq(self) -> int | None:
+        """The highest sequence number published, so a restarted publisher can carry on above it."""
+        rows = self._read("SELECT MAX(seq) FROM publications")
+        return None if rows[0][0] is None else int(rows[0][0])
+
+    def summary(self) -> dict[str, int]:
+        """Counts for a start-up log line: ``files.<outcome>``, ``acquisitions.<state>``, and row totals."""
+        counts: dict[str, int] = {f"files.{o}": 0 for o in FILE_OUTCOMES}
+        counts.update({f"acquisitions.{s.value}": 0 for s in AcquisitionState})
+        with self._lock:
+            self._ensure_open()
+            conn = self._conn
+            try:
+                conn.execute("BEGIN")  # one snapshot for all the counts
+                try:
+                    for outcome, n in conn.execute("SELECT outcome, COUNT(*) FROM files GROUP BY outcome"):
+                        counts[f"files.{outcome}"] = n
+                    for state, n in conn.execute("SELECT state, COUNT(*) FROM acquisitions GROUP BY state"):
+                        counts[f"acquisitions.{state}"] = n
+                    for table in ("verdicts", "slabs", "publications"):
+                        counts[table] = conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+                finally:
+                    conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise JournalError(self._path, f"read failed: {exc}") from exc
+        return counts
+
+    # ------------------------------------------------------------------------------------------ lifetime
+
+    def close(self) -> None:
+        """Close the connection (SQLite checkpoints the WAL into the file). Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._conn.close()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

@@ -1,0 +1,295 @@
+"""The records the agent's stages hand each other.
+
+Stages run in threads joined by bounded queues (DESIGN.md §1); what crosses a queue is one of these frozen
+dataclasses, so no stage can change what another stage is looking at. Each record carries only what the next
+stage needs, and none of them carries a patient name, ID or birth date: ``acquisition_id`` is an opaque digest of
+the study, series and SOP class UIDs, safe for logs, metrics and the wire.
+
+Times named ``*_at`` are wall-clock seconds (``time.time()``) so that they can be compared across processes on
+one machine (the simulator, the agent and a subscriber in the benchmark); durations are measured with
+``time.perf_counter()`` inside one stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from engines.phantom.geometry import VolumeGeometry
+
+# --------------------------------------------------------------------------------------------------- watcher
+
+
+class ArrivalSource(StrEnum):
+    """How the watcher learnt that a file is complete."""
+
+    STARTUP_SCAN = "startup-scan"  # already in the folder when the agent started
+    EVENT = "event"  # inotify close-write or moved-to (native observer)
+    STABLE = "stable"  # size and mtime unchanged across two polls (polling observer, or an event-less write)
+
+
+@dataclass(frozen=True, slots=True)
+class ArrivedFile:
+    """A file in the export folder that is complete and may be read."""
+
+    path: Path
+    size: int
+    mtime_ns: int
+    #: When the watcher declared the file complete (wall clock).
+    detected_at: float
+    source: ArrivalSource
+
+
+# ------------------------------------------------------------------------------------------------- assembler
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRef:
+    """Where one image's pixels are: a classic file, or one frame of an Enhanced multi-frame object."""
+
+    path: Path
+    #: 0-based frame index inside an Enhanced object; ``None`` for a single-frame file.
+    frame: int | None
+    echo_time_ms: float
+    #: Position of the image along the slice normal (row x column direction cosines), mm.
+    position_mm: float
+    #: The image's unique key: SOPInstanceUID, plus ``#frame`` for a frame of an Enhanced object.
+    instance_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class AcquisitionView:
+    """What the headers say about one acquisition so far, vendor conventions already resolved.
+
+    Parameters are ``None`` where the headers seen do not state them. ``echo_times_ms`` lists the distinct echo
+    times present, ascending; ``slices_per_echo`` counts the images present for each of them in the same order.
+    """
+
+    acquisition_id: str
+    #: "MR Image Storage" or "Enhanced MR Image Storage".
+    sop_class: str
+    manufacturer: str
+    model_name: str
+    magnetic_field_strength_t: float | None
+    #: MRAcquisitionType: "2D" or "3D".
+    mr_acquisition_type: str | None
+    #: ScanningSequence and SequenceVariant tokens (classic), or their Enhanced equivalents mapped onto the same
+    #: tokens (EchoPulseSequence GRADIENT -> GR, Spoiling RF -> SP, InversionRecovery YES -> IR).
+    scanning_sequence: tuple[str, ...]
+    sequence_variant: tuple[str, ...]
+    sequence_name: str
+    inversion_time_ms: float | None
+    #: ImageType values, upper case.
+    image_type: tuple[str, ...]
+    #: Whether the images are magnitude images (ImageType / ComplexImageComponent), if stated.
+    magnitude: bool | None
+    repetition_time_ms: float | None
+    flip_angle_deg: float | None
+    #: PixelBandwidth, Hz per pixel.
+    pixel_bandwidth_hz: float | None
+    echo_times_ms: tuple[float, ...]
+    #: Echoes the acquisition will produce (EchoTrainLength, or the distinct echo times of an Enhanced object).
+    expected_echoes: int | None
+    #: PixelSpacing (row spacing, column spacing), mm.
+    pixel_spacing_mm: tuple[float, float] | None
+    #: Distance between neighbouring slice centres, mm (SpacingBetweenSlices, else SliceThickness).
+    slice_spacing_mm: float | None
+    slice_thickness_mm: float | None
+    rows: int | None
+    columns: int | None
+    #: ImageOrientationPatient: row direction cosines, then column direction cosines.
+    image_orientation: tuple[float, float, float, float, float, float] | None
+    #: Slices each echo will have (ImagesInAcquisition / echoes, or the Enhanced object's frame count / echoes).
+    expected_slices: int | None
+    slices_per_echo: tuple[int, ...]
+    #: For each echo (same order as ``echo_times_ms``), the sorted positions along the slice normal, mm.
+    positions_mm: tuple[tuple[float, ...], ...]
+    #: Attributes that differ between images of one acquisition (e.g. "ImageOrientationPatient", "Rows"),
+    #: each with a short description of the two values seen. Empty when every image agrees.
+    inconsistencies: tuple[str, ...]
+    #: The full-volume grid once the assembler can place slice 0 (see assembler), else ``None``.
+    grid: VolumeGeometry | None
+    #: True once every expected image is present (or the quiet period ended it; see ``ended_by``).
+    complete: bool
+    #: "count" when completion came from the acquisition's own counts, "quiet" from the quiet-period timer,
+    #: "" while still open.
+    ended_by: str
+    first_image_at: float
+    last_image_at: float
+
+
+class UpdateKind(StrEnum):
+    """Why the assembler emits an update."""
+
+    IMAGES = "images"  # new images arrived; the acquisition is still open
+    COMPLETE = "complete"  # every expected image is present
+    QUIET = "quiet"  # nothing arrived for the quiet period and the acquisition is not complete
+
+
+@dataclass(frozen=True, slots=True)
+class AcquisitionUpdate:
+    """One step in the life of an acquisition, as the assembler sees it."""
+
+    kind: UpdateKind
+    view: AcquisitionView
+    #: Images that arrived since the previous update of this acquisition.
+    new_images: tuple[ImageRef, ...]
+    #: Echo times (ms) whose first image is among ``new_images``: each triggers a provisional verdict.
+    first_of_echo: tuple[float, ...]
+    emitted_at: float
+
+
+# ------------------------------------------------------------------------------------------------- validator
+
+
+class Outcome(StrEnum):
+    """A verdict's outcome."""
+
+    PASS = "pass"
+    REJECT = "reject"
+    INCOMPLETE = "incomplete"
+
+
+@dataclass(frozen=True, slots=True)
+class Reason:
+    """One failed rule: enough for a technologist to fix the protocol on the console."""
+
+    protocol_id: str
+    #: The DICOM keyword (or derived attribute such as ``EchoTime2`` or ``VoxelSize``) the rule reads.
+    attribute: str
+    found: str
+    required: str
+    #: A bounded label for metrics: "sequence", "echoes", "timing", "bandwidth", "field", "geometry",
+    #: "image", "completeness", "consistency".
+    category: str
+
+    def text(self) -> str:
+        return f"{self.attribute}: found {self.found}, required {self.required} (protocol {self.protocol_id})"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The result of checking one acquisition against one protocol."""
+
+    acquisition_id: str
+    protocol_id: str
+    protocol_version: str
+    outcome: Outcome
+    #: False for a provisional verdict from the first image(s); True once the acquisition has ended.
+    final: bool
+    reasons: tuple[Reason, ...]
+    #: Rules that could not be evaluated yet (e.g. "EchoTime2" before the second echo arrived).
+    pending: tuple[str, ...]
+    decided_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ValidatedUpdate:
+    """An assembler update with the verdict that decides whether the streamer may run the model on it."""
+
+    update: AcquisitionUpdate
+    #: The verdict for the protocol the engine may run (the model's validated protocol that passed, or the
+    #: first active protocol's failing verdict).
+    verdict: Verdict
+    #: True when the verdict passes, nothing is pending, and the model's manifest lists the protocol.
+    infer: bool
+
+
+# -------------------------------------------------------------------------------------- streamer and engine
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class SlabRequest:
+    """The pixels one slab window needs, read from disk, for the engine stage."""
+
+    acquisition_id: str
+    protocol_id: str
+    geometry: VolumeGeometry
+    slab_index: int
+    slab_count: int
+    #: ``[echo, slice, row, column]`` with the full volume's slice count; only the slices the window needs (and
+    #: the normalisation's leading slices) are filled.
+    echoes: npt.NDArray[Any]
+    #: Intensity scale of the volume (from its leading slices), identical for every slab of it.
+    scale: float
+    #: The last image needed by this slab arrived at (wall clock); for latency metrics.
+    inputs_complete_at: float
+    read_s: float
+
+
+class StreamAction(StrEnum):
+    """What the streamer tells the engine stage about an acquisition besides its slabs."""
+
+    FINALIZE = "finalize"  # the final verdict passed: publish the volume once every slab is done
+    CANCEL = "cancel"  # drop what was done (final verdict failed, or the grid had to be placed again)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamControl:
+    acquisition_id: str
+    action: StreamAction
+    reason: str = ""
+    #: Wall-clock time of the acquisition's last image (for last-image-to-volume latency).
+    last_image_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class SctSlab:
+    """One slab of synthetic CT in HU, with the geometry of the whole volume it belongs to."""
+
+    acquisition_id: str
+    protocol_id: str
+    model_id: str
+    model_version: str
+    geometry: VolumeGeometry
+    slab_index: int
+    slab_count: int
+    #: First slice of the volume this slab covers, and how many slices.
+    start: int
+    size: int
+    #: ``[size, rows, columns]`` int16 HU.
+    hu: npt.NDArray[np.int16]
+    #: sha256 of ``hu`` as little-endian bytes, computed where the slab is made (end-to-end integrity).
+    sha256: str
+    inference_s: float
+    inputs_complete_at: float
+    produced_at: float
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class SctVolume:
+    """A finished synthetic CT volume: every slab of one acquisition stitched."""
+
+    acquisition_id: str
+    protocol_id: str
+    model_id: str
+    model_version: str
+    geometry: VolumeGeometry
+    #: ``[slice, row, column]`` int16 HU.
+    hu: npt.NDArray[np.int16]
+    sha256: str
+    slab_count: int
+    produced_at: float
+    #: Wall-clock time of the acquisition's last image (for last-image-to-volume latency).
+    last_image_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class StatusEvent:
+    """A message for the status topic: verdicts, progress and errors, for technologists and IT."""
+
+    #: "verdict", "progress", "complete", "error", "skipped".
+    kind: str
+    acquisition_id: str | None
+    body: Mapping[str, Any] = field(default_factory=dict)
+    at: float = 0.0
+
+
+#: What the publisher stage accepts.
+Publication = StatusEvent | SctSlab | SctVolume

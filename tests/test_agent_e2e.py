@@ -1,0 +1,306 @@
+"""The agent end to end: real watcher, real files from the scanner simulator, the real engine, real ZeroMQ.
+
+One agent runs for the whole module (its start-up warms the engine); the tests feed it series one after the
+other, as a scanner does, and read what a subscriber and hospital IT (metrics over HTTP) see.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.client import ReceivedVolume, SctClient
+from agent.config import AgentConfig
+from agent.pipeline import Pipeline
+from agent.wire import SlabMessage, StatusMessage
+from engines.inference.engine import SctEngine
+from engines.model.manifest import ModelManifest
+from engines.phantom.case import PhantomCase
+from engines.phantom.generate import generate_case
+from engines.scanner.export import ExportOptions, OutputFormat, SimulationRequest, export_case
+from tests.agent_support import (
+    SMALL_FOV_MM,
+    SMALL_SLAB_DEPTH,
+    TEST_PROTOCOL_ID,
+    agent_config,
+    write_test_model,
+    write_test_protocol,
+)
+
+#: Generous bound for one small series to go through (eager CPU inference of three 48 x 168 x 168 windows
+#: takes about a second; CI machines are shared).
+SERIES_TIMEOUT_S = 60.0
+PASSING_SEED = 900101
+
+
+def simulate_case(seed: int, *settings: str, echoes: int | None = None) -> PhantomCase:
+    request = SimulationRequest(
+        seed=seed, settings=settings, echoes=echoes, fov_mm=SMALL_FOV_MM, supersample=1
+    )
+    return generate_case(seed, request.acquisition(), supersample=1)
+
+
+@dataclass
+class Listener:
+    """A subscriber in a thread, recording everything it receives."""
+
+    endpoint: str
+    statuses: list[StatusMessage] = field(default_factory=list)
+    slabs: list[SlabMessage] = field(default_factory=list)
+    volumes: list[ReceivedVolume] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stop: threading.Event = field(default_factory=threading.Event)
+    connected: threading.Event = field(default_factory=threading.Event)
+    gaps: int = 0
+
+    def run(self) -> None:
+        with SctClient(self.endpoint) as client:
+            while not self.stop.is_set():
+                message = client.receive(0.05)
+                self.connected.set()
+                with self.lock:
+                    if isinstance(message, StatusMessage):
+                        self.statuses.append(message)
+                    elif isinstance(message, SlabMessage):
+                        self.slabs.append(message)
+                    volume = client.pop_volume()
+                    if volume is not None:
+                        self.volumes.append(volume)
+                    self.gaps = client.gap_count
+
+    def wait(self, predicate: Callable[[Listener], bool], timeout_s: float = SERIES_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self.lock:
+                if predicate(self):
+                    return
+            time.sleep(0.05)
+        raise AssertionError(f"timed out after {timeout_s} s; statuses: {[s.body for s in self.statuses][-5:]}")
+
+    def final_verdict(self, acquisition_id: str) -> StatusMessage | None:
+        for status in self.statuses:
+            if status.kind == "verdict" and status.acquisition_id == acquisition_id and status.body["final"]:
+                return status
+        return None
+
+    def final_verdicts(self) -> list[StatusMessage]:
+        return [s for s in self.statuses if s.kind == "verdict" and s.body["final"]]
+
+
+@dataclass
+class RunningAgent:
+    pipeline: Pipeline
+    config: AgentConfig
+    listener: Listener
+    model_dir: Path
+
+    @property
+    def export(self) -> Path:
+        return self.config.watch.folder
+
+    def metrics_text(self) -> str:
+        url = self.pipeline.endpoints.metrics_url
+        assert url is not None
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return str(response.read().decode())
+
+    def export_series(self, case: PhantomCase, folder: str, **options: object) -> None:
+        export_case(case, ExportOptions(out_dir=self.export / folder, **options))  # type: ignore[arg-type]
+
+    def series_count(self) -> int:
+        return len(self.listener.final_verdicts())
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.split(" ")[0] == name:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"metric {name} not found")
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningAgent]:
+    root = tmp_path_factory.mktemp("agent")
+    protocols = write_test_protocol(root / "protocols")
+    model = write_test_model(root / "model")
+    config = agent_config(root, protocols, model, quiet_period_s=3.0)
+    threads_before = set(threading.enumerate())
+    pipeline = Pipeline(config)
+    pipeline.start()
+    listener = Listener(pipeline.endpoints.publish)
+    thread = threading.Thread(target=listener.run, name="test-listener")
+    thread.start()
+    try:
+        assert listener.connected.wait(10)
+        time.sleep(0.3)  # a SUB socket needs a moment to subscribe (ZeroMQ's slow joiner)
+        yield RunningAgent(pipeline, config, listener, model)
+    finally:
+        listener.stop.set()
+        thread.join(10)
+        pipeline.stop()
+    # pyzmq's zero-copy garbage collector is one thread per process, started by the first copy=False send and
+    # ended at exit: it belongs to the library, not to the agent.
+    leaked = [
+        t
+        for t in set(threading.enumerate()) - threads_before
+        if t.is_alive() and type(t).__name__ != "GarbageCollectorThread"
+    ]
+    assert not leaked, f"threads left running after stop: {leaked}"
+
+
+@pytest.fixture(scope="module")
+def passing_case() -> PhantomCase:
+    return simulate_case(PASSING_SEED)
+
+
+def test_passing_series_streams_slabs_and_volume_with_exact_geometry(
+    agent: RunningAgent, passing_case: PhantomCase
+) -> None:
+    before = agent.series_count()
+    agent.export_series(passing_case, "pass-classic", rate_files_per_s=200.0)
+    agent.listener.wait(lambda listener: len(listener.volumes) >= 1)
+    volume = agent.listener.volumes[-1]
+    verdict = agent.listener.final_verdict(volume.acquisition_id)
+    assert verdict is not None and verdict.body["outcome"] == "pass", verdict
+    assert verdict.body["protocol_id"] == TEST_PROTOCOL_ID
+    assert agent.series_count() == before + 1
+
+    # Every slab arrived, in order, and they tile the volume the volume message carries.
+    n_slices = passing_case.geometry.shape[0]
+    expected_slabs = -(-n_slices // SMALL_SLAB_DEPTH)
+    assert volume.slab_count == expected_slabs and volume.slabs_received == expected_slabs
+    assert volume.complete_from_slabs and volume.matches_volume_message
+    slabs = [s for s in agent.listener.slabs if s.acquisition_id == volume.acquisition_id]
+    assert [s.slab_index for s in slabs] == list(range(expected_slabs))
+    assert agent.listener.gaps == 0
+
+    # Geometry: the MR grid exactly, in DICOM LPS mm.
+    np.testing.assert_allclose(volume.geometry.affine, passing_case.geometry.affine, atol=1e-4)
+    assert volume.hu.shape == passing_case.geometry.shape
+    assert volume.model_id == "sct-lumbar-dual-echo-unet"
+
+    # The streamed sCT equals the model run on the whole volume at once (stitching is exact).
+    manifest = ModelManifest.load(agent.model_dir)
+    engine = SctEngine.load(manifest, backend="torch-eager", in_plane=passing_case.geometry.shape[1:])
+    try:
+        expected = engine.infer_volume(passing_case.echoes)
+    finally:
+        engine.close()
+    assert np.max(np.abs(volume.hu.astype(np.float32) - expected)) <= 0.5 + 1e-3
+
+    # And it is a CT: bone is bright, air is air (MAE against the phantom's CT in the body, a loose bound).
+    body = passing_case.ct_hu > -500
+    assert float(np.mean(np.abs(volume.hu[body] - passing_case.ct_hu[body]))) < 80.0
+
+
+def test_verdict_comes_from_the_first_images_and_latencies_are_recorded(agent: RunningAgent) -> None:
+    verdicts = [s for s in agent.listener.statuses if s.kind == "verdict"]
+    assert verdicts, "no verdict published"
+    first = verdicts[0]
+    assert first.body["final"] is False, "the first verdict must be provisional (from the first images)"
+    assert first.body["first_image_to_verdict_s"] is not None
+    assert first.body["first_image_to_verdict_s"] < 5.0
+    text = agent.metrics_text()
+    assert metric(text, "sct_agent_first_image_to_verdict_seconds_count") >= 1
+    assert metric(text, "sct_agent_last_file_to_completion_seconds_count") >= 1
+
+
+REJECTIONS = [
+    pytest.param(("EchoTime2=4.8",), None, {}, "reject", "EchoTime2", id="te2-4.8ms"),
+    pytest.param(("MRAcquisitionType=2D",), None, {}, "reject", "MRAcquisitionType", id="2d"),
+    pytest.param((), 1, {}, "reject", "EchoCount", id="one-echo"),
+    pytest.param(("PixelBandwidth=300",), None, {}, "reject", "PixelBandwidth", id="bandwidth-300"),
+    pytest.param((), None, {"drop_slices": (20, 21)}, "incomplete", None, id="missing-slices"),
+]
+
+
+@pytest.mark.parametrize(("settings", "echoes", "options", "outcome", "attribute"), REJECTIONS)
+def test_deviating_series_is_refused_with_reasons_and_not_inferred(
+    agent: RunningAgent,
+    settings: tuple[str, ...],
+    echoes: int | None,
+    options: dict[str, object],
+    outcome: str,
+    attribute: str | None,
+) -> None:
+    seen = {s.acquisition_id for s in agent.listener.final_verdicts()}
+    case = simulate_case(PASSING_SEED + 1, *settings, echoes=echoes)
+    agent.export_series(case, f"dev-{outcome}-{attribute}-{len(seen)}", **options)
+    agent.listener.wait(lambda listener: any(s.acquisition_id not in seen for s in listener.final_verdicts()))
+    verdict = next(s for s in agent.listener.final_verdicts() if s.acquisition_id not in seen)
+    assert verdict.body["outcome"] == outcome, verdict.body
+    reasons = verdict.body["reasons"]
+    assert reasons, "a refused series must say why"
+    if attribute is not None:
+        named = [r for r in reasons if r["attribute"] == attribute]
+        assert named, reasons
+        reason = named[0]
+        assert reason["found"] and reason["required"]
+        assert TEST_PROTOCOL_ID in reason["text"]
+    else:
+        assert any(r["category"] == "completeness" for r in reasons), reasons
+    acquisition = verdict.acquisition_id
+    time.sleep(0.5)
+    assert not [s for s in agent.listener.slabs if s.acquisition_id == acquisition], "a refused series was inferred"
+
+
+def test_te2_deviation_is_rejected_from_its_first_echo2_image(agent: RunningAgent) -> None:
+    """The technologist hears about TE2 before the series is complete: a provisional reject."""
+    seen = {s.acquisition_id for s in agent.listener.statuses if s.kind == "verdict"}
+    case = simulate_case(PASSING_SEED + 2, "EchoTime2=4.8")
+    agent.export_series(case, "dev-provisional", rate_files_per_s=40.0)
+    agent.listener.wait(
+        lambda listener: any(
+            s.kind == "verdict" and s.acquisition_id not in seen and s.body["outcome"] == "reject"
+            for s in listener.statuses
+        )
+    )
+    first_reject = next(
+        s
+        for s in agent.listener.statuses
+        if s.kind == "verdict" and s.acquisition_id not in seen and s.body["outcome"] == "reject"
+    )
+    assert first_reject.body["final"] is False
+    assert first_reject.body["slices_per_echo"][0] < case.geometry.shape[0]
+    agent.listener.wait(lambda listener: listener.final_verdict(first_reject.acquisition_id or "") is not None)
+
+
+def test_agent_goes_on_after_bad_files_and_processes_an_enhanced_series(
+    agent: RunningAgent, passing_case: PhantomCase
+) -> None:
+    junk = agent.export / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("not DICOM")
+    (junk / "garbage.dcm").write_bytes(b"\x00" * 300 + b"DICM" + b"\xff" * 50)
+    volumes = len(agent.listener.volumes)
+    agent.export_series(passing_case, "pass-enhanced", format=OutputFormat.ENHANCED)
+    agent.listener.wait(lambda listener: len(listener.volumes) > volumes)
+    volume = agent.listener.volumes[-1]
+    assert volume.complete_from_slabs
+    np.testing.assert_allclose(volume.geometry.affine, passing_case.geometry.affine, atol=1e-4)
+    text = agent.metrics_text()
+    assert metric(text, 'sct_agent_files_total{outcome="bad"}') >= 2
+    assert agent.pipeline.healthy()
+
+
+def test_metrics_are_served_and_pass_promtool(agent: RunningAgent) -> None:
+    text = agent.metrics_text()
+    assert metric(text, "sct_agent_ready") == 1
+    assert metric(text, "sct_agent_volumes_published_total") >= 1
+    assert metric(text, "sct_agent_slabs_inferred_total") >= 3
+    assert metric(text, 'sct_agent_acquisitions_total{outcome="reject"}') >= 1
+    assert metric(text, "sct_agent_last_image_to_volume_seconds_count") >= 1
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package prometheus)")
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr

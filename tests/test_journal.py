@@ -1,0 +1,342 @@
+"""The state journal on real SQLite files in tmp_path: WAL, threads, restarts, and files it must refuse."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import stat
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from agent import metrics
+from agent.journal import (
+    BUSY_TIMEOUT_S,
+    FILE_OUTCOMES,
+    JOURNAL_FILE_MODE,
+    SCHEMA_VERSION,
+    AcquisitionState,
+    Journal,
+    JournalConflictError,
+    JournalError,
+    JournalSchemaError,
+)
+from agent.records import Outcome, Reason, Verdict
+
+ACQ = "a" * 16
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def raw(path: Path) -> sqlite3.Connection:
+    """A second, independent connection, to see what is really in the file."""
+    return sqlite3.connect(path)
+
+
+@pytest.fixture
+def journal_path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "journal.sqlite3"
+
+
+@pytest.fixture
+def journal(journal_path: Path) -> Iterator[Journal]:
+    journal_path.parent.mkdir()
+    with Journal(journal_path) as j:
+        yield j
+
+
+def test_new_journal_is_wal_with_normal_sync_busy_timeout_and_version(
+    journal: Journal, journal_path: Path
+) -> None:
+    conn = raw(journal_path)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    finally:
+        conn.close()
+    # synchronous and busy_timeout are per connection: ask the journal's own.
+    assert journal._conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    assert journal._conn.execute("PRAGMA busy_timeout").fetchone()[0] == int(BUSY_TIMEOUT_S * 1000)
+    assert stat.S_IMODE(journal_path.stat().st_mode) == JOURNAL_FILE_MODE
+
+
+def test_files_are_recorded_by_path_size_and_mtime(journal: Journal, tmp_path: Path) -> None:
+    f = tmp_path / "export" / "IM_0001.dcm"
+    assert not journal.file_already_ingested(f, 1000, 5)
+    journal.record_file(f, 1000, 5, "accepted", acquisition_id=ACQ, at=10.0)
+    journal.record_file(tmp_path / "x.tmp", 3, 7, "skipped", "temporary name", at=11.0)
+    assert journal.file_already_ingested(f, 1000, 5)
+    assert not journal.file_already_ingested(f, 1001, 5)  # rewritten: another size
+    assert not journal.file_already_ingested(f, 1000, 6)  # rewritten: another mtime
+    record = journal.file_record(tmp_path / "x.tmp", 3, 7)
+    assert record is not None
+    assert (record.outcome, record.reason, record.acquisition_id, record.at) == (
+        "skipped",
+        "temporary name",
+        None,
+        11.0,
+    )
+    # Recording the same file again replaces its row rather than adding one.
+    journal.record_file(f, 1000, 5, "duplicate", "SOPInstanceUID seen", acquisition_id=ACQ, at=12.0)
+    again = journal.file_record(f, 1000, 5)
+    assert again is not None and again.outcome == "duplicate"
+    assert journal.summary()["files.duplicate"] == 1
+    assert journal.summary()["files.accepted"] == 0
+    assert journal.files_of(ACQ) == ()
+    journal.record_file(f, 1000, 5, "accepted", acquisition_id=ACQ)
+    assert journal.files_of(ACQ) == (f,)
+
+
+def test_acquisition_updates_keep_fields_not_given(journal: Journal) -> None:
+    assert journal.acquisition_state(ACQ) is None
+    journal.record_acquisition(ACQ, "open", first_image_at=100.0, last_image_at=100.5, at=100.5)
+    journal.record_acquisition(
+        ACQ, AcquisitionState.PASSED, protocol_id="lumbar-dual-echo", last_image_at=104.0, at=105.0
+    )
+    record = journal.acquisition(ACQ)
+    assert record is not None
+    assert record.state is AcquisitionState.PASSED
+    assert (record.protocol_id, record.first_image_at, record.last_image_at, record.updated_at) == (
+        "lumbar-dual-echo",
+        100.0,
+        104.0,
+        105.0,
+    )
+    assert journal.acquisition_state(ACQ) == "passed"
+    assert journal.unfinished_acquisitions() == {ACQ}
+    assert journal.finished_acquisitions() == set()
+    for i, state in enumerate(["rejected", "incomplete", "published", "failed"]):
+        journal.record_acquisition(f"done{i}", state)
+    journal.record_acquisition("still-open", "open")
+    assert journal.finished_acquisitions() == {"done0", "done1", "done2", "done3"}
+    assert journal.unfinished_acquisitions() == {ACQ, "still-open"}
+
+
+def test_verdicts_round_trip(journal: Journal) -> None:
+    provisional = Verdict(ACQ, "lumbar-dual-echo", "3", Outcome.PASS, False, (), ("EchoTime2",), 20.0)
+    reason = Reason("lumbar-dual-echo", "RepetitionTime", "25.0 ms", "[5.0, 12.0] ms", "timing")
+    final = Verdict(ACQ, "lumbar-dual-echo", "3", Outcome.REJECT, True, (reason,), (), 21.5)
+    journal.record_verdict(provisional)
+    journal.record_verdict(final)
+    journal.record_verdict(Verdict("other", "p", "1", Outcome.INCOMPLETE, True, (), (), 22.0))
+    assert journal.verdicts(ACQ) == (provisional, final)
+    stored = raw_json_reasons(journal, final.decided_at)
+    assert stored == [
+        {
+            "protocol_id": "lumbar-dual-echo",
+            "attribute": "RepetitionTime",
+            "found": "25.0 ms",
+            "required": "[5.0, 12.0] ms",
+            "category": "timing",
+        }
+    ]
+
+
+def raw_json_reasons(journal: Journal, at: float) -> object:
+    conn = raw(journal.path)
+    try:
+        text = conn.execute("SELECT reasons FROM verdicts WHERE at = ?", (at,)).fetchone()[0]
+    finally:
+        conn.close()
+    return json.loads(text)
+
+
+def test_slabs_recorded_when_published(journal: Journal) -> None:
+    assert journal.published_slabs(ACQ) == {}
+    assert journal.last_seq() is None
+    assert journal.record_slab(ACQ, 0, start=0, size=32, sha256=sha("s0"), seq=7)
+    assert journal.record_slab(ACQ, 1, 32, 32, sha("s1"), 8)
+    journal.record_publication(ACQ, "slab", 7, sha("s0"), slab_index=0)
+    journal.record_publication(ACQ, "slab", 8, sha("s1"), slab_index=1)
+    assert journal.published_slabs(ACQ) == {0: sha("s0"), 1: sha("s1")}
+    assert journal.published_slabs("other") == {}
+    # The same slab again, same content: accepted as already known.
+    assert not journal.record_slab(ACQ, 1, 32, 32, sha("s1"), 12)
+    # The same slab with other content: refused, and nothing changes.
+    with pytest.raises(JournalConflictError, match=r"slab 1 of acquisition a{16} was published as start 32"):
+        journal.record_slab(ACQ, 1, 32, 32, sha("different"), 13)
+    with pytest.raises(JournalConflictError, match=r"slab 1 of acquisition a{16} is recorded with sha256"):
+        journal.record_publication(ACQ, "slab", 14, sha("different"), slab_index=1)
+    assert journal.published_slabs(ACQ)[1] == sha("s1")
+    assert journal.last_seq() == 8
+
+
+def test_slabs_recorded_when_made_count_once_published(journal: Journal) -> None:
+    # The engine records each slab as it is made; the publisher marks it when it goes out.
+    assert journal.record_slab(ACQ, 0, 0, 16, sha("s0"))
+    assert journal.record_slab(ACQ, 1, 16, 16, sha("s1"))
+    assert journal.published_slabs(ACQ) == {}
+    journal.record_publication(ACQ, "slab", 3, sha("s0"), slab_index=0)
+    assert journal.published_slabs(ACQ) == {0: sha("s0")}
+    # Made but never sent (the agent stopped): a restart may infer it again with other content.
+    assert journal.record_slab(ACQ, 1, 16, 16, sha("s1 again"))
+    assert not journal.record_slab(ACQ, 1, 16, 16, sha("s1 again"))
+    # Without slab_index the hash finds the slab, but only when exactly one unpublished slab has it.
+    journal.record_publication(ACQ, "slab", 4, sha("s1 again"))
+    assert journal.published_slabs(ACQ) == {0: sha("s0"), 1: sha("s1 again")}
+    air = sha("all air")
+    journal.record_slab(ACQ, 2, 32, 16, air)
+    journal.record_slab(ACQ, 3, 48, 16, air)
+    journal.record_publication(ACQ, "slab", 5, air)  # ambiguous: marks neither
+    assert 2 not in journal.published_slabs(ACQ) and 3 not in journal.published_slabs(ACQ)
+    journal.record_publication(ACQ, "slab", 6, air, slab_index=3)
+    assert journal.published_slabs(ACQ)[3] == air and 2 not in journal.published_slabs(ACQ)
+    assert journal.summary()["slabs"] == 4
+
+
+def test_a_volume_is_published_with_one_content_only(journal: Journal) -> None:
+    assert journal.published_volume(ACQ) is None
+    journal.record_publication(ACQ, "volume", 9, sha("v"))
+    journal.record_publication(ACQ, "volume", 10, sha("v"))  # republished, same content
+    with pytest.raises(JournalConflictError, match="the volume of acquisition"):
+        journal.record_publication(ACQ, "volume", 11, sha("v2"))
+    assert journal.published_volume(ACQ) == sha("v")
+    assert journal.last_seq() == 10
+    assert journal.summary()["publications"] == 2
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (
+            lambda j: j.record_file(Path("f"), 1, 1, "ok"),
+            r"file outcome must be one of accepted, skipped, bad, duplicate",
+        ),
+        (
+            lambda j: j.record_acquisition(ACQ, "done"),
+            r"acquisition state must be one of open, passed, rejected",
+        ),
+        (
+            lambda j: j.record_publication(ACQ, "frame", 1, sha("x")),
+            r"publication kind must be one of slab, volume",
+        ),
+        (
+            lambda j: j.record_slab(ACQ, 0, start=0, size=8, sha256="abc", seq=1),
+            r"sha256 must be 64 lower-case hex",
+        ),
+        (lambda j: j.record_slab(ACQ, 0, 0, 0, sha("x")), r"size > 0"),
+    ],
+)
+def test_bad_values_are_refused_and_nothing_is_written(
+    journal: Journal, call: Callable[[Journal], object], match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        call(journal)
+    assert sum(journal.summary().values()) == 0
+
+
+def test_four_threads_write_concurrently(journal: Journal, tmp_path: Path) -> None:
+    threads_n, per_thread = 4, 60
+    barrier = threading.Barrier(threads_n)
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            barrier.wait()
+            acq = f"acq{t}"
+            journal.record_acquisition(acq, "open", first_image_at=float(t))
+            for i in range(per_thread):
+                journal.record_file(
+                    tmp_path / f"t{t}" / f"{i}.dcm", 100 + i, i, "accepted", acquisition_id=acq
+                )
+                assert journal.file_already_ingested(tmp_path / f"t{t}" / f"{i}.dcm", 100 + i, i)
+                if i % 10 == 0:
+                    journal.record_slab(acq, i // 10, i, 10, sha(f"{t}/{i}"))
+                    journal.record_publication(acq, "slab", t * 1000 + i, sha(f"{t}/{i}"), slab_index=i // 10)
+                    journal.summary()
+            journal.record_verdict(Verdict(acq, "p", "1", Outcome.PASS, True, (), (), 1.0))
+            journal.record_acquisition(acq, "published")
+        except BaseException as exc:  # collected and re-raised in the main thread
+            errors.append(exc)
+
+    workers = [threading.Thread(target=work, args=(t,)) for t in range(threads_n)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert errors == []
+    counts = journal.summary()
+    assert counts["files.accepted"] == threads_n * per_thread
+    assert counts["slabs"] == counts["publications"] == threads_n * per_thread // 10
+    assert counts["verdicts"] == threads_n
+    assert journal.finished_acquisitions() == {f"acq{t}" for t in range(threads_n)}
+    assert all(len(journal.published_slabs(f"acq{t}")) == per_thread // 10 for t in range(threads_n))
+
+
+def test_state_survives_close_and_reopen(journal_path: Path) -> None:
+    journal_path.parent.mkdir()
+    with Journal(journal_path) as first:
+        first.record_file(Path("/export/IM_1"), 10, 20, "accepted", acquisition_id=ACQ)
+        first.record_acquisition(ACQ, "passed", protocol_id="lumbar-dual-echo", first_image_at=1.0)
+        first.record_acquisition("gone", "rejected")
+        first.record_verdict(Verdict(ACQ, "lumbar-dual-echo", "3", Outcome.PASS, True, (), (), 2.0))
+        first.record_slab(ACQ, 0, 0, 16, sha("0"))
+        first.record_publication(ACQ, "slab", 1, sha("0"), slab_index=0)
+        first.record_slab(ACQ, 1, 16, 16, sha("1"))  # made, never sent
+        before = first.summary()
+    with pytest.raises(JournalError, match="is closed"):
+        first.summary()
+    with Journal(journal_path) as second:
+        assert second.file_already_ingested(Path("/export/IM_1"), 10, 20)
+        assert second.acquisition_state(ACQ) == "passed"
+        assert second.finished_acquisitions() == {"gone"}
+        assert second.unfinished_acquisitions() == {ACQ}
+        assert second.published_slabs(ACQ) == {0: sha("0")}
+        assert second.last_seq() == 1
+        assert [v.outcome for v in second.verdicts(ACQ)] == [Outcome.PASS]
+        assert second.summary() == before
+
+
+def test_a_newer_schema_is_refused(journal_path: Path) -> None:
+    journal_path.parent.mkdir()
+    Journal(journal_path).close()
+    conn = raw(journal_path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(
+        JournalSchemaError, match=rf"{journal_path}: schema version {SCHEMA_VERSION + 1} is newer"
+    ) as caught:
+        Journal(journal_path)
+    assert (caught.value.found, caught.value.supported) == (SCHEMA_VERSION + 1, SCHEMA_VERSION)
+
+
+def test_a_garbage_file_is_refused_naming_the_path_and_kept(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+    garbage = b"this is not a database, it is a scanner log\n" * 200
+    path.write_bytes(garbage)
+    with pytest.raises(JournalError, match=rf"{path}: not a readable SQLite journal") as caught:
+        Journal(path)
+    assert caught.value.path == path
+    assert path.read_bytes() == garbage
+
+
+def test_another_programs_database_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    conn = raw(path)
+    conn.execute("CREATE TABLE patients (name TEXT)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(
+        JournalError, match=rf"{path}: an SQLite database that is not a state journal \(tables patients\)"
+    ):
+        Journal(path)
+    conn = raw(path)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"  # not switched to WAL
+    finally:
+        conn.close()
+
+
+def test_a_missing_folder_is_an_error_naming_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "no-such-dir" / "journal.sqlite3"
+    with pytest.raises(JournalError, match=rf"{path}: cannot create the file"):
+        Journal(path)
+
+
+def test_file_outcomes_match_the_metrics_labels() -> None:
+    assert FILE_OUTCOMES == metrics.FILE_OUTCOMES
