@@ -1,7 +1,7 @@
 """sct-agent: synthetic CT from dual-echo MRI at the scanner's edge.
 
 Subcommands are the tools of the people who use the product: the simulated scanner and the demo for developers
-and evaluators; later the agent itself, its subscriber and protocol checks.
+and evaluators, the agent itself (`run`) and its subscriber (`listen`).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from agent import demo, evaluate, simulate, train
+from agent import demo, evaluate, listen, run, simulate, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sct-agent", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run.add_parser(subparsers)
+    listen.add_parser(subparsers)
     simulate.add_parser(subparsers)
     demo.add_parser(subparsers)
     train.add_parser(subparsers)

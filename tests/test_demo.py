@@ -38,22 +38,23 @@ def test_montage_rejects_a_panel_off_the_grid(tmp_path: Path) -> None:
         render_montage([Panel("x", np.zeros((2, 2, 2)))], geo, tmp_path / "m.png")
 
 
-def test_demo_writes_series_and_picture_and_can_run_twice(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_demo_runs_the_agent_end_to_end_and_stops_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`make demo` in full (eager backend, so no compile warm-up): agent process, paced scanner, subscriber."""
     out = tmp_path / "demo"
-    for _ in range(2):
-        assert main(["demo", "--out", str(out)]) == 0
-    assert (
-        len(list((out / "export").iterdir())) == 200
-    )  # 100 slices x 2 echoes, second run replaced the first
-    assert len(list((out / "ct").iterdir())) == 100
-    picture = Image.open(out / "scan.png")
-    assert picture.width > 900 and picture.height > 600
-    assert np.asarray(picture).std() > 20  # an image, not a blank canvas
-    out_text = capsys.readouterr().out
-    assert "picture:" in out_text
-    sct_line = next(line for line in out_text.splitlines() if line.startswith("synthetic CT:"))
-    assert "sct-lumbar-dual-echo-unet" in sct_line
+    assert main(["demo", "--out", str(out), "--backend", "torch-eager", "--rate", "80"]) == 0
+    text = capsys.readouterr().out
+    assert "seed protocol: PASS against bonemri_lumbar_1p5t" in text
+    assert "REJECT against bonemri_lumbar_1p5t" in text
+    assert "reason: EchoTime2: found 4.8 ms, required 4.2 ± 0.2 ms" in text
+    assert "agent stopped with exit status 0" in text
+    assert "sequence gaps 0" in text
+    sct_line = next(line for line in text.splitlines() if line.startswith("synthetic CT:"))
     mae = float(sct_line.split("MAE ")[1].split(" HU")[0])
     assert 0 < mae < DEMO_MAE_LIMIT_HU
+    received = [p for p in (out / "received").iterdir() if p.is_dir()]
+    assert len(received) == 1
+    assert {p.name for p in received[0].iterdir()} >= {"sct.npy", "geometry.json", "preview.png"}
+    assert np.load(received[0] / "sct.npy").shape == (100, 338, 338)
+    picture = Image.open(out / "scan.png")
+    assert picture.width > 700 and picture.height > 600
+    assert np.asarray(picture).std() > 20  # an image, not a blank canvas

@@ -1,0 +1,587 @@
+"""Watch the scanner's export folder and report each file once, when it is complete (DESIGN.md §2).
+
+A file is visible long before it is complete: a console writing in place over SMB/NFS shows a growing file
+under its final name, and an atomic exporter shows a hidden ``.name.partial`` first. Reacting to "created"
+would hand the next stage half a file, so the watcher only trusts three signals:
+
+* a close after writing (inotify ``IN_CLOSE_WRITE``, watchdog's ``FileClosedEvent``) or a rename into place
+  (``FileMovedEvent`` ``dest_path``): complete at once (``ArrivalSource.EVENT``);
+* size and mtime unchanged across two consecutive checks *and* for at least ``stable_s`` of local time
+  (``ArrivalSource.STABLE``): the only signal on a network share (polling observer), and the fallback for
+  files that never send a close event (hard links, writes by a kernel NFS server);
+* at start-up, a file whose mtime is older than ``stable_s`` (``ArrivalSource.STARTUP_SCAN``); younger ones
+  may still be being written and go to the stability checker.
+
+Why ``stable_s`` and not only "two polls": a writer that pauses longer than one poll interval between chunks
+looks stable to two polls, and a CIFS client caches attributes for ``actimeo`` (1 s by default), so two
+stats within that window agree while the server's file is still growing. ``stable_s = 0`` gives the bare
+two-poll rule.
+
+Threads: watchdog's observer threads only call :meth:`Watcher._on_event`, which records the path in a
+dict under a lock and returns; one worker thread of ours stats files, checks stability and calls ``sink``
+and ``on_skipped``, never under a lock. ``sink`` may therefore block (a bounded queue: back-pressure)
+without stalling the observer, and pending work is bounded by the number of distinct paths, not events.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import platform
+import stat
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from agent.records import ArrivalSource, ArrivedFile
+
+logger = logging.getLogger(__name__)
+
+#: How long (s) a file's size and mtime must stay unchanged, measured on this machine's clock, before the
+#: stability checker calls it complete; also the mtime age above which the start-up scan trusts a file at
+#: once. Longer than the pauses of a console writing over a share and than CIFS's default attribute cache.
+SETTLE_S = 2.0
+#: How often (s) the polling observer rescans the folder and the stability checker stats its candidates.
+DEFAULT_POLL_INTERVAL_S = 0.25
+#: How long (s) ``stop()`` waits for each thread; only a ``sink`` that never returns makes it wait that long.
+STOP_TIMEOUT_S = 10.0
+#: Suffixes of names that exporters and copy tools write before renaming into place (case-insensitive).
+#: ``.filepart`` is WinSCP's, common for manual copies onto the share.
+TEMP_SUFFIXES = (".partial", ".tmp", ".part", ".filepart")
+#: Prefixes of editor and Office lock files.
+TEMP_PREFIXES = ("~",)
+#: The media directory file of a DICOM file set: an index, not an image.
+DICOMDIR_NAME = "DICOMDIR"
+
+#: The events the watcher acts on. Leaving out opens and read-only closes matters: the next stage reads every
+#: file, and each read would otherwise come back as two events.
+WATCHED_EVENTS: tuple[type[FileSystemEvent], ...] = (
+    FileClosedEvent,
+    FileMovedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileDeletedEvent,
+    DirCreatedEvent,
+    DirMovedEvent,
+    DirDeletedEvent,
+)
+
+#: (size in bytes, mtime in ns): what "the same content" means for de-duplication.
+Signature = tuple[int, int]
+
+
+class ObserverKind(StrEnum):
+    """Which watchdog observer notices changes."""
+
+    NATIVE = "native"  # inotify: close-write and moved-to events (Linux, local disk)
+    POLLING = "polling"  # rescans at poll_interval_s: CIFS/NFS shares give no inotify events
+
+
+class SkipReason(StrEnum):
+    """Why a path is never handed to ``sink``; a bounded label, safe for metrics."""
+
+    HIDDEN = "hidden-name"  # the name, or a folder on the way to it, starts with '.'
+    TEMPORARY = "temporary-name"  # TEMP_SUFFIXES / TEMP_PREFIXES: an export or copy still in progress
+    DICOMDIR = "dicomdir"
+    EMPTY = "zero-byte"  # stayed empty for the stability window
+    DIRECTORY = "directory"
+
+
+@dataclass(frozen=True, slots=True)
+class WatcherStats:
+    """Counters since start(): files handed to ``sink``, paths skipped, ``sink`` calls that raised."""
+
+    emitted: int = 0
+    skipped: int = 0
+    sink_errors: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Candidate:
+    """A file waiting for the stability checker."""
+
+    source: ArrivalSource
+    #: The last stat seen, ``None`` until the first check.
+    signature: Signature | None
+    #: When (monotonic s) the file last changed: an event for it, or a check that saw a new signature.
+    changed_at: float
+    #: Consecutive checks that saw ``signature`` unchanged.
+    unchanged: int = 0
+
+
+def name_skip_reason(path: Path, root: Path) -> SkipReason | None:
+    """The reason to skip ``path`` (below ``root``) by its name alone, or ``None`` if its name is acceptable.
+
+    A hidden folder on the way counts as a hidden name: NAS snapshot folders (``.snapshot``) and trash folders
+    hold copies of files that were already reported.
+    """
+    name = path.name
+    lowered = name.lower()
+    if lowered.endswith(TEMP_SUFFIXES) or name.startswith(TEMP_PREFIXES):
+        return SkipReason.TEMPORARY
+    try:
+        parts = path.relative_to(root).parts
+    except ValueError:
+        parts = (name,)
+    if any(part.startswith(".") for part in parts):
+        return SkipReason.HIDDEN
+    if name.upper() == DICOMDIR_NAME:
+        return SkipReason.DICOMDIR
+    return None
+
+
+def prepare_folder(folder: Path) -> Path:
+    """Create ``folder`` if it is missing and return its resolved path; raise an ``OSError`` naming it if not.
+
+    Resolved because inotify watches a symlink itself, not the folder it points to.
+    """
+    if not folder.exists():
+        logger.warning("watch folder %s does not exist; creating it", folder)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise type(exc)(
+                exc.errno, f"cannot create the watch folder ({exc.strerror})", str(folder)
+            ) from exc
+    if not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "the watch folder is not a directory", str(folder))
+    return folder.resolve()
+
+
+class _Handler(FileSystemEventHandler):
+    """Forwards every event to the watcher; an exception here would end watchdog's dispatch thread."""
+
+    def __init__(self, watcher: Watcher) -> None:
+        super().__init__()
+        self._watcher = watcher
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        try:
+            self._watcher._on_event(event)
+        except Exception:
+            logger.exception("watcher could not handle %r", event)
+
+
+class Watcher:
+    """Reports each complete file under ``folder`` to ``sink`` once per (path, size, mtime_ns).
+
+    ``sink`` and ``on_skipped`` are called from the watcher's own thread, one call at a time, never under a
+    lock; an exception from either is logged and does not stop the watcher (the file is not retried unless it
+    changes again). ``sink`` may block for back-pressure but must return eventually: ``stop()`` waits for it.
+    A watcher starts once.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        sink: Callable[[ArrivedFile], None],
+        *,
+        observer: str = ObserverKind.NATIVE,
+        poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
+        recursive: bool = True,
+        on_skipped: Callable[[Path, str], None] | None = None,
+        stable_s: float = SETTLE_S,
+    ) -> None:
+        try:
+            self._kind = ObserverKind(observer)
+        except ValueError:
+            allowed = ", ".join(repr(k.value) for k in ObserverKind)
+            raise ValueError(f"observer must be one of {allowed}; found {observer!r}") from None
+        if not poll_interval_s > 0:
+            raise ValueError(f"poll_interval_s must be > 0 seconds; found {poll_interval_s}")
+        if not stable_s >= 0:
+            raise ValueError(f"stable_s must be >= 0 seconds; found {stable_s}")
+        self._folder = Path(folder)
+        self._root = self._folder.absolute()
+        self._sink = sink
+        self._on_skipped = on_skipped
+        self._poll_interval_s = poll_interval_s
+        self._stable_s = stable_s
+        self._recursive = recursive
+
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._started = False
+        #: Paths whose completion an event announced, in arrival order (a dict as an ordered set).
+        self._ready: dict[Path, None] = {}
+        self._candidates: dict[Path, _Candidate] = {}
+        #: Name-based skips waiting to be reported, and every path already reported that way.
+        self._skip_reports: deque[tuple[Path, SkipReason]] = deque()
+        self._skipped_names: set[Path] = set()
+        #: The signature last emitted (or skipped as empty) per path; dropped when the path goes away.
+        self._decided: dict[Path, Signature] = {}
+        self._emitted = 0
+        self._skipped = 0
+        self._sink_errors = 0
+        self._observer: BaseObserver | None = None
+        self._worker: threading.Thread | None = None
+
+    @property
+    def folder(self) -> Path:
+        """The watched folder; resolved (as emitted paths are) once started."""
+        return self._root
+
+    @property
+    def stats(self) -> WatcherStats:
+        with self._cond:
+            return WatcherStats(self._emitted, self._skipped, self._sink_errors)
+
+    def start(self) -> None:
+        """Start the observer, then the worker, which scans what is already there before handling events.
+
+        The observer starts first so that a file arriving during the scan is seen by one or the other (both
+        is fine: de-duplication). Raises ``OSError`` naming the folder if it cannot be watched.
+        """
+        with self._cond:
+            if self._started:
+                raise RuntimeError(f"watcher for {self._folder} was already started")
+            self._started = True
+        self._root = prepare_folder(self._folder)
+        observer = self._make_observer()
+        try:
+            observer.schedule(
+                _Handler(self), str(self._root), recursive=self._recursive, event_filter=list(WATCHED_EVENTS)
+            )
+            observer.start()
+        except BaseException:
+            _stop_observer(observer)
+            raise
+        self._observer = observer
+        self._worker = threading.Thread(target=self._run, name=f"watcher-{self._root.name}", daemon=True)
+        self._worker.start()
+        logger.info("watching %s (%s observer, recursive=%s)", self._root, self._kind, self._recursive)
+
+    def stop(self) -> None:
+        """Stop and join the observer and the worker; safe to call more than once, or before start()."""
+        with self._cond:
+            if self._stopping:
+                return
+            self._stopping = True
+            self._cond.notify_all()
+        if self._observer is not None:
+            _stop_observer(self._observer)
+        worker = self._worker
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(STOP_TIMEOUT_S)
+            if worker.is_alive():
+                logger.error("watcher thread for %s did not stop: sink still blocked", self._root)
+
+    # --------------------------------------------------------------------------- observer threads: record only
+
+    def _make_observer(self) -> BaseObserver:
+        if self._kind is ObserverKind.POLLING:
+            return PollingObserver(timeout=self._poll_interval_s)
+        if platform.system() != "Linux":
+            raise OSError(errno.ENOSYS, "the native observer needs Linux inotify; use observer='polling'")
+        # Imported here: inotify_c loads libc's inotify functions at import and fails elsewhere.
+        from watchdog.observers.inotify import InotifyObserver  # noqa: PLC0415
+
+        # Full events: a file moved in from outside the folder is a FileMovedEvent ("" -> dest), which means
+        # complete, rather than a FileCreatedEvent, which would wait for the stability checker.
+        return InotifyObserver(generate_full_events=True)
+
+    def _on_event(self, event: FileSystemEvent) -> None:
+        """Record what ``event`` means for its path; runs on watchdog's dispatch thread, so never blocks."""
+        src = Path(os.fsdecode(event.src_path)) if event.src_path else None
+        dest = Path(os.fsdecode(event.dest_path)) if event.dest_path else None
+        with self._cond:
+            if self._stopping:
+                return
+            if isinstance(event, DirCreatedEvent) and src is not None:
+                self._note_directory(src)
+            elif isinstance(event, DirMovedEvent):
+                if src is not None:
+                    self._forget(src, subtree=True)
+                if dest is not None:
+                    self._note_directory(dest)
+            elif isinstance(event, DirDeletedEvent) and src is not None:
+                self._forget(src, subtree=True)
+                if src == self._root:
+                    logger.error("watch folder %s was deleted; no further files will be seen", src)
+            elif isinstance(event, FileDeletedEvent) and src is not None:
+                self._forget(src, subtree=False)
+            elif isinstance(event, FileMovedEvent):
+                if src is not None:
+                    self._forget(src, subtree=False)
+                if dest is not None:
+                    self._note_file(dest, complete=True)
+            elif isinstance(event, FileClosedEvent) and src is not None:
+                self._note_file(src, complete=True)
+            elif isinstance(event, FileCreatedEvent) and src is not None:
+                # Synthetic: a file inside a folder moved into place, complete like any renamed file.
+                self._note_file(src, complete=event.is_synthetic)
+            elif isinstance(event, FileModifiedEvent) and src is not None:
+                self._note_file(src, complete=False)
+
+    def _note_file(self, path: Path, *, complete: bool) -> None:
+        """Queue ``path`` as complete, or as a candidate for the stability checker (lock held)."""
+        if path in self._skipped_names:
+            return
+        reason = name_skip_reason(path, self._root)
+        if reason is not None:
+            self._queue_skip(path, reason)
+        elif complete:
+            self._ready[path] = None
+            self._cond.notify()
+        else:
+            now = time.monotonic()
+            candidate = self._candidates.get(path)
+            if candidate is None:
+                self._candidates[path] = _Candidate(ArrivalSource.STABLE, None, now)
+                # Wake the worker only when its check schedule starts; later events just push changed_at.
+                if len(self._candidates) == 1:
+                    self._cond.notify()
+            else:
+                # Changed while watched: no longer something the start-up scan found.
+                self._candidates[path] = _Candidate(ArrivalSource.STABLE, candidate.signature, now)
+
+    def _note_directory(self, path: Path) -> None:
+        if path not in self._skipped_names:
+            hidden = name_skip_reason(path, self._root) is SkipReason.HIDDEN
+            self._queue_skip(path, SkipReason.HIDDEN if hidden else SkipReason.DIRECTORY)
+
+    def _queue_skip(self, path: Path, reason: SkipReason) -> None:
+        self._skipped_names.add(path)
+        self._skip_reports.append((path, reason))
+        self._cond.notify()
+
+    def _forget(self, path: Path, *, subtree: bool) -> None:
+        """Drop what is known about a path that went away, so that a file reappearing there counts again."""
+
+        def gone(known: Path) -> bool:
+            return known == path or (subtree and known.is_relative_to(path))
+
+        tables: tuple[dict[Path, Any], ...] = (self._ready, self._candidates, self._decided)
+        for table in tables:
+            for known in [p for p in table if gone(p)] if subtree else [path]:
+                table.pop(known, None)
+        self._skipped_names.difference_update(
+            [p for p in self._skipped_names if gone(p)] if subtree else [path]
+        )
+
+    # ----------------------------------------------------------------------------------------- worker thread
+
+    def _run(self) -> None:
+        try:
+            self._scan()
+            self._loop()
+        except Exception:
+            logger.critical(
+                "watcher thread for %s failed; no further files will be seen", self._root, exc_info=True
+            )
+
+    def _loop(self) -> None:
+        next_check = time.monotonic()
+        while True:
+            with self._cond:
+                while not self._work_due(next_check):
+                    timeout = max(0.0, next_check - time.monotonic()) if self._candidates else None
+                    self._cond.wait(timeout)
+                if self._stopping:
+                    return
+                reports = list(self._skip_reports)
+                self._skip_reports.clear()
+                ready = list(self._ready)
+                self._ready.clear()
+                for path in ready:
+                    self._candidates.pop(path, None)  # an event supersedes the fallback
+                check = bool(self._candidates) and time.monotonic() >= next_check
+            for path, reason in reports:
+                self._report_skip(path, reason)
+            for path in ready:
+                self._complete(path)
+            if check:
+                self._check_candidates()
+                next_check = time.monotonic() + self._poll_interval_s
+
+    def _work_due(self, next_check: float) -> bool:
+        return (
+            self._stopping
+            or bool(self._ready)
+            or bool(self._skip_reports)
+            or (bool(self._candidates) and time.monotonic() >= next_check)
+        )
+
+    def _scan(self) -> None:
+        """Report what was already in the folder: old files at once, recent ones through the checker."""
+        settle_ns = int(self._stable_s * 1e9)
+        for path, is_dir in _walk(self._root, recursive=self._recursive):
+            if self._stopping:
+                return
+            with self._cond:
+                if is_dir:
+                    self._note_directory(path)
+                    continue
+                reason = None if path in self._skipped_names else name_skip_reason(path, self._root)
+                if reason is not None:
+                    self._queue_skip(path, reason)
+            if reason is not None:
+                continue
+            try:
+                st = path.stat()
+            except OSError:
+                continue  # gone already, or unreadable: events will tell if it comes back
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            signature = (st.st_size, st.st_mtime_ns)
+            if time.time_ns() - st.st_mtime_ns >= settle_ns:
+                self._finish(path, signature, ArrivalSource.STARTUP_SCAN)
+            else:
+                with self._cond:
+                    if path not in self._candidates:
+                        self._candidates[path] = _Candidate(
+                            ArrivalSource.STARTUP_SCAN, signature, time.monotonic()
+                        )
+
+    def _complete(self, path: Path) -> None:
+        """An event said ``path`` is complete: emit it, or leave an empty file to the checker."""
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return  # renamed or deleted since; its own events follow
+        except OSError as exc:
+            logger.debug("cannot stat %s (%s); checking it again later", path, exc)
+            self._add_candidate(path, ArrivalSource.STABLE)
+            return
+        if not stat.S_ISREG(st.st_mode):
+            return
+        if st.st_size == 0:
+            self._add_candidate(path, ArrivalSource.STABLE)  # zero-byte counts only after the window
+            return
+        self._finish(path, (st.st_size, st.st_mtime_ns), ArrivalSource.EVENT)
+
+    def _add_candidate(self, path: Path, source: ArrivalSource) -> None:
+        with self._cond:
+            if path not in self._candidates:
+                self._candidates[path] = _Candidate(source, None, time.monotonic())
+
+    def _check_candidates(self) -> None:
+        """One round of the stability checker: stat every candidate, finish the ones that stayed unchanged."""
+        with self._cond:
+            candidates = list(self._candidates.items())
+        for path, candidate in candidates:
+            if self._stopping:
+                return
+            now = time.monotonic()
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                self._drop_candidate(path, candidate)
+                continue
+            except OSError as exc:
+                logger.debug("cannot stat %s (%s); checking it again later", path, exc)
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                self._drop_candidate(path, candidate)
+                continue
+            signature = (st.st_size, st.st_mtime_ns)
+            if signature == candidate.signature:
+                updated = replace(candidate, unchanged=candidate.unchanged + 1)
+            else:
+                # The first stat of an event-made candidate keeps the event's time as the last change.
+                changed_at = candidate.changed_at if candidate.signature is None else now
+                updated = replace(candidate, signature=signature, changed_at=changed_at, unchanged=0)
+            stable = updated.unchanged >= 1 and now - updated.changed_at >= self._stable_s
+            with self._cond:
+                if self._candidates.get(path) is not candidate:
+                    continue  # an event touched it meanwhile: look again next round
+                if stable:
+                    del self._candidates[path]
+                else:
+                    self._candidates[path] = updated
+            if stable:
+                self._finish(path, signature, candidate.source)
+
+    def _drop_candidate(self, path: Path, candidate: _Candidate) -> None:
+        with self._cond:
+            if self._candidates.get(path) is candidate:
+                del self._candidates[path]
+
+    def _finish(self, path: Path, signature: Signature, source: ArrivalSource) -> None:
+        """Emit a complete file, or skip it as empty, unless this exact content was already decided."""
+        with self._cond:
+            if self._stopping or self._decided.get(path) == signature:
+                return
+            self._decided[path] = signature
+        size, mtime_ns = signature
+        if size == 0:
+            self._report_skip(path, SkipReason.EMPTY)
+            return
+        arrived = ArrivedFile(path=path, size=size, mtime_ns=mtime_ns, detected_at=time.time(), source=source)
+        try:
+            self._sink(arrived)
+        except Exception:
+            logger.exception("sink failed for %s; the file is not retried unless it changes", path)
+            with self._cond:
+                self._sink_errors += 1
+            return
+        with self._cond:
+            self._emitted += 1
+
+    def _report_skip(self, path: Path, reason: SkipReason) -> None:
+        with self._cond:
+            self._skipped += 1
+        logger.debug("skipped %s: %s", path, reason)
+        if self._on_skipped is None:
+            return
+        try:
+            self._on_skipped(path, reason)
+        except Exception:
+            logger.exception("on_skipped failed for %s", path)
+
+
+def _walk(root: Path, *, recursive: bool) -> Iterator[tuple[Path, bool]]:
+    """``(path, is_directory)`` below ``root`` in name order, not following symlinked folders.
+
+    Hidden folders are yielded (to be reported) but not entered.
+    """
+    pending = [root]
+    while pending:
+        folder = pending.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError as exc:
+            logger.warning("cannot list %s during the start-up scan: %s", folder, exc)
+            continue
+        subfolders = []
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                is_dir = entry.is_dir(follow_symlinks=False)
+            except OSError:
+                continue
+            yield path, is_dir
+            if is_dir and recursive and not entry.name.startswith("."):
+                subfolders.append(path)
+        pending.extend(reversed(subfolders))
+
+
+def _stop_observer(observer: BaseObserver) -> None:
+    """Stop and join a watchdog observer, whether or not it got as far as starting."""
+    observer.stop()
+    if observer.is_alive():
+        observer.join(STOP_TIMEOUT_S)
+        if observer.is_alive():
+            logger.error("watchdog observer did not stop within %s s", STOP_TIMEOUT_S)
