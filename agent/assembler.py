@@ -93,6 +93,9 @@ class _Acquisition:
     anchor_mm: float | None = None
     direction: int = 0
     grid_broken: bool = False
+    #: (origin along the normal, slice count) once the anchor has placed the grid; later images are checked
+    #: against it one by one instead of re-checking every position on every update.
+    placed: tuple[float, int] | None = None
     new_images: list[ImageRef] = field(default_factory=list)
     first_of_echo: list[float] = field(default_factory=list)
     touched: bool = False
@@ -336,18 +339,24 @@ class Assembler:
         """The full-volume grid, or None while it cannot be placed (see module docstring)."""
         header = acquisition.header
         spacing = header.spacing_between_slices_mm or header.slice_thickness_mm
-        positions = [r.position_mm for e in acquisition.echoes for r in e.images.values()]
-        if not positions or acquisition.anchor_mm is None or acquisition.anchor_position is None:
+        if acquisition.anchor_mm is None or acquisition.anchor_position is None:
             return None
         placed: tuple[float, int] | None = None
         if spacing and n_slices and acquisition.direction and not acquisition.grid_broken:
-            origin_mm = acquisition.anchor_mm - (0 if acquisition.direction > 0 else (n_slices - 1) * spacing)
-            if _on_grid(positions, origin_mm, spacing, n_slices):
-                placed = (origin_mm, n_slices)
+            if acquisition.placed is not None:
+                to_check = [r.position_mm for r in acquisition.new_images]
+                origin_mm = acquisition.placed[0]
+            else:
+                to_check = _positions(acquisition)
+                origin_mm = acquisition.anchor_mm - (0 if acquisition.direction > 0 else (n_slices - 1) * spacing)
+            if _on_grid(to_check, origin_mm, spacing, n_slices):
+                placed = acquisition.placed = (origin_mm, n_slices)
             else:
                 acquisition.grid_broken = True
+                acquisition.placed = None
         if placed is None and ended:
             # The anchor could not place the grid: place it from the extreme positions instead.
+            positions = _positions(acquisition)
             spacing = spacing or _median_step(positions)
             if spacing is None:
                 return None
@@ -403,6 +412,10 @@ def _orthonormal(orientation: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray
     column -= row * float(row @ column)
     column /= np.linalg.norm(column)
     return row, column, np.cross(row, column)
+
+
+def _positions(acquisition: _Acquisition) -> list[float]:
+    return [r.position_mm for e in acquisition.echoes for r in e.images.values()]
 
 
 def _on_grid(positions: list[float], origin_mm: float, spacing: float, count: int) -> bool:

@@ -13,6 +13,7 @@ Pixels are read later and only for the slices a slab needs (:func:`read_pixels`)
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import EnhancedMRImageStorage, MRImageStorage
 
 #: SOP classes whose pixels the model can take (magnitude MR images). Anything else (CT, raw data, spectroscopy,
@@ -116,7 +119,7 @@ def read_header(path: Path) -> ParsedFile:
     """Parse one file's header; raise :class:`HeaderError` (or :class:`NotAnImageError`) with the reason."""
     try:
         with path.open("rb") as handle:
-            ds = pydicom.dcmread(handle, stop_before_pixels=True)
+            ds = pydicom.dcmread(handle, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
             pixel_offset = handle.tell()
         size = path.stat().st_size
     except InvalidDicomError as error:
@@ -126,14 +129,15 @@ def read_header(path: Path) -> ParsedFile:
 
     if "DirectoryRecordSequence" in ds:
         raise NotAnImageError(path, "MediaStorageSOPClassUID", "a DICOMDIR", "an MR image")
-    sop_class_uid = str(ds.get("SOPClassUID", ""))
+    top = _FastHeader(ds)
+    sop_class_uid = str(top.get("SOPClassUID", "") or "")
     if sop_class_uid not in IMAGE_SOP_CLASSES:
         raise NotAnImageError(
             path, "SOPClassUID", sop_class_uid or "(absent)", "MR Image or Enhanced MR Image"
         )
     enhanced = sop_class_uid == EnhancedMRImageStorage
-    header = _object_header(path, ds, enhanced)
-    frames = _enhanced_frames(path, ds, header) if enhanced else (_classic_frame(path, ds),)
+    header = _object_header(path, ds, top, enhanced)
+    frames = _enhanced_frames(path, ds, header) if enhanced else (_classic_frame(path, top),)
     _check_pixel_bytes(path, header, len(frames), size - pixel_offset)
     return ParsedFile(path=path, header=header, frames=frames)
 
@@ -165,8 +169,63 @@ def slice_normal(orientation: Sequence[float]) -> npt.NDArray[np.float64]:
 
 # ------------------------------------------------------------------------------------------------ internals
 
+#: The attributes read from a header; pydicom skips the rest of the file's elements (faster than a full
+#: header parse, which matters for DESIGN.md's ingest target).
+_HEADER_KEYWORDS = (
+    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID",
+    "Manufacturer", "ManufacturerModelName", "MagneticFieldStrength", "MRAcquisitionType", "ScanningSequence",
+    "SequenceVariant", "SequenceName", "PulseSequenceName", "InversionTime", "ImageType", "ComplexImageComponent",
+    "RepetitionTime", "FlipAngle", "PixelBandwidth", "EchoTrainLength", "ImagesInAcquisition", "NumberOfFrames",
+    "Rows", "Columns", "PixelSpacing", "SliceThickness", "SpacingBetweenSlices", "ImageOrientationPatient",
+    "ImagePositionPatient", "EchoTime", "BitsAllocated", "PixelRepresentation", "DirectoryRecordSequence",
+    "EchoPulseSequence", "EchoPlanarPulseSequence", "PerFrameFunctionalGroupsSequence",
+    "SharedFunctionalGroupsSequence",
+)  # fmt: skip
+_TAGS: dict[str, BaseTag] = {k: Tag(k) for k in _HEADER_KEYWORDS}
+_HEADER_TAGS = list(_TAGS.values())
+#: Value representations decoded here straight from the raw bytes (explicit VR): text, and little-endian
+#: binary numbers. Anything else (sequences, implicit VR, big endian) goes through pydicom's conversion.
+_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "SH", "TM", "UI"})
+_BINARY_VRS = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d"}
 
-def _object_header(path: Path, ds: Dataset, enhanced: bool) -> ObjectHeader:
+
+class _FastHeader:
+    """``Dataset.get`` for the top level of a header, decoding raw text and binary values directly.
+
+    pydicom's element conversion costs more than parsing the file (it builds a typed value per access); the
+    assembler needs only strings and numbers, so it reads them from the raw element and leaves everything else
+    to pydicom. Values have the shapes pydicom gives: a string for one value, a list of strings for several.
+    """
+
+    __slots__ = ("_ds",)
+
+    def __init__(self, ds: Dataset) -> None:
+        self._ds = ds
+
+    def __contains__(self, keyword: str) -> bool:
+        return keyword in self._ds
+
+    def get(self, keyword: str, default: Any = None) -> Any:
+        tag = _TAGS.get(keyword)
+        # get_item returns the raw element while pydicom has not converted it (its stubs say DataElement).
+        element: Any = self._ds.get_item(tag) if tag is not None else None
+        if not isinstance(element, RawDataElement):
+            return self._ds.get(keyword, default)
+        raw: bytes | None = element.value
+        if raw is None:
+            return self._ds.get(keyword, default)
+        if element.VR in _TEXT_VRS:
+            text = raw.decode("latin-1").strip("\x00 ")
+            parts = [part.strip() for part in text.split("\\")]
+            return parts[0] if len(parts) == 1 else parts
+        code = _BINARY_VRS.get(str(element.VR))
+        if code is not None and element.is_little_endian:
+            values = struct.unpack(f"<{len(raw) // struct.calcsize(code)}{code}", raw)
+            return values[0] if len(values) == 1 else list(values)
+        return self._ds.get(keyword, default)
+
+
+def _object_header(path: Path, ds: Dataset, top: _FastHeader, enhanced: bool) -> ObjectHeader:
     shared = _first_item(ds, "SharedFunctionalGroupsSequence")
     first_frame = _first_item(ds, "PerFrameFunctionalGroupsSequence")
 
@@ -184,14 +243,14 @@ def _object_header(path: Path, ds: Dataset, enhanced: bool) -> ObjectHeader:
             item = group(name)
             if item is not None and item.get(keyword) not in (None, ""):
                 return item.get(keyword)
-        value = ds.get(keyword)
+        value = top.get(keyword)
         return None if value in (None, "") else value
 
     measures = "PixelMeasuresSequence"
     orientation_value = attr("ImageOrientationPatient", "PlaneOrientationSequence")
     spacing_value = attr("PixelSpacing", measures)
-    rows = _int(path, "Rows", ds.get("Rows"), required=True)
-    columns = _int(path, "Columns", ds.get("Columns"), required=True)
+    rows = _int(path, "Rows", top.get("Rows"), required=True)
+    columns = _int(path, "Columns", top.get("Columns"), required=True)
     assert rows is not None and columns is not None
     for keyword, count in (("Rows", rows), ("Columns", columns)):
         if not 1 <= count <= MAX_MATRIX:
@@ -211,30 +270,32 @@ def _object_header(path: Path, ds: Dataset, enhanced: bool) -> ObjectHeader:
         raise HeaderError(path, "PixelSpacing", str(spacing), "two positive spacings below 100 mm")
 
     if enhanced:
-        scanning, variant = _enhanced_sequence_tokens(ds, group)
-        image_type = _tokens(ds.get("ImageType"))
+        scanning, variant = _enhanced_sequence_tokens(top, group)
+        image_type = _tokens(top.get("ImageType"))
         frame_type = group("MRImageFrameTypeSequence")
-        component = str((frame_type or ds).get("ComplexImageComponent", ds.get("ComplexImageComponent", "")))
+        component = str(
+            (frame_type or top).get("ComplexImageComponent", top.get("ComplexImageComponent", "")) or ""
+        )
         magnitude: bool | None = component == "MAGNITUDE" if component else None
-        sequence_name = str(ds.get("PulseSequenceName", "") or "")
+        sequence_name = str(top.get("PulseSequenceName", "") or "")
     else:
-        scanning = _tokens(ds.get("ScanningSequence"))
-        variant = _tokens(ds.get("SequenceVariant"))
-        image_type = _tokens(ds.get("ImageType"))
-        magnitude = _classic_magnitude(ds, image_type)
-        sequence_name = str(ds.get("SequenceName", "") or "")
+        scanning = _tokens(top.get("ScanningSequence"))
+        variant = _tokens(top.get("SequenceVariant"))
+        image_type = _tokens(top.get("ImageType"))
+        magnitude = _classic_magnitude(top, image_type)
+        sequence_name = str(top.get("SequenceName", "") or "")
 
-    n_frames = _int(path, "NumberOfFrames", ds.get("NumberOfFrames")) if enhanced else None
+    n_frames = _int(path, "NumberOfFrames", top.get("NumberOfFrames")) if enhanced else None
     if n_frames is not None and not 1 <= n_frames <= MAX_FRAMES:
         raise HeaderError(path, "NumberOfFrames", str(n_frames), f"1 to {MAX_FRAMES}")
     return ObjectHeader(
-        study_instance_uid=_uid(path, ds, "StudyInstanceUID"),
-        series_instance_uid=_uid(path, ds, "SeriesInstanceUID"),
-        sop_class_uid=str(ds.SOPClassUID),
-        frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "") or ""),
-        manufacturer=str(ds.get("Manufacturer", "") or ""),
-        model_name=str(ds.get("ManufacturerModelName", "") or ""),
-        magnetic_field_strength_t=_float(path, "MagneticFieldStrength", ds.get("MagneticFieldStrength")),
+        study_instance_uid=_uid(path, top, "StudyInstanceUID"),
+        series_instance_uid=_uid(path, top, "SeriesInstanceUID"),
+        sop_class_uid=str(top.get("SOPClassUID")),
+        frame_of_reference_uid=str(top.get("FrameOfReferenceUID", "") or ""),
+        manufacturer=str(top.get("Manufacturer", "") or ""),
+        model_name=str(top.get("ManufacturerModelName", "") or ""),
+        magnetic_field_strength_t=_float(path, "MagneticFieldStrength", top.get("MagneticFieldStrength")),
         mr_acquisition_type=_text(attr("MRAcquisitionType", "MRFOVGeometrySequence")),
         scanning_sequence=scanning,
         sequence_variant=variant,
@@ -256,7 +317,7 @@ def _object_header(path: Path, ds: Dataset, enhanced: bool) -> ObjectHeader:
         echo_train_length=_int(
             path, "EchoTrainLength", attr("EchoTrainLength", "MRTimingAndRelatedParametersSequence")
         ),
-        images_in_acquisition=_int(path, "ImagesInAcquisition", ds.get("ImagesInAcquisition")),
+        images_in_acquisition=_int(path, "ImagesInAcquisition", top.get("ImagesInAcquisition")),
         number_of_frames=n_frames,
         stack_positions=_stack_positions(ds) if enhanced else None,
         rows=rows,
@@ -274,12 +335,12 @@ def _object_header(path: Path, ds: Dataset, enhanced: bool) -> ObjectHeader:
             orientation[4],
             orientation[5],
         ),
-        bits_allocated=_int(path, "BitsAllocated", ds.get("BitsAllocated"), required=True) or 0,
-        pixel_representation=_int(path, "PixelRepresentation", ds.get("PixelRepresentation")) or 0,
+        bits_allocated=_int(path, "BitsAllocated", top.get("BitsAllocated"), required=True) or 0,
+        pixel_representation=_int(path, "PixelRepresentation", top.get("PixelRepresentation")) or 0,
     )
 
 
-def _classic_frame(path: Path, ds: Dataset) -> FrameHeader:
+def _classic_frame(path: Path, ds: _FastHeader) -> FrameHeader:
     echo_time = _float(path, "EchoTime", ds.get("EchoTime"))
     if echo_time is None:
         raise HeaderError(path, "EchoTime", "(absent)", "the echo time in ms")
@@ -345,7 +406,7 @@ def _stack_positions(ds: Dataset) -> int | None:
     return highest or None
 
 
-def _enhanced_sequence_tokens(ds: Dataset, group: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _enhanced_sequence_tokens(ds: _FastHeader, group: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Enhanced MR states the sequence in coded attributes; map them onto classic ScanningSequence and
     SequenceVariant tokens so that one protocol rule reads both forms."""
     scanning: list[str] = []
@@ -366,7 +427,7 @@ def _enhanced_sequence_tokens(ds: Dataset, group: Any) -> tuple[tuple[str, ...],
     return tuple(scanning), tuple(variant)
 
 
-def _classic_magnitude(ds: Dataset, image_type: tuple[str, ...]) -> bool | None:
+def _classic_magnitude(ds: _FastHeader, image_type: tuple[str, ...]) -> bool | None:
     component = str(ds.get("ComplexImageComponent", "") or "")
     if component:
         return component == "MAGNITUDE"
@@ -415,7 +476,7 @@ def _text(value: Any) -> str | None:
     return None if value in (None, "") else str(value).strip().upper()
 
 
-def _uid(path: Path, ds: Dataset, keyword: str) -> str:
+def _uid(path: Path, ds: Dataset | _FastHeader, keyword: str) -> str:
     value = str(ds.get(keyword, "") or "").strip()
     if not value:
         raise HeaderError(path, keyword, "(absent)", "a UID")
@@ -448,6 +509,8 @@ def _int(path: Path, keyword: str, value: Any, *, required: bool = False) -> int
 def _floats(path: Path, keyword: str, value: Any, count: int) -> tuple[float, ...]:
     if value is None or value == "":
         raise HeaderError(path, keyword, "(absent)", f"{count} numbers")
+    if isinstance(value, str):
+        value = value.split("\\")
     try:
         numbers = tuple(float(v) for v in value)
     except (TypeError, ValueError):

@@ -8,7 +8,6 @@ is done, whichever comes last.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -26,15 +25,11 @@ from agent.records import (
     StreamAction,
     StreamControl,
 )
+from agent.wire import payload_sha256, progress_event
 from engines.inference.engine import SctEngine
 from engines.phantom.geometry import VolumeGeometry
 
 logger = logging.getLogger(__name__)
-
-
-def hu_sha256(hu: npt.NDArray[np.int16]) -> str:
-    """sha256 of the little-endian bytes of an int16 HU array (what the wire carries)."""
-    return hashlib.sha256(np.ascontiguousarray(hu, dtype="<i2").data).hexdigest()
 
 
 @dataclass(slots=True)
@@ -105,22 +100,21 @@ class InferenceStage:
             start=window.core_start,
             size=window.core_stop - window.core_start,
             hu=hu,
-            sha256=hu_sha256(hu),
+            sha256=payload_sha256(hu),
             inference_s=inference_s,
             inputs_complete_at=request.inputs_complete_at,
             produced_at=time.time(),
         )
         self._publish(slab)
+        progress = progress_event(
+            request.acquisition_id, slabs_done=len(volume.done), slab_count=request.slab_count, at=time.time()
+        )
         self._publish(
             StatusEvent(
-                "progress",
-                request.acquisition_id,
-                {
-                    "slab": request.slab_index + 1,
-                    "of": request.slab_count,
-                    "inference_s": round(inference_s, 3),
-                },
-                time.time(),
+                progress.kind,
+                progress.acquisition_id,
+                {**progress.body, "inference_s": round(inference_s, 3)},
+                progress.at,
             )
         )
         if self._on_slab is not None:
@@ -153,7 +147,7 @@ class InferenceStage:
             model_version=manifest.version,
             geometry=volume.geometry,
             hu=volume.hu,
-            sha256=hu_sha256(volume.hu),
+            sha256=payload_sha256(volume.hu),
             slab_count=volume.slab_count,
             produced_at=time.time(),
             last_image_at=volume.finalize.last_image_at,

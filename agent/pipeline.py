@@ -48,7 +48,7 @@ from agent.records import (
 from agent.stage import Stage, each
 from agent.streamer import Streamer
 from agent.verdicts import VerdictReport, VerdictStage
-from agent.watcher import Watcher
+from agent.watcher import SkipReason, Watcher
 from engines.backends.base import BackendOptions
 from engines.inference.engine import SctEngine
 from engines.model.manifest import ModelManifest, default_manifest
@@ -58,6 +58,7 @@ logger = logging.getLogger(__name__)
 #: Seconds a stage gets to finish the item in hand when the agent stops (a CPU slab takes a few seconds).
 STOP_TIMEOUT_S = 60.0
 JOURNAL_FILE = "journal.sqlite"
+_COUNTED_SKIPS = frozenset({SkipReason.DICOMDIR, SkipReason.EMPTY})
 #: Journal state of an acquisition after its final verdict (PASSED becomes PUBLISHED with its volume).
 _FINAL_STATES = {
     Outcome.PASS: AcquisitionState.PASSED,
@@ -128,6 +129,7 @@ class Pipeline:
                 queue_depth=config.pipeline.queue_depth,
                 on_sent=self._on_sent,
                 on_subscribers=self.metrics.set_subscribers,
+                on_dropped=self.metrics.dropped,
             )
             self._publisher.start()
             self._build_stages(engine)
@@ -275,8 +277,11 @@ class Pipeline:
         self._assembler_stage.put(arrived)
 
     def _on_skipped(self, path: Path, reason: str) -> None:
-        self.metrics.file_seen("skipped")
-        logger.info("skipped %s: %s", path.name, reason)
+        # Temp names, hidden files and folders are the normal traffic of an export in progress, not files the
+        # agent declined: only files that could have been images count as skipped.
+        if reason in _COUNTED_SKIPS:
+            self.metrics.file_seen("skipped")
+            logger.info("skipped %s: %s", path.name, reason)
 
     def _on_file(self, arrived: ArrivedFile, outcome: str, reason: str, acquisition_id: str | None) -> None:
         self.metrics.file_seen(outcome)

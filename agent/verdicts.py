@@ -26,6 +26,7 @@ from agent.records import (
     Verdict,
 )
 from agent.validator import evaluate
+from agent.wire import STATUS_VERDICT, verdict_event
 
 logger = logging.getLogger(__name__)
 
@@ -113,21 +114,7 @@ class VerdictStage:
     ) -> StatusEvent:
         view = update.view
         body = {
-            "outcome": chosen.outcome.value,
-            "final": chosen.final,
-            "protocol_id": chosen.protocol_id,
-            "protocol_version": chosen.protocol_version,
-            "reasons": [
-                {
-                    "attribute": r.attribute,
-                    "found": r.found,
-                    "required": r.required,
-                    "category": r.category,
-                    "text": r.text(),
-                }
-                for r in chosen.reasons
-            ],
-            "pending": list(chosen.pending),
+            **verdict_event(chosen).body,
             "other_protocols": {v.protocol_id: v.outcome.value for v in verdicts if v is not chosen},
             "echo_times_ms": list(view.echo_times_ms),
             "slices_per_echo": list(view.slices_per_echo),
@@ -138,4 +125,4 @@ class VerdictStage:
             "first_image_to_verdict_s": report.first_image_to_verdict_s,
             "completion_delay_s": report.completion_delay_s,
         }
-        return StatusEvent("verdict", view.acquisition_id, body, chosen.decided_at)
+        return StatusEvent(STATUS_VERDICT, view.acquisition_id, body, chosen.decided_at)

@@ -39,18 +39,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from watchdog.events import (
-    DirCreatedEvent,
-    DirDeletedEvent,
-    DirMovedEvent,
-    FileClosedEvent,
-    FileCreatedEvent,
-    FileDeletedEvent,
-    FileModifiedEvent,
-    FileMovedEvent,
-    FileSystemEvent,
-    FileSystemEventHandler,
-)
+from watchdog import events as fs
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
@@ -76,15 +65,15 @@ DICOMDIR_NAME = "DICOMDIR"
 
 #: The events the watcher acts on. Leaving out opens and read-only closes matters: the next stage reads every
 #: file, and each read would otherwise come back as two events.
-WATCHED_EVENTS: tuple[type[FileSystemEvent], ...] = (
-    FileClosedEvent,
-    FileMovedEvent,
-    FileCreatedEvent,
-    FileModifiedEvent,
-    FileDeletedEvent,
-    DirCreatedEvent,
-    DirMovedEvent,
-    DirDeletedEvent,
+WATCHED_EVENTS: tuple[type[fs.FileSystemEvent], ...] = (
+    fs.FileClosedEvent,
+    fs.FileMovedEvent,
+    fs.FileCreatedEvent,
+    fs.FileModifiedEvent,
+    fs.FileDeletedEvent,
+    fs.DirCreatedEvent,
+    fs.DirMovedEvent,
+    fs.DirDeletedEvent,
 )
 
 #: (size in bytes, mtime in ns): what "the same content" means for de-duplication.
@@ -161,22 +150,21 @@ def prepare_folder(folder: Path) -> Path:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise type(exc)(
-                exc.errno, f"cannot create the watch folder ({exc.strerror})", str(folder)
-            ) from exc
+            # OSError(errno, ...) becomes the matching subclass (PermissionError, NotADirectoryError, ...).
+            raise OSError(exc.errno, f"cannot create the watch folder ({exc.strerror})", str(folder)) from exc
     if not folder.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "the watch folder is not a directory", str(folder))
     return folder.resolve()
 
 
-class _Handler(FileSystemEventHandler):
+class _Handler(fs.FileSystemEventHandler):
     """Forwards every event to the watcher; an exception here would end watchdog's dispatch thread."""
 
     def __init__(self, watcher: Watcher) -> None:
         super().__init__()
         self._watcher = watcher
 
-    def dispatch(self, event: FileSystemEvent) -> None:
+    def dispatch(self, event: fs.FileSystemEvent) -> None:
         try:
             self._watcher._on_event(event)
         except Exception:
@@ -264,6 +252,11 @@ class Watcher:
                 _Handler(self), str(self._root), recursive=self._recursive, event_filter=list(WATCHED_EVENTS)
             )
             observer.start()
+        except OSError as exc:  # inotify watch or instance limits, an unreadable folder
+            _stop_observer(observer)
+            raise OSError(
+                exc.errno, f"cannot watch the folder ({exc.strerror or exc})", str(self._root)
+            ) from exc
         except BaseException:
             _stop_observer(observer)
             raise
@@ -301,37 +294,37 @@ class Watcher:
         # complete, rather than a FileCreatedEvent, which would wait for the stability checker.
         return InotifyObserver(generate_full_events=True)
 
-    def _on_event(self, event: FileSystemEvent) -> None:
+    def _on_event(self, event: fs.FileSystemEvent) -> None:
         """Record what ``event`` means for its path; runs on watchdog's dispatch thread, so never blocks."""
         src = Path(os.fsdecode(event.src_path)) if event.src_path else None
         dest = Path(os.fsdecode(event.dest_path)) if event.dest_path else None
         with self._cond:
             if self._stopping:
                 return
-            if isinstance(event, DirCreatedEvent) and src is not None:
+            if isinstance(event, fs.DirCreatedEvent) and src is not None:
                 self._note_directory(src)
-            elif isinstance(event, DirMovedEvent):
+            elif isinstance(event, fs.DirMovedEvent):
                 if src is not None:
                     self._forget(src, subtree=True)
                 if dest is not None:
                     self._note_directory(dest)
-            elif isinstance(event, DirDeletedEvent) and src is not None:
+            elif isinstance(event, fs.DirDeletedEvent) and src is not None:
                 self._forget(src, subtree=True)
                 if src == self._root:
                     logger.error("watch folder %s was deleted; no further files will be seen", src)
-            elif isinstance(event, FileDeletedEvent) and src is not None:
+            elif isinstance(event, fs.FileDeletedEvent) and src is not None:
                 self._forget(src, subtree=False)
-            elif isinstance(event, FileMovedEvent):
+            elif isinstance(event, fs.FileMovedEvent):
                 if src is not None:
                     self._forget(src, subtree=False)
                 if dest is not None:
                     self._note_file(dest, complete=True)
-            elif isinstance(event, FileClosedEvent) and src is not None:
+            elif isinstance(event, fs.FileClosedEvent) and src is not None:
                 self._note_file(src, complete=True)
-            elif isinstance(event, FileCreatedEvent) and src is not None:
+            elif isinstance(event, fs.FileCreatedEvent) and src is not None:
                 # Synthetic: a file inside a folder moved into place, complete like any renamed file.
                 self._note_file(src, complete=event.is_synthetic)
-            elif isinstance(event, FileModifiedEvent) and src is not None:
+            elif isinstance(event, fs.FileModifiedEvent) and src is not None:
                 self._note_file(src, complete=False)
 
     def _note_file(self, path: Path, *, complete: bool) -> None:

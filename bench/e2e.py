@@ -202,25 +202,32 @@ def ingest(files: list[Path], repeats: int = 5) -> dict[str, float]:
             times.append(time.perf_counter() - started)
         return len(files) / statistics.median(times)
 
-    def agent_ingest() -> None:
+    def agent_ingest(batch: int) -> None:
+        """What the assembler stage does: parse, group, and emit one update per batch of queued files (one file
+        per batch when files trickle in, up to 256 when a burst is waiting, as at start-up)."""
         updates: list[AcquisitionUpdate] = []
         assembler = Assembler(updates.append, quiet_period_s=60.0)
-        for path in files:
+        for index, path in enumerate(files):
             stat = path.stat()
             assembler.add_file(
                 ArrivedFile(path, stat.st_size, stat.st_mtime_ns, time.time(), ArrivalSource.EVENT)
             )
-            assembler.flush()
+            if (index + 1) % batch == 0:
+                assembler.flush()
+        assembler.flush()
 
     bare_full = rate(lambda: [pydicom.dcmread(p) for p in files])
     bare_header = rate(lambda: [pydicom.dcmread(p, stop_before_pixels=True) for p in files])
-    agent = rate(agent_ingest)
+    trickle = rate(lambda: agent_ingest(1))
+    burst = rate(lambda: agent_ingest(256))
     return {
-        "agent_files_per_s": agent,
+        "agent_files_per_s": trickle,
+        "agent_burst_files_per_s": burst,
         "bare_dcmread_files_per_s": bare_full,
         "bare_header_only_files_per_s": bare_header,
-        "ingest_ratio_full": agent / bare_full,
-        "ingest_ratio_header_only": agent / bare_header,
+        "ingest_ratio_full": trickle / bare_full,
+        "ingest_ratio_header_only": trickle / bare_header,
+        "ingest_burst_ratio_header_only": burst / bare_header,
     }
 
 
@@ -345,8 +352,10 @@ def main() -> int:
         ("  ratio", f"{figures['last_slab_ratio']:.2f} x", "<= 1.3 x"),
         ("last file -> volume received", f"{figures['volume_s']:.2f} s", ""),
         ("export of 200 files", f"{figures['export_s']:.2f} s", f"{args.rate:g} files/s"),
-        ("ingest, agent", f"{figures['agent_files_per_s']:.0f} files/s", ""),
+        ("ingest, agent, files one by one", f"{figures['agent_files_per_s']:.0f} files/s", ""),
         ("  vs bare dcmread (header only)", f"{figures['ingest_ratio_header_only']:.2f} x", ">= 0.9 x"),
+        ("ingest, agent, burst (start-up scan)", f"{figures['agent_burst_files_per_s']:.0f} files/s", ""),
+        ("  vs bare dcmread (header only)", f"{figures['ingest_burst_ratio_header_only']:.2f} x", ">= 0.9 x"),
         ("  vs bare dcmread (full)", f"{figures['ingest_ratio_full']:.2f} x", ""),
         ("publish, agent", f"{figures['agent_publisher_bytes_per_s'] / 1e9:.2f} GB/s", ""),
         ("  vs bare pyzmq", f"{figures['publish_ratio']:.2f} x", ">= 0.8 x"),

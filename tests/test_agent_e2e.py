@@ -84,7 +84,9 @@ class Listener:
                 if predicate(self):
                     return
             time.sleep(0.05)
-        raise AssertionError(f"timed out after {timeout_s} s; statuses: {[s.body for s in self.statuses][-5:]}")
+        raise AssertionError(
+            f"timed out after {timeout_s} s; statuses: {[s.body for s in self.statuses][-5:]}"
+        )
 
     def final_verdict(self, acquisition_id: str) -> StatusMessage | None:
         for status in self.statuses:
@@ -250,7 +252,9 @@ def test_deviating_series_is_refused_with_reasons_and_not_inferred(
         assert any(r["category"] == "completeness" for r in reasons), reasons
     acquisition = verdict.acquisition_id
     time.sleep(0.5)
-    assert not [s for s in agent.listener.slabs if s.acquisition_id == acquisition], "a refused series was inferred"
+    assert not [s for s in agent.listener.slabs if s.acquisition_id == acquisition], (
+        "a refused series was inferred"
+    )
 
 
 def test_te2_deviation_is_rejected_from_its_first_echo2_image(agent: RunningAgent) -> None:
@@ -271,7 +275,9 @@ def test_te2_deviation_is_rejected_from_its_first_echo2_image(agent: RunningAgen
     )
     assert first_reject.body["final"] is False
     assert first_reject.body["slices_per_echo"][0] < case.geometry.shape[0]
-    agent.listener.wait(lambda listener: listener.final_verdict(first_reject.acquisition_id or "") is not None)
+    agent.listener.wait(
+        lambda listener: listener.final_verdict(first_reject.acquisition_id or "") is not None
+    )
 
 
 def test_agent_goes_on_after_bad_files_and_processes_an_enhanced_series(
@@ -302,5 +308,7 @@ def test_metrics_are_served_and_pass_promtool(agent: RunningAgent) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool not installed (Debian package prometheus)")
-    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0, result.stdout + result.stderr

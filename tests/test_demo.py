@@ -38,7 +38,9 @@ def test_montage_rejects_a_panel_off_the_grid(tmp_path: Path) -> None:
         render_montage([Panel("x", np.zeros((2, 2, 2)))], geo, tmp_path / "m.png")
 
 
-def test_demo_runs_the_agent_end_to_end_and_stops_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_runs_the_agent_end_to_end_and_stops_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`make demo` in full (eager backend, so no compile warm-up): agent process, paced scanner, subscriber."""
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--backend", "torch-eager", "--rate", "80"]) == 0
