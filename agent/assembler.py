@@ -348,7 +348,9 @@ class Assembler:
                 origin_mm = acquisition.placed[0]
             else:
                 to_check = _positions(acquisition)
-                origin_mm = acquisition.anchor_mm - (0 if acquisition.direction > 0 else (n_slices - 1) * spacing)
+                origin_mm = acquisition.anchor_mm - (
+                    0 if acquisition.direction > 0 else (n_slices - 1) * spacing
+                )
             if _on_grid(to_check, origin_mm, spacing, n_slices):
                 placed = acquisition.placed = (origin_mm, n_slices)
             else:

@@ -17,6 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from agent_support import (
+    SMALL_FOV_MM,
+    SMALL_SLAB_DEPTH,
+    TEST_PROTOCOL_ID,
+    agent_config,
+    write_test_model,
+    write_test_protocol,
+)
 
 from agent.client import ReceivedVolume, SctClient
 from agent.config import AgentConfig
@@ -27,14 +35,6 @@ from engines.model.manifest import ModelManifest
 from engines.phantom.case import PhantomCase
 from engines.phantom.generate import generate_case
 from engines.scanner.export import ExportOptions, OutputFormat, SimulationRequest, export_case
-from tests.agent_support import (
-    SMALL_FOV_MM,
-    SMALL_SLAB_DEPTH,
-    TEST_PROTOCOL_ID,
-    agent_config,
-    write_test_model,
-    write_test_protocol,
-)
 
 #: Generous bound for one small series to go through (eager CPU inference of three 48 x 168 x 168 windows
 #: takes about a second; CI machines are shared).

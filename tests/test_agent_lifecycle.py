@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from agent_support import SMALL_FOV_MM, agent_config, write_test_model, write_test_protocol
 
 from agent.agent_process import AgentProcess
 from agent.client import ReceivedVolume, SctClient
@@ -20,7 +21,6 @@ from agent.wire import StatusMessage
 from engines.phantom.case import PhantomCase
 from engines.phantom.generate import generate_case
 from engines.scanner.export import ExportOptions, SimulationRequest, export_case
-from tests.agent_support import SMALL_FOV_MM, agent_config, write_test_model, write_test_protocol
 
 TIMEOUT_S = 60.0
 
