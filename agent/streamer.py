@@ -113,7 +113,7 @@ class Streamer:
             if stream.grid is None:
                 stream.grid = view.grid
                 stream.plan = self._plan_for(view.grid.shape[0])
-            self._send_ready(key, stream, [t for t in view.echo_times_ms], view.last_image_at)
+            self._send_ready(key, stream, list(view.echo_times_ms), view.last_image_at)
             if ended and item.verdict.final:
                 assert stream.plan is not None
                 if stream.next_slab == len(stream.plan.windows):
