@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 from PIL import Image
+from wire_support import random_hu, slabs_and_volume
 
 from agent.client import ReceivedVolume
 from agent.listen import (
@@ -63,42 +64,11 @@ def geometry() -> VolumeGeometry:
 
 
 def hu_volume(shape: tuple[int, int, int]) -> npt.NDArray[np.int16]:
-    return np.random.default_rng(11).integers(-1000, 2000, size=shape).astype(np.int16)
+    return random_hu(shape, seed=11, low=-1000, high=2000)
 
 
 def publications(grid: VolumeGeometry, hu: npt.NDArray[np.int16]) -> list[SctSlab | SctVolume]:
-    half = grid.shape[0] // 2
-    slabs: list[SctSlab | SctVolume] = [
-        SctSlab(
-            acquisition_id="acq-42",
-            protocol_id="lumbar-dual-echo-v1",
-            model_id="sct-unet",
-            model_version="1.2.0",
-            geometry=grid,
-            slab_index=i,
-            slab_count=2,
-            start=start,
-            size=stop - start,
-            hu=hu[start:stop],
-            sha256=payload_sha256(hu[start:stop]),
-            inference_s=0.1,
-            inputs_complete_at=time.time(),
-            produced_at=time.time(),
-        )
-        for i, (start, stop) in enumerate([(0, half), (half, grid.shape[0])])
-    ]
-    volume = SctVolume(
-        acquisition_id="acq-42",
-        protocol_id="lumbar-dual-echo-v1",
-        model_id="sct-unet",
-        model_version="1.2.0",
-        geometry=grid,
-        hu=hu,
-        sha256=payload_sha256(hu),
-        slab_count=2,
-        produced_at=time.time(),
-    )
-    return [*slabs, volume]
+    return slabs_and_volume(grid, hu, acquisition_id="acq-42")
 
 
 def verdict() -> Verdict:

@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import zmq
+from wire_support import random_hu, sample_slab, sample_volume, slabs_and_volume
 from zmq.utils.garbage import GarbageCollectorThread
 
 from agent.client import Gap, SctClient
@@ -88,7 +89,7 @@ def grid(slices: int, rows: int, columns: int) -> VolumeGeometry:
 
 
 def hu_volume(shape: tuple[int, int, int], seed: int = 0) -> npt.NDArray[np.int16]:
-    return np.random.default_rng(seed).integers(-1024, 3000, size=shape).astype(np.int16)
+    return random_hu(shape, seed)
 
 
 def slab_of(
@@ -102,46 +103,18 @@ def slab_of(
     acquisition_id: str = "acq-7",
     digest: str | None = None,
 ) -> SctSlab:
-    return SctSlab(
-        acquisition_id=acquisition_id,
-        protocol_id="lumbar-dual-echo-v1",
-        model_id="sct-unet",
-        model_version="1.2.0",
-        geometry=geometry,
-        slab_index=index,
-        slab_count=count,
-        start=start,
-        size=size,
-        hu=hu,
-        sha256=digest or payload_sha256(hu),
-        inference_s=0.1,
-        inputs_complete_at=time.time(),
-        produced_at=time.time(),
+    assert size == hu.shape[0]
+    return sample_slab(
+        geometry, hu, start=start, index=index, count=count, acquisition_id=acquisition_id, digest=digest
     )
 
 
 def volume_of(geometry: VolumeGeometry, hu: npt.NDArray[np.int16], slab_count: int) -> SctVolume:
-    return SctVolume(
-        acquisition_id="acq-7",
-        protocol_id="lumbar-dual-echo-v1",
-        model_id="sct-unet",
-        model_version="1.2.0",
-        geometry=geometry,
-        hu=hu,
-        sha256=payload_sha256(hu),
-        slab_count=slab_count,
-        produced_at=time.time(),
-    )
+    return sample_volume(geometry, hu, slab_count=slab_count, acquisition_id="acq-7")
 
 
 def two_slabs_and_volume(geometry: VolumeGeometry, hu: npt.NDArray[np.int16]) -> list[Publication]:
-    half = geometry.shape[0] // 2
-    rest = geometry.shape[0] - half
-    return [
-        slab_of(geometry, hu[:half], start=0, size=half, index=0, count=2),
-        slab_of(geometry, hu[half:], start=half, size=rest, index=1, count=2),
-        volume_of(geometry, hu, slab_count=2),
-    ]
+    return list(slabs_and_volume(geometry, hu, acquisition_id="acq-7"))
 
 
 def status(n: int) -> StatusEvent:

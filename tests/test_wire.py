@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
+from wire_support import random_hu, sample_slab, sample_volume
 
 from agent.records import Outcome, Reason, SctSlab, SctVolume, StatusEvent, Verdict
 from agent.wire import (
@@ -31,7 +32,6 @@ from agent.wire import (
     decode,
     encode,
     encode_heartbeat,
-    payload_sha256,
     progress_event,
     verdict_event,
 )
@@ -52,43 +52,17 @@ def make_geometry(*, oblique_deg: float = 0.0) -> VolumeGeometry:
 
 
 def make_hu(shape: tuple[int, ...], seed: int = 0) -> npt.NDArray[np.int16]:
-    return np.random.default_rng(seed).integers(-1024, 3000, size=shape).astype(np.int16)
+    return random_hu(shape, seed)
 
 
 def make_slab(
     geometry: VolumeGeometry, hu: npt.NDArray[np.int16], start: int, size: int, index: int
 ) -> SctSlab:
-    part = hu[start : start + size]
-    return SctSlab(
-        acquisition_id="acq-1f3e",
-        protocol_id="lumbar-dual-echo-v1",
-        model_id="sct-unet",
-        model_version="1.2.0",
-        geometry=geometry,
-        slab_index=index,
-        slab_count=2,
-        start=start,
-        size=size,
-        hu=part,
-        sha256=payload_sha256(part),
-        inference_s=0.5,
-        inputs_complete_at=1000.25,
-        produced_at=1001.5,
-    )
+    return sample_slab(geometry, hu[start : start + size], start=start, index=index, count=2)
 
 
 def make_volume(geometry: VolumeGeometry, hu: npt.NDArray[np.int16]) -> SctVolume:
-    return SctVolume(
-        acquisition_id="acq-1f3e",
-        protocol_id="lumbar-dual-echo-v1",
-        model_id="sct-unet",
-        model_version="1.2.0",
-        geometry=geometry,
-        hu=hu,
-        sha256=payload_sha256(hu),
-        slab_count=2,
-        produced_at=1002.0,
-    )
+    return sample_volume(geometry, hu, slab_count=2)
 
 
 def make_verdict() -> Verdict:

@@ -1,0 +1,78 @@
+"""Sample publications for the wire, publisher and listen tests: one builder, so every test file sends the same
+kind of record and a change to the records is made once."""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.records import SctSlab, SctVolume
+from agent.wire import payload_sha256
+from engines.phantom.geometry import VolumeGeometry
+
+PROTOCOL_ID = "lumbar-dual-echo-v1"
+MODEL_ID = "sct-unet"
+MODEL_VERSION = "1.2.0"
+
+
+def random_hu(
+    shape: tuple[int, ...], seed: int = 0, low: int = -1024, high: int = 3000
+) -> npt.NDArray[np.int16]:
+    return np.random.default_rng(seed).integers(low, high, size=shape).astype(np.int16)
+
+
+def sample_slab(
+    geometry: VolumeGeometry,
+    hu: npt.NDArray[np.int16],
+    *,
+    start: int,
+    index: int,
+    count: int,
+    acquisition_id: str = "acq-1f3e",
+    digest: str | None = None,
+) -> SctSlab:
+    """A slab whose payload ``hu`` covers slices ``[start, start + len(hu))`` of ``geometry``."""
+    return SctSlab(
+        acquisition_id=acquisition_id,
+        protocol_id=PROTOCOL_ID,
+        model_id=MODEL_ID,
+        model_version=MODEL_VERSION,
+        geometry=geometry,
+        slab_index=index,
+        slab_count=count,
+        start=start,
+        size=int(hu.shape[0]),
+        hu=hu,
+        sha256=digest or payload_sha256(hu),
+        inference_s=0.5,
+        inputs_complete_at=1000.25,
+        produced_at=1001.5,
+    )
+
+
+def sample_volume(
+    geometry: VolumeGeometry, hu: npt.NDArray[np.int16], *, slab_count: int, acquisition_id: str = "acq-1f3e"
+) -> SctVolume:
+    return SctVolume(
+        acquisition_id=acquisition_id,
+        protocol_id=PROTOCOL_ID,
+        model_id=MODEL_ID,
+        model_version=MODEL_VERSION,
+        geometry=geometry,
+        hu=hu,
+        sha256=payload_sha256(hu),
+        slab_count=slab_count,
+        produced_at=1002.0,
+    )
+
+
+def slabs_and_volume(
+    geometry: VolumeGeometry, hu: npt.NDArray[np.int16], *, acquisition_id: str = "acq-1f3e"
+) -> list[SctSlab | SctVolume]:
+    """Two slabs (first half, second half) and the volume they make."""
+    half = geometry.shape[0] // 2
+    return [
+        sample_slab(geometry, hu[:half], start=0, index=0, count=2, acquisition_id=acquisition_id),
+        sample_slab(geometry, hu[half:], start=half, index=1, count=2, acquisition_id=acquisition_id),
+        sample_volume(geometry, hu, slab_count=2, acquisition_id=acquisition_id),
+    ]
