@@ -14,7 +14,6 @@ ends and then placed from the extreme positions, and the streamer restarts (see 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from agent.acquisition_facts import TIME_DECIMALS, AcquisitionFacts, facts_for
 from agent.dicom_headers import (
     FrameHeader,
     HeaderError,
@@ -33,7 +33,10 @@ from agent.dicom_headers import (
     ParsedFile,
     read_header,
 )
+from agent.grouping import acquisition_id_for
 from agent.records import AcquisitionUpdate, AcquisitionView, ArrivedFile, ImageRef, UpdateKind
+from agent.siemens_protocol import read_siemens_protocol
+from agent.vendor_conventions import ImageKind, Vendor, image_flags
 from engines.phantom.geometry import VolumeGeometry
 
 logger = logging.getLogger(__name__)
@@ -50,6 +53,10 @@ GRID_TOLERANCE_FRACTION = 0.05
 RETRY_DELAY_S = 1.0
 #: Ended acquisitions remembered to recognise late files (bounded: memory must not grow with series count).
 ENDED_MEMORY = 1024
+#: Distinct header inconsistencies kept per acquisition: enough to explain, bounded against a corrupt export.
+MAX_INCONSISTENCIES = 20
+#: Positions in a view are rounded to POSITION_RESOLUTION_MM.
+POSITION_DECIMALS = 3
 
 
 class FileOutcome:
@@ -65,28 +72,53 @@ class FileOutcome:
 FileCallback = Callable[[ArrivedFile, str, str, str | None], None]
 
 
-def acquisition_id_for(header: ObjectHeader) -> str:
-    """An opaque, stable id: safe on the wire and in logs, unlike the UIDs it is derived from."""
-    key = f"{header.study_instance_uid}|{header.series_instance_uid}|{header.sop_class_uid}"
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
 @dataclass(slots=True)
 class _Echo:
     echo_time_ms: float
     #: Position key (along the normal, in POSITION_RESOLUTION_MM units) -> image.
     images: dict[int, ImageRef] = field(default_factory=dict)
+    #: Images that arrived for a position already holding one (other SOP instances: a second image set such
+    #: as GE's field map with the same ImageType, or a time series), and the first such position.
+    repeats: int = 0
+    first_repeat_mm: float | None = None
+
+
+@dataclass(slots=True)
+class _ImageSet:
+    """The images of one kind (magnitude, phase, ...), by echo time."""
+
+    echoes: list[_Echo] = field(default_factory=list)
+    image_type: tuple[str, ...] = ()
+    flags: set[str] = field(default_factory=set)
+
+    def echo_for(self, echo_time_ms: float) -> tuple[_Echo, bool]:
+        for echo in self.echoes:
+            if abs(echo.echo_time_ms - echo_time_ms) <= ECHO_TIME_TOLERANCE_MS:
+                return echo, False
+        echo = _Echo(echo_time_ms)
+        self.echoes.append(echo)
+        self.echoes.sort(key=lambda e: e.echo_time_ms)
+        return echo, True
+
+    @property
+    def count(self) -> int:
+        return sum(len(e.images) + e.repeats for e in self.echoes)
 
 
 @dataclass(slots=True)
 class _Acquisition:
     acquisition_id: str
     header: ObjectHeader
+    facts: AcquisitionFacts
     normal: np.ndarray
     first_image_at: float
     last_image_at: float
     last_activity: float
-    echoes: list[_Echo] = field(default_factory=list)
+    #: Image kind -> its images. The model's input is the magnitude set; the echoes of the view come from it,
+    #: or, in an acquisition without magnitude images, from its largest set (so a phase-only series shows
+    #: its echoes and is rejected for being phase).
+    sets: dict[ImageKind, _ImageSet] = field(default_factory=dict)
+    series_numbers: set[int] = field(default_factory=set)
     instance_keys: set[str] = field(default_factory=set)
     inconsistencies: list[str] = field(default_factory=list)
     anchor_position: tuple[float, float, float] | None = None
@@ -100,14 +132,27 @@ class _Acquisition:
     first_of_echo: list[float] = field(default_factory=list)
     touched: bool = False
 
-    def echo_for(self, echo_time_ms: float) -> tuple[_Echo, bool]:
-        for echo in self.echoes:
-            if abs(echo.echo_time_ms - echo_time_ms) <= ECHO_TIME_TOLERANCE_MS:
-                return echo, False
-        echo = _Echo(echo_time_ms)
-        self.echoes.append(echo)
-        self.echoes.sort(key=lambda e: e.echo_time_ms)
-        return echo, True
+    @property
+    def magnitude(self) -> _ImageSet:
+        found = self.sets.get(ImageKind.MAGNITUDE)
+        if found is None:
+            found = self.sets[ImageKind.MAGNITUDE] = _ImageSet()
+        return found
+
+    def primary(self) -> tuple[ImageKind, _ImageSet]:
+        """The set the view describes: magnitude images if any, else the largest other set."""
+        magnitude = self.sets.get(ImageKind.MAGNITUDE)
+        if magnitude is not None and magnitude.echoes:
+            return ImageKind.MAGNITUDE, magnitude
+        others = [(kind, images) for kind, images in self.sets.items() if images.echoes]
+        if not others:
+            return ImageKind.MAGNITUDE, self.magnitude
+        return max(others, key=lambda item: item[1].count)
+
+    @property
+    def echoes(self) -> list[_Echo]:
+        """The magnitude echoes: what the grid is placed from and the streamer reads."""
+        return self.magnitude.echoes
 
 
 class Assembler:
@@ -151,6 +196,10 @@ class Assembler:
                 return
             self._file(arrived, FileOutcome.BAD, str(error), None)
             return
+        except Exception as error:  # one file must never stop the stage (DESIGN.md §1)
+            logger.exception("file %s: unexpected error reading its header", arrived.path.name)
+            self._file(arrived, FileOutcome.BAD, f"{arrived.path.name}: unreadable header ({error!r})", None)
+            return
         self._add_parsed(arrived, parsed)
 
     def flush(self) -> None:
@@ -180,6 +229,17 @@ class Assembler:
                 view = self._view(acquisition, ended_by="quiet")
                 self._end(acquisition, UpdateKind.QUIET, view)
 
+    def end_all(self) -> None:
+        """End every open acquisition now, as the quiet period would: nothing more will come (``sct-agent
+        check`` after reading a whole folder). Files waiting for a second read are read first."""
+        for _, arrived in self._retries:
+            self.add_file(arrived, retry=True)
+        self._retries.clear()
+        self.flush()
+        for acquisition in list(self._open.values()):
+            view = self._view(acquisition, ended_by="quiet")
+            self._end(acquisition, UpdateKind.QUIET, view)
+
     # ------------------------------------------------------------------------------------------ internals
 
     def _add_parsed(self, arrived: ArrivedFile, parsed: ParsedFile) -> None:
@@ -194,15 +254,27 @@ class Assembler:
             )
             return
         if acquisition_id in self._ended:
+            # Phase images of a Philips export often follow the last magnitude image that completed the
+            # acquisition: expected, so not worth a warning. A late magnitude image is.
+            companion = all(f.kind is not ImageKind.MAGNITUDE for f in parsed.frames)
             self._file(
-                arrived, FileOutcome.SKIPPED, f"acquisition {acquisition_id} already ended", acquisition_id
+                arrived,
+                FileOutcome.SKIPPED,
+                f"acquisition {acquisition_id} already ended"
+                + (" (a non-magnitude image, not used)" if companion else ""),
+                acquisition_id,
+                quiet=companion,
             )
             return
         acquisition = self._open.get(acquisition_id)
         if acquisition is None:
+            siemens = None
+            if header.vendor is Vendor.SIEMENS and not header.sequence.enhanced:
+                siemens = read_siemens_protocol(arrived.path)
             acquisition = _Acquisition(
                 acquisition_id=acquisition_id,
                 header=header,
+                facts=facts_for(header, siemens),
                 normal=_orthonormal(header.image_orientation)[2],
                 first_image_at=arrived.detected_at,
                 last_image_at=arrived.detected_at,
@@ -211,6 +283,8 @@ class Assembler:
             self._open[acquisition_id] = acquisition
         else:
             self._check_consistent(acquisition, header)
+        if header.series_number is not None:
+            acquisition.series_numbers.add(header.series_number)
         added = 0
         for frame in parsed.frames:
             added += self._add_frame(acquisition, parsed.path, frame)
@@ -228,11 +302,17 @@ class Assembler:
         acquisition.instance_keys.add(frame.instance_key)
         position_mm = float(np.dot(frame.position, acquisition.normal))
         key = round(position_mm / POSITION_RESOLUTION_MM)
-        echo, new_echo = acquisition.echo_for(frame.echo_time_ms)
+        images = acquisition.sets.get(frame.kind)
+        if images is None:
+            images = acquisition.sets[frame.kind] = _ImageSet(image_type=frame.image_type)
+        if not images.image_type:
+            images.image_type = frame.image_type
+        images.flags.update(_flags(frame.image_type))
+        echo, new_echo = images.echo_for(frame.echo_time_ms)
         if key in echo.images:
-            acquisition.inconsistencies.append(
-                f"ImagePositionPatient: two images at {position_mm:.3f} mm in the echo at TE {echo.echo_time_ms:g} ms"
-            )
+            echo.repeats += 1
+            if echo.first_repeat_mm is None:
+                echo.first_repeat_mm = position_mm
             return 1
         ref = ImageRef(
             path=path,
@@ -242,6 +322,9 @@ class Assembler:
             instance_key=frame.instance_key,
         )
         echo.images[key] = ref
+        if frame.kind is not ImageKind.MAGNITUDE:
+            # Only magnitude images go to the streamer, place the grid and trigger first-of-echo verdicts.
+            return 1
         acquisition.new_images.append(ref)
         if new_echo:
             acquisition.first_of_echo.append(echo.echo_time_ms)
@@ -263,76 +346,94 @@ class Assembler:
             ("FlipAngle", first.flip_angle_deg, header.flip_angle_deg),
             ("PixelBandwidth", first.pixel_bandwidth_hz, header.pixel_bandwidth_hz),
             ("MRAcquisitionType", first.mr_acquisition_type, header.mr_acquisition_type),
+            ("MagneticFieldStrength", first.magnetic_field_strength_t, header.magnetic_field_strength_t),
         ):
             if not _same(a, b):
                 text = f"{name}: {a} in the first image, {b} in a later one"
-                if text not in acquisition.inconsistencies:
+                if (
+                    text not in acquisition.inconsistencies
+                    and len(acquisition.inconsistencies) < MAX_INCONSISTENCIES
+                ):
                     acquisition.inconsistencies.append(text)
 
-    def _expected(self, acquisition: _Acquisition) -> tuple[int | None, int | None]:
-        header = acquisition.header
-        echoes = header.echo_train_length
-        if header.number_of_frames is not None:
-            if echoes is None:
-                echoes = len(acquisition.echoes)
-            slices = header.stack_positions
-            if slices is None and echoes:
-                slices = header.number_of_frames // echoes
-            return echoes, slices
-        slices = None
-        if echoes and header.images_in_acquisition and header.images_in_acquisition % echoes == 0:
-            slices = header.images_in_acquisition // echoes
-        return echoes, slices
-
     def _view(self, acquisition: _Acquisition, *, ended_by: str) -> AcquisitionView:
-        header = acquisition.header
-        expected_echoes, expected_slices = self._expected(acquisition)
-        counts = tuple(len(e.images) for e in acquisition.echoes)
+        facts = acquisition.facts
+        kind, images = acquisition.primary()
+        ended = bool(ended_by)
+        is_magnitude = kind is ImageKind.MAGNITUDE and bool(images.echoes)
+        # Counts announced by the headers describe the acquired images; a phase-difference series has one echo
+        # whatever the protocol's contrast count says, so they apply to the magnitude set only.
+        expected_echoes = facts.expected_echoes if is_magnitude else None
+        expected_slices = facts.expected_slices
+        counts = tuple(len(e.images) for e in images.echoes)
         by_count = (
-            expected_echoes is not None
+            is_magnitude
+            and expected_echoes is not None
             and expected_slices is not None
             and len(counts) == expected_echoes
             and all(c == expected_slices for c in counts)
         )
         # A quiet period ends an acquisition that never stated its size as complete, one that did as not.
-        complete = by_count or (ended_by == "quiet" and expected_slices is None)
-        grid = self._grid(acquisition, expected_slices, ended=bool(ended_by) or complete)
-        spacing = header.spacing_between_slices_mm or header.slice_thickness_mm
+        complete = by_count or (ended_by == "quiet" and (expected_slices is None or not is_magnitude))
+        grid = self._grid(acquisition, expected_slices, ended=ended or complete) if is_magnitude else None
+        magnitude: bool | None = True if is_magnitude else (False if ended or complete else None)
+        others = tuple(
+            (str(k), s.count) for k, s in sorted(acquisition.sets.items()) if s is not images and s.count
+        )
+        inconsistencies = list(acquisition.inconsistencies)
+        inconsistencies.extend(
+            f"ImagePositionPatient: {e.repeats} more image{'s' if e.repeats > 1 else ''} at positions already "
+            f"holding one at TE {e.echo_time_ms:g} ms (first at {e.first_repeat_mm:.3f} mm): a second image set "
+            "or a time series in one acquisition"
+            for e in images.echoes
+            if e.repeats
+        )
         return AcquisitionView(
             acquisition_id=acquisition.acquisition_id,
-            sop_class=header.sop_class,
-            manufacturer=header.manufacturer,
-            model_name=header.model_name,
-            magnetic_field_strength_t=header.magnetic_field_strength_t,
-            mr_acquisition_type=header.mr_acquisition_type,
-            scanning_sequence=header.scanning_sequence,
-            sequence_variant=header.sequence_variant,
-            sequence_name=header.sequence_name,
-            inversion_time_ms=header.inversion_time_ms,
-            image_type=header.image_type,
-            magnitude=header.magnitude,
-            repetition_time_ms=header.repetition_time_ms,
-            flip_angle_deg=header.flip_angle_deg,
-            pixel_bandwidth_hz=header.pixel_bandwidth_hz,
-            echo_times_ms=tuple(e.echo_time_ms for e in acquisition.echoes),
+            sop_class=acquisition.header.sop_class,
+            manufacturer=facts.manufacturer,
+            model_name=facts.model_name,
+            magnetic_field_strength_t=facts.magnetic_field_strength_t,
+            mr_acquisition_type=facts.mr_acquisition_type,
+            scanning_sequence=facts.scanning_sequence,
+            sequence_variant=facts.sequence_variant,
+            sequence_name=facts.sequence_name,
+            inversion_time_ms=facts.inversion_time_ms,
+            image_type=images.image_type,
+            magnitude=magnitude,
+            repetition_time_ms=facts.repetition_time_ms,
+            flip_angle_deg=facts.flip_angle_deg,
+            pixel_bandwidth_hz=facts.pixel_bandwidth_hz,
+            echo_times_ms=tuple(round(e.echo_time_ms, TIME_DECIMALS) for e in images.echoes),
             expected_echoes=expected_echoes,
-            pixel_spacing_mm=header.pixel_spacing_mm,
-            slice_spacing_mm=spacing,
-            slice_thickness_mm=header.slice_thickness_mm,
-            rows=header.rows,
-            columns=header.columns,
-            image_orientation=header.image_orientation,
+            pixel_spacing_mm=facts.pixel_spacing_mm,
+            slice_spacing_mm=facts.slice_spacing_mm,
+            slice_thickness_mm=facts.slice_thickness_mm,
+            rows=facts.rows,
+            columns=facts.columns,
+            image_orientation=facts.image_orientation,
             expected_slices=expected_slices,
             slices_per_echo=counts,
             positions_mm=tuple(
-                tuple(sorted(r.position_mm for r in e.images.values())) for e in acquisition.echoes
+                tuple(sorted(round(r.position_mm, POSITION_DECIMALS) for r in e.images.values()))
+                for e in images.echoes
             ),
-            inconsistencies=tuple(acquisition.inconsistencies),
+            inconsistencies=tuple(inconsistencies),
             grid=grid,
             complete=complete,
             ended_by=ended_by if ended_by else ("count" if complete else ""),
             first_image_at=acquisition.first_image_at,
             last_image_at=acquisition.last_image_at,
+            vendor=str(facts.vendor),
+            software_versions=facts.software_versions,
+            series_numbers=tuple(sorted(acquisition.series_numbers)),
+            sequence_family=facts.sequence_family,
+            sequence_evidence=facts.sequence_evidence,
+            image_kind=str(kind),
+            image_flags=tuple(sorted(images.flags | set(facts.scan_option_flags))),
+            other_images=others,
+            water_fat_shift_px=facts.water_fat_shift_px,
+            counts_source=facts.counts_source,
         )
 
     def _grid(self, acquisition: _Acquisition, n_slices: int | None, *, ended: bool) -> VolumeGeometry | None:
@@ -399,9 +500,17 @@ class Assembler:
             self._ended.popitem(last=False)
         self._send(acquisition, kind, view)
 
-    def _file(self, arrived: ArrivedFile, outcome: str, reason: str, acquisition_id: str | None) -> None:
+    def _file(
+        self,
+        arrived: ArrivedFile,
+        outcome: str,
+        reason: str,
+        acquisition_id: str | None,
+        *,
+        quiet: bool = False,
+    ) -> None:
         if outcome in (FileOutcome.BAD, FileOutcome.SKIPPED):
-            logger.warning("file %s: %s", outcome, reason)
+            logger.log(logging.DEBUG if quiet else logging.WARNING, "file %s: %s", outcome, reason)
         if self._on_file is not None:
             self._on_file(arrived, outcome, reason, acquisition_id)
 
@@ -433,6 +542,21 @@ def _median_step(positions: list[float]) -> float | None:
     if len(unique) < 2:
         return None
     return float(np.median(np.diff(unique))) * POSITION_RESOLUTION_MM
+
+
+def _flags(image_type: tuple[str, ...]) -> tuple[str, ...]:
+    flags = _FLAG_CACHE.get(image_type)
+    if flags is None:
+        if len(_FLAG_CACHE) >= _FLAG_CACHE_SIZE:
+            _FLAG_CACHE.clear()
+        flags = _FLAG_CACHE[image_type] = image_flags(image_type)
+    return flags
+
+
+#: ImageType tuples repeat for every image of a series: their flags are computed once (bounded, so that a
+#: stream of corrupt headers cannot grow it).
+_FLAG_CACHE: dict[tuple[str, ...], tuple[str, ...]] = {}
+_FLAG_CACHE_SIZE = 256
 
 
 def _same(a: object, b: object) -> bool:

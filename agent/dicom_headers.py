@@ -25,8 +25,11 @@ import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import EnhancedMRImageStorage, MRImageStorage
+
+from agent.vendor_conventions import ImageKind, SequenceInputs, Vendor, image_kind, vendor_of
 
 #: SOP classes whose pixels the model can take (magnitude MR images). Anything else (CT, raw data, spectroscopy,
 #: presentation states) is skipped with its SOP class named.
@@ -58,6 +61,11 @@ class NotAnImageError(HeaderError):
     """A readable DICOM object that is not an MR image (skipped, not bad)."""
 
 
+class NotDicomError(NotAnImageError):
+    """A file that is not DICOM at all (a console's protocol printout, a note): skipped, not bad. A DICOM file
+    cut short in transfer still starts with its preamble and is caught as bad instead."""
+
+
 @dataclass(frozen=True, slots=True)
 class ObjectHeader:
     """Attributes that are the same for every image of one object (and normally of one acquisition)."""
@@ -68,14 +76,21 @@ class ObjectHeader:
     frame_of_reference_uid: str
     manufacturer: str
     model_name: str
+    software_versions: str
+    series_number: int | None
+    #: SeriesTime and ProtocolName: what ties together the series a Siemens XA interoperability export splits
+    #: one acquisition into (see assembler).
+    series_time: str
+    protocol_name: str
     magnetic_field_strength_t: float | None
+    imaging_frequency_mhz: float | None
     mr_acquisition_type: str | None
-    scanning_sequence: tuple[str, ...]
-    sequence_variant: tuple[str, ...]
-    sequence_name: str
-    inversion_time_ms: float | None
+    #: The vendor and the sequence as the headers state them; vendor_conventions decides what they mean.
+    vendor: Vendor
+    sequence: SequenceInputs
+    scan_options: tuple[str, ...]
+    #: Object-level ImageType (classic: the image's; Enhanced: the summary, e.g. ORIGINAL\PRIMARY\T1\MIXED).
     image_type: tuple[str, ...]
-    magnitude: bool | None
     repetition_time_ms: float | None
     flip_angle_deg: float | None
     pixel_bandwidth_hz: float | None
@@ -84,6 +99,11 @@ class ObjectHeader:
     number_of_frames: int | None
     #: Highest InStackPositionNumber of an Enhanced object: the slices per echo of its stack.
     stack_positions: int | None
+    #: Vendor private counts and settings, read only under their own private creator.
+    philips_echo_count: int | None
+    philips_slice_count: int | None
+    philips_water_fat_shift_px: float | None
+    ge_echo_count: int | None
     rows: int
     columns: int
     pixel_spacing_mm: tuple[float, float]
@@ -106,6 +126,9 @@ class FrameHeader:
     instance_key: str
     echo_time_ms: float
     position: tuple[float, float, float]
+    kind: ImageKind
+    #: ImageType of a classic image, FrameType of an Enhanced frame.
+    image_type: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,21 +146,26 @@ def read_header(path: Path) -> ParsedFile:
             pixel_offset = handle.tell()
         size = path.stat().st_size
     except InvalidDicomError as error:
-        raise HeaderError(path, "file", "no DICOM preamble or meta header", "a DICOM Part 10 file") from error
-    except (OSError, EOFError, ValueError, KeyError, TypeError) as error:
+        raise NotDicomError(
+            path, "file", "no DICOM preamble (DICM at byte 128)", "a DICOM Part 10 file"
+        ) from error
+    except (OSError, EOFError, ValueError, KeyError, TypeError, IndexError, OverflowError, Warning) as error:
+        # Warning: pydicom warns about a structure it cannot finish (a delimiter past the end of the file);
+        # where warnings are errors that arrives as an exception, and it means the same as EOFError.
         raise HeaderError(path, "file", f"unreadable header ({error})", "a complete DICOM file") from error
 
     if "DirectoryRecordSequence" in ds:
         raise NotAnImageError(path, "MediaStorageSOPClassUID", "a DICOMDIR", "an MR image")
     top = _FastHeader(ds)
-    sop_class_uid = str(top.get("SOPClassUID", "") or "")
+    sop_class_uid = str(top.get("SOPClassUID", "") or "").strip()
+    if not sop_class_uid:
+        # Every DICOM object states its SOP class: without it this is a damaged file, not some other object.
+        raise HeaderError(path, "SOPClassUID", "(absent)", "the SOP class of an MR image")
     if sop_class_uid not in IMAGE_SOP_CLASSES:
-        raise NotAnImageError(
-            path, "SOPClassUID", sop_class_uid or "(absent)", "MR Image or Enhanced MR Image"
-        )
+        raise NotAnImageError(path, "SOPClassUID", sop_class_uid, "MR Image or Enhanced MR Image")
     enhanced = sop_class_uid == EnhancedMRImageStorage
     header = _object_header(path, ds, top, enhanced)
-    frames = _enhanced_frames(path, ds, header) if enhanced else (_classic_frame(path, top),)
+    frames = _enhanced_frames(path, ds, header) if enhanced else (_classic_frame(path, top, header),)
     _check_pixel_bytes(path, header, len(frames), size - pixel_offset)
     return ParsedFile(path=path, header=header, frames=frames)
 
@@ -173,20 +201,66 @@ def slice_normal(orientation: Sequence[float]) -> npt.NDArray[np.float64]:
 #: header parse, which matters for DESIGN.md's ingest target).
 _HEADER_KEYWORDS = (
     "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID",
-    "Manufacturer", "ManufacturerModelName", "MagneticFieldStrength", "MRAcquisitionType", "ScanningSequence",
-    "SequenceVariant", "SequenceName", "PulseSequenceName", "InversionTime", "ImageType", "ComplexImageComponent",
+    "Manufacturer", "ManufacturerModelName", "SoftwareVersions", "SeriesNumber", "SeriesTime", "ProtocolName",
+    "MagneticFieldStrength", "ImagingFrequency", "MRAcquisitionType", "ScanningSequence", "SequenceVariant",
+    "SequenceName", "PulseSequenceName", "ScanOptions", "InversionTime", "ImageType", "ComplexImageComponent",
     "RepetitionTime", "FlipAngle", "PixelBandwidth", "EchoTrainLength", "ImagesInAcquisition", "NumberOfFrames",
     "Rows", "Columns", "PixelSpacing", "SliceThickness", "SpacingBetweenSlices", "ImageOrientationPatient",
     "ImagePositionPatient", "EchoTime", "BitsAllocated", "PixelRepresentation", "DirectoryRecordSequence",
-    "EchoPulseSequence", "EchoPlanarPulseSequence", "PerFrameFunctionalGroupsSequence",
+    "EchoPulseSequence", "EchoPlanarPulseSequence", "SteadyStatePulseSequence", "PerFrameFunctionalGroupsSequence",
     "SharedFunctionalGroupsSequence",
 )  # fmt: skip
 _TAGS: dict[str, BaseTag] = {k: Tag(k) for k in _HEADER_KEYWORDS}
-_HEADER_TAGS = list(_TAGS.values())
+
+
+@dataclass(frozen=True, slots=True)
+class _Private:
+    """A vendor private attribute: its tag, the creator that must own its block, and its VR (needed when the
+    file is implicit VR, where a private value arrives as raw bytes)."""
+
+    tag: BaseTag
+    creator: str
+    vr: str
+
+
+_PHILIPS_IMAGING = "Philips Imaging DD 001"
+_PHILIPS_MR_IMAGING = "Philips MR Imaging DD 001"
+_GE_ACQUISITION = "GEMS_ACQU_01"
+_GE_PARAMETERS = "GEMS_PARM_01"
+_PRIVATE: dict[str, _Private] = {
+    "philips_echo_count": _Private(Tag(0x2001, 0x1014), _PHILIPS_IMAGING, "SL"),
+    "philips_slice_count": _Private(Tag(0x2001, 0x1018), _PHILIPS_IMAGING, "SL"),
+    "philips_technique": _Private(Tag(0x2001, 0x1020), _PHILIPS_IMAGING, "LO"),
+    "philips_water_fat_shift": _Private(Tag(0x2001, 0x1022), _PHILIPS_IMAGING, "FL"),
+    "philips_image_type": _Private(Tag(0x2005, 0x1011), _PHILIPS_MR_IMAGING, "CS"),
+    "ge_echo_count": _Private(Tag(0x0019, 0x107E), _GE_ACQUISITION, "SS"),
+    "ge_psd_name": _Private(Tag(0x0019, 0x109C), _GE_ACQUISITION, "LO"),
+    "ge_internal_psd": _Private(Tag(0x0019, 0x109E), _GE_ACQUISITION, "LO"),
+    "ge_component": _Private(Tag(0x0043, 0x102F), _GE_PARAMETERS, "SS"),
+}
+#: Each private block's creator element: (gggg,0010) owns (gggg,10xx).
+_CREATOR_TAGS = sorted({Tag(p.tag.group, p.tag.element >> 8) for p in _PRIVATE.values()})
+_HEADER_TAGS = sorted({*_TAGS.values(), *(p.tag for p in _PRIVATE.values()), *_CREATOR_TAGS})
+
 #: Value representations decoded here straight from the raw bytes (explicit VR): text, and little-endian
 #: binary numbers. Anything else (sequences, implicit VR, big endian) goes through pydicom's conversion.
 _TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "SH", "TM", "UI"})
 _BINARY_VRS = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d"}
+
+#: Plausible ranges of the acquisition parameters (inclusive bounds, in the units the view uses). A value
+#: outside is a corrupt header, not an unusual protocol, and the file is refused with the range named (a
+#: negative TR or a 10^9 ms echo time must not reach a verdict as if it were a setting).
+PLAUSIBLE_RANGES: dict[str, tuple[float, float, str]] = {
+    "RepetitionTime": (0.1, 100_000.0, "ms"),
+    "EchoTime": (0.0, 10_000.0, "ms"),
+    "InversionTime": (0.0, 100_000.0, "ms"),
+    "FlipAngle": (0.0, 360.0, "deg"),
+    "PixelBandwidth": (1.0, 1_000_000.0, "Hz/px"),
+    "MagneticFieldStrength": (0.01, 20.0, "T"),
+    "ImagingFrequency": (0.1, 1_000.0, "MHz"),
+    "SliceThickness": (0.0, 1_000.0, "mm"),
+    "SpacingBetweenSlices": (-1_000.0, 1_000.0, "mm"),
+}
 
 
 class _FastHeader:
@@ -211,18 +285,56 @@ class _FastHeader:
         element: Any = self._ds.get_item(tag) if tag is not None else None
         if not isinstance(element, RawDataElement):
             return self._ds.get(keyword, default)
-        raw: bytes | None = element.value
-        if raw is None:
-            return self._ds.get(keyword, default)
-        if element.VR in _TEXT_VRS:
-            text = raw.decode("latin-1").strip("\x00 ")
-            parts = [part.strip() for part in text.split("\\")]
-            return parts[0] if len(parts) == 1 else parts
-        code = _BINARY_VRS.get(str(element.VR))
-        if code is not None and element.is_little_endian:
-            values = struct.unpack(f"<{len(raw) // struct.calcsize(code)}{code}", raw)
-            return values[0] if len(values) == 1 else list(values)
-        return self._ds.get(keyword, default)
+        value = _raw_value(element, str(element.VR))
+        return self._ds.get(keyword, default) if value is _UNDECODED else value
+
+    def private(self, name: str) -> Any:
+        """A vendor private value, or None when absent or when its block belongs to another creator (GE and
+        Siemens both use group 0019 for different things)."""
+        spec = _PRIVATE[name]
+        creator_tag = Tag(spec.tag.group, spec.tag.element >> 8)
+        creator_element: Any = self._ds.get_item(creator_tag)
+        if creator_element is None:
+            return None
+        creator = _raw_value(creator_element, "LO") if isinstance(creator_element, RawDataElement) else None
+        if creator is _UNDECODED or creator is None:
+            creator = creator_element.value
+        if str(creator).strip() != spec.creator:
+            return None
+        element: Any = self._ds.get_item(spec.tag)
+        if element is None:
+            return None
+        if isinstance(element, RawDataElement):
+            vr = str(element.VR) if element.VR not in (None, "UN") else spec.vr
+            value = _raw_value(element, vr, little_endian=bool(element.is_little_endian))
+            return None if value is _UNDECODED else value
+        return element.value
+
+
+_UNDECODED = object()
+
+
+def _raw_value(element: RawDataElement, vr: str, *, little_endian: bool | None = None) -> Any:
+    raw: Any = element.value
+    if raw is None:
+        return _UNDECODED
+    if isinstance(raw, str):
+        raw = raw.encode("latin-1", "replace")
+    if vr in _TEXT_VRS:
+        text = raw.decode("latin-1").strip("\x00 ")
+        parts = [part.strip() for part in text.split("\\")]
+        return parts[0] if len(parts) == 1 else parts
+    code = _BINARY_VRS.get(vr)
+    endian = element.is_little_endian if little_endian is None else little_endian
+    if code is not None and endian:
+        size = struct.calcsize(code)
+        if len(raw) % size:
+            return _UNDECODED
+        values = struct.unpack(f"<{len(raw) // size}{code}", raw)
+        if not values:
+            return None
+        return values[0] if len(values) == 1 else list(values)
+    return _UNDECODED
 
 
 def _object_header(path: Path, ds: Dataset, top: _FastHeader, enhanced: bool) -> ObjectHeader:
@@ -269,25 +381,45 @@ def _object_header(path: Path, ds: Dataset, top: _FastHeader, enhanced: bool) ->
     if not all(0 < s < 100 for s in spacing):
         raise HeaderError(path, "PixelSpacing", str(spacing), "two positive spacings below 100 mm")
 
+    vendor = vendor_of(str(top.get("Manufacturer", "") or ""))
+    modifier = group("MRModifierSequence")
     if enhanced:
-        scanning, variant = _enhanced_sequence_tokens(top, group)
-        image_type = _tokens(top.get("ImageType"))
-        frame_type = group("MRImageFrameTypeSequence")
-        component = str(
-            (frame_type or top).get("ComplexImageComponent", top.get("ComplexImageComponent", "")) or ""
+        inversion_value = (modifier or Dataset()).get("InversionTimes")
+        if isinstance(inversion_value, (list, tuple, MultiValue)):
+            inversion_value = inversion_value[0] if len(inversion_value) else None
+        sequence = SequenceInputs(
+            vendor=vendor,
+            enhanced=True,
+            sequence_name=str(top.get("PulseSequenceName", "") or ""),
+            inversion_time_ms=_plausible(path, "InversionTime", inversion_value),
+            echo_pulse_sequence=_text(top.get("EchoPulseSequence")) or "",
+            echo_planar=_text(top.get("EchoPlanarPulseSequence")) or "",
+            steady_state=_text(top.get("SteadyStatePulseSequence")) or "",
+            spoiling=_text((modifier or Dataset()).get("Spoiling")) or "",
+            inversion_recovery=_text((modifier or Dataset()).get("InversionRecovery")) or "",
+            philips_technique=str(top.private("philips_technique") or ""),
+            ge_psd_name=str(top.private("ge_psd_name") or ""),
+            ge_internal_psd=str(top.private("ge_internal_psd") or ""),
         )
-        magnitude: bool | None = component == "MAGNITUDE" if component else None
-        sequence_name = str(top.get("PulseSequenceName", "") or "")
     else:
-        scanning = _tokens(top.get("ScanningSequence"))
-        variant = _tokens(top.get("SequenceVariant"))
-        image_type = _tokens(top.get("ImageType"))
-        magnitude = _classic_magnitude(top, image_type)
-        sequence_name = str(top.get("SequenceName", "") or "")
+        sequence = SequenceInputs(
+            vendor=vendor,
+            enhanced=False,
+            scanning_sequence=_tokens(top.get("ScanningSequence")),
+            sequence_variant=_tokens(top.get("SequenceVariant")),
+            sequence_name=str(top.get("SequenceName", "") or ""),
+            scan_options=_tokens(top.get("ScanOptions")),
+            inversion_time_ms=_plausible(path, "InversionTime", top.get("InversionTime")),
+            philips_technique=str(top.private("philips_technique") or ""),
+            ge_psd_name=str(top.private("ge_psd_name") or ""),
+            ge_internal_psd=str(top.private("ge_internal_psd") or ""),
+        )
 
     n_frames = _int(path, "NumberOfFrames", top.get("NumberOfFrames")) if enhanced else None
     if n_frames is not None and not 1 <= n_frames <= MAX_FRAMES:
         raise HeaderError(path, "NumberOfFrames", str(n_frames), f"1 to {MAX_FRAMES}")
+    timing = "MRTimingAndRelatedParametersSequence"
+    imaging = "MRImagingModifierSequence"
     return ObjectHeader(
         study_instance_uid=_uid(path, top, "StudyInstanceUID"),
         series_instance_uid=_uid(path, top, "SeriesInstanceUID"),
@@ -295,36 +427,37 @@ def _object_header(path: Path, ds: Dataset, top: _FastHeader, enhanced: bool) ->
         frame_of_reference_uid=str(top.get("FrameOfReferenceUID", "") or ""),
         manufacturer=str(top.get("Manufacturer", "") or ""),
         model_name=str(top.get("ManufacturerModelName", "") or ""),
-        magnetic_field_strength_t=_float(path, "MagneticFieldStrength", top.get("MagneticFieldStrength")),
-        mr_acquisition_type=_text(attr("MRAcquisitionType", "MRFOVGeometrySequence")),
-        scanning_sequence=scanning,
-        sequence_variant=variant,
-        sequence_name=sequence_name,
-        inversion_time_ms=_float(
+        software_versions=_joined(top.get("SoftwareVersions")),
+        series_number=_optional_int(top.get("SeriesNumber")),
+        series_time=str(top.get("SeriesTime", "") or ""),
+        protocol_name=str(top.get("ProtocolName", "") or ""),
+        magnetic_field_strength_t=_plausible(path, "MagneticFieldStrength", top.get("MagneticFieldStrength")),
+        imaging_frequency_mhz=_plausible(
             path,
-            "InversionTime",
-            attr("InversionTime", "MRModifierSequence", "MRTimingAndRelatedParametersSequence"),
+            "ImagingFrequency",
+            attr("ImagingFrequency", imaging) or attr("TransmitterFrequency", imaging),
         ),
-        image_type=image_type,
-        magnitude=magnitude,
-        repetition_time_ms=_float(
-            path, "RepetitionTime", attr("RepetitionTime", "MRTimingAndRelatedParametersSequence")
-        ),
-        flip_angle_deg=_float(path, "FlipAngle", attr("FlipAngle", "MRTimingAndRelatedParametersSequence")),
-        pixel_bandwidth_hz=_float(
-            path, "PixelBandwidth", attr("PixelBandwidth", "MRImagingModifierSequence")
-        ),
-        echo_train_length=_int(
-            path, "EchoTrainLength", attr("EchoTrainLength", "MRTimingAndRelatedParametersSequence")
-        ),
+        mr_acquisition_type=_text(attr("MRAcquisitionType", "MRFOVGeometrySequence")),
+        vendor=vendor,
+        sequence=sequence,
+        scan_options=_tokens(top.get("ScanOptions")),
+        image_type=_tokens(top.get("ImageType")),
+        repetition_time_ms=_plausible(path, "RepetitionTime", attr("RepetitionTime", timing)),
+        flip_angle_deg=_plausible(path, "FlipAngle", attr("FlipAngle", timing)),
+        pixel_bandwidth_hz=_plausible(path, "PixelBandwidth", attr("PixelBandwidth", imaging)),
+        echo_train_length=_int(path, "EchoTrainLength", attr("EchoTrainLength", timing)),
         images_in_acquisition=_int(path, "ImagesInAcquisition", top.get("ImagesInAcquisition")),
         number_of_frames=n_frames,
         stack_positions=_stack_positions(ds) if enhanced else None,
+        philips_echo_count=_optional_int(top.private("philips_echo_count")),
+        philips_slice_count=_optional_int(top.private("philips_slice_count")),
+        philips_water_fat_shift_px=_optional_float(top.private("philips_water_fat_shift")),
+        ge_echo_count=_optional_int(top.private("ge_echo_count")),
         rows=rows,
         columns=columns,
         pixel_spacing_mm=(spacing[0], spacing[1]),
-        slice_thickness_mm=_float(path, "SliceThickness", attr("SliceThickness", measures)),
-        spacing_between_slices_mm=_float(
+        slice_thickness_mm=_plausible(path, "SliceThickness", attr("SliceThickness", measures)),
+        spacing_between_slices_mm=_plausible(
             path, "SpacingBetweenSlices", attr("SpacingBetweenSlices", measures)
         ),
         image_orientation=(
@@ -340,16 +473,24 @@ def _object_header(path: Path, ds: Dataset, top: _FastHeader, enhanced: bool) ->
     )
 
 
-def _classic_frame(path: Path, ds: _FastHeader) -> FrameHeader:
-    echo_time = _float(path, "EchoTime", ds.get("EchoTime"))
+def _classic_frame(path: Path, ds: _FastHeader, header: ObjectHeader) -> FrameHeader:
+    echo_time = _plausible(path, "EchoTime", ds.get("EchoTime"))
     if echo_time is None:
         raise HeaderError(path, "EchoTime", "(absent)", "the echo time in ms")
     position = _floats(path, "ImagePositionPatient", ds.get("ImagePositionPatient"), 3)
+    kind = image_kind(
+        header.image_type,
+        str(ds.get("ComplexImageComponent", "") or ""),
+        philips_image_type=str(ds.private("philips_image_type") or ""),
+        ge_component=_optional_int(ds.private("ge_component")),
+    )
     return FrameHeader(
         frame=None,
         instance_key=_uid(path, ds, "SOPInstanceUID"),
         echo_time_ms=echo_time,
         position=(position[0], position[1], position[2]),
+        kind=kind,
+        image_type=header.image_type,
     )
 
 
@@ -363,24 +504,40 @@ def _enhanced_frames(path: Path, ds: Dataset, header: ObjectHeader) -> tuple[Fra
         )
     shared = _first_item(ds, "SharedFunctionalGroupsSequence")
     sop = _uid(path, ds, "SOPInstanceUID")
+    top_component = str(ds.get("ComplexImageComponent", "") or "")
     frames = []
+    # Frames share their FrameType and component values; classify each distinct pair once.
+    kinds: dict[tuple[tuple[str, ...], str], ImageKind] = {}
     for index, item in enumerate(per_frame):
+        label = f"frame {index + 1} "
         echo = _macro_value(item, shared, "MREchoSequence", "EffectiveEchoTime")
-        echo_time = _float(path, f"frame {index + 1} EffectiveEchoTime", echo)
+        echo_time = _plausible(path, label + "EffectiveEchoTime", echo, limits="EchoTime")
         if echo_time is None:
-            raise HeaderError(path, f"frame {index + 1} EffectiveEchoTime", "(absent)", "the echo time in ms")
+            raise HeaderError(path, label + "EffectiveEchoTime", "(absent)", "the echo time in ms")
         position = _floats(
             path,
-            f"frame {index + 1} ImagePositionPatient",
+            label + "ImagePositionPatient",
             _macro_value(item, shared, "PlanePositionSequence", "ImagePositionPatient"),
             3,
         )
+        frame_type = _tokens(_macro_value(item, shared, "MRImageFrameTypeSequence", "FrameType")) or (
+            header.image_type
+        )
+        component = str(
+            _macro_value(item, shared, "MRImageFrameTypeSequence", "ComplexImageComponent") or top_component
+        )
+        key = (frame_type, component)
+        kind = kinds.get(key)
+        if kind is None:
+            kind = kinds[key] = image_kind(frame_type, component)
         frames.append(
             FrameHeader(
                 frame=index,
                 instance_key=f"{sop}#{index + 1}",
                 echo_time_ms=echo_time,
                 position=(position[0], position[1], position[2]),
+                kind=kind,
+                image_type=frame_type,
             )
         )
     return tuple(frames)
@@ -400,42 +557,10 @@ def _stack_positions(ds: Dataset) -> int | None:
     for item in ds.get("PerFrameFunctionalGroupsSequence", []):
         content = item.get("FrameContentSequence")
         if content:
-            number = content[0].get("InStackPositionNumber")
-            if number is not None:
-                highest = max(highest, int(number))
+            number = _optional_int(content[0].get("InStackPositionNumber"))
+            if number is not None and 0 < number <= MAX_FRAMES:
+                highest = max(highest, number)
     return highest or None
-
-
-def _enhanced_sequence_tokens(ds: _FastHeader, group: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Enhanced MR states the sequence in coded attributes; map them onto classic ScanningSequence and
-    SequenceVariant tokens so that one protocol rule reads both forms."""
-    scanning: list[str] = []
-    pulse = str(ds.get("EchoPulseSequence", "") or "")
-    if pulse in ("GRADIENT", "BOTH"):
-        scanning.append("GR")
-    if pulse in ("SPIN", "BOTH"):
-        scanning.append("SE")
-    if str(ds.get("EchoPlanarPulseSequence", "") or "") == "YES":
-        scanning.append("EP")
-    modifier = group("MRModifierSequence")
-    if modifier is not None and str(modifier.get("InversionRecovery", "") or "") == "YES":
-        scanning.append("IR")
-    variant: list[str] = []
-    spoiling = str((modifier or Dataset()).get("Spoiling", "") or "")
-    if spoiling in ("RF", "RF_AND_GRADIENT"):
-        variant.append("SP")
-    return tuple(scanning), tuple(variant)
-
-
-def _classic_magnitude(ds: _FastHeader, image_type: tuple[str, ...]) -> bool | None:
-    component = str(ds.get("ComplexImageComponent", "") or "")
-    if component:
-        return component == "MAGNITUDE"
-    if "P" in image_type or "PHASE" in image_type:
-        return False
-    if "M" in image_type or "MAGNITUDE" in image_type:
-        return True
-    return None
 
 
 def _check_pixel_bytes(path: Path, header: ObjectHeader, n_frames: int, remaining: int) -> None:
@@ -470,6 +595,48 @@ def _tokens(value: Any) -> tuple[str, ...]:
         return ()
     items: Iterable[Any] = value.split("\\") if isinstance(value, str) else value
     return tuple(str(v).strip().upper() for v in items if str(v).strip())
+
+
+def _joined(value: Any) -> str:
+    if value is None or value == "":
+        return ""
+    if isinstance(value, str):
+        return value.strip()
+    return "\\".join(str(v).strip() for v in value)
+
+
+def _optional_int(value: Any) -> int | None:
+    """A count from a header whose absence or corruption only loses information (never fails the file)."""
+    if isinstance(value, (list, tuple, MultiValue)):
+        value = value[0] if len(value) else None
+    if value is None or value == "":
+        return None
+    try:
+        number = int(float(value))
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number
+
+
+def _optional_float(value: Any) -> float | None:
+    if isinstance(value, (list, tuple, MultiValue)):
+        value = value[0] if len(value) else None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _plausible(path: Path, keyword: str, value: Any, *, limits: str | None = None) -> float | None:
+    """A number within :data:`PLAUSIBLE_RANGES` (by ``limits``, else ``keyword``), or None when absent."""
+    number = _float(path, keyword, value)
+    if number is None:
+        return None
+    low, high, unit = PLAUSIBLE_RANGES[limits or keyword]
+    if not low <= number <= high:
+        raise HeaderError(path, keyword, f"{number:g} {unit}", f"a value from {low:g} to {high:g} {unit}")
+    return number
 
 
 def _text(value: Any) -> str | None:

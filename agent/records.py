@@ -67,34 +67,44 @@ class ImageRef:
 class AcquisitionView:
     """What the headers say about one acquisition so far, vendor conventions already resolved.
 
+    The same view comes from a classic and an Enhanced export of one scan: fields that only say how the scan
+    was exported (the SOP class, the raw ImageType tokens, the opaque id derived from the UIDs, arrival times,
+    where a count was read from) are left out of equality (``compare=False``), so ``==`` between two views asks
+    "is this the same acquisition, described the same way?".
+
     Parameters are ``None`` where the headers seen do not state them. ``echo_times_ms`` lists the distinct echo
-    times present, ascending; ``slices_per_echo`` counts the images present for each of them in the same order.
+    times of the images the model would take (magnitude images; see ``image_kind``), ascending;
+    ``slices_per_echo`` counts them for each echo time in the same order. Numbers are rounded to the precision
+    consoles state them with (see assembler), so that a DS string and an FD float of one value agree.
     """
 
-    acquisition_id: str
+    acquisition_id: str = field(compare=False)
     #: "MR Image Storage" or "Enhanced MR Image Storage".
-    sop_class: str
+    sop_class: str = field(compare=False)
     manufacturer: str
     model_name: str
     magnetic_field_strength_t: float | None
     #: MRAcquisitionType: "2D" or "3D".
     mr_acquisition_type: str | None
     #: ScanningSequence and SequenceVariant tokens (classic), or their Enhanced equivalents mapped onto the same
-    #: tokens (EchoPulseSequence GRADIENT -> GR, Spoiling RF -> SP, InversionRecovery YES -> IR).
+    #: tokens (EchoPulseSequence GRADIENT -> GR, Spoiling RF -> SP, InversionRecovery YES -> IR), after the
+    #: vendor conventions of agent.vendor_conventions (e.g. SP for a Siemens FLASH whose export dropped it).
     scanning_sequence: tuple[str, ...]
     sequence_variant: tuple[str, ...]
     sequence_name: str
     inversion_time_ms: float | None
-    #: ImageType values, upper case.
-    image_type: tuple[str, ...]
-    #: Whether the images are magnitude images (ImageType / ComplexImageComponent), if stated.
+    #: ImageType values of the images the echoes are made of, upper case, as exported (classic ImageType or
+    #: Enhanced FrameType: they differ between the two forms, hence not compared).
+    image_type: tuple[str, ...] = field(compare=False)
+    #: Whether the echoes are magnitude images: False once the acquisition has ended without any, None while
+    #: none has arrived yet (a Philips export may send a slice's phase image before its magnitude image).
     magnitude: bool | None
     repetition_time_ms: float | None
     flip_angle_deg: float | None
     #: PixelBandwidth, Hz per pixel.
     pixel_bandwidth_hz: float | None
     echo_times_ms: tuple[float, ...]
-    #: Echoes the acquisition will produce (EchoTrainLength, or the distinct echo times of an Enhanced object).
+    #: Echoes the acquisition will produce, as announced by the headers (see vendor_conventions).
     expected_echoes: int | None
     #: PixelSpacing (row spacing, column spacing), mm.
     pixel_spacing_mm: tuple[float, float] | None
@@ -105,7 +115,7 @@ class AcquisitionView:
     columns: int | None
     #: ImageOrientationPatient: row direction cosines, then column direction cosines.
     image_orientation: tuple[float, float, float, float, float, float] | None
-    #: Slices each echo will have (ImagesInAcquisition / echoes, or the Enhanced object's frame count / echoes).
+    #: Slices each echo will have, as announced by the headers (see vendor_conventions).
     expected_slices: int | None
     slices_per_echo: tuple[int, ...]
     #: For each echo (same order as ``echo_times_ms``), the sorted positions along the slice normal, mm.
@@ -120,8 +130,33 @@ class AcquisitionView:
     #: "count" when completion came from the acquisition's own counts, "quiet" from the quiet-period timer,
     #: "" while still open.
     ended_by: str
-    first_image_at: float
-    last_image_at: float
+    first_image_at: float = field(compare=False)
+    last_image_at: float = field(compare=False)
+    #: "Siemens", "GE", "Philips" or "other" (agent.vendor_conventions.Vendor).
+    vendor: str = "other"
+    software_versions: str = ""
+    #: SeriesNumber of every series the images came from (more than one when an export split the echoes).
+    series_numbers: tuple[int, ...] = field(default=(), compare=False)
+    #: "gradient echo", "spin echo", "echo planar", ... (agent.vendor_conventions.sequence_family).
+    sequence_family: str = ""
+    #: Why the sequence tokens say what they say where a vendor convention decided it, for a person to check.
+    sequence_evidence: tuple[str, ...] = field(default=(), compare=False)
+    #: The kind of the images the echoes are made of ("magnitude", "phase", "field map", ...).
+    image_kind: str = "magnitude"
+    #: Normalised flags of those images: DERIVED, REFORMAT, PROJECTION, MOSAIC, WATER, FAT, IN_PHASE, ...
+    image_flags: tuple[str, ...] = ()
+    #: Images of other kinds in the same acquisition (the phase images of a Philips export), as
+    #: (kind, count) pairs; they are never given to the model.
+    other_images: tuple[tuple[str, int], ...] = ()
+    #: Fat-water chemical shift in pixels (Philips states it; otherwise from bandwidth and field).
+    water_fat_shift_px: float | None = None
+    #: Where ``expected_echoes`` and ``expected_slices`` were read from ("" when not stated).
+    counts_source: tuple[str, str] = field(default=("", ""), compare=False)
+
+    @property
+    def echoes(self) -> tuple[tuple[float, int], ...]:
+        """(echo time ms, slices present) for each echo, in order of echo time."""
+        return tuple(zip(self.echo_times_ms, self.slices_per_echo, strict=True))
 
 
 class UpdateKind(StrEnum):
