@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.acquisition_facts import TIME_DECIMALS, AcquisitionFacts, facts_for
+from agent.acquisition_facts import LENGTH_DECIMALS, TIME_DECIMALS, AcquisitionFacts, facts_for
 from agent.dicom_headers import (
     FrameHeader,
     HeaderError,
@@ -122,6 +122,9 @@ class _Acquisition:
     instance_keys: set[str] = field(default_factory=set)
     inconsistencies: list[str] = field(default_factory=list)
     anchor_position: tuple[float, float, float] | None = None
+    #: ImagePositionPatient of the first magnitude image at each position key: the grid's origin is the
+    #: stated position of its first slice when that image is present, whatever image anchored the grid.
+    stated_positions: dict[int, tuple[float, float, float]] = field(default_factory=dict)
     anchor_mm: float | None = None
     direction: int = 0
     grid_broken: bool = False
@@ -326,6 +329,7 @@ class Assembler:
             # Only magnitude images go to the streamer, place the grid and trigger first-of-echo verdicts.
             return 1
         acquisition.new_images.append(ref)
+        acquisition.stated_positions.setdefault(key, frame.position)
         if new_echo:
             acquisition.first_of_echo.append(echo.echo_time_ms)
         if acquisition.anchor_mm is None:
@@ -376,7 +380,11 @@ class Assembler:
         # A quiet period ends an acquisition that never stated its size as complete, one that did as not.
         complete = by_count or (ended_by == "quiet" and (expected_slices is None or not is_magnitude))
         grid = self._grid(acquisition, expected_slices, ended=ended or complete) if is_magnitude else None
-        magnitude: bool | None = True if is_magnitude else (False if ended or complete else None)
+        # No magnitude image: undecided while images arrive, then False, or still None when no image of the
+        # acquisition states its kind (the validator then says so).
+        magnitude: bool | None = True
+        if not is_magnitude:
+            magnitude = False if (ended or complete) and kind is not ImageKind.UNSTATED else None
         others = tuple(
             (str(k), s.count) for k, s in sorted(acquisition.sets.items()) if s is not images and s.count
         )
@@ -472,10 +480,20 @@ class Assembler:
         origin_mm, count = placed
         row, column, normal = _orthonormal(header.image_orientation)
         origin = np.asarray(acquisition.anchor_position) + (origin_mm - acquisition.anchor_mm) * normal
+        origin_key = round(origin_mm / POSITION_RESOLUTION_MM)
+        for key in (origin_key, origin_key - 1, origin_key + 1):
+            if key in acquisition.stated_positions:
+                origin = np.asarray(acquisition.stated_positions[key])
+                break
         return VolumeGeometry(
             shape=(count, header.rows, header.columns),
             spacing=(float(spacing), header.pixel_spacing_mm[0], header.pixel_spacing_mm[1]),
-            origin=(float(origin[0]), float(origin[1]), float(origin[2])),
+            # Rounded (0.1 µm) so that the same grid placed from different anchor images compares equal.
+            origin=(
+                round(float(origin[0]), LENGTH_DECIMALS),
+                round(float(origin[1]), LENGTH_DECIMALS),
+                round(float(origin[2]), LENGTH_DECIMALS),
+            ),
             row_direction=(float(row[0]), float(row[1]), float(row[2])),
             column_direction=(float(column[0]), float(column[1]), float(column[2])),
             slice_direction=(float(normal[0]), float(normal[1]), float(normal[2])),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from agent import demo, evaluate, listen, run, simulate, train
+from agent import check, demo, evaluate, listen, run, simulate, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run.add_parser(subparsers)
     listen.add_parser(subparsers)
+    check.add_parser(subparsers)
     simulate.add_parser(subparsers)
     demo.add_parser(subparsers)
     train.add_parser(subparsers)

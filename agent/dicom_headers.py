@@ -27,7 +27,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
-from pydicom.uid import EnhancedMRImageStorage, MRImageStorage
+from pydicom.uid import UID, EnhancedMRImageStorage, MRImageStorage
 
 from agent.vendor_conventions import ImageKind, SequenceInputs, Vendor, image_kind, vendor_of
 
@@ -162,7 +162,9 @@ def read_header(path: Path) -> ParsedFile:
         # Every DICOM object states its SOP class: without it this is a damaged file, not some other object.
         raise HeaderError(path, "SOPClassUID", "(absent)", "the SOP class of an MR image")
     if sop_class_uid not in IMAGE_SOP_CLASSES:
-        raise NotAnImageError(path, "SOPClassUID", sop_class_uid, "MR Image or Enhanced MR Image")
+        name = UID(sop_class_uid).name
+        found = sop_class_uid if name == sop_class_uid else f"{sop_class_uid} ({name})"
+        raise NotAnImageError(path, "SOPClassUID", found, "MR Image or Enhanced MR Image")
     enhanced = sop_class_uid == EnhancedMRImageStorage
     header = _object_header(path, ds, top, enhanced)
     frames = _enhanced_frames(path, ds, header) if enhanced else (_classic_frame(path, top, header),)

@@ -38,6 +38,7 @@ from agent.protocols import (
     format_number,
 )
 from agent.records import AcquisitionView, Outcome, Reason, Verdict
+from agent.vendor_conventions import ImageKind
 from engines.phantom.geometry import Orientation
 
 #: ``view.ended_by`` values of an acquisition that has ended: its own counts, or the quiet-period timer.
@@ -69,7 +70,9 @@ _TEXT_INPUTS: Mapping[str, Callable[[AcquisitionView], str | None]] = {
 _TOKEN_INPUTS: Mapping[str, Callable[[AcquisitionView], tuple[str, ...]]] = {
     "ScanningSequence": lambda v: v.scanning_sequence,
     "SequenceVariant": lambda v: v.sequence_variant,
-    "ImageType": lambda v: v.image_type,
+    # The exported tokens and the vendor-normalised flags (W -> WATER, MPR -> REFORMAT, ...), so a rule can
+    # name either.
+    "ImageType": lambda v: tuple(dict.fromkeys(v.image_type + v.image_flags)),
 }
 _ABSENT_INPUTS: Mapping[str, Callable[[AcquisitionView], float | None]] = {
     # GE writes InversionTime 0 for sequences without an inversion pulse: 0 (or less) counts as absent.
@@ -364,6 +367,10 @@ def _check_tokens(rule: TokenRule, context: _Context) -> _Result:
 def _is_magnitude(view: AcquisitionView) -> bool | None:
     """Whether the images are magnitude images: a phase/real/imaginary token wins over everything, then the
     assembler's vendor-normalised answer (ComplexImageComponent, GE's private code), then an M token."""
+    if view.magnitude is None and view.image_kind != ImageKind.MAGNITUDE:
+        # Only images of another kind (or of no stated kind) so far: the magnitude images of the echoes may
+        # still be on their way (a Philips export can send a slice's phase image first).
+        return None
     tokens = set(view.image_type)
     if tokens & NON_MAGNITUDE_TOKENS:
         return False

@@ -251,7 +251,7 @@ def decide_sequence(inputs: SequenceInputs) -> SequenceDecision:
             variant.append(steady)
     else:
         scanning = [t for t in inputs.scanning_sequence if t]
-        variant = [t for t in inputs.sequence_variant if t and t != "NONE"]
+        variant = [t for t in inputs.sequence_variant if t]
     name = inputs.sequence_name.strip()
 
     if inputs.vendor is Vendor.SIEMENS:

@@ -78,6 +78,9 @@ class VerdictStage:
             chosen.outcome is Outcome.PASS
             and not chosen.pending
             and chosen.protocol_id in self._model_protocols
+            # The model takes magnitude images, whatever a site protocol forgets to require.
+            and view.magnitude is True
+            and view.image_kind == "magnitude"
         )
         key = view.acquisition_id
         signature = (chosen.outcome, chosen.pending, len(chosen.reasons))
