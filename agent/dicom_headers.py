@@ -158,13 +158,26 @@ def read_header(path: Path) -> ParsedFile:
         raise NotAnImageError(path, "MediaStorageSOPClassUID", "a DICOMDIR", "an MR image")
     top = _FastHeader(ds)
     sop_class_uid = str(top.get("SOPClassUID", "") or "").strip()
+    # With stop_before_pixels the reader halts at the pixel data; having read to the end means there is none.
+    ended_early = pixel_offset >= size
     if not sop_class_uid:
         # Every DICOM object states its SOP class: without it this is a damaged file, not some other object.
+        if ended_early:
+            raise HeaderError(
+                path, "file", f"{size} bytes that end inside the header", "a complete DICOM file (truncated?)"
+            )
         raise HeaderError(path, "SOPClassUID", "(absent)", "the SOP class of an MR image")
     if sop_class_uid not in IMAGE_SOP_CLASSES:
         name = UID(sop_class_uid).name
         found = sop_class_uid if name == sop_class_uid else f"{sop_class_uid} ({name})"
         raise NotAnImageError(path, "SOPClassUID", found, "MR Image or Enhanced MR Image")
+    if ended_early:
+        raise HeaderError(
+            path,
+            "PixelData",
+            f"(absent): the file ends at byte {size}",
+            "the image's pixel data (file truncated?)",
+        )
     enhanced = sop_class_uid == EnhancedMRImageStorage
     header = _object_header(path, ds, top, enhanced)
     frames = _enhanced_frames(path, ds, header) if enhanced else (_classic_frame(path, top, header),)

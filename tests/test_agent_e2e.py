@@ -25,7 +25,16 @@ from agent_support import (
     write_test_model,
     write_test_protocol,
 )
+from real_dicom_support import (
+    PHILIPS_CLASSIC,
+    PHILIPS_ENHANCED,
+    PHILIPS_RAW,
+    SIEMENS_SPLIT_ECHO1,
+    SIEMENS_SPLIT_ECHO2,
+    shared_dicom,
+)
 
+from agent import check
 from agent.client import ReceivedVolume, SctClient
 from agent.config import AgentConfig
 from agent.pipeline import Pipeline
@@ -40,6 +49,7 @@ from engines.scanner.export import ExportOptions, OutputFormat, SimulationReques
 #: takes about a second; CI machines are shared).
 SERIES_TIMEOUT_S = 60.0
 PASSING_SEED = 900101
+TSE_PARTIAL = "dcm_qa_pdt2/Siemens_3_pd+t2_tse_2D_2echo_PARTIAL"
 
 
 def simulate_case(seed: int, *settings: str, echoes: int | None = None) -> PhantomCase:
@@ -297,6 +307,53 @@ def test_agent_goes_on_after_bad_files_and_processes_an_enhanced_series(
     text = agent.metrics_text()
     assert metric(text, 'sct_agent_files_total{outcome="bad"}') >= 1
     assert metric(text, 'sct_agent_files_total{outcome="skipped"}') >= 1
+    assert agent.pipeline.healthy()
+
+
+def test_real_vendor_exports_get_their_verdicts_while_the_agent_goes_on(
+    agent: RunningAgent, passing_case: PhantomCase
+) -> None:
+    """Real scanner files (../shared/dicom) dropped into the export folder: a Philips series whose classic,
+    Enhanced and Raw Data objects share one series UID, a Siemens XA export that splits the echoes into two
+    series, and a partial Siemens TSE. Each acquisition gets a final verdict with its structural reason, none
+    reaches the engine, and a good series after them still streams."""
+    root = shared_dicom()
+    folders = (
+        PHILIPS_CLASSIC,
+        PHILIPS_ENHANCED,
+        PHILIPS_RAW,
+        SIEMENS_SPLIT_ECHO1,
+        SIEMENS_SPLIT_ECHO2,
+        TSE_PARTIAL,
+    )
+    expected, _, _ = check.check_path(root, [])
+    ids = {
+        tuple(sorted(str(f) for f in a.folders)): a.view.acquisition_id
+        for a in expected
+        if set(str(f) for f in a.folders) <= set(folders)
+    }
+    assert len(ids) == 4
+    volumes = len(agent.listener.volumes)
+    for folder in folders:
+        shutil.copytree(root / folder, agent.export / "real" / folder)
+    for acquisition_id in ids.values():
+        agent.listener.wait(lambda listener, a=acquisition_id: listener.final_verdict(a) is not None)
+    verdicts = {key: agent.listener.final_verdict(value) for key, value in ids.items()}
+    reasons = {
+        key: {r["attribute"] for r in v.body["reasons"]} for key, v in verdicts.items() if v is not None
+    }
+    assert all(v is not None and v.body["outcome"] == "reject" for v in verdicts.values())
+    assert "ScanningSequence" in reasons[(TSE_PARTIAL,)] and "SlicesPerEcho" in reasons[(TSE_PARTIAL,)]
+    assert "MRAcquisitionType" in reasons[(SIEMENS_SPLIT_ECHO1, SIEMENS_SPLIT_ECHO2)]
+    split = verdicts[(SIEMENS_SPLIT_ECHO1, SIEMENS_SPLIT_ECHO2)]
+    assert split is not None and split.body["echo_times_ms"] == [10.0, 12.46]
+    for philips in ((PHILIPS_CLASSIC,), (PHILIPS_ENHANCED,)):
+        verdict = verdicts[philips]
+        assert verdict is not None and verdict.body["slices_per_echo"] == [53, 53]
+        assert "EchoTime1" in reasons[philips] and "EchoCount" not in reasons[philips]
+    assert len(agent.listener.volumes) == volumes
+    agent.export_series(passing_case, "pass-after-real", rate_files_per_s=400.0)
+    agent.listener.wait(lambda listener: len(listener.volumes) > volumes)
     assert agent.pipeline.healthy()
 
 
