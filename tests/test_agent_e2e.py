@@ -336,8 +336,7 @@ def test_real_vendor_exports_get_their_verdicts_while_the_agent_goes_on(
     volumes = len(agent.listener.volumes)
     for folder in folders:
         shutil.copytree(root / folder, agent.export / "real" / folder)
-    for acquisition_id in ids.values():
-        agent.listener.wait(lambda listener, a=acquisition_id: listener.final_verdict(a) is not None)
+    agent.listener.wait(lambda listener: all(listener.final_verdict(a) is not None for a in ids.values()))
     verdicts = {key: agent.listener.final_verdict(value) for key, value in ids.items()}
     reasons = {
         key: {r["attribute"] for r in v.body["reasons"]} for key, v in verdicts.items() if v is not None
