@@ -203,7 +203,11 @@ class Assembler:
             logger.exception("file %s: unexpected error reading its header", arrived.path.name)
             self._file(arrived, FileOutcome.BAD, f"{arrived.path.name}: unreadable header ({error!r})", None)
             return
-        self._add_parsed(arrived, parsed)
+        try:
+            self._add_parsed(arrived, parsed)
+        except Exception as error:  # a defect here must cost one file, not the stage
+            logger.exception("file %s: unexpected error adding its images", arrived.path.name)
+            self._file(arrived, FileOutcome.BAD, f"{arrived.path.name}: images not added ({error!r})", None)
 
     def flush(self) -> None:
         """Emit one update for each acquisition that changed since the last flush."""
