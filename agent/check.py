@@ -60,7 +60,7 @@ class _FileNote:
 
 
 @dataclass(slots=True)
-class _Acquisition:
+class CheckedAcquisition:
     view: AcquisitionView
     folders: set[Path] = field(default_factory=set)
     verdicts: list[Verdict] = field(default_factory=list)
@@ -68,6 +68,25 @@ class _Acquisition:
     @property
     def passes(self) -> bool:
         return any(v.outcome is Outcome.PASS for v in self.verdicts)
+
+
+@dataclass(slots=True)
+class CheckReport:
+    """Everything ``check`` found under one PATH."""
+
+    path: Path
+    protocols: tuple[SequenceProtocol, ...]
+    acquisitions: list[CheckedAcquisition]
+    #: Files that were skipped, bad or duplicates, with their reasons.
+    notes: list[_FileNote]
+    files_read: int
+    #: Protocols the shipped model is validated for (a pass against another one would not run the model).
+    model_protocols: frozenset[str] = frozenset()
+
+    @property
+    def status(self) -> int:
+        passed = bool(self.acquisitions) and all(a.passes for a in self.acquisitions)
+        return EXIT_PASS if passed else EXIT_FAIL
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -124,24 +143,19 @@ def run_check(args: argparse.Namespace, *, stdout: TextIO | None = None) -> int:
     level = assembler_log.level
     assembler_log.setLevel(logging.ERROR)
     try:
-        acquisitions, notes, read = check_path(path, protocols)
+        report = check_path(path, protocols)
     finally:
         assembler_log.setLevel(level)
-    model_protocols = _model_protocols()
-    status = EXIT_PASS if acquisitions and all(a.passes for a in acquisitions) else EXIT_FAIL
+    report.model_protocols = _model_protocols()
     if args.json:
-        json.dump(
-            _document(path, protocols, acquisitions, notes, read, model_protocols, status), out, indent=2
-        )
+        json.dump(_document(report), out, indent=2)
         out.write("\n")
     else:
-        _print_text(out, path, protocols, acquisitions, notes, read, model_protocols)
-    return status
+        _print_text(out, report)
+    return report.status
 
 
-def check_path(
-    path: Path, protocols: Sequence[SequenceProtocol]
-) -> tuple[list[_Acquisition], list[_FileNote], int]:
+def check_path(path: Path, protocols: Sequence[SequenceProtocol]) -> CheckReport:
     """Read every file under ``path``, end every acquisition, and judge each against every protocol."""
     updates: list[AcquisitionUpdate] = []
     notes: list[_FileNote] = []
@@ -172,11 +186,11 @@ def check_path(
             f.relative_to(root) if f.is_relative_to(root) else f
             for f in folders.get(update.view.acquisition_id, set())
         }
-        acquisition = _Acquisition(view=update.view, folders=found)
+        acquisition = CheckedAcquisition(view=update.view, folders=found)
         acquisition.verdicts = [evaluate(p, update.view, final=True, now=now) for p in protocols]
         acquisitions.append(acquisition)
     acquisitions.sort(key=lambda a: (sorted(str(f) for f in a.folders), a.view.series_numbers))
-    return acquisitions, notes, len(files)
+    return CheckReport(path, tuple(protocols), acquisitions, notes, len(files))
 
 
 def _files(path: Path) -> list[Path]:
@@ -218,7 +232,7 @@ def _model_protocols() -> frozenset[str]:
 # ------------------------------------------------------------------------------------------------- output
 
 
-def _title(index: int, total: int, acquisition: _Acquisition) -> str:
+def _title(index: int, total: int, acquisition: CheckedAcquisition) -> str:
     view = acquisition.view
     series = ", ".join(str(n) for n in view.series_numbers) or "?"
     folders = ", ".join(sorted(str(f) for f in acquisition.folders)) or "."
@@ -229,22 +243,15 @@ def _title(index: int, total: int, acquisition: _Acquisition) -> str:
     )
 
 
-def _print_text(
-    out: TextIO,
-    path: Path,
-    protocols: Sequence[SequenceProtocol],
-    acquisitions: Sequence[_Acquisition],
-    notes: Sequence[_FileNote],
-    read: int,
-    model_protocols: frozenset[str],
-) -> None:
-    names = ", ".join(f"{p.id} {p.version}" for p in protocols)
+def _print_text(out: TextIO, report: CheckReport) -> None:
+    path, acquisitions, model_protocols = report.path, report.acquisitions, report.model_protocols
+    names = ", ".join(f"{p.id} {p.version}" for p in report.protocols)
     print(
-        f"sct-agent check {path}: {read} files, {len(acquisitions)} acquisitions; protocols: {names}",
+        f"sct-agent check {path}: {report.files_read} files, {len(acquisitions)} acquisitions; protocols: {names}",
         file=out,
     )
     by_outcome: dict[str, list[_FileNote]] = {}
-    for note in notes:
+    for note in report.notes:
         by_outcome.setdefault(note.outcome, []).append(note)
     root = path if path.is_dir() else path.parent
     for outcome, items in sorted(by_outcome.items()):
@@ -339,30 +346,24 @@ def _verdict_document(verdict: Verdict, model_protocols: frozenset[str]) -> dict
     }
 
 
-def _document(
-    path: Path,
-    protocols: Sequence[SequenceProtocol],
-    acquisitions: Sequence[_Acquisition],
-    notes: Sequence[_FileNote],
-    read: int,
-    model_protocols: frozenset[str],
-    status: int,
-) -> dict[str, Any]:
+def _document(report: CheckReport) -> dict[str, Any]:
     return {
-        "path": str(path),
-        "protocols": [{"id": p.id, "version": p.version, "path": str(p.path)} for p in protocols],
+        "path": str(report.path),
+        "protocols": [{"id": p.id, "version": p.version, "path": str(p.path)} for p in report.protocols],
         "files": {
-            "read": read,
-            "not_used": [{"path": str(n.path), "outcome": n.outcome, "reason": n.reason} for n in notes],
+            "read": report.files_read,
+            "not_used": [
+                {"path": str(n.path), "outcome": n.outcome, "reason": n.reason} for n in report.notes
+            ],
         },
         "acquisitions": [
             {
                 "folders": sorted(str(f) for f in a.folders),
                 "view": _view_document(a.view),
-                "verdicts": [_verdict_document(v, model_protocols) for v in a.verdicts],
+                "verdicts": [_verdict_document(v, report.model_protocols) for v in a.verdicts],
                 "passes": a.passes,
             }
-            for a in acquisitions
+            for a in report.acquisitions
         ],
-        "exit_status": status,
+        "exit_status": report.status,
     }

@@ -326,10 +326,9 @@ def test_real_vendor_exports_get_their_verdicts_while_the_agent_goes_on(
         SIEMENS_SPLIT_ECHO2,
         TSE_PARTIAL,
     )
-    expected, _, _ = check.check_path(root, [])
     ids = {
         tuple(sorted(str(f) for f in a.folders)): a.view.acquisition_id
-        for a in expected
+        for a in check.check_path(root, []).acquisitions
         if set(str(f) for f in a.folders) <= set(folders)
     }
     assert len(ids) == 4

@@ -149,23 +149,23 @@ def final_views(updates: list[AcquisitionUpdate]) -> list[AcquisitionView]:
 
 
 @pytest.fixture(scope="module")
-def checked() -> dict[tuple[str, ...], check._Acquisition]:
+def checked() -> dict[tuple[str, ...], check.CheckedAcquisition]:
     """Every acquisition under ../shared/dicom, keyed by the folders its files came from."""
     root = shared_dicom()
     protocol = load_protocol(PHILIPS_TEST_PROTOCOL)
-    acquisitions, _, _ = check.check_path(root, [protocol])
-    return {tuple(sorted(str(f) for f in a.folders)): a for a in acquisitions}
+    report = check.check_path(root, [protocol])
+    return {tuple(sorted(str(f) for f in a.folders)): a for a in report.acquisitions}
 
 
 def test_every_catalogued_series_is_one_acquisition(
-    checked: dict[tuple[str, ...], check._Acquisition],
+    checked: dict[tuple[str, ...], check.CheckedAcquisition],
 ) -> None:
     assert sorted(checked) == sorted(e.folders for e in REFERENCE)
 
 
 @pytest.mark.parametrize("expected", REFERENCE, ids=lambda e: e.folders[0].split("/")[-1])
 def test_view_of_each_real_series(
-    expected: Expected, checked: dict[tuple[str, ...], check._Acquisition]
+    expected: Expected, checked: dict[tuple[str, ...], check.CheckedAcquisition]
 ) -> None:
     view = checked[expected.folders].view
     assert view.sop_class == expected.sop_class
@@ -189,7 +189,7 @@ def test_view_of_each_real_series(
 
 @pytest.mark.parametrize("expected", REFERENCE, ids=lambda e: e.folders[0].split("/")[-1])
 def test_verdict_of_each_real_series_against_the_philips_protocol(
-    expected: Expected, checked: dict[tuple[str, ...], check._Acquisition]
+    expected: Expected, checked: dict[tuple[str, ...], check.CheckedAcquisition]
 ) -> None:
     (verdict,) = checked[expected.folders].verdicts
     assert verdict.outcome is expected.outcome, [r.text() for r in verdict.reasons]
@@ -200,7 +200,7 @@ def test_verdict_of_each_real_series_against_the_philips_protocol(
 
 
 def test_classic_and_enhanced_exports_of_one_scan_give_equal_views(
-    checked: dict[tuple[str, ...], check._Acquisition],
+    checked: dict[tuple[str, ...], check.CheckedAcquisition],
 ) -> None:
     classic = checked[(PHILIPS_CLASSIC,)].view
     enhanced = checked[(PHILIPS_ENHANCED,)].view
@@ -215,7 +215,7 @@ def test_classic_and_enhanced_exports_of_one_scan_give_equal_views(
 @pytest.mark.parametrize("protocol_id", ["bonemri_lumbar_1p5t", "bonemri_lumbar_3t"])
 def test_no_real_series_passes_a_shipped_protocol(protocol_id: str) -> None:
     protocol = load_protocol(SHIPPED_PROTOCOLS_DIR / f"{protocol_id}.toml")
-    acquisitions, _, _ = check.check_path(shared_dicom(), [protocol])
+    acquisitions = check.check_path(shared_dicom(), [protocol]).acquisitions
     assert len(acquisitions) == len(REFERENCE)
     for acquisition in acquisitions:
         (verdict,) = acquisition.verdicts
@@ -224,8 +224,8 @@ def test_no_real_series_passes_a_shipped_protocol(protocol_id: str) -> None:
 
 def test_raw_data_and_non_dicom_files_are_skipped_with_their_reason() -> None:
     root = shared_dicom()
-    _, notes, _ = check.check_path(root / "dcm_qa_philips_enh", [load_protocol(PHILIPS_TEST_PROTOCOL)])
-    reasons = {n.path.name: (n.outcome, n.reason) for n in notes}
+    report = check.check_path(root / "dcm_qa_philips_enh", [load_protocol(PHILIPS_TEST_PROTOCOL)])
+    reasons = {n.path.name: (n.outcome, n.reason) for n in report.notes}
     raw = next(iter(series_files(PHILIPS_RAW))).name
     assert reasons[raw][0] == FileOutcome.SKIPPED
     assert "Raw Data Storage" in reasons[raw][1]
