@@ -95,7 +95,8 @@ class _ImageSet:
         for echo in self.echoes:
             if abs(echo.echo_time_ms - echo_time_ms) <= ECHO_TIME_TOLERANCE_MS:
                 return echo, False
-        echo = _Echo(echo_time_ms)
+        # Rounded once here, so the view's echo times and the images' (which the streamer matches) agree.
+        echo = _Echo(round(echo_time_ms, TIME_DECIMALS))
         self.echoes.append(echo)
         self.echoes.sort(key=lambda e: e.echo_time_ms)
         return echo, True
@@ -416,7 +417,7 @@ class Assembler:
             repetition_time_ms=facts.repetition_time_ms,
             flip_angle_deg=facts.flip_angle_deg,
             pixel_bandwidth_hz=facts.pixel_bandwidth_hz,
-            echo_times_ms=tuple(round(e.echo_time_ms, TIME_DECIMALS) for e in images.echoes),
+            echo_times_ms=tuple(e.echo_time_ms for e in images.echoes),
             expected_echoes=expected_echoes,
             pixel_spacing_mm=facts.pixel_spacing_mm,
             slice_spacing_mm=facts.slice_spacing_mm,

@@ -267,6 +267,8 @@ def test_philips_classic_streams_only_magnitude_images_and_completes_by_count() 
     assert len({image.instance_key for image in streamed}) == 106
     final = updates[-1]
     assert final.kind is UpdateKind.COMPLETE and final.view.ended_by == "count"
+    # The streamer finds each image's echo by its echo time: the images' and the view's must be equal.
+    assert {image.echo_time_ms for image in streamed} == set(final.view.echo_times_ms) == {2.3, 4.6}
     assert final.view.grid is not None and final.view.grid.shape == (53, 80, 80)
     first_verdict = evaluate(load_protocol(PHILIPS_TEST_PROTOCOL), updates[0].view, final=False)
     # A provisional verdict from the first image already judges the sequence; nothing it judged fails.
