@@ -1,7 +1,8 @@
 """sct-agent: synthetic CT from dual-echo MRI at the scanner's edge.
 
 Subcommands are the tools of the people who use the product: the simulated scanner and the demo for developers
-and evaluators, the agent itself (`run`) and its subscriber (`listen`).
+and evaluators, the agent itself (`run`), its subscriber (`listen`), and the protocol check IT and the MRI
+technologist run on a test export before the first patient (`check`).
 """
 
 from __future__ import annotations
