@@ -33,6 +33,8 @@ FIELD_DECIMALS = 3
 LENGTH_DECIMALS = 4
 COSINE_DECIMALS = 6
 SHIFT_DECIMALS = 2
+#: A slice spacing below this (mm) states nothing: no scanner resolves 10 µm slices.
+MIN_SLICE_SPACING_MM = 0.01
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,8 +88,12 @@ def facts_for(header: ObjectHeader, siemens: SiemensProtocol | None = None) -> A
     spacing = header.spacing_between_slices_mm
     if spacing is not None:
         # Some consoles write a signed SpacingBetweenSlices (the direction is in the positions).
-        spacing = abs(spacing) or None
-    spacing = spacing or header.slice_thickness_mm or None
+        spacing = abs(spacing)
+    if spacing is None or spacing < MIN_SLICE_SPACING_MM:
+        spacing = header.slice_thickness_mm
+    if spacing is not None and spacing < MIN_SLICE_SPACING_MM:
+        # 0 (written by some consoles for "not applicable") or a corrupt denormal: no spacing is stated.
+        spacing = None
     shift = water_fat_shift_px(
         header.pixel_bandwidth_hz,
         header.imaging_frequency_mhz,

@@ -452,7 +452,7 @@ class Assembler:
     def _grid(self, acquisition: _Acquisition, n_slices: int | None, *, ended: bool) -> VolumeGeometry | None:
         """The full-volume grid, or None while it cannot be placed (see module docstring)."""
         header = acquisition.header
-        spacing = header.spacing_between_slices_mm or header.slice_thickness_mm
+        spacing = acquisition.facts.slice_spacing_mm
         if acquisition.anchor_mm is None or acquisition.anchor_position is None:
             return None
         placed: tuple[float, int] | None = None
@@ -555,7 +555,7 @@ def _positions(acquisition: _Acquisition) -> list[float]:
 def _on_grid(positions: list[float], origin_mm: float, spacing: float, count: int) -> bool:
     for p in positions:
         k = (p - origin_mm) / spacing
-        if abs(k - round(k)) > GRID_TOLERANCE_FRACTION or not 0 <= round(k) < count:
+        if not math.isfinite(k) or abs(k - round(k)) > GRID_TOLERANCE_FRACTION or not 0 <= round(k) < count:
             return False
     return True
 

@@ -335,3 +335,23 @@ def test_bad_files_alone_leave_no_acquisition_open(tmp_path: Path, real_series: 
     result = run(bad)
     assert result.updates == []
     assert {outcome for outcome, _ in result.files.values()} == {FileOutcome.BAD}
+
+
+def test_a_vanishing_slice_spacing_is_not_stated_and_nothing_overflows(
+    tmp_path: Path, real_series: list[Path]
+) -> None:
+    """SpacingBetweenSlices 1e-320 (a denormal a corrupt writer produced for bench/fuzz_headers.py) made
+    positions / spacing overflow; a spacing under 10 µm now states nothing and SliceThickness is used."""
+    files = [
+        damaged(source, tmp_path, source.name, _set("SpacingBetweenSlices", "1e-320"))
+        for source in real_series
+    ]
+    result = run(files)
+    (view,) = result.finals
+    assert {outcome for outcome, _ in result.files.values()} == {FileOutcome.ACCEPTED}
+    assert view.slice_spacing_mm == 3.0  # the SliceThickness; the slices are really 3.6 mm apart
+    assert view.grid is None  # so no grid fits them, and the final verdict says so
+    verdict = evaluate(load_protocol(SHIPPED_PROTOCOLS_DIR / "bonemri_lumbar_1p5t.toml"), view, final=True)
+    assert any(
+        r.attribute == "SpacingBetweenSlices" and "steps of 3.6 mm" in r.found for r in verdict.reasons
+    )
