@@ -166,13 +166,11 @@ class SiemensSequenceName:
 _SIEMENS_NAME = re.compile(
     r"^\*?(?P<technique>[a-z_]+?)(?P<dimensions>[23]d)(?P<contrasts>\d+)", re.IGNORECASE
 )
-#: Siemens techniques by what they are. FLASH (fl) and its field-mapping variant (fm) are RF-spoiled gradient
-#: echo by design; turbo FLASH (tfl) is magnetisation-prepared (MPRAGE); FISP/trueFISP (fi, tfi) are unspoiled
-#: steady state; tse/se spin echo; ep* echo planar.
+#: Siemens techniques whose nature the exported tokens may not state. FLASH (fl) and its field-mapping variant
+#: (fm) are RF-spoiled gradient echo by design; turbo FLASH (tfl) is magnetisation-prepared (MPRAGE); ep* is
+#: echo planar. Other techniques (fi/tfi steady state, se/tse spin echo) are stated correctly by the tokens.
 SIEMENS_SPOILED_TECHNIQUES = frozenset({"fl", "fm", "fl_", "flc", "qfl", "swi"})
 SIEMENS_PREPARED_TECHNIQUES = frozenset({"tfl", "mp", "mpr"})
-SIEMENS_STEADY_STATE_TECHNIQUES = frozenset({"fi", "tfi", "ci", "psif"})
-SIEMENS_SPIN_ECHO_TECHNIQUES = frozenset({"se", "tse", "spc", "spcr", "h2d", "tir", "ir"})
 SIEMENS_EPI_PREFIX = "ep"
 
 
@@ -187,10 +185,8 @@ def parse_siemens_sequence_name(name: str) -> SiemensSequenceName | None:
     )
 
 
-#: Philips scanning techniques (2001,1020) / PulseSequenceName: T1FFE is the RF-spoiled fast field echo; FFE
-#: and T2FFE are unspoiled steady state; TFE is magnetisation-prepared; SE/TSE spin echo; EPI echo planar.
-PHILIPS_SPOILED_TECHNIQUES = frozenset({"T1FFE"})
-PHILIPS_UNSPOILED_TECHNIQUES = frozenset({"FFE", "T2FFE", "BFFE", "B-FFE"})
+#: Philips scanning techniques (2001,1020) / PulseSequenceName that are magnetisation-prepared (TFE). Spoiling
+#: is stated correctly by Philips (SequenceVariant SP for T1FFE, SS for FFE; Spoiling RF or NONE).
 PHILIPS_PREPARED_TECHNIQUES = frozenset({"TFE", "T1TFE", "T2TFE", "IR-TFE", "IRTFE"})
 
 #: Enhanced MR coded sequence attributes, mapped onto the classic ScanningSequence / SequenceVariant tokens so
