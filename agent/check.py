@@ -43,13 +43,12 @@ from agent.records import (
 )
 from agent.validator import evaluate, format_verdict
 from agent.view_text import describe_view, orientation_text
+from agent.watcher import name_skip_reason
 from engines.model.manifest import ManifestError, default_manifest
 
 EXIT_PASS: Final = 0
 EXIT_FAIL: Final = 1
 EXIT_USAGE: Final = 2
-#: Names the agent's watcher skips too: temporary and hidden files of a writer that has not finished.
-_SKIPPED_NAMES = (".", "~")
 
 
 @dataclass(slots=True)
@@ -170,7 +169,7 @@ def check_path(path: Path, protocols: Sequence[SequenceProtocol]) -> CheckReport
 
     # The quiet period never runs out here: end_all() ends what the folder holds.
     assembler = Assembler(updates.append, quiet_period_s=float("inf"), on_file=on_file)
-    files = _files(path)
+    files = _files(path, notes)
     for file in files:
         stat = file.stat()
         arrived = ArrivedFile(file, stat.st_size, stat.st_mtime_ns, time.time(), ArrivalSource.STARTUP_SCAN)
@@ -193,14 +192,24 @@ def check_path(path: Path, protocols: Sequence[SequenceProtocol]) -> CheckReport
     return CheckReport(path, tuple(protocols), acquisitions, notes, len(files))
 
 
-def _files(path: Path) -> list[Path]:
+def _files(path: Path, notes: list[_FileNote]) -> list[Path]:
+    """The files the agent's watcher would hand over; the names it skips (temporary, hidden, DICOMDIR) are
+    noted instead of read."""
     if path.is_file():
         return [path]
     found = []
     for folder, _, names in os.walk(path):
-        for name in sorted(names):
-            if not name.startswith(_SKIPPED_NAMES):
-                found.append(Path(folder) / name)
+        for name in names:
+            file = Path(folder) / name
+            reason = name_skip_reason(file, path)
+            if reason is None:
+                found.append(file)
+                continue
+            text = (
+                f"{name}: file name: found {reason}; expected a name the agent's watcher reads "
+                "(not temporary, hidden or DICOMDIR)"
+            )
+            notes.append(_FileNote(file, FileOutcome.SKIPPED, text))
     return sorted(found)
 
 

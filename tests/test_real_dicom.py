@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -339,6 +340,16 @@ def test_check_usage_errors_exit_2(tmp_path: Path) -> None:
     broken = tmp_path / "broken.toml"
     broken.write_text('id = "broken"\n')
     assert run_check(str(tmp_path), "--protocol", str(broken))[0] == check.EXIT_USAGE
+
+
+def test_check_skips_the_names_the_watcher_skips(tmp_path: Path) -> None:
+    real = series_files(PHILIPS_CLASSIC)[0]
+    for name in ("image.dcm", ".hidden.dcm", "image.dcm.partial"):
+        shutil.copy(real, tmp_path / name)
+    report = check.check_path(tmp_path, [])
+    assert report.files_read == 1
+    assert sorted(n.path.name for n in report.notes) == [".hidden.dcm", "image.dcm.partial"]
+    assert all("file name: found" in n.reason for n in report.notes)
 
 
 def test_check_of_a_folder_without_mr_images_fails(tmp_path: Path) -> None:
