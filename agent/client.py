@@ -1,17 +1,30 @@
 """The subscriber library a navigation robot integrates: connect, receive, get whole sCT volumes with geometry.
 
-    with SctClient("tcp://edge-agent:5556") as client:
+    keys = curve_client(Path("server.key"), Path("robot-or1.key_secret"))  # off loopback
+    with SctClient("tcp://edge-agent:5556", snapshot_endpoint="tcp://edge-agent:5557", curve=keys) as client:
         while True:
             volume = client.receive_volume(timeout_s=5.0)
             if volume is not None:
                 robot.load(volume.hu, volume.geometry.affine)  # int16 HU, voxel (slice,row,col) -> LPS mm
 
-The client subscribes to every topic (a sequence number counts all of them, so only then does a skipped number
-mean a lost message), checks every payload's sha256, records sequence gaps, and rebuilds each volume from its
-slabs as they arrive. When the ``sct.volume`` message comes it hands over a :class:`ReceivedVolume` saying
-whether the slabs alone made the whole volume and whether they equal the volume message byte for byte. The
-volume message is what a late joiner or a subscriber that lost slabs relies on; the snapshot protocol of
-DESIGN.md §5 will add resynchronisation for the rest.
+This is the client half of the Clone pattern (ZeroMQ guide, chapter 5; docs/protocol.md is the specification):
+
+1. subscribe to every topic first (a sequence number counts all of them, so only then does a skipped number
+   mean a lost message), so nothing sent from now on is missed;
+2. ask the snapshot socket for the current state: the latest finished volumes and every slab of the series in
+   flight, ending with the sequence number it reflects;
+3. drop broadcast messages at or below that number (the snapshot already had them), and expect the next one;
+4. on a gap in the sequence numbers, or a new ``publisher_id`` (the agent restarted), throw away half-built
+   volumes and ask for a snapshot again (resynchronise) instead of ever using a volume with a hole in it;
+5. when nothing, not even a heartbeat, arrives for ``heartbeat_liveness`` heartbeat intervals, treat the
+   publisher as lost: close both sockets, connect afresh and resynchronise.
+
+Every payload's sha256 is checked; a message that fails is refused, counted, and shows as a gap. Slabs are
+written into a full-volume array as they arrive; when the ``sct.volume`` message comes the client hands over a
+:class:`ReceivedVolume` saying whether the slabs alone made the whole volume and whether they equal the volume
+message byte for byte. A message is handed to the application once, whether it came live or in a snapshot.
+
+Without a snapshot endpoint the client only subscribes: it records gaps but cannot heal them.
 """
 
 from __future__ import annotations
@@ -28,7 +41,21 @@ import numpy as np
 import numpy.typing as npt
 import zmq
 
-from agent.wire import ALL_TOPICS, Message, SlabMessage, VolumeMessage, WireError, decode
+from agent.curve_keys import CurveClient, apply_client
+from agent.wire import (
+    ALL_TOPICS,
+    HeartbeatMessage,
+    Message,
+    SchemaVersionError,
+    SlabMessage,
+    SnapshotEnd,
+    SnapshotError,
+    VolumeMessage,
+    WireError,
+    decode,
+    decode_snapshot_reply,
+    encode_snapshot_request,
+)
 from engines.phantom.geometry import VolumeGeometry
 
 logger = logging.getLogger(__name__)
@@ -39,6 +66,14 @@ MAX_ASSEMBLIES: Final = 4
 DEFAULT_KEEP_VOLUMES: Final = 4
 #: Gaps kept in ``gaps`` (the most recent); ``gap_count`` counts them all.
 MAX_GAPS_KEPT: Final = 1024
+#: Heartbeat intervals without any message after which the publisher counts as lost (the zguide's liveness).
+HEARTBEAT_LIVENESS: Final = 3
+#: The interval assumed until the publisher states its own (in a heartbeat or a snapshot's end), s.
+DEFAULT_HEARTBEAT_S: Final = 1.0
+#: How long a snapshot may take before the client gives up on it and connects afresh (s).
+DEFAULT_SNAPSHOT_TIMEOUT_S: Final = 10.0
+#: (publisher id, seq) pairs remembered so that a message replayed by a snapshot is not handed over twice.
+MAX_DELIVERED_KEPT: Final = 8192
 
 
 class Gap(NamedTuple):
@@ -72,6 +107,8 @@ class ReceivedVolume:
     publisher_id: str
     seq: int
     received_at: float
+    #: The volume message came in a snapshot (the subscriber joined, or resynchronised, after it was sent).
+    from_snapshot: bool = False
 
 
 class _Assembly:
@@ -97,42 +134,56 @@ class _Assembly:
 
 
 class SctClient:
-    """A SUB socket on the publisher's endpoint, with checking, gap tracking and volume reassembly.
+    """A SUB socket on the publisher's endpoint and a DEALER on its snapshot endpoint, with checking, gap
+    healing, liveness and volume reassembly.
 
-    Not thread-safe (it owns a ZeroMQ socket): use it from one thread.
+    Not thread-safe (it owns ZeroMQ sockets): use it from one thread.
     """
 
     def __init__(
         self,
         endpoint: str,
         *,
+        snapshot_endpoint: str | None = None,
+        curve: CurveClient | None = None,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
         rcvhwm: int = 0,
         keep_volumes: int = DEFAULT_KEEP_VOLUMES,
+        heartbeat_liveness: int = HEARTBEAT_LIVENESS,
+        snapshot_timeout_s: float = DEFAULT_SNAPSHOT_TIMEOUT_S,
         on_volume: Callable[[ReceivedVolume], None] | None = None,
     ) -> None:
-        """``rcvhwm`` 0 (the default) never drops on the robot's side; a positive value bounds its memory."""
+        """``rcvhwm`` 0 (the default) never drops on the robot's side; a positive value bounds its memory.
+
+        ``snapshot_endpoint`` None subscribes only (no late-join state, gaps recorded but not healed).
+        """
         if rcvhwm < 0:
             raise ValueError(f"SctClient rcvhwm: found {rcvhwm}; expected 0 (unbounded) or a positive count")
         if keep_volumes < 1:
             raise ValueError(f"SctClient keep_volumes: found {keep_volumes}; expected >= 1")
+        if heartbeat_liveness < 1:
+            raise ValueError(f"SctClient heartbeat_liveness: found {heartbeat_liveness}; expected >= 1")
+        if not snapshot_timeout_s > 0:
+            raise ValueError(f"SctClient snapshot_timeout_s: found {snapshot_timeout_s}; expected > 0 s")
         self._endpoint = endpoint
+        self._snapshot_endpoint = snapshot_endpoint
+        self._curve = curve
+        self._rcvhwm = rcvhwm
+        self._liveness = heartbeat_liveness
+        self._snapshot_timeout_s = snapshot_timeout_s
         self._own_context = context is None
         self._context: zmq.Context[zmq.Socket[bytes]] = context if context is not None else zmq.Context()
         self._socket: zmq.Socket[bytes] | None = None
-        try:
-            socket = self._context.socket(zmq.SUB)
-            socket.setsockopt(zmq.RCVHWM, rcvhwm)
-            socket.setsockopt(zmq.LINGER, 0)
-            for topic in ALL_TOPICS:
-                socket.setsockopt(zmq.SUBSCRIBE, topic)
-            self._socket = socket
-            socket.connect(endpoint)
-        except BaseException:
-            self.close()
-            raise
+        self._dealer: zmq.Socket[bytes] | None = None
         self._on_volume = on_volume
         self._assemblies: OrderedDict[str, _Assembly] = OrderedDict()
+        self._pending: deque[Message] = deque()
+        self._delivered: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._syncing = False
+        self._sync_deadline = 0.0
+        self._sync_from_snapshot = False
+        self._heartbeat_s = DEFAULT_HEARTBEAT_S
+        self._closed = False
         #: Finished volumes, oldest first; take them with :meth:`pop_volume` (bounded by ``keep_volumes``).
         self.completed_volumes: deque[ReceivedVolume] = deque(maxlen=keep_volumes)
         #: Sequence gaps seen (the most recent ``MAX_GAPS_KEPT``).
@@ -144,7 +195,17 @@ class SctClient:
         #: Messages refused (malformed, unknown schema, checksum mismatch) and the latest reason.
         self.rejected = 0
         self.last_error: WireError | None = None
+        #: Snapshots received in full, resynchronisations asked for (gap or publisher change), and fresh
+        #: connections after the publisher went quiet or a snapshot timed out.
+        self.snapshots = 0
+        self.resyncs = 0
+        self.reconnects = 0
         self._last_received: float | None = None
+        try:
+            self._connect()
+        except BaseException:
+            self.close()
+            raise
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -157,16 +218,24 @@ class SctClient:
         self.close()
 
     def close(self) -> None:
-        """Close the socket (and the context, if the client made it). Safe to call twice."""
-        if self._socket is not None:
-            self._socket.close(linger=0)
-            self._socket = None
+        """Close the sockets (and the context, if the client made it). Safe to call twice."""
+        self._closed = True
+        self._close_sockets()
         if self._own_context and not self._context.closed:
             self._context.term()
 
     @property
     def endpoint(self) -> str:
         return self._endpoint
+
+    @property
+    def snapshot_endpoint(self) -> str | None:
+        return self._snapshot_endpoint
+
+    @property
+    def synchronised(self) -> bool:
+        """A snapshot has been applied and no gap has been seen since (always True without snapshots)."""
+        return not self._syncing
 
     @property
     def seconds_since_last_message(self) -> float | None:
@@ -180,30 +249,21 @@ class SctClient:
     def receive(self, timeout_s: float | None = None) -> Message | None:
         """The next valid message, or None after ``timeout_s`` seconds (None: wait for ever).
 
-        Invalid messages (malformed, unknown schema major, checksum mismatch) are logged, counted in
-        ``rejected`` and skipped; the next valid message then shows the loss as a sequence gap.
+        Messages replayed by a snapshot come first, in their original order, then live ones. Invalid messages
+        (malformed, unknown schema major, checksum mismatch) are logged, counted in ``rejected`` and skipped;
+        the next valid message then shows the loss as a sequence gap, which a snapshot heals.
         """
-        socket = self._require_socket()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
-            wait_ms = None if deadline is None else max(0, round((deadline - time.monotonic()) * 1000))
-            if not socket.poll(wait_ms):
+            if self._pending:
+                return self._pending.popleft()
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
                 return None
-            frames = socket.recv_multipart(copy=False)
-            self._last_received = time.monotonic()
-            try:
-                message = decode(frames)
-            except WireError as error:
-                self.rejected += 1
-                self.last_error = error
-                logger.warning("rejected a message from %s: %s", self._endpoint, error)
-                continue
-            self._track(message)
-            if isinstance(message, SlabMessage):
-                self._add_slab(message)
-            elif isinstance(message, VolumeMessage):
-                self._finish(message)
-            return message
+            if self._syncing:
+                self._step_snapshot(remaining)
+            else:
+                self._step_live(remaining)
 
     def wait_for(self, predicate: Callable[[Message], bool], timeout_s: float) -> Message | None:
         """Receive until a message satisfies ``predicate``; None if none does within ``timeout_s`` seconds."""
@@ -227,14 +287,153 @@ class SctClient:
         """The oldest finished volume not yet taken, or None."""
         return self.completed_volumes.popleft() if self.completed_volumes else None
 
+    # ----------------------------------------------------------------------------------- connection state
+
+    def _connect(self) -> None:
+        """SUB first, so nothing published from here on is missed; then ask for the state so far."""
+        socket = self._context.socket(zmq.SUB)
+        self._socket = socket
+        socket.setsockopt(zmq.RCVHWM, self._rcvhwm)
+        socket.setsockopt(zmq.LINGER, 0)
+        if self._curve is not None:
+            apply_client(socket, self._curve)
+        for topic in ALL_TOPICS:
+            socket.setsockopt(zmq.SUBSCRIBE, topic)
+        socket.connect(self._endpoint)
+        self._last_received = None
+        self._live_since = time.monotonic()
+        if self._snapshot_endpoint is not None:
+            self._request_snapshot()
+
+    def _request_snapshot(self) -> None:
+        if self._dealer is not None:
+            # A fresh DEALER per request: a late reply to an abandoned request can never be mistaken for this one.
+            self._dealer.close(linger=0)
+        assert self._snapshot_endpoint is not None
+        dealer = self._context.socket(zmq.DEALER)
+        self._dealer = dealer
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.setsockopt(zmq.RCVHWM, 0)
+        if self._curve is not None:
+            apply_client(dealer, self._curve)
+        dealer.connect(self._snapshot_endpoint)
+        dealer.send_multipart(encode_snapshot_request(time.time()))
+        self._syncing = True
+        self._sync_deadline = time.monotonic() + self._snapshot_timeout_s
+        self._assemblies.clear()
+
+    def resync(self, why: str = "asked by the application") -> None:
+        """Throw away half-built volumes and ask for a fresh snapshot (what a gap does); no-op without one."""
+        if self._snapshot_endpoint is None:
+            return
+        self.resyncs += 1
+        logger.warning("resynchronising from %s: %s", self._snapshot_endpoint, why)
+        self._request_snapshot()
+
+    def _reconnect(self, why: str) -> None:
+        self.reconnects += 1
+        logger.warning("reconnecting to %s: %s", self._endpoint, why)
+        self._close_sockets()
+        self._connect()
+
+    def _close_sockets(self) -> None:
+        for socket in (self._socket, self._dealer):
+            if socket is not None:
+                socket.close(linger=0)
+        self._socket = self._dealer = None
+
+    def _require(self, socket: zmq.Socket[bytes] | None) -> zmq.Socket[bytes]:
+        if socket is None or self._closed:
+            raise RuntimeError(f"SctClient on {self._endpoint} is closed")
+        return socket
+
     # ------------------------------------------------------------------------------------------ internals
 
-    def _require_socket(self) -> zmq.Socket[bytes]:
-        if self._socket is None:
-            raise RuntimeError(f"SctClient on {self._endpoint} is closed")
-        return self._socket
+    def _step_snapshot(self, remaining: float | None) -> None:
+        dealer = self._require(self._dealer)
+        now = time.monotonic()
+        wait = self._sync_deadline - now if remaining is None else min(remaining, self._sync_deadline - now)
+        if wait <= 0 or not dealer.poll(max(0, round(wait * 1000))):
+            if time.monotonic() >= self._sync_deadline:
+                self._reconnect(f"no complete snapshot within {self._snapshot_timeout_s} s")
+            return
+        frames = dealer.recv_multipart(copy=False)
+        try:
+            reply = decode_snapshot_reply(frames)
+        except WireError as error:
+            self._refuse(error, "snapshot")
+            if isinstance(error, SchemaVersionError):
+                raise
+            self.resync(f"unusable snapshot message ({error.field})")
+            return
+        if isinstance(reply, SnapshotError):
+            logger.warning("snapshot refused by the publisher: %s", reply.error)
+            self._sync_deadline = min(self._sync_deadline, time.monotonic() + self._heartbeat_s)
+            return
+        if isinstance(reply, SnapshotEnd):
+            self._syncing = False
+            self.snapshots += 1
+            if reply.publisher_id != self.publisher_id and self.publisher_id is not None:
+                logger.info("publisher changed from %s to %s", self.publisher_id, reply.publisher_id)
+            self.publisher_id = reply.publisher_id
+            self.last_seq = reply.seq
+            self._heartbeat_s = reply.heartbeat_s
+            logger.info("snapshot applied: %d message(s), up to seq %d", reply.items, reply.seq)
+            return
+        self._accept(reply, from_snapshot=True)
 
-    def _track(self, message: Message) -> None:
+    def _step_live(self, remaining: float | None) -> None:
+        socket = self._require(self._socket)
+        silent_s = self._liveness * self._heartbeat_s
+        quiet_since = self._last_received if self._last_received is not None else self._live_since
+        until_lost = max(0.0, quiet_since + silent_s - time.monotonic())
+        wait = until_lost if remaining is None else min(remaining, until_lost)
+        # Poll even when the deadline has passed: an application that did not call receive for a while finds
+        # the messages queued meanwhile, and only an empty queue after the liveness window means a lost link.
+        if not socket.poll(round(wait * 1000)):
+            if quiet_since + silent_s <= time.monotonic():
+                self._reconnect(
+                    f"nothing received for {silent_s:.1f} s ({self._liveness} heartbeat intervals)"
+                )
+            return
+        frames = socket.recv_multipart(copy=False)
+        self._last_received = time.monotonic()
+        try:
+            message = decode(frames)
+        except WireError as error:
+            self._refuse(error, "broadcast")
+            if isinstance(error, SchemaVersionError):
+                raise
+            return
+        if isinstance(message, HeartbeatMessage) and message.heartbeat_s is not None:
+            self._heartbeat_s = message.heartbeat_s
+        if self._snapshot_endpoint is None:
+            self._track_without_snapshots(message)
+            self._accept(message, from_snapshot=False)
+        elif self._in_sequence(message):
+            self._accept(message, from_snapshot=False)
+
+    def _in_sequence(self, message: Message) -> bool:
+        """True for the next message after the snapshot's number; anything else is dropped or resyncs."""
+        if message.publisher_id != self.publisher_id:
+            self.resync(f"publisher changed from {self.publisher_id} to {message.publisher_id}")
+            return False
+        assert self.last_seq is not None
+        if message.seq <= self.last_seq:
+            return False  # the snapshot already reflected it
+        if message.seq != self.last_seq + 1:
+            self._record_gap(Gap(expected=self.last_seq + 1, got=message.seq))
+            self.resync(f"sequence gap: expected {self.last_seq + 1}, got {message.seq}")
+            return False
+        self.last_seq = message.seq
+        return True
+
+    def _refuse(self, error: WireError, where: str) -> None:
+        self.rejected += 1
+        self.last_error = error
+        logger.warning("rejected a %s message from %s: %s", where, self._endpoint, error)
+
+    def _track_without_snapshots(self, message: Message) -> None:
         if message.publisher_id != self.publisher_id:
             if self.publisher_id is not None:
                 logger.info("publisher changed from %s to %s", self.publisher_id, message.publisher_id)
@@ -243,12 +442,32 @@ class SctClient:
             self.publisher_id = message.publisher_id
             self._assemblies.clear()
         elif self.last_seq is not None and message.seq != self.last_seq + 1:
-            gap = Gap(expected=self.last_seq + 1, got=message.seq)
-            self.gap_count += 1
-            self.gaps.append(gap)
-            del self.gaps[:-MAX_GAPS_KEPT]
-            logger.warning("sequence gap from %s: expected %d, got %d", self.publisher_id, *gap)
+            self._record_gap(Gap(expected=self.last_seq + 1, got=message.seq))
         self.last_seq = message.seq
+
+    def _record_gap(self, gap: Gap) -> None:
+        self.gap_count += 1
+        self.gaps.append(gap)
+        del self.gaps[:-MAX_GAPS_KEPT]
+        logger.warning("sequence gap from %s: expected %d, got %d", self.publisher_id, *gap)
+
+    def _accept(self, message: Message, *, from_snapshot: bool) -> None:
+        """Apply a message to the volumes being built and hand it over, unless it was handed over before."""
+        key = (message.publisher_id, message.seq)
+        first_time = key not in self._delivered
+        if isinstance(message, SlabMessage):
+            self._add_slab(message)
+        elif isinstance(message, VolumeMessage):
+            if first_time:
+                self._finish(message, from_snapshot=from_snapshot)
+            else:
+                self._assemblies.pop(message.acquisition_id, None)
+        if not first_time:
+            return
+        self._delivered[key] = None
+        while len(self._delivered) > MAX_DELIVERED_KEPT:
+            self._delivered.popitem(last=False)
+        self._pending.append(message)
 
     def _add_slab(self, slab: SlabMessage) -> None:
         assembly = self._assemblies.get(slab.acquisition_id)
@@ -260,7 +479,7 @@ class SctClient:
         self._assemblies.move_to_end(slab.acquisition_id)
         assembly.add(slab)
 
-    def _finish(self, volume: VolumeMessage) -> None:
+    def _finish(self, volume: VolumeMessage, *, from_snapshot: bool) -> None:
         assembly = self._assemblies.pop(volume.acquisition_id, None)
         complete = (
             assembly is not None
@@ -288,6 +507,7 @@ class SctClient:
             publisher_id=volume.publisher_id,
             seq=volume.seq,
             received_at=time.time(),
+            from_snapshot=from_snapshot,
         )
         self.completed_volumes.append(received)
         if self._on_volume is not None:

@@ -151,6 +151,7 @@ class InferenceStage:
             slab_count=volume.slab_count,
             produced_at=time.time(),
             last_image_at=volume.finalize.last_image_at,
+            sources=volume.finalize.sources,
         )
         self._publish(finished)
         if self._on_volume is not None:

@@ -1,4 +1,4 @@
-"""The publisher stage: one thread owns the ZeroMQ PUB socket and sends what the pipeline submits.
+"""The publisher stage: one thread owns the ZeroMQ PUB and snapshot sockets and sends what the pipeline submits.
 
 ZeroMQ sockets are not thread-safe, so only this stage's thread creates, binds, uses and closes the socket (and
 its monitor); other threads talk to it through a bounded queue. ``submit`` blocks while that queue is full: that
@@ -12,35 +12,66 @@ which for PUB is rare; per-subscriber losses are visible to subscribers, through
 
 Payload frames are sent with ``copy=False``: libzmq reads the record's array in place and the publisher keeps a
 reference until it is sent, so a volume is never copied on its way out.
+
+Beside the PUB socket the thread serves the Clone pattern's snapshots on a ROUTER socket (``snapshot_endpoint``;
+see agent/snapshot_server.py) from a :class:`~agent.snapshot_store.SnapshotStore` it keeps as it publishes. It
+sleeps in one ``zmq.Poller`` over the ROUTER socket, both socket monitors and a wake-up pipe that ``submit``
+writes to, so a submitted slab goes out at once and nothing is polled on a timer.
+
+With ``curve`` set both sockets are CURVE servers: traffic is encrypted and a ZAP handler (pyzmq's
+``ThreadAuthenticator`` on this context) admits only the public keys in the allow-list folder. A peer that fails
+the handshake (no key, wrong key, not on the list) gets nothing; the monitors report it and ``on_rejected``
+counts it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
+from agent.curve_keys import CurveServer, apply_server
 from agent.records import Publication, SctSlab, SctVolume
+from agent.snapshot_server import RETRY_S, SnapshotServer
+from agent.snapshot_store import SnapshotStore
 from agent.wire import TOPIC_SLAB, TOPIC_STATUS, TOPIC_VOLUME, encode, encode_heartbeat
 
 logger = logging.getLogger(__name__)
 
 #: How long ``stop`` lets queued messages drain to connected subscribers after the last send (ms).
 STOP_LINGER_MS: Final = 500
-#: How often the idle thread looks at the socket monitor for subscribers coming and going (s).
-MONITOR_POLL_S: Final = 0.05
+#: The ZAP domain both sockets authenticate in; the ZAP handler admits allow-listed keys for this domain only.
+ZAP_DOMAIN: Final = b"sct-edge"
+#: Finished volumes a snapshot replays by default.
+DEFAULT_SNAPSHOT_VOLUMES: Final = 2
+#: Messages queued per snapshot peer before ROUTER says "try later"; payloads are shared, not copied.
+SNAPSHOT_HWM: Final = 1000
 #: How long ``start`` waits for the thread to report that it bound the socket (s).
 START_TIMEOUT_S: Final = 10.0
-#: Monitor events that change the subscriber count.
-_MONITOR_EVENTS: Final = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
+#: Monitor events: subscribers coming and going, and peers failing the security handshake.
+_HANDSHAKE_FAILURES: Final[dict[int, str]] = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake",
+}
+_MONITOR_EVENTS: Final = (
+    zmq.EVENT_ACCEPTED
+    | zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
 #: Bytes of random publisher id: a restart is recognisable because the id changes.
 PUBLISHER_ID_BYTES: Final = 8
 
@@ -62,16 +93,21 @@ _STOP: Final = _Stop()
 
 
 class Publisher:
-    """Publishes status events, sCT slabs and volumes on a PUB socket, with heartbeats when idle.
+    """Publishes status events, sCT slabs and volumes on a PUB socket, with heartbeats when idle, and serves
+    snapshots on a ROUTER socket.
 
-    ``on_sent(item, seq, sent_at)`` and ``on_subscribers(count)`` run on the publisher thread; they must be quick
-    and must not call back into the publisher. Their exceptions are logged and counted in ``errors``.
+    ``on_sent(item, seq, sent_at)``, ``on_subscribers(count)``, ``on_rejected(socket, reason)`` and
+    ``on_snapshot(items, nbytes)`` run on the publisher thread; they must be quick and must not call back into
+    the publisher. Their exceptions are logged and counted in ``errors``.
     """
 
     def __init__(
         self,
         endpoint: str,
         *,
+        snapshot_endpoint: str | None = None,
+        snapshot_volumes: int = DEFAULT_SNAPSHOT_VOLUMES,
+        curve: CurveServer | None = None,
         heartbeat_s: float = 1.0,
         send_hwm: int = 8,
         queue_depth: int = 64,
@@ -79,6 +115,8 @@ class Publisher:
         on_sent: Callable[[Publication, int, float], None] | None = None,
         on_subscribers: Callable[[int], None] | None = None,
         on_dropped: Callable[[str], None] | None = None,
+        on_rejected: Callable[[str, str], None] | None = None,
+        on_snapshot: Callable[[int, int], None] | None = None,
     ) -> None:
         if not heartbeat_s > 0:
             raise ValueError(
@@ -89,12 +127,17 @@ class Publisher:
         if queue_depth < 1:
             raise ValueError(f"Publisher queue_depth: found {queue_depth}; expected >= 1")
         self._requested_endpoint = endpoint
+        self._requested_snapshot = snapshot_endpoint
+        self._curve = curve
+        self._store = SnapshotStore(snapshot_volumes)
         self._heartbeat_s = heartbeat_s
         self._send_hwm = send_hwm
         self._given_context = context
         self._on_sent = on_sent
         self._on_subscribers = on_subscribers
         self._on_dropped = on_dropped
+        self._on_rejected = on_rejected
+        self._on_snapshot = on_snapshot
         self._queue: queue.Queue[Publication | _Stop] = queue.Queue(maxsize=queue_depth)
         self._submit_lock = threading.Lock()
         self._accepting = False
@@ -104,9 +147,21 @@ class Publisher:
         self._start_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="sct-publisher", daemon=True)
         self._bound_endpoint: str | None = None
+        self._bound_snapshot: str | None = None
         self._last_send = time.monotonic()
+        #: ``submit`` writes a byte here so the thread, asleep in its poller, wakes for the new item at once.
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)
         #: Random per publisher start; subscribers see a new id after a restart and count afresh.
         self.publisher_id = secrets.token_hex(PUBLISHER_ID_BYTES)
+        self._snapshots = SnapshotServer(
+            self._store,
+            self.publisher_id,
+            heartbeat_s,
+            on_served=self._snapshot_served,
+        )
+        self._rejected = 0
         self._seq = 0
         self._dropped = 0
         self._errors = 0
@@ -124,6 +179,30 @@ class Publisher:
                 endpoint=self._requested_endpoint,
             )
         return self._bound_endpoint
+
+    @property
+    def snapshot_endpoint(self) -> str | None:
+        """The snapshot endpoint actually bound; None when the publisher serves no snapshots."""
+        return self._bound_snapshot
+
+    @property
+    def secure(self) -> bool:
+        """Both sockets are CURVE servers with a ZAP allow-list."""
+        return self._curve is not None
+
+    @property
+    def rejected(self) -> int:
+        """Peers that failed the security handshake (no key, wrong key, not on the allow-list)."""
+        return self._rejected
+
+    @property
+    def snapshots_served(self) -> int:
+        return self._snapshots.served
+
+    @property
+    def store(self) -> SnapshotStore:
+        """The snapshot state (read it only while the publisher is stopped, or for rough monitoring)."""
+        return self._store
 
     @property
     def sequence(self) -> int:
@@ -197,6 +276,15 @@ class Publisher:
                     f"publisher queue ({self._queue.maxsize} items) still full after {timeout} s",
                     endpoint=self._requested_endpoint,
                 ) from None
+            self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_write, b"\0")
+        except BlockingIOError:
+            pass  # the pipe already holds unread wake-ups: the thread will wake anyway
+        except OSError as error:
+            logger.debug("publisher wake-up pipe closed: %s", error)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Send everything already submitted, close the socket (short linger) and join the thread.
@@ -209,12 +297,16 @@ class Publisher:
                 try:
                     self._queue.put(_STOP, timeout=timeout)
                     self._stop_queued = True
+                    self._wake()
                 except queue.Full:
                     logger.error("publisher queue still full after %.1f s; cannot ask it to stop", timeout)
         if not self._thread.is_alive():
+            self._close_pipe_once()
             return
         self._thread.join(timeout)
-        if self._thread.is_alive():
+        if not self._thread.is_alive():
+            self._close_pipe_once()
+        else:
             raise PublishError(
                 f"publisher thread on {self._bound_endpoint or self._requested_endpoint} did not stop "
                 f"within {timeout} s",
@@ -225,24 +317,46 @@ class Publisher:
 
     def _run(self) -> None:
         context = self._given_context or zmq.Context()
-        socket: zmq.Socket[bytes] | None = None
-        monitor: zmq.Socket[bytes] | None = None
+        sockets: list[zmq.Socket[bytes]] = []
+        monitors: list[zmq.Socket[bytes]] = []
+        authenticator: ThreadAuthenticator | None = None
         try:
-            socket = context.socket(zmq.PUB)
+            if self._curve is not None:
+                # The ZAP handler must be up before the first peer connects: without one, libzmq admits every
+                # CURVE client whose handshake is well-formed.
+                authenticator = ThreadAuthenticator(context, log=logging.getLogger("agent.zap"))
+                authenticator.start()
+                authenticator.configure_curve(
+                    domain=ZAP_DOMAIN.decode(), location=str(self._curve.allowed_keys_folder)
+                )
+            socket = self._socket(context, zmq.PUB, sockets)
             socket.setsockopt(zmq.SNDHWM, self._send_hwm)
-            socket.setsockopt(zmq.LINGER, STOP_LINGER_MS)
+            router: zmq.Socket[bytes] | None = None
+            if self._requested_snapshot is not None:
+                router = self._socket(context, zmq.ROUTER, sockets)
+                router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+                router.setsockopt(zmq.SNDHWM, SNAPSHOT_HWM)
             try:
                 socket.bind(self._requested_endpoint)
+                if router is not None:
+                    assert self._requested_snapshot is not None
+                    router.bind(self._requested_snapshot)
             except zmq.ZMQError as error:
                 self._start_error = error
                 return
-            monitor = socket.get_monitor_socket(_MONITOR_EVENTS)
-            last = socket.getsockopt(zmq.LAST_ENDPOINT)
-            self._bound_endpoint = last.decode() if isinstance(last, bytes) else str(last)
+            monitors = [s.get_monitor_socket(_MONITOR_EVENTS) for s in sockets]
+            self._bound_endpoint = _last_endpoint(socket)
+            self._bound_snapshot = _last_endpoint(router) if router is not None else None
             self._last_send = time.monotonic()
             self._ready.set()
-            logger.info("publisher %s bound to %s", self.publisher_id, self._bound_endpoint)
-            self._loop(socket, monitor)
+            logger.info(
+                "publisher %s bound to %s, snapshots on %s, %s",
+                self.publisher_id,
+                self._bound_endpoint,
+                self._bound_snapshot or "(none)",
+                "CURVE with ZAP allow-list" if self._curve is not None else "plain (no encryption)",
+            )
+            self._loop(socket, router, monitors)
         except Exception as error:
             # Nothing above should raise; if it does, say so loudly rather than let the thread vanish.
             self._errors += 1
@@ -251,22 +365,81 @@ class Publisher:
                 self._start_error = error
         finally:
             self._ready.set()
-            self._close(context, socket, monitor)
+            self._close(context, sockets, monitors, authenticator)
 
-    def _loop(self, socket: zmq.Socket[bytes], monitor: zmq.Socket[bytes]) -> None:
+    def _socket(
+        self, context: zmq.Context[zmq.Socket[bytes]], kind: int, sockets: list[zmq.Socket[bytes]]
+    ) -> zmq.Socket[bytes]:
+        socket = context.socket(kind)
+        sockets.append(socket)
+        socket.setsockopt(zmq.LINGER, STOP_LINGER_MS)
+        if self._curve is not None:
+            apply_server(socket, self._curve, ZAP_DOMAIN)
+        return socket
+
+    def _loop(
+        self,
+        socket: zmq.Socket[bytes],
+        router: zmq.Socket[bytes] | None,
+        monitors: list[zmq.Socket[bytes]],
+    ) -> None:
+        poller = zmq.Poller()
+        poller.register(self._wake_read, zmq.POLLIN)
+        for monitor in monitors:
+            poller.register(monitor, zmq.POLLIN)
+        if router is not None:
+            poller.register(router, zmq.POLLIN)
         while True:
             due = self._last_send + self._heartbeat_s - time.monotonic()
-            try:
-                item = self._queue.get(timeout=max(0.0, min(MONITOR_POLL_S, due)))
-            except queue.Empty:
-                item = None
-            self._drain_monitor(monitor)
-            if isinstance(item, _Stop):
-                return
-            if item is not None:
+            if self._snapshots.busy:
+                due = min(due, RETRY_S)
+            ready = dict(poller.poll(max(0, round(due * 1000))))
+            if self._wake_read in ready:
+                self._drain_wake()
+            for monitor, watched in zip(monitors, ("publish", "snapshot"), strict=False):
+                if monitor in ready:
+                    self._drain_monitor(monitor, watched)
+            # Everything submitted so far goes out before any snapshot is taken: a snapshot then reflects
+            # the newest sequence number and no request waits behind a burst of slabs for long.
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, _Stop):
+                    return
                 self._publish(socket, item)
-            elif time.monotonic() - self._last_send >= self._heartbeat_s:
+            if router is not None:
+                if router in ready:
+                    self._serve_requests(router)
+                if self._snapshots.busy:
+                    self._snapshots.pump(router)
+            if time.monotonic() - self._last_send >= self._heartbeat_s:
                 self._send_heartbeat(socket)
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_read, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _serve_requests(self, router: zmq.Socket[bytes]) -> None:
+        while True:
+            try:
+                frames = router.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._snapshots.on_request(frames, self._seq)
+
+    def _snapshot_served(self, items: int, nbytes: int) -> None:
+        logger.debug("snapshot served: %d messages, %d payload bytes", items, nbytes)
+        if self._on_snapshot is not None:
+            try:
+                self._on_snapshot(items, nbytes)
+            except Exception as error:
+                self._errors += 1
+                logger.exception("publisher on_snapshot callback failed: %s", error)
 
     def _publish(self, socket: zmq.Socket[bytes], item: Publication) -> None:
         seq = self._seq + 1
@@ -278,6 +451,9 @@ class Publisher:
             self._errors += 1
             logger.exception("cannot encode %s: %s", type(item).__name__, error)
             return
+        # The store keeps the message whether or not this send succeeds: a subscriber that misses it (here or
+        # in its own queue) gets it back from a snapshot.
+        self._store.record(item, seq, frames)
         if not self._send(socket, frames, seq, _topic_of(item)):
             return
         if self._on_sent is not None:
@@ -289,7 +465,8 @@ class Publisher:
 
     def _send_heartbeat(self, socket: zmq.Socket[bytes]) -> None:
         seq = self._seq + 1
-        if self._send(socket, encode_heartbeat(seq, self.publisher_id, time.time()), seq, "heartbeat"):
+        frames = encode_heartbeat(seq, self.publisher_id, time.time(), self._heartbeat_s)
+        if self._send(socket, frames, seq, "heartbeat"):
             self._heartbeats += 1
 
     def _send(
@@ -319,16 +496,21 @@ class Publisher:
                 self._errors += 1
                 logger.exception("publisher on_dropped callback failed: %s", error)
 
-    def _drain_monitor(self, monitor: zmq.Socket[bytes]) -> None:
+    def _drain_monitor(self, monitor: zmq.Socket[bytes], watched: str) -> None:
         count = self._subscribers
         while True:
             try:
                 event = recv_monitor_message(monitor, flags=zmq.NOBLOCK)
             except zmq.Again:
                 break
-            if event["event"] == zmq.EVENT_ACCEPTED:
+            kind = event["event"]
+            if kind in _HANDSHAKE_FAILURES:
+                self._count_rejected(watched, _HANDSHAKE_FAILURES[kind], event)
+            elif watched != "publish":
+                continue
+            elif kind == zmq.EVENT_ACCEPTED:
                 count += 1
-            elif event["event"] == zmq.EVENT_DISCONNECTED:
+            elif kind == zmq.EVENT_DISCONNECTED:
                 count = max(0, count - 1)
         if count == self._subscribers:
             return
@@ -341,24 +523,61 @@ class Publisher:
                 self._errors += 1
                 logger.exception("publisher on_subscribers callback failed: %s", error)
 
+    def _count_rejected(self, watched: str, reason: str, event: Mapping[str, Any]) -> None:
+        self._rejected += 1
+        # The peer's address is the operating-room network's business, not patient data: log it for IT.
+        logger.warning(
+            "%s socket refused a peer (%s handshake failure, code %s) from %s",
+            watched,
+            reason,
+            event.get("value"),
+            event.get("endpoint"),
+        )
+        if self._on_rejected is not None:
+            try:
+                self._on_rejected(watched, reason)
+            except Exception as error:
+                self._errors += 1
+                logger.exception("publisher on_rejected callback failed: %s", error)
+
     def _close(
         self,
         context: zmq.Context[zmq.Socket[bytes]],
-        socket: zmq.Socket[bytes] | None,
-        monitor: zmq.Socket[bytes] | None,
+        sockets: list[zmq.Socket[bytes]],
+        monitors: list[zmq.Socket[bytes]],
+        authenticator: ThreadAuthenticator | None,
     ) -> None:
         try:
-            if socket is not None and monitor is not None:
+            for socket in sockets[: len(monitors)]:
                 socket.disable_monitor()
-            if monitor is not None:
+            for monitor in monitors:
                 monitor.close(linger=0)
-            if socket is not None:
+            for socket in sockets:
                 socket.close(linger=STOP_LINGER_MS)
+            if authenticator is not None:
+                authenticator.stop()
             if self._given_context is None:
                 context.term()
         except Exception as error:
             self._errors += 1
-            logger.exception("publisher could not close its socket cleanly: %s", error)
+            logger.exception("publisher could not close its sockets cleanly: %s", error)
+
+    def _close_pipe_once(self) -> None:
+        with self._submit_lock:
+            if self._wake_read >= 0:
+                self._close_wake_pipe()
+
+    def _close_wake_pipe(self) -> None:
+        """Only once the thread is gone and ``submit`` refuses: a closed fd number may be reused at once."""
+        for fd in (self._wake_read, self._wake_write):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._wake_read = self._wake_write = -1
+
+
+def _last_endpoint(socket: zmq.Socket[bytes]) -> str:
+    last = socket.getsockopt(zmq.LAST_ENDPOINT)
+    return last.decode() if isinstance(last, bytes) else str(last)
 
 
 def _topic_of(item: Publication) -> str:

@@ -265,6 +265,11 @@ class StreamAction(StrEnum):
     CANCEL = "cancel"  # drop what was done (final verdict failed, or the grid had to be placed again)
 
 
+#: The MR images a volume was computed from: for each slice of the grid (in slice order), the image of each
+#: echo (ascending echo time, the model's channel order). The sCT DICOM series references them.
+SourceImages = tuple[tuple[ImageRef, ...], ...]
+
+
 @dataclass(frozen=True, slots=True)
 class StreamControl:
     acquisition_id: str
@@ -272,6 +277,8 @@ class StreamControl:
     reason: str = ""
     #: Wall-clock time of the acquisition's last image (for last-image-to-volume latency).
     last_image_at: float = 0.0
+    #: With FINALIZE: the images the volume was computed from.
+    sources: SourceImages = ()
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -313,6 +320,8 @@ class SctVolume:
     produced_at: float
     #: Wall-clock time of the acquisition's last image (for last-image-to-volume latency).
     last_image_at: float = 0.0
+    #: The MR images it was computed from (never sent on the wire; the DICOM writer references them).
+    sources: SourceImages = ()
 
 
 @dataclass(frozen=True, slots=True)

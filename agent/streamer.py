@@ -31,6 +31,7 @@ from agent.dicom_headers import read_pixels
 from agent.records import (
     ImageRef,
     SlabRequest,
+    SourceImages,
     StatusEvent,
     StreamAction,
     StreamControl,
@@ -117,7 +118,14 @@ class Streamer:
             if ended and item.verdict.final:
                 assert stream.plan is not None
                 if stream.next_slab == len(stream.plan.windows):
-                    self._emit(StreamControl(key, StreamAction.FINALIZE, last_image_at=view.last_image_at))
+                    self._emit(
+                        StreamControl(
+                            key,
+                            StreamAction.FINALIZE,
+                            last_image_at=view.last_image_at,
+                            sources=self._sources(stream, list(view.echo_times_ms)),
+                        )
+                    )
                 else:
                     self._cancel(key, stream, "acquisition ended before every slab had its slices")
         finally:
@@ -155,6 +163,14 @@ class Streamer:
             )
             stream.sent = True
             stream.next_slab += 1
+
+    def _sources(self, stream: _Stream, echo_times: list[float]) -> SourceImages:
+        """Each slice's image of each echo; every one is present, since every slab had its slices."""
+        assert stream.grid is not None
+        present = self._index(stream, stream.grid, echo_times)
+        return tuple(
+            tuple(present[echo][k] for echo in range(len(echo_times))) for k in range(stream.grid.shape[0])
+        )
 
     def _needed(self, window: SlabWindow, n_slices: int, *, first: bool) -> range:
         if first:

@@ -17,6 +17,12 @@ A volume message is framed like a slab that covers the whole volume: ``slab`` is
 size slices}`` so a consumer may treat both alike; ``stitched_from_slabs`` says how many ``sct.slab`` messages
 preceded it.
 
+The snapshot exchange (the Clone pattern's state request; schema 1.1) uses the same three-frame messages on a
+second socket: a subscriber sends ``snapshot.request``; the publisher answers with the stored ``sct.volume`` and
+``sct.slab`` messages exactly as they were first sent (same header, same seq, same payload), then
+``snapshot.end`` whose ``seq`` is the last sequence number the snapshot reflects, or ``snapshot.error``.
+``docs/protocol.md`` is the specification; this module is its implementation.
+
 Nothing here carries a patient name, ID or birth date: the records have none, and :func:`encode` refuses a
 status body that tries to smuggle one in.
 """
@@ -43,7 +49,8 @@ from engines.phantom.geometry import VolumeGeometry
 #: Schema name and version. A decoder accepts any minor version of its major (minors only add fields).
 SCHEMA_NAME: Final = "sct-edge"
 SCHEMA_MAJOR: Final = 1
-SCHEMA_MINOR: Final = 0
+#: 1.1 added the snapshot exchange and ``heartbeat_s`` in heartbeats.
+SCHEMA_MINOR: Final = 1
 SCHEMA: Final = f"{SCHEMA_NAME}/{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 
 TOPIC_STATUS: Final = b"status"
@@ -52,6 +59,11 @@ TOPIC_VOLUME: Final = b"sct.volume"
 TOPIC_HEARTBEAT: Final = b"heartbeat"
 #: Every topic a publisher sends on; a subscriber must take all of them for sequence gaps to mean loss.
 ALL_TOPICS: Final = (TOPIC_STATUS, TOPIC_SLAB, TOPIC_VOLUME, TOPIC_HEARTBEAT)
+#: The snapshot exchange, on the snapshot socket only (never broadcast).
+TOPIC_SNAPSHOT_REQUEST: Final = b"snapshot.request"
+TOPIC_SNAPSHOT_END: Final = b"snapshot.end"
+TOPIC_SNAPSHOT_ERROR: Final = b"snapshot.error"
+SNAPSHOT_TOPICS: Final = (TOPIC_SNAPSHOT_REQUEST, TOPIC_SNAPSHOT_END, TOPIC_SNAPSHOT_ERROR)
 
 #: Payload dtype (numpy's notation: little-endian signed 16-bit), units and axis order.
 WIRE_DTYPE: Final = "<i2"
@@ -127,6 +139,33 @@ class _Envelope:
 class HeartbeatMessage(_Envelope):
     """Sent when the publisher has been idle for its heartbeat interval: it is alive, nothing was lost."""
 
+    #: The publisher's heartbeat interval (s); None from a 1.0 publisher, which did not state it.
+    heartbeat_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotRequest(_Envelope):
+    """A subscriber asks for the current state (``seq`` 0 and ``publisher_id`` "" from a subscriber)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotEnd(_Envelope):
+    """The end of a snapshot: ``seq`` is the last sequence number it reflects (0: nothing sent yet).
+
+    A subscriber drops broadcast messages of this ``publisher_id`` with ``seq`` at or below it, and expects the
+    next one to be ``seq + 1``.
+    """
+
+    items: int
+    heartbeat_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotError(_Envelope):
+    """The publisher could not serve a snapshot request (busy, malformed request, unknown schema)."""
+
+    error: str
+
 
 @dataclass(frozen=True, slots=True)
 class StatusMessage(_Envelope):
@@ -181,6 +220,7 @@ class VolumeMessage(_DataMessage):
 
 
 Message = StatusMessage | SlabMessage | VolumeMessage | HeartbeatMessage
+SnapshotMessage = SnapshotRequest | SnapshotEnd | SnapshotError
 
 
 # ------------------------------------------------------------------------------------------------ encoding
@@ -248,11 +288,38 @@ def encode(publication: Publication, seq: int, publisher_id: str, sent_at: float
     return [topic, _dump_header(header), hu.data.cast("B")]
 
 
-def encode_heartbeat(seq: int, publisher_id: str, sent_at: float) -> list[bytes | memoryview]:
+def encode_heartbeat(
+    seq: int, publisher_id: str, sent_at: float, heartbeat_s: float | None = None
+) -> list[bytes | memoryview]:
     """Frame a heartbeat (the zguide's HUGZ): header only, empty payload."""
     header = _envelope_header(seq, publisher_id, sent_at)
     header["topic"] = TOPIC_HEARTBEAT.decode()
+    if heartbeat_s is not None:
+        header["heartbeat_s"] = heartbeat_s
     return [TOPIC_HEARTBEAT, _dump_header(header), b""]
+
+
+def encode_snapshot_request(sent_at: float) -> list[bytes]:
+    """Frame a subscriber's snapshot request (seq 0: requests are not part of the publisher's sequence)."""
+    header = {"schema": SCHEMA, "topic": TOPIC_SNAPSHOT_REQUEST.decode(), "seq": 0, "sent_at": sent_at,
+              "publisher_id": ""}  # fmt: skip
+    return [TOPIC_SNAPSHOT_REQUEST, _dump_header(header), b""]
+
+
+def encode_snapshot_end(
+    seq: int, publisher_id: str, sent_at: float, *, items: int, heartbeat_s: float
+) -> list[bytes]:
+    """Frame the end of a snapshot that reflects every message up to ``seq``."""
+    header = _envelope_header(seq, publisher_id, sent_at, minimum_seq=0)
+    header.update(topic=TOPIC_SNAPSHOT_END.decode(), items=items, heartbeat_s=heartbeat_s)
+    return [TOPIC_SNAPSHOT_END, _dump_header(header), b""]
+
+
+def encode_snapshot_error(seq: int, publisher_id: str, sent_at: float, error: str) -> list[bytes]:
+    """Frame a refusal to serve a snapshot; ``error`` says why in words."""
+    header = _envelope_header(seq, publisher_id, sent_at, minimum_seq=0)
+    header.update(topic=TOPIC_SNAPSHOT_ERROR.decode(), error=error)
+    return [TOPIC_SNAPSHOT_ERROR, _dump_header(header), b""]
 
 
 def payload_sha256(hu: npt.NDArray[np.int16]) -> str:
@@ -260,9 +327,9 @@ def payload_sha256(hu: npt.NDArray[np.int16]) -> str:
     return hashlib.sha256(np.ascontiguousarray(hu, dtype=WIRE_DTYPE).data).hexdigest()
 
 
-def _envelope_header(seq: int, publisher_id: str, sent_at: float) -> dict[str, Any]:
-    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
-        raise WireError("seq", seq, "an integer >= 1")
+def _envelope_header(seq: int, publisher_id: str, sent_at: float, *, minimum_seq: int = 1) -> dict[str, Any]:
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < minimum_seq:
+        raise WireError("seq", seq, f"an integer >= {minimum_seq}")
     if not publisher_id:
         raise WireError("publisher_id", publisher_id, "a non-empty string")
     return {"schema": SCHEMA, "seq": seq, "sent_at": sent_at, "publisher_id": publisher_id}
@@ -335,12 +402,37 @@ def decode(frames: Sequence[Frame], *, verify: bool = True) -> Message:
 
     Arrays are read-only views of the payload frame: receiving with ``copy=False`` makes the whole path zero-copy.
     """
+    message = _decode(frames, ALL_TOPICS, verify=verify)
+    assert not isinstance(message, SnapshotRequest | SnapshotEnd | SnapshotError)
+    return message
+
+
+def decode_snapshot_reply(
+    frames: Sequence[Frame], *, verify: bool = True
+) -> Message | SnapshotEnd | SnapshotError:
+    """Parse one message of a snapshot reply: a stored slab or volume, ``snapshot.end`` or ``snapshot.error``."""
+    topics = (TOPIC_SLAB, TOPIC_VOLUME, TOPIC_STATUS, TOPIC_SNAPSHOT_END, TOPIC_SNAPSHOT_ERROR)
+    message = _decode(frames, topics, verify=verify)
+    assert not isinstance(message, SnapshotRequest)
+    return message
+
+
+def decode_snapshot_request(frames: Sequence[Frame]) -> SnapshotRequest:
+    """Parse a subscriber's snapshot request (raises :class:`WireError`, or :class:`SchemaVersionError`)."""
+    message = _decode(frames, (TOPIC_SNAPSHOT_REQUEST,), verify=False)
+    assert isinstance(message, SnapshotRequest)
+    return message
+
+
+def _decode(
+    frames: Sequence[Frame], topics: tuple[bytes, ...], *, verify: bool
+) -> Message | SnapshotRequest | SnapshotEnd | SnapshotError:
     if len(frames) != FRAME_COUNT:
         raise WireError("frames", len(frames), f"{FRAME_COUNT} frames: topic, JSON header, payload")
     topic_view, header_view, payload = (_view(f) for f in frames)
     topic = topic_view.tobytes()
-    if topic not in ALL_TOPICS:
-        raise WireError("topic", topic, f"one of {[t.decode() for t in ALL_TOPICS]}")
+    if topic not in topics:
+        raise WireError("topic", topic, f"one of {[t.decode() for t in topics]}")
     if header_view.nbytes > MAX_HEADER_BYTES:
         raise WireError("header", f"{header_view.nbytes} bytes", f"at most {MAX_HEADER_BYTES} bytes")
     try:
@@ -352,15 +444,29 @@ def decode(frames: Sequence[Frame], *, verify: bool = True) -> Message:
     _check_schema(_get(header, "schema", str))
     if _get(header, "topic", str) != topic.decode():
         raise WireError("topic", header["topic"], f"{topic.decode()!r}, as in the topic frame")
+    snapshot_topic = topic in SNAPSHOT_TOPICS
     envelope = {
         "schema": header["schema"],
-        "seq": _get_int(header, "seq", minimum=1),
+        "seq": _get_int(header, "seq", minimum=0 if snapshot_topic else 1),
         "sent_at": _get_number(header, "sent_at"),
         "publisher_id": _get(header, "publisher_id", str),
     }
+    if snapshot_topic:
+        _expect_empty(payload, topic)
+        if topic == TOPIC_SNAPSHOT_REQUEST:
+            return SnapshotRequest(**envelope)
+        if topic == TOPIC_SNAPSHOT_ERROR:
+            return SnapshotError(**envelope, error=_get(header, "error", str))
+        heartbeat_s = _get_number(header, "heartbeat_s")
+        if heartbeat_s <= 0:
+            raise WireError("heartbeat_s", heartbeat_s, "a positive number of seconds")
+        return SnapshotEnd(**envelope, items=_get_int(header, "items"), heartbeat_s=heartbeat_s)
     if topic == TOPIC_HEARTBEAT:
         _expect_empty(payload, topic)
-        return HeartbeatMessage(**envelope)
+        interval = _get_number(header, "heartbeat_s") if "heartbeat_s" in header else None
+        if interval is not None and interval <= 0:
+            raise WireError("heartbeat_s", interval, "a positive number of seconds")
+        return HeartbeatMessage(**envelope, heartbeat_s=interval)
     if topic == TOPIC_STATUS:
         _expect_empty(payload, topic)
         acquisition_id = header.get("acquisition_id")

@@ -21,6 +21,7 @@ from zmq.utils.garbage import GarbageCollectorThread
 from agent.client import Gap, SctClient
 from agent.publisher import Publisher, PublishError
 from agent.records import Outcome, Publication, Reason, SctSlab, SctVolume, StatusEvent, Verdict
+from agent.snapshot_store import MAX_IN_FLIGHT
 from agent.wire import (
     ChecksumError,
     HeartbeatMessage,
@@ -372,7 +373,12 @@ def test_subscriber_that_falls_behind_sees_exactly_the_messages_it_lost_as_gaps(
 
 
 def test_slow_subscriber_blocks_neither_submit_nor_memory() -> None:
-    """50 x 1 MB slabs to a subscriber that never reads: all are sent, and only send_hwm or so stay referenced."""
+    """50 x 1 MB slabs to a subscriber that never reads: all are sent, and only send_hwm or so stay referenced.
+
+    Each slab belongs to its own acquisition, so the snapshot store (which keeps every slab of the acquisitions
+    in flight) holds at most MAX_IN_FLIGHT of them: memory is bounded by the queue and the store, not by the
+    number of slabs sent.
+    """
     rows, columns, count = 512, 1024, 50
     geometry = grid(count, rows, columns)
     send_hwm = 8
@@ -386,7 +392,9 @@ def test_slow_subscriber_blocks_neither_submit_nor_memory() -> None:
         for k in range(count):
             hu = np.full((1, rows, columns), k, dtype=np.int16)
             alive.append(weakref.ref(hu))
-            publisher.submit(slab_of(geometry, hu, start=k, size=1, index=k, count=count), timeout=WAIT_S)
+            slab = slab_of(geometry, hu, start=k, size=1, index=k, count=count, acquisition_id=f"acq-{k}")
+            publisher.submit(slab, timeout=WAIT_S)
+            del slab
             del hu
         submit_s = time.monotonic() - started
 
@@ -398,8 +406,11 @@ def test_slow_subscriber_blocks_neither_submit_nor_memory() -> None:
             gc.collect()
             return sum(ref() is not None for ref in alive)
 
-        # libzmq holds at most send_hwm queued messages plus the one being written to the kernel.
-        assert wait_until(lambda: referenced() <= send_hwm + 2), f"{referenced()} slabs still referenced"
+        # libzmq holds at most send_hwm queued messages plus the one being written to the kernel; the snapshot
+        # store holds the slabs of the last MAX_IN_FLIGHT acquisitions.
+        bound = send_hwm + 2 + MAX_IN_FLIGHT
+        assert wait_until(lambda: referenced() <= bound), f"{referenced()} slabs still referenced"
+        assert publisher.store.slab_count == MAX_IN_FLIGHT
 
 
 # ----------------------------------------------------------------------- client behaviour on crafted input
