@@ -38,6 +38,10 @@ ENV_PREFIX = "SCT_AGENT_"
 OBSERVERS = ("native", "polling")
 #: ZeroMQ transports the publisher may bind (``pgm``/``epgm`` multicast is not for a hospital network).
 ENDPOINT_SCHEMES = ("tcp://", "ipc://", "inproc://")
+SECURITY_MODES = ("auto", "curve", "plain")
+#: DICOM AE titles are at most 16 characters; series numbers are IS values (we keep them well inside).
+AE_TITLE_MAX = 16
+SERIES_NUMBER_MAX = 100_000
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 #: The shipped model halves the slab depth three times; the engine re-checks against the loaded manifest.
 SLAB_DEPTH_MULTIPLE = 8
@@ -198,27 +202,119 @@ class EngineConfig:
 
 @dataclass(frozen=True, slots=True)
 class PublishConfig:
-    """The ZeroMQ PUB socket navigation systems subscribe to."""
+    """The ZeroMQ sockets navigation systems use: the broadcast PUB and the snapshot ROUTER (docs/protocol.md)."""
 
     endpoint: str = "tcp://127.0.0.1:5556"
+    #: Where late and resynchronising subscribers ask for the current state; "" = derived from ``endpoint``
+    #: (see :func:`default_snapshot_endpoint`).
+    snapshot_endpoint: str = ""
+    #: Finished volumes a snapshot replays (the slabs of series still streaming are always replayed).
+    snapshot_volumes: int = 2
+    #: "auto" = CURVE whenever an endpoint is reachable from other machines, plain on loopback; "curve" =
+    #: always; "plain" = never (off loopback only by this explicit choice, logged as a warning at start).
+    security: str = "auto"
+    #: The publisher's secret key (a .key_secret file from `sct-agent keys server`); not readable by others.
+    secret_key_file: Path | None = None
+    #: Folder of the public keys (.key files) of the subscribers allowed in.
+    allowed_keys_folder: Path | None = None
     #: A heartbeat goes out after this long without another message, so subscribers can tell idle from dead.
     heartbeat_s: float = 1.0
-    #: Messages queued per subscriber before ZeroMQ drops for that subscriber (a slow robot never blocks us).
-    send_hwm: int = 8
+    #: Messages queued per subscriber before ZeroMQ drops for that subscriber (a slow robot never blocks us;
+    #: it sees a sequence gap and resynchronises from a snapshot).
+    send_hwm: int = 32
 
     def __post_init__(self) -> None:
-        scheme = next((s for s in ENDPOINT_SCHEMES if self.endpoint.startswith(s)), None)
-        if scheme is None or len(self.endpoint) == len(scheme):
-            raise ConfigError(
-                "publish.endpoint",
-                self.endpoint,
-                "a ZeroMQ endpoint such as 'tcp://127.0.0.1:5556' ("
-                + ", ".join(f"{s}..." for s in ENDPOINT_SCHEMES)
-                + ")",
-            )
+        _check_endpoint("publish.endpoint", self.endpoint)
+        if self.snapshot_endpoint:
+            _check_endpoint("publish.snapshot_endpoint", self.snapshot_endpoint)
+            if self.snapshot_endpoint == self.endpoint and not self.endpoint.endswith(":0"):
+                raise ConfigError(
+                    "publish.snapshot_endpoint",
+                    self.snapshot_endpoint,
+                    "an endpoint other than publish.endpoint",
+                )
+        if self.snapshot_volumes < 1:
+            raise ConfigError("publish.snapshot_volumes", self.snapshot_volumes, "an integer >= 1 (volumes)")
+        if self.security not in SECURITY_MODES:
+            raise ConfigError("publish.security", self.security, " or ".join(map(repr, SECURITY_MODES)))
         _positive("publish.heartbeat_s", self.heartbeat_s, "seconds")
         if self.send_hwm <= 0:
             raise ConfigError("publish.send_hwm", self.send_hwm, "an integer > 0 (messages)")
+
+    @property
+    def snapshot(self) -> str:
+        """The snapshot endpoint to bind: the configured one, or the documented default."""
+        return self.snapshot_endpoint or default_snapshot_endpoint(self.endpoint)
+
+
+def default_snapshot_endpoint(endpoint: str) -> str:
+    """The snapshot endpoint beside a broadcast endpoint: TCP port + 1 (port 0, any free port, stays 0),
+    ``<path>.snapshot`` for ipc, ``<name>.snapshot`` for inproc."""
+    if endpoint.startswith("tcp://"):
+        host, sep, port = endpoint.rpartition(":")
+        if sep and port.isdigit() and host != "tcp":
+            number = int(port)
+            return f"{host}:{number + 1 if number else 0}"
+        return (
+            endpoint + ".snapshot"
+        )  # pragma: no cover - tcp endpoints always carry a port; bind rejects others
+    return endpoint + ".snapshot"
+
+
+def _check_endpoint(key: str, endpoint: str) -> None:
+    scheme = next((s for s in ENDPOINT_SCHEMES if endpoint.startswith(s)), None)
+    if scheme is None or len(endpoint) == len(scheme):
+        raise ConfigError(
+            key,
+            endpoint,
+            "a ZeroMQ endpoint such as 'tcp://127.0.0.1:5556' ("
+            + ", ".join(f"{s}..." for s in ENDPOINT_SCHEMES)
+            + ")",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DicomConfig:
+    """The sCT DICOM CT series written for each finished volume, and its optional C-STORE."""
+
+    #: Folder the series are written to (one sub-folder per series, appearing whole); "" = none written.
+    folder: Path | None = None
+    #: DICOM peer the series are sent to, as "AE_TITLE@host:port"; "" = none.
+    store_peer: str = ""
+    #: Our AE title in the association.
+    calling_ae: str = "SCT-EDGE"
+    #: Associations tried per series before giving up (the series stays in the folder).
+    store_attempts: int = 3
+    #: Seconds before the first retry; doubled for each further one.
+    store_backoff_s: float = 2.0
+    #: The sCT series number is the MR's plus this.
+    series_number_offset: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.store_peer:
+            from agent.dicom_store import StorePeer  # noqa: PLC0415 - pynetdicom only when C-STORE is configured
+
+            try:
+                StorePeer.parse(self.store_peer)
+            except ValueError as error:
+                raise ConfigError("dicom.store_peer", self.store_peer, str(error)) from None
+            if self.folder is None:
+                raise ConfigError(
+                    "dicom.folder",
+                    "",
+                    "a folder: C-STORE sends the series written there (dicom.store_peer is set)",
+                )
+        if not (0 < len(self.calling_ae) <= AE_TITLE_MAX and self.calling_ae.isascii()):
+            raise ConfigError("dicom.calling_ae", self.calling_ae, f"1 to {AE_TITLE_MAX} ASCII characters")
+        if self.store_attempts < 1:
+            raise ConfigError("dicom.store_attempts", self.store_attempts, "an integer >= 1")
+        _positive("dicom.store_backoff_s", self.store_backoff_s, "seconds")
+        if not 1 <= self.series_number_offset < SERIES_NUMBER_MAX:
+            raise ConfigError(
+                "dicom.series_number_offset",
+                self.series_number_offset,
+                f"an integer from 1 to {SERIES_NUMBER_MAX - 1}",
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +383,7 @@ class AgentConfig:
     protocols: ProtocolsConfig = field(default_factory=ProtocolsConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
+    dicom: DicomConfig = field(default_factory=DicomConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

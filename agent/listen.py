@@ -6,8 +6,13 @@ gap. Each volume goes to ``DIR/<acquisition_id>/``: ``sct.npy`` (int16 HU, ``[sl
 (mid-sagittal and mid-axial views, CT window W1500/L300, labelled SYNTHETIC CT). Each file is written to a temp
 name and renamed, ``geometry.json`` last, so a file that exists is whole.
 
+It asks the agent's snapshot socket (``--snapshot``, by default the publish port + 1) for the current state
+first, so a listener started mid-series, or after one, still saves the whole volume; gaps are healed by asking
+again (docs/protocol.md). Off loopback the agent runs CURVE: pass its public key (``--server-key``) and this
+listener's secret key (``--client-key``, from ``sct-agent keys client``).
+
 Exit status: 0 after ``--count`` volumes, 1 after ``--timeout`` seconds without any message (heartbeats count),
-2 for unusable arguments, 130 on Ctrl-C (after closing the socket).
+2 for unusable arguments (key files included), 130 on Ctrl-C (after closing the socket).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ import numpy.typing as npt
 from PIL import Image, ImageDraw
 
 from agent.client import ReceivedVolume, SctClient
+from agent.config import default_snapshot_endpoint
+from agent.curve_keys import CurveClient, KeyFileError, curve_client
 from agent.montage import PIXELS_PER_MM, to_lps
 from agent.wire import AXES, STATUS_ERROR, STATUS_PROGRESS, STATUS_VERDICT, UNITS, WIRE_DTYPE, StatusMessage
 from engines.phantom.geometry import VolumeGeometry
@@ -63,6 +70,15 @@ class ListenOptions:
     count: int | None = None
     #: Exit with status 1 after this many seconds without any message (None: never).
     timeout_s: float | None = None
+    #: The agent's snapshot endpoint; "" = derived from ``endpoint`` as the agent derives it; None = no snapshots.
+    snapshot: str | None = ""
+    curve: CurveClient | None = None
+
+    @property
+    def snapshot_endpoint(self) -> str | None:
+        if self.snapshot is None:
+            return None
+        return self.snapshot or default_snapshot_endpoint(self.endpoint)
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -95,6 +111,16 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout", type=float, metavar="S", help="exit with status 1 after S seconds without any message"
     )
+    parser.add_argument(
+        "--snapshot",
+        default="",
+        metavar="E",
+        help="the agent's snapshot endpoint (default: the publish port + 1); 'none' = live messages only",
+    )
+    parser.add_argument("--server-key", type=Path, metavar="FILE", help="the agent's public key (server.key)")
+    parser.add_argument(
+        "--client-key", type=Path, metavar="FILE", help="this listener's secret key (NAME.key_secret)"
+    )
 
 
 def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None) -> int:
@@ -120,7 +146,24 @@ def run_listen(args: argparse.Namespace, *, stdout: TextIO | None = None) -> int
             file=sys.stderr,
         )
         return EXIT_BAD_ARGUMENTS
-    options = ListenOptions(endpoint=args.endpoint, out=args.out, count=args.count, timeout_s=args.timeout)
+    curve = None
+    if (args.server_key is None) != (args.client_key is None):
+        print("sct-agent listen: error: --server-key and --client-key go together (CURVE)", file=sys.stderr)
+        return EXIT_BAD_ARGUMENTS
+    if args.server_key is not None:
+        try:
+            curve = curve_client(args.server_key, args.client_key)
+        except KeyFileError as error:
+            print(f"sct-agent listen: error: {error}", file=sys.stderr)
+            return EXIT_BAD_ARGUMENTS
+    options = ListenOptions(
+        endpoint=args.endpoint,
+        out=args.out,
+        count=args.count,
+        timeout_s=args.timeout,
+        snapshot=None if args.snapshot == "none" else args.snapshot,
+        curve=curve,
+    )
     return listen(options, stdout=out)
 
 
@@ -136,8 +179,13 @@ def listen(options: ListenOptions, *, stdout: TextIO) -> int:
     saved = 0
     started = time.monotonic()
     try:
-        with SctClient(options.endpoint) as client:
-            say(f"listening on {options.endpoint}; saving volumes under {options.out}")
+        with SctClient(
+            options.endpoint, snapshot_endpoint=options.snapshot_endpoint, curve=options.curve
+        ) as client:
+            say(
+                f"listening on {options.endpoint} (snapshots {options.snapshot_endpoint or 'off'}, "
+                f"{'CURVE' if options.curve else 'plain'}); saving volumes under {options.out}"
+            )
             publisher: str | None = None
             gaps_seen = rejected_seen = 0
             while options.count is None or saved < options.count:

@@ -55,7 +55,13 @@ REASON_CATEGORIES: Final = (
 #: ZeroMQ topics the publisher sends on.
 TOPICS: Final = ("status", "sct.slab", "sct.volume", "heartbeat")
 #: Pipeline stages that can report an error.
-STAGES: Final = ("watcher", "assembler", "validator", "streamer", "engine", "publisher", "journal")
+STAGES: Final = ("watcher", "assembler", "validator", "streamer", "engine", "publisher", "dicom", "journal")
+#: The publisher's sockets, and why a peer failed the security handshake (agent.publisher).
+PUBLISH_SOCKETS: Final = ("publish", "snapshot")
+REJECT_REASONS: Final = ("auth", "protocol", "handshake")
+#: What became of a DICOM series write, and of its C-STORE.
+DICOM_OUTCOMES: Final = ("written", "failed")
+STORE_OUTCOMES: Final = ("stored", "failed")
 #: Whether a verdict is the provisional one from the first images or the final one.
 VERDICT_KINDS: Final = ("provisional", "final")
 
@@ -188,6 +194,39 @@ class AgentMetrics:
             registry=reg,
         )
         self._errors = Counter("errors", "Errors, by stage.", ["stage"], namespace=ns, registry=reg)
+        self._rejected = Counter(
+            "subscribers_rejected",
+            "Peers refused by the security handshake (no key, wrong key, not on the allow-list), by socket and "
+            "reason.",
+            ["socket", "reason"],
+            namespace=ns,
+            registry=reg,
+        )
+        self._snapshots = Counter(
+            "snapshots_served",
+            "Snapshots sent to late or resynchronising subscribers.",
+            namespace=ns,
+            registry=reg,
+        )
+        self._snapshot_bytes = Counter(
+            "snapshot_payload_bytes", "Payload bytes sent in snapshots.", namespace=ns, registry=reg
+        )
+        self._security = Gauge(
+            "publish_curve",
+            "1 when the publisher encrypts and authenticates with CURVE, 0 when it publishes in plain.",
+            namespace=ns,
+            registry=reg,
+        )
+        self._dicom = Counter(
+            "dicom_series", "sCT DICOM series written, by outcome.", ["outcome"], namespace=ns, registry=reg
+        )
+        self._store = Counter(
+            "dicom_store",
+            "sCT DICOM series sent by C-STORE, by outcome.",
+            ["outcome"],
+            namespace=ns,
+            registry=reg,
+        )
 
         self._verdict_latency = Histogram(
             "first_image_to_verdict_seconds",
@@ -271,6 +310,13 @@ class AgentMetrics:
             self._drops.labels(topic=topic)
         for stage in STAGES:
             self._errors.labels(stage=stage)
+        for socket_name in PUBLISH_SOCKETS:
+            for reason in REJECT_REASONS:
+                self._rejected.labels(socket=socket_name, reason=reason)
+        for outcome in DICOM_OUTCOMES:
+            self._dicom.labels(outcome=outcome)
+        for outcome in STORE_OUTCOMES:
+            self._store.labels(outcome=outcome)
 
     # ------------------------------------------------------------------------------------------------ ingest
 
@@ -352,6 +398,29 @@ class AgentMetrics:
     def dropped(self, topic: str) -> None:
         """Count one message on ``topic`` dropped rather than sent (a slow subscriber, a full queue)."""
         self._drops.labels(topic=_check_label("topic", topic, TOPICS)).inc()
+
+    def subscriber_rejected(self, socket_name: str, reason: str) -> None:
+        """Count one peer that failed the security handshake on ``socket_name`` ("publish" or "snapshot")."""
+        self._rejected.labels(
+            socket=_check_label("socket", socket_name, PUBLISH_SOCKETS),
+            reason=_check_label("reason", reason, REJECT_REASONS),
+        ).inc()
+
+    def snapshot_served(self, items: int, nbytes: int) -> None:
+        """Count one snapshot of ``items`` messages and ``nbytes`` payload bytes."""
+        if items < 0 or nbytes < 0:
+            raise ValueError(f"items and nbytes must be >= 0; got {items}, {nbytes}")
+        self._snapshots.inc()
+        self._snapshot_bytes.inc(nbytes)
+
+    def set_curve(self, on: bool) -> None:
+        self._security.set(1 if on else 0)
+
+    def dicom_series(self, outcome: str) -> None:
+        self._dicom.labels(outcome=_check_label("outcome", outcome, DICOM_OUTCOMES)).inc()
+
+    def dicom_store(self, outcome: str) -> None:
+        self._store.labels(outcome=_check_label("outcome", outcome, STORE_OUTCOMES)).inc()
 
     def set_subscribers(self, n: int) -> None:
         """Set how many subscribers are connected."""

@@ -1,7 +1,7 @@
 """The one place the agent's stages are composed (DESIGN.md §1).
 
-    watcher -> assembler -> validator -> streamer -> engine -> publisher
-                   |            |                      |          |
+    watcher -> assembler -> validator -> streamer -> engine -> publisher (ZeroMQ PUB + snapshot ROUTER)
+                   |            |                      |    +---> dicom (CT series on disk, C-STORE)
                    +------ journal (SQLite) and metrics (Prometheus) ------+
 
 Each arrow is a bounded queue owned by the receiving :class:`~agent.stage.Stage`; the watcher and the stages
@@ -28,10 +28,12 @@ from typing import Any
 from agent import sd_notify
 from agent.assembler import Assembler
 from agent.config import AgentConfig
+from agent.dicom_output import DicomOutput
 from agent.inference_stage import InferenceStage
 from agent.journal import AcquisitionState, Journal
 from agent.metrics import AgentMetrics, MetricsServer, serve
 from agent.protocols import SHIPPED_PROTOCOLS_DIR, SequenceProtocol, load_protocols
+from agent.publish_security import publish_security
 from agent.publisher import Publisher
 from agent.records import (
     AcquisitionUpdate,
@@ -58,6 +60,8 @@ logger = logging.getLogger(__name__)
 #: Seconds a stage gets to finish the item in hand when the agent stops (a CPU slab takes a few seconds).
 STOP_TIMEOUT_S = 60.0
 JOURNAL_FILE = "journal.sqlite"
+#: Finished volumes waiting for the DICOM writer.
+DICOM_QUEUE_DEPTH = 4
 _COUNTED_SKIPS = frozenset({SkipReason.DICOMDIR, SkipReason.EMPTY})
 #: Journal state of an acquisition after its final verdict (PASSED becomes PUBLISHED with its volume).
 _FINAL_STATES = {
@@ -71,6 +75,10 @@ _FINAL_STATES = {
 class Endpoints:
     publish: str
     metrics_url: str | None
+    #: Where subscribers ask for snapshots (docs/protocol.md).
+    snapshot: str = ""
+    #: The publisher runs CURVE: subscribers need its public key and a key on the allow-list.
+    curve: bool = False
 
 
 class Pipeline:
@@ -82,6 +90,7 @@ class Pipeline:
         self._publisher: Publisher | None = None
         self._engine: SctEngine | None = None
         self._watcher: Watcher | None = None
+        self._dicom_stage: Stage[SctVolume] | None = None
         self._stages: list[Stage[Any]] = []
         self._started = False
         self._lock = threading.Lock()
@@ -122,16 +131,25 @@ class Pipeline:
                 precision=info.precision,
                 device=info.device,
             )
+            curve = publish_security(config.publish)
+            self.metrics.set_curve(curve is not None)
             self._publisher = Publisher(
                 config.publish.endpoint,
+                snapshot_endpoint=config.publish.snapshot,
+                snapshot_volumes=config.publish.snapshot_volumes,
+                curve=curve,
                 heartbeat_s=config.publish.heartbeat_s,
                 send_hwm=config.publish.send_hwm,
                 queue_depth=config.pipeline.queue_depth,
                 on_sent=self._on_sent,
                 on_subscribers=self.metrics.set_subscribers,
                 on_dropped=self.metrics.dropped,
+                on_rejected=self.metrics.subscriber_rejected,
+                on_snapshot=self.metrics.snapshot_served,
             )
             self._publisher.start()
+            if config.dicom.folder is not None:
+                config.dicom.folder.mkdir(parents=True, exist_ok=True)
             self._build_stages(engine)
             for stage in self._stages:
                 self.metrics.watch_queue(stage.name, stage.inbox)
@@ -152,10 +170,14 @@ class Pipeline:
         self.metrics.set_ready(True)
         endpoints = self.endpoints
         logger.info(
-            "ready: watching %s (%s), publishing on %s, metrics %s, model %s on %s %s, protocols %s",
+            "ready: watching %s (%s), publishing on %s (snapshots %s, %s), DICOM %s, metrics %s, model %s on %s "
+            "%s, protocols %s",
             config.watch.folder,
             config.watch.observer,
             endpoints.publish,
+            endpoints.snapshot,
+            "CURVE" if endpoints.curve else "plain",
+            config.dicom.folder or "off",
             endpoints.metrics_url or "off",
             self.manifest.label,
             info.backend,
@@ -197,11 +219,18 @@ class Pipeline:
 
     @property
     def endpoints(self) -> Endpoints:
-        publish = self._publisher.endpoint if self._publisher is not None else ""
+        publisher = self._publisher
         url = None
         if self._metrics_server is not None:
             url = f"http://{self._metrics_server.host}:{self._metrics_server.port}/metrics"
-        return Endpoints(publish=publish, metrics_url=url)
+        if publisher is None:
+            return Endpoints(publish="", metrics_url=url)
+        return Endpoints(
+            publish=publisher.endpoint,
+            metrics_url=url,
+            snapshot=publisher.snapshot_endpoint or "",
+            curve=publisher.secure,
+        )
 
     def healthy(self) -> bool:
         """Every stage thread is alive (the systemd watchdog is pinged only while this holds)."""
@@ -270,6 +299,18 @@ class Pipeline:
         )
         self._assembler_stage = assembler_stage
         self._stages = [assembler_stage, validator_stage, streamer_stage, engine_stage]
+        if self.config.dicom.folder is not None:
+            output = DicomOutput(
+                self.config.dicom,
+                publish,
+                on_written=self.metrics.dicom_series,
+                on_stored=self.metrics.dicom_store,
+            )
+            # A few volumes deep: the engine waits (back-pressure) rather than memory growing if the disk is slow.
+            self._dicom_stage = Stage(
+                "dicom", each(output.handle), depth=DICOM_QUEUE_DEPTH, on_error=self._on_error, batch=False
+            )
+            self._stages.append(self._dicom_stage)
 
     # ---------------------------------------------------------------------------------- side-service hooks
 
@@ -326,6 +367,8 @@ class Pipeline:
             )
 
     def _on_volume(self, volume: SctVolume, last_image_at: float) -> None:
+        if self._dicom_stage is not None:
+            self._dicom_stage.put(volume)
         logger.info(
             "acquisition %s: sCT volume %s done %.2f s after the last image",
             volume.acquisition_id,

@@ -18,6 +18,7 @@ from pathlib import Path
 from agent.config import (
     AgentConfig,
     AssemblyConfig,
+    DicomConfig,
     EngineConfig,
     MetricsConfig,
     ProtocolsConfig,
@@ -76,6 +77,9 @@ def agent_config(
         assembly=AssemblyConfig(quiet_period_s=quiet_period_s),
         protocols=ProtocolsConfig(folder=protocols),
         engine=EngineConfig(model=model, backend="torch-eager", slab_depth=SMALL_SLAB_DEPTH),
-        publish=PublishConfig(endpoint="tcp://127.0.0.1:0", heartbeat_s=0.2),
+        publish=PublishConfig(
+            endpoint="tcp://127.0.0.1:0", snapshot_endpoint="tcp://127.0.0.1:0", heartbeat_s=0.2
+        ),
+        dicom=DicomConfig(folder=root / "dicom"),
         metrics=MetricsConfig(listen="127.0.0.1:0"),
     )

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from agent_support import (
     SMALL_FOV_MM,
@@ -64,6 +65,7 @@ class Listener:
     """A subscriber in a thread, recording everything it receives."""
 
     endpoint: str
+    snapshot: str
     statuses: list[StatusMessage] = field(default_factory=list)
     slabs: list[SlabMessage] = field(default_factory=list)
     volumes: list[ReceivedVolume] = field(default_factory=list)
@@ -72,8 +74,18 @@ class Listener:
     connected: threading.Event = field(default_factory=threading.Event)
     gaps: int = 0
 
+    def dicom_written(self, acquisition_id: str) -> str:
+        """The series folder the agent reported writing for ``acquisition_id``, "" until it has.
+
+        Lock-free (a list copy is atomic), so it can run inside :meth:`wait`, which holds the lock."""
+        for status in list(self.statuses):
+            body = status.body
+            if status.kind == "dicom" and status.acquisition_id == acquisition_id and body["ok"]:
+                return str(body["series_folder"])
+        return ""
+
     def run(self) -> None:
-        with SctClient(self.endpoint) as client:
+        with SctClient(self.endpoint, snapshot_endpoint=self.snapshot) as client:
             while not self.stop.is_set():
                 message = client.receive(0.05)
                 self.connected.set()
@@ -148,7 +160,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningAgent]:
     threads_before = set(threading.enumerate())
     pipeline = Pipeline(config)
     pipeline.start()
-    listener = Listener(pipeline.endpoints.publish)
+    listener = Listener(pipeline.endpoints.publish, pipeline.endpoints.snapshot)
     thread = threading.Thread(target=listener.run, name="test-listener")
     thread.start()
     try:
@@ -212,6 +224,44 @@ def test_passing_series_streams_slabs_and_volume_with_exact_geometry(
     # And it is a CT: bone is bright, air is air (MAE against the phantom's CT in the body, a loose bound).
     body = passing_case.ct_hu > -500
     assert float(np.mean(np.abs(volume.hu[body] - passing_case.ct_hu[body]))) < 80.0
+
+    # A robot that connects only now gets the same volume, byte for byte, from the snapshot.
+    endpoints = agent.pipeline.endpoints
+    with SctClient(endpoints.publish, snapshot_endpoint=endpoints.snapshot) as late:
+        deadline = time.monotonic() + 30.0
+        replayed = None
+        while replayed is None and time.monotonic() < deadline:
+            late.receive(0.1)
+            replayed = next(
+                (v for v in late.completed_volumes if v.acquisition_id == volume.acquisition_id), None
+            )
+    assert replayed is not None and replayed.from_snapshot
+    assert replayed.sha256 == volume.sha256 and replayed.hu.tobytes() == volume.hu.tobytes()
+    assert np.array_equal(replayed.geometry.affine, volume.geometry.affine)
+
+    # The sCT DICOM series: one CT file per slice in the MR's study and frame of reference, HU as streamed.
+    folder = agent.config.dicom.folder
+    assert folder is not None
+    agent.listener.wait(lambda listener: bool(listener.dicom_written(volume.acquisition_id)))
+    series_folder = folder / agent.listener.dicom_written(volume.acquisition_id)
+    files = sorted(series_folder.glob("*.dcm"))
+    assert len(files) == n_slices
+    mr = pydicom.dcmread(
+        next((agent.config.watch.folder / "pass-classic").rglob("*.dcm")), stop_before_pixels=True
+    )
+    datasets = [pydicom.dcmread(f) for f in files]
+    first = datasets[0]
+    assert first.Modality == "CT" and list(first.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+    assert (first.StudyInstanceUID, first.FrameOfReferenceUID) == (
+        mr.StudyInstanceUID,
+        mr.FrameOfReferenceUID,
+    )
+    assert first.SeriesInstanceUID != mr.SeriesInstanceUID
+    assert "SYNTHETIC" in first.SeriesDescription
+    stacked = np.stack(
+        [ds.pixel_array.astype(np.int32) * int(ds.RescaleSlope) + int(ds.RescaleIntercept) for ds in datasets]
+    )
+    assert np.array_equal(stacked, volume.hu.astype(np.int32))
 
 
 def test_verdict_comes_from_the_first_images_and_latencies_are_recorded(agent: RunningAgent) -> None:

@@ -15,6 +15,7 @@ from agent.config import (
     AgentConfig,
     AssemblyConfig,
     ConfigError,
+    DicomConfig,
     EngineConfig,
     LoggingConfig,
     MetricsConfig,
@@ -70,7 +71,30 @@ def toml_literal(value: object) -> str:
             EngineConfig(),
             {"model": None, "backend": "auto", "threads": 0, "slab_depth": 0, "cache_dir": None},
         ),
-        (PublishConfig(), {"endpoint": "tcp://127.0.0.1:5556", "heartbeat_s": 1.0, "send_hwm": 8}),
+        (
+            PublishConfig(),
+            {
+                "endpoint": "tcp://127.0.0.1:5556",
+                "snapshot_endpoint": "",
+                "snapshot_volumes": 2,
+                "security": "auto",
+                "secret_key_file": None,
+                "allowed_keys_folder": None,
+                "heartbeat_s": 1.0,
+                "send_hwm": 32,
+            },
+        ),
+        (
+            DicomConfig(),
+            {
+                "folder": None,
+                "store_peer": "",
+                "calling_ae": "SCT-EDGE",
+                "store_attempts": 3,
+                "store_backoff_s": 2.0,
+                "series_number_offset": 1000,
+            },
+        ),
         (MetricsConfig(), {"listen": "127.0.0.1:9108"}),
         (PipelineConfig(), {"queue_depth": 64}),
         (LoggingConfig(), {"level": "INFO", "json": False}),
@@ -163,7 +187,7 @@ def test_file_values(tmp_path: Path) -> None:
     assert config.assembly.quiet_period_s == 7.5
     assert config.protocols == ProtocolsConfig(Path("/opt/protocols"), ("lumbar-a", "lumbar-b"))
     assert config.engine == EngineConfig(Path("/opt/model"), "torch-eager", 2, 16, Path("/var/cache/x"))
-    assert config.publish == PublishConfig("ipc:///run/sct-agent/pub", 0.5, 100)
+    assert config.publish == PublishConfig("ipc:///run/sct-agent/pub", heartbeat_s=0.5, send_hwm=100)
     assert config.metrics.enabled is False
     assert config.pipeline.queue_depth == 3
     assert config.logging == LoggingConfig("DEBUG", True)

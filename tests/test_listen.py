@@ -95,7 +95,7 @@ def as_status(event: StatusEvent) -> StatusMessage:
 
 @pytest.fixture
 def publisher() -> Iterator[Publisher]:
-    publisher = Publisher("tcp://127.0.0.1:0", heartbeat_s=0.05)
+    publisher = Publisher("tcp://127.0.0.1:0", snapshot_endpoint="tcp://127.0.0.1:0", heartbeat_s=0.05)
     publisher.start()
     yield publisher
     publisher.stop()
@@ -116,9 +116,12 @@ def test_listen_saves_one_volume_and_prints_what_happened(publisher: Publisher, 
     hu = hu_volume(grid.shape)
     out = io.StringIO()
     result: list[int] = []
+    assert publisher.snapshot_endpoint is not None
     argv = [
         "--endpoint",
         publisher.endpoint,
+        "--snapshot",
+        publisher.snapshot_endpoint,
         "--out",
         str(tmp_path),
         "--count",
