@@ -52,7 +52,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     client.set_defaults(handler=_main)
 
 
-def _main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+def _main(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    out = sys.stdout if out is None else out
     try:
         public, secret = create_key_pair(args.out, args.name)
     except KeyFileError as error:

@@ -103,6 +103,9 @@ class Pipeline:
         """Build and start every stage; returns once the engine is warm and the watcher scans."""
         config = self.config
         try:
+            # Keys first: a refused key must stop the agent in milliseconds, not after the engine's warm-up.
+            curve = publish_security(config.publish)
+            self.metrics.set_curve(curve is not None)
             config.state.folder.mkdir(parents=True, exist_ok=True)
             self._journal = Journal(config.state.folder / JOURNAL_FILE)
             self.protocols = load_protocols(
@@ -131,8 +134,6 @@ class Pipeline:
                 precision=info.precision,
                 device=info.device,
             )
-            curve = publish_security(config.publish)
-            self.metrics.set_curve(curve is not None)
             self._publisher = Publisher(
                 config.publish.endpoint,
                 snapshot_endpoint=config.publish.snapshot,
