@@ -31,6 +31,7 @@ class LoopbackConfig:
     path: Path
     endpoint: str
     metrics_url: str
+    snapshot: str
 
 
 def write_loopback_config(
@@ -38,15 +39,18 @@ def write_loopback_config(
 ) -> LoopbackConfig:
     """``folder/agent.toml``: the defaults, with the folder's export/ and var/ and free loopback ports."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
+    snapshot = f"tcp://127.0.0.1:{free_port()}"
     metrics = f"127.0.0.1:{free_port()}"
     path = folder / "agent.toml"
     path.write_text(
         "# The defaults, with this folder's export/ and var/ and free loopback ports.\n"
         '[watch]\nfolder = "export"\n\n[state]\nfolder = "var"\n\n'
-        f'[publish]\nendpoint = "{endpoint}"\n\n[metrics]\nlisten = "{metrics}"\n\n'
+        f'[publish]\nendpoint = "{endpoint}"\nsnapshot_endpoint = "{snapshot}"\n\n[metrics]\nlisten = "{metrics}"\n\n'
         f'[engine]\nbackend = "{backend}"\n\n[assembly]\nquiet_period_s = {quiet_period_s}\n{extra}'
     )
-    return LoopbackConfig(path=path, endpoint=endpoint, metrics_url=f"http://{metrics}/metrics")
+    return LoopbackConfig(
+        path=path, endpoint=endpoint, metrics_url=f"http://{metrics}/metrics", snapshot=snapshot
+    )
 
 
 class AgentProcess:

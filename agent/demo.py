@@ -48,6 +48,7 @@ class _Listener:
     """The robot's side: a subscriber in a thread, keeping every status and saving every volume."""
 
     endpoint: str
+    snapshot: str
     out: Path
     statuses: list[tuple[float, StatusMessage]] = field(default_factory=list)
     volumes: list[tuple[float, ReceivedVolume, Path]] = field(default_factory=list)
@@ -57,7 +58,7 @@ class _Listener:
     gaps: int = 0
 
     def run(self) -> None:
-        with SctClient(self.endpoint) as client:
+        with SctClient(self.endpoint, snapshot_endpoint=self.snapshot) as client:
             self.ready.set()
             while not self.stop.is_set():
                 message = client.receive(0.1)
@@ -70,6 +71,18 @@ class _Listener:
                     if volume is not None and saved is not None:
                         self.volumes.append((now, volume, saved))
                     self.gaps = client.gap_count
+
+    def dicom_reported(self) -> bool:
+        with self.lock:
+            return any(s.kind == "dicom" for _, s in self.statuses)
+
+    def dicom_series(self) -> str | None:
+        """The series folder of the first DICOM series the agent reported written, None if it failed."""
+        with self.lock:
+            for _, status in self.statuses:
+                if status.kind == "dicom" and status.body.get("ok"):
+                    return str(status.body["series_folder"])
+        return None
 
     def finals_at_least(self, count: int) -> bool:
         return sum(1 for _, s in self.verdicts() if s.body["final"]) >= count
@@ -108,6 +121,8 @@ class DemoResult:
     mae_hu: float
     bone_dice_200: float
     gaps: int
+    #: The sCT DICOM CT series the agent wrote for the passing series (None if it reported a failure).
+    dicom_series: Path | None
     agent_exit_status: int
     metrics: dict[str, float]
 
@@ -154,9 +169,9 @@ def run_demo(
 
     # The demo owns these folders: a second run replaces the first run's results instead of mixing with them.
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("export", "var", "received"):
+    for name in ("export", "var", "received", "dicom"):
         shutil.rmtree(out / name, ignore_errors=True)
-    config = write_loopback_config(out, backend=backend)
+    config = write_loopback_config(out, backend=backend, extra='\n[dicom]\nfolder = "dicom"\n')
     endpoint, metrics_url = config.endpoint, config.metrics_url
     agent_log = out / "agent.log"
     say(f"starting the agent (log: {agent_log}); it warms up the sCT engine before it reports ready")
@@ -171,7 +186,7 @@ def run_demo(
         )
         process.wait_ready(START_TIMEOUT_S)
         say(f"agent ready, publishing on {endpoint}; metrics on {metrics_url}")
-        listener = _Listener(endpoint, out / "received")
+        listener = _Listener(endpoint, config.snapshot, out / "received")
         thread = threading.Thread(target=listener.run, name="demo-listener")
         thread.start()
         listener.ready.wait(10)
@@ -188,6 +203,8 @@ def run_demo(
                 raise RuntimeError(f"no final verdict within {RESULT_TIMEOUT_S:.0f} s; see {agent_log}")
             if case is passing and not _wait(partial(listener.volumes_at_least, 1), RESULT_TIMEOUT_S):
                 raise RuntimeError(f"no sCT volume within {RESULT_TIMEOUT_S:.0f} s; see {agent_log}")
+            if case is passing and not _wait(listener.dicom_reported, RESULT_TIMEOUT_S):
+                raise RuntimeError(f"no sCT DICOM series within {RESULT_TIMEOUT_S:.0f} s; see {agent_log}")
         metrics = _metrics(metrics_url)
     finally:
         if listener is not None and thread is not None:
@@ -244,6 +261,7 @@ def run_demo(
         mae_hu=scores.mae_hu,
         bone_dice_200=scores.bone_dice["200"],
         gaps=listener.gaps,
+        dicom_series=None if (dicom := listener.dicom_series()) is None else out / "dicom" / dicom,
         agent_exit_status=exit_status,
         metrics=metrics,
     )
@@ -297,6 +315,7 @@ def _main(args: argparse.Namespace) -> int:
         f"bone Dice at 200 HU {result.bone_dice_200:.3f}; sequence gaps {result.gaps}"
     )
     print(f"received: {result.received}")
+    print(f"sCT DICOM CT series: {result.dicom_series or 'NOT WRITTEN (see the agent log)'}")
     print(f"picture: {result.picture}")
     print(f"agent stopped with exit status {result.agent_exit_status}")
     return 0 if result.agent_exit_status == 0 else 1

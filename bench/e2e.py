@@ -71,12 +71,13 @@ TARGETS = {
 @dataclass
 class _Subscriber:
     endpoint: str
+    snapshot: str
     messages: list[tuple[float, Any]] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def run(self) -> None:
-        with SctClient(self.endpoint) as client:
+        with SctClient(self.endpoint, snapshot_endpoint=self.snapshot) as client:
             while not self.stop.is_set():
                 message = client.receive(0.05)
                 if message is not None and not isinstance(
@@ -108,7 +109,7 @@ def _wait(predicate: Any, timeout_s: float) -> None:
 def end_to_end(case: PhantomCase, work: Path, runs: int, rate: float, backend: str) -> dict[str, Any]:
     config = write_loopback_config(work, backend=backend)
     agent = AgentProcess(config.path, work / "agent.log")
-    subscriber = _Subscriber(config.endpoint)
+    subscriber = _Subscriber(config.endpoint, config.snapshot)
     thread = threading.Thread(target=subscriber.run, name="bench-subscriber")
     rows: list[dict[str, float]] = []
     try:

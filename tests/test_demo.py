@@ -57,6 +57,10 @@ def test_demo_runs_the_agent_end_to_end_and_stops_it(
     assert len(received) == 1
     assert {p.name for p in received[0].iterdir()} >= {"sct.npy", "geometry.json", "preview.png"}
     assert np.load(received[0] / "sct.npy").shape == (100, 338, 338)
+    # The agent also wrote the sCT as a DICOM CT series, one file per slice.
+    dicom_line = next(line for line in text.splitlines() if line.startswith("sCT DICOM CT series:"))
+    series = Path(dicom_line.split(": ", 1)[1])
+    assert series.parent == out / "dicom" and len(list(series.glob("*.dcm"))) == 100
     picture = Image.open(out / "scan.png")
     assert picture.width > 700 and picture.height > 600
     assert np.asarray(picture).std() > 20  # an image, not a blank canvas
