@@ -11,6 +11,7 @@ Status bodies name the series folder, never a UID or anything about the patient.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from typing import Final
@@ -23,6 +24,10 @@ logger = logging.getLogger(__name__)
 
 #: The status kind of DICOM outcomes.
 STATUS_DICOM: Final = "dicom"
+#: The temporary folders agent.sct_series writes a series into before renaming it.
+PARTIAL_GLOB: Final = ".sct-*.partial"
+#: SctSeriesError attributes whose found value is an OS or file state, never a UID: quoted on the wire.
+_SAFE_TO_QUOTE: Final = frozenset({"file", "out_folder"})
 #: Seconds a C-STORE association waits for the peer (connect, negotiate, each response).
 STORE_TIMEOUT_S: Final = 30.0
 
@@ -45,11 +50,20 @@ class DicomOutput:
         self._publish = publish
         self._on_written = on_written
         self._on_stored = on_stored
+        self._remove_partial_series()
         self._peer = None
         if config.store_peer:
             from agent.dicom_store import StorePeer  # noqa: PLC0415 - pynetdicom only when C-STORE is configured
 
             self._peer = StorePeer.parse(config.store_peer)
+
+    def _remove_partial_series(self) -> None:
+        """Remove what a crash or power loss left half-written: hidden ``.sct-*.partial`` folders are ours and
+        were never renamed to a series, so nobody may use them."""
+        for partial in self._folder.glob(PARTIAL_GLOB):
+            if partial.is_dir():
+                logger.warning("removing %s, a series left half-written by an earlier run", partial.name)
+                shutil.rmtree(partial, ignore_errors=True)
 
     def handle(self, volume: SctVolume) -> None:
         key = volume.acquisition_id
@@ -59,7 +73,15 @@ class DicomOutput:
             )
         except SctSeriesError as error:
             logger.error("acquisition %s: sCT DICOM series not written: %s", key, error)
-            self._report(key, ok=False, step="write", message=str(error))
+            # The wire gets the attribute and the file, not the values: a found/expected pair may be a UID.
+            where = f" of {error.file}" if error.file else ""
+            found = f" {error.found}" if error.attribute in _SAFE_TO_QUOTE else ""
+            self._report(
+                key,
+                ok=False,
+                step="write",
+                message=f"series not written: {error.attribute}{where}{found} (details in the agent log)",
+            )
             self._count(self._on_written, "failed")
             return
         self._count(self._on_written, "written")

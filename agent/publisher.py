@@ -109,7 +109,7 @@ class Publisher:
         snapshot_volumes: int = DEFAULT_SNAPSHOT_VOLUMES,
         curve: CurveServer | None = None,
         heartbeat_s: float = 1.0,
-        send_hwm: int = 8,
+        send_hwm: int = 32,
         queue_depth: int = 64,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
         on_sent: Callable[[Publication, int, float], None] | None = None,

@@ -7,21 +7,26 @@ failed attempt and leaves several generous backoffs for it to come up; the other
 from __future__ import annotations
 
 import logging
-import os
-import socket
-import subprocess
 import threading
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage
 from pynetdicom import AE, evt
-from test_sct_dicom import export_mr, sct_volume, small_case
+from sct_dicom_support import (
+    PEER_AE,
+    StartStorescp,
+    export_mr,
+    free_port,
+    needs_storescp,
+    received,
+    sct_volume,
+    small_case,
+    storescp_launcher,
+)
 
 from agent.dicom_store import StoreError, StorePeer, StoreResult, store_series
 from agent.sct_series import WrittenSeries, write_sct_series
@@ -32,79 +37,12 @@ from engines.scanner.export import OutputFormat
 #: collection with a ResourceWarning, which this project's "error" filter would turn into a failure.
 pytestmark = pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
 
-PEER_AE = "SCTPACS"
-#: How long storescp may take to start listening before the test fails (s); it normally takes milliseconds.
-STORESCP_START_S = 20.0
-
-
-def _dcmtk_storescp() -> str | None:
-    """dcmtk's storescp: the virtual environment may also hold pynetdicom's app of the same name."""
-    for folder in os.get_exec_path():
-        candidate = Path(folder) / "storescp"
-        if not (candidate.is_file() and os.access(candidate, os.X_OK)):
-            continue
-        try:
-            result = subprocess.run(
-                [str(candidate), "--version"], capture_output=True, text=True, timeout=10, check=False
-            )
-        except OSError:
-            continue
-        if "dcmtk" in (result.stdout + result.stderr).lower():
-            return str(candidate)
-    return None
-
-
-STORESCP = _dcmtk_storescp()
-needs_storescp = pytest.mark.skipif(
-    STORESCP is None, reason="dcmtk's storescp is not installed (apt install dcmtk)"
-)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-StartStorescp = Callable[..., Path]
-
 
 @pytest.fixture
 def storescp(tmp_path: Path) -> Iterator[StartStorescp]:
     """Starts dcmtk storescp on a port (extra options allowed); returns its output folder. Killed afterwards."""
-    processes: list[subprocess.Popen[bytes]] = []
-
-    def start(port: int, *options: str) -> Path:
-        assert STORESCP is not None
-        folder = tmp_path / f"received-{len(processes)}"
-        folder.mkdir()
-        process = subprocess.Popen(
-            [STORESCP, "-od", str(folder), "-aet", PEER_AE, *options, str(port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        processes.append(process)
-        deadline = time.monotonic() + STORESCP_START_S
-        while True:
-            assert process.poll() is None, f"storescp exited with status {process.returncode}"
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    return folder
-            except OSError:
-                assert time.monotonic() < deadline, (
-                    f"storescp not listening on {port} after {STORESCP_START_S} s"
-                )
-                time.sleep(0.05)
-
-    yield start
-    for process in processes:
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+    with storescp_launcher(tmp_path) as start:
+        yield start
 
 
 @pytest.fixture(scope="module")
@@ -113,11 +51,6 @@ def series(tmp_path_factory: pytest.TempPathFactory) -> WrittenSeries:
     case = small_case()
     mr = export_mr(case, root / "mr", OutputFormat.CLASSIC)
     return write_sct_series(sct_volume(case, mr.paths), root / "sct")
-
-
-def received(folder: Path) -> dict[str, Dataset]:
-    datasets = [pydicom.dcmread(path) for path in sorted(folder.iterdir())]
-    return {str(ds.SOPInstanceUID): ds for ds in datasets}
 
 
 def assert_arrived_intact(series: WrittenSeries, folder: Path) -> None:

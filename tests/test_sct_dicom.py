@@ -8,14 +8,11 @@ nibabel's DICOM wrapper (geometry from IPP/IOP) and pydicom (pixels, UIDs, refer
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import shutil
 import subprocess
 import sys
-import time
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,11 +23,10 @@ import pydicom
 import pytest
 from pydicom.pixels.processing import apply_modality_lut
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
-from scanner_support import DCIODVFY, needs_dciodvfy, small_request
+from scanner_support import DCIODVFY, needs_dciodvfy
+from sct_dicom_support import MODEL_ID, MODEL_VERSION, PROTOCOL_ID, export_mr, sct_volume, small_case
 
-from agent.dicom_headers import read_header
-from agent.grouping import acquisition_id_for
-from agent.records import ImageRef, SctVolume, SourceImages
+from agent.records import SctVolume
 from agent.sct_series import (
     HU_MAX,
     HU_MIN,
@@ -40,9 +36,8 @@ from agent.sct_series import (
     write_sct_series,
 )
 from engines.phantom.case import PhantomCase
-from engines.phantom.generate import generate_case
 from engines.phantom.geometry import VolumeGeometry
-from engines.scanner.export import ExportOptions, ExportSummary, OutputFormat, export_case
+from engines.scanner.export import ExportSummary, OutputFormat
 
 with warnings.catch_warnings():
     # nibabel.nicom warns on import that its readers are experimental; only its plain-geometry wrapper is used.
@@ -54,9 +49,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 HEADER_TOLERANCE_MM = 1e-4
 #: dcm2niix stores the NIfTI affine as float32: compare its affines to this, mm (the brief's bound).
 NIFTI_TOLERANCE_MM = 1e-3
-MODEL_ID = "sct-unet-test"
-MODEL_VERSION = "9.8.7"
-PROTOCOL_ID = "test_small_fov_lumbar_1p5t"
 SERIES_NUMBER_OFFSET = 1000
 
 
@@ -71,57 +63,7 @@ needs_dcm2niix = pytest.mark.skipif(
 )
 
 
-# -------------------------------------------------------------------------------------------- builders
-
-
-def source_images(paths: Sequence[Path], geometry: VolumeGeometry) -> tuple[SourceImages, str]:
-    """Each slice's image of each echo (ascending TE), from the agent's header reader; and the acquisition id."""
-    origin = float(np.dot(geometry.origin, geometry.slice_direction))
-    slots: dict[int, list[ImageRef]] = {}
-    acquisition_id = ""
-    for path in paths:
-        parsed = read_header(path)
-        acquisition_id = acquisition_id_for(parsed.header)
-        for frame in parsed.frames:
-            position = float(np.dot(frame.position, geometry.slice_direction))
-            k = round((position - origin) / geometry.spacing[0])
-            slots.setdefault(k, []).append(
-                ImageRef(path, frame.frame, frame.echo_time_ms, position, frame.instance_key)
-            )
-    assert sorted(slots) == list(range(geometry.shape[0]))
-    sources = tuple(
-        tuple(sorted(slots[k], key=lambda ref: ref.echo_time_ms)) for k in range(geometry.shape[0])
-    )
-    return sources, acquisition_id
-
-
-def sct_volume(
-    case: PhantomCase, paths: Sequence[Path], hu: npt.NDArray[np.int16] | None = None
-) -> SctVolume:
-    """An SctVolume for the exported MR whose HU are the phantom's CT (or ``hu``)."""
-    sources, acquisition_id = source_images(paths, case.geometry)
-    values = np.ascontiguousarray(case.ct_hu if hu is None else hu)
-    return SctVolume(
-        acquisition_id=acquisition_id,
-        protocol_id=PROTOCOL_ID,
-        model_id=MODEL_ID,
-        model_version=MODEL_VERSION,
-        geometry=case.geometry,
-        hu=values,
-        sha256=hashlib.sha256(values.tobytes()).hexdigest(),
-        slab_count=1,
-        produced_at=time.time(),
-        sources=sources,
-    )
-
-
-def small_case() -> PhantomCase:
-    request = small_request()
-    return generate_case(request.seed, request.acquisition(), supersample=request.supersample)
-
-
-def export_mr(case: PhantomCase, out_dir: Path, output_format: OutputFormat) -> ExportSummary:
-    return export_case(case, ExportOptions(out_dir=out_dir, format=output_format))
+# --------------------------------------------------------------------------------------------- helpers
 
 
 def run_dciodvfy(path: Path) -> tuple[int, list[str], list[str]]:
