@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from agent import sd_notify
 from agent.config import AgentConfig, ConfigError, describe_config, load_config
@@ -97,9 +98,19 @@ def run_agent(config: AgentConfig, stop: threading.Event | None = None) -> int:
         logger.info("received %s; stopping after the slab in flight", signal.Signals(signum).name)
         stop.set()
 
+    previous: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, on_signal)
+    try:
+        return _serve(config, stop)
+    finally:
+        # Leave the process as found: a caller (a test, an embedding program) gets its own Ctrl-C back.
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _serve(config: AgentConfig, stop: threading.Event) -> int:
     pipeline = Pipeline(config)
     try:
         endpoints = pipeline.start()
