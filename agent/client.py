@@ -24,7 +24,7 @@ written into a full-volume array as they arrive; when the ``sct.volume`` message
 :class:`ReceivedVolume` saying whether the slabs alone made the whole volume and whether they equal the volume
 message byte for byte. A message is handed to the application once, whether it came live or in a snapshot.
 
-Without a snapshot endpoint the client only subscribes: it records gaps but cannot heal them.
+With ``snapshot_endpoint=None`` the client only subscribes: it records gaps but cannot heal them.
 """
 
 from __future__ import annotations
@@ -42,14 +42,17 @@ import numpy.typing as npt
 import zmq
 
 from agent.curve_keys import CurveClient, apply_client
+from agent.endpoints import default_snapshot_endpoint
 from agent.wire import (
     ALL_TOPICS,
+    STATUS_CANCELLED,
     HeartbeatMessage,
     Message,
     SchemaVersionError,
     SlabMessage,
     SnapshotEnd,
     SnapshotError,
+    StatusMessage,
     VolumeMessage,
     WireError,
     decode,
@@ -72,6 +75,8 @@ HEARTBEAT_LIVENESS: Final = 3
 DEFAULT_HEARTBEAT_S: Final = 1.0
 #: How long a snapshot may take before the client gives up on it and connects afresh (s).
 DEFAULT_SNAPSHOT_TIMEOUT_S: Final = 10.0
+#: The longest pause before asking again after the publisher refused a snapshot (busy), s.
+MAX_REFUSAL_PAUSE_S: Final = 30.0
 #: (publisher id, seq) pairs remembered so that a message replayed by a snapshot is not handed over twice.
 MAX_DELIVERED_KEPT: Final = 8192
 
@@ -144,7 +149,7 @@ class SctClient:
         self,
         endpoint: str,
         *,
-        snapshot_endpoint: str | None = None,
+        snapshot_endpoint: str | None = "",
         curve: CurveClient | None = None,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
         rcvhwm: int = 0,
@@ -155,7 +160,8 @@ class SctClient:
     ) -> None:
         """``rcvhwm`` 0 (the default) never drops on the robot's side; a positive value bounds its memory.
 
-        ``snapshot_endpoint`` None subscribes only (no late-join state, gaps recorded but not healed).
+        ``snapshot_endpoint`` "" (the default) is the agent's default beside ``endpoint`` (TCP port + 1, see
+        agent.endpoints); None subscribes only (no late-join state, gaps recorded but not healed).
         """
         if rcvhwm < 0:
             raise ValueError(f"SctClient rcvhwm: found {rcvhwm}; expected 0 (unbounded) or a positive count")
@@ -166,7 +172,9 @@ class SctClient:
         if not snapshot_timeout_s > 0:
             raise ValueError(f"SctClient snapshot_timeout_s: found {snapshot_timeout_s}; expected > 0 s")
         self._endpoint = endpoint
-        self._snapshot_endpoint = snapshot_endpoint
+        self._snapshot_endpoint = (
+            default_snapshot_endpoint(endpoint) if snapshot_endpoint == "" else snapshot_endpoint
+        )
         self._curve = curve
         self._rcvhwm = rcvhwm
         self._liveness = heartbeat_liveness
@@ -180,6 +188,7 @@ class SctClient:
         self._pending: deque[Message] = deque()
         self._delivered: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._syncing = False
+        self._refusals = 0
         self._sync_deadline = 0.0
         self._sync_from_snapshot = False
         self._heartbeat_s = DEFAULT_HEARTBEAT_S
@@ -367,11 +376,18 @@ class SctClient:
             self.resync(f"unusable snapshot message ({error.field})")
             return
         if isinstance(reply, SnapshotError):
-            logger.warning("snapshot refused by the publisher: %s", reply.error)
-            self._sync_deadline = min(self._sync_deadline, time.monotonic() + self._heartbeat_s)
+            # Busy or refused: connect afresh after a pause that grows with each refusal in a row (capped), so
+            # that many robots retrying do not keep a busy agent busy.
+            self._refusals += 1
+            pause = min(MAX_REFUSAL_PAUSE_S, self._heartbeat_s * 2 ** (self._refusals - 1))
+            logger.warning(
+                "snapshot refused by the publisher (%s); asking again in %.1f s", reply.error, pause
+            )
+            self._sync_deadline = min(self._sync_deadline, time.monotonic() + pause)
             return
         if isinstance(reply, SnapshotEnd):
             self._syncing = False
+            self._refusals = 0
             self.snapshots += 1
             if reply.publisher_id != self.publisher_id and self.publisher_id is not None:
                 logger.info("publisher changed from %s to %s", self.publisher_id, reply.publisher_id)
@@ -457,6 +473,11 @@ class SctClient:
         first_time = key not in self._delivered
         if isinstance(message, SlabMessage):
             self._add_slab(message)
+        elif (
+            isinstance(message, StatusMessage) and message.kind == STATUS_CANCELLED and message.acquisition_id
+        ):
+            # The agent abandoned this stream; its slabs will never make a volume.
+            self._assemblies.pop(message.acquisition_id, None)
         elif isinstance(message, VolumeMessage):
             if first_time:
                 self._finish(message, from_snapshot=from_snapshot)

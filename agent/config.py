@@ -31,6 +31,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
+from agent.endpoints import default_snapshot_endpoint
+
 logger = logging.getLogger(__name__)
 
 #: Prefix of the environment overrides: ``SCT_AGENT_<SECTION>_<KEY>``.
@@ -245,20 +247,6 @@ class PublishConfig:
     def snapshot(self) -> str:
         """The snapshot endpoint to bind: the configured one, or the documented default."""
         return self.snapshot_endpoint or default_snapshot_endpoint(self.endpoint)
-
-
-def default_snapshot_endpoint(endpoint: str) -> str:
-    """The snapshot endpoint beside a broadcast endpoint: TCP port + 1 (port 0, any free port, stays 0),
-    ``<path>.snapshot`` for ipc, ``<name>.snapshot`` for inproc."""
-    if endpoint.startswith("tcp://"):
-        host, sep, port = endpoint.rpartition(":")
-        if sep and port.isdigit() and host != "tcp":
-            number = int(port)
-            return f"{host}:{number + 1 if number else 0}"
-        return (
-            endpoint + ".snapshot"
-        )  # pragma: no cover - tcp endpoints always carry a port; bind rejects others
-    return endpoint + ".snapshot"
 
 
 def _check_endpoint(key: str, endpoint: str) -> None:

@@ -19,11 +19,10 @@ from typing import Final
 from agent.config import DicomConfig
 from agent.records import SctVolume, StatusEvent
 from agent.sct_series import SctSeriesError, write_sct_series
+from agent.wire import STATUS_DICOM
 
 logger = logging.getLogger(__name__)
 
-#: The status kind of DICOM outcomes.
-STATUS_DICOM: Final = "dicom"
 #: The temporary folders agent.sct_series writes a series into before renaming it.
 PARTIAL_GLOB: Final = ".sct-*.partial"
 #: SctSeriesError attributes whose found value is an OS or file state, never a UID: quoted on the wire.

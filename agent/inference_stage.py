@@ -25,7 +25,7 @@ from agent.records import (
     StreamAction,
     StreamControl,
 )
-from agent.wire import payload_sha256, progress_event
+from agent.wire import STATUS_CANCELLED, payload_sha256, progress_event
 from engines.inference.engine import SctEngine
 from engines.phantom.geometry import VolumeGeometry
 
@@ -126,7 +126,7 @@ class InferenceStage:
         if control.action is StreamAction.CANCEL:
             self._volumes.pop(control.acquisition_id, None)
             self._publish(
-                StatusEvent("cancelled", control.acquisition_id, {"reason": control.reason}, time.time())
+                StatusEvent(STATUS_CANCELLED, control.acquisition_id, {"reason": control.reason}, time.time())
             )
             return
         if volume is None:

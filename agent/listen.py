@@ -35,8 +35,8 @@ import numpy.typing as npt
 from PIL import Image, ImageDraw
 
 from agent.client import ReceivedVolume, SctClient
-from agent.config import default_snapshot_endpoint
 from agent.curve_keys import CurveClient, KeyFileError, curve_client
+from agent.endpoints import default_snapshot_endpoint
 from agent.montage import PIXELS_PER_MM, to_lps
 from agent.wire import AXES, STATUS_ERROR, STATUS_PROGRESS, STATUS_VERDICT, UNITS, WIRE_DTYPE, StatusMessage
 from engines.phantom.geometry import VolumeGeometry

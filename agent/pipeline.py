@@ -51,6 +51,7 @@ from agent.stage import Stage, each
 from agent.streamer import Streamer
 from agent.verdicts import VerdictReport, VerdictStage
 from agent.watcher import SkipReason, Watcher
+from agent.wire import error_event
 from engines.backends.base import BackendOptions
 from engines.inference.engine import SctEngine
 from engines.model.manifest import ModelManifest, default_manifest
@@ -401,7 +402,5 @@ class Pipeline:
         self.metrics.error(stage)
         if self._publisher is not None:
             self._publisher.submit(
-                StatusEvent(
-                    "error", None, {"stage": stage, "error": f"{type(error).__name__}: {error}"}, time.time()
-                )
+                error_event(None, stage=stage, message=f"{type(error).__name__}: {error}", at=time.time())
             )

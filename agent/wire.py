@@ -57,7 +57,8 @@ TOPIC_STATUS: Final = b"status"
 TOPIC_SLAB: Final = b"sct.slab"
 TOPIC_VOLUME: Final = b"sct.volume"
 TOPIC_HEARTBEAT: Final = b"heartbeat"
-#: Every topic a publisher sends on; a subscriber must take all of them for sequence gaps to mean loss.
+#: Every topic a publisher sends on; a subscriber must take all of them for sequence gaps to mean loss. The
+#: set is fixed within a major version: a new broadcast topic would look like loss to every older subscriber.
 ALL_TOPICS: Final = (TOPIC_STATUS, TOPIC_SLAB, TOPIC_VOLUME, TOPIC_HEARTBEAT)
 #: The snapshot exchange, on the snapshot socket only (never broadcast).
 TOPIC_SNAPSHOT_REQUEST: Final = b"snapshot.request"
@@ -86,6 +87,10 @@ STATUS_PROGRESS: Final = "progress"
 STATUS_COMPLETE: Final = "complete"
 STATUS_ERROR: Final = "error"
 STATUS_SKIPPED: Final = "skipped"
+#: The engine dropped an acquisition's streamed slabs (final verdict failed, grid placed again).
+STATUS_CANCELLED: Final = "cancelled"
+#: The sCT DICOM series was written or stored, or could not be.
+STATUS_DICOM: Final = "dicom"
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _SCHEMA_RE = re.compile(r"(?P<name>[a-z0-9-]+)/(?P<major>\d+)\.(?P<minor>\d+)")

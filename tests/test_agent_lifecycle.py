@@ -119,13 +119,19 @@ def test_restart_does_not_publish_a_finished_series_again_and_polling_observer_w
     )
     threads_before = set(threading.enumerate())
 
-    with Pipeline(config) as pipeline, SctClient(pipeline.endpoints.publish) as client:
+    with (
+        Pipeline(config) as pipeline,
+        SctClient(pipeline.endpoints.publish, snapshot_endpoint=pipeline.endpoints.snapshot) as client,
+    ):
         time.sleep(0.3)
         export_case(small_case, ExportOptions(out_dir=config.watch.folder / "series", rate_files_per_s=300.0))
         volume, _ = _wait_volume(client, TIMEOUT_S)
         assert volume is not None and volume.complete_from_slabs
 
-    with Pipeline(config) as pipeline, SctClient(pipeline.endpoints.publish) as client:
+    with (
+        Pipeline(config) as pipeline,
+        SctClient(pipeline.endpoints.publish, snapshot_endpoint=pipeline.endpoints.snapshot) as client,
+    ):
         again, statuses = _wait_volume(client, 4.0)
         assert again is None, "a series published before the restart was published again"
         assert not [s for s in statuses if s.kind == "verdict"]

@@ -17,8 +17,10 @@ from wire_support import random_hu, sample_slab, sample_volume
 from zmq.utils.garbage import GarbageCollectorThread
 
 from agent.client import ReceivedVolume, SctClient
+from agent.config import PublishConfig
 from agent.publisher import Publisher
 from agent.records import Publication, SctSlab, StatusEvent
+from agent.snapshot_store import SnapshotStore
 from agent.wire import (
     SCHEMA,
     TOPIC_SNAPSHOT_END,
@@ -347,7 +349,7 @@ def test_the_client_refuses_a_schema_major_it_does_not_know() -> None:
     pub = context.socket(zmq.PUB)
     port = pub.bind_to_random_port("tcp://127.0.0.1")
     try:
-        with SctClient(f"tcp://127.0.0.1:{port}") as client:
+        with SctClient(f"tcp://127.0.0.1:{port}", snapshot_endpoint=None) as client:
             header = SCHEMA.replace("/1.", "/2.")
             deadline = time.monotonic() + WAIT_S
             with pytest.raises(SchemaVersionError, match="major version 1"):
@@ -360,3 +362,29 @@ def test_the_client_refuses_a_schema_major_it_does_not_know() -> None:
             assert client.rejected >= 1
     finally:
         pub.close(linger=0)
+
+
+def test_slabs_of_a_stream_that_stopped_without_a_volume_expire_from_snapshots() -> None:
+    slab = series("acq-stalled", seed=6, slabs=2)[0]
+    store = SnapshotStore(2, expiry_s=0.05)
+    store.record(slab, 1, [b"sct.slab", b"{}", b""])
+    assert store.slab_count == 1 and len(store.messages()) == 1
+    time.sleep(0.1)
+    assert store.messages() == [] and store.slab_count == 0
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "snapshot"),
+    [
+        ("tcp://127.0.0.1:5556", "tcp://127.0.0.1:5557"),
+        ("tcp://[::1]:6000", "tcp://[::1]:6001"),
+        ("tcp://127.0.0.1:0", "tcp://127.0.0.1:0"),
+        ("ipc:///run/sct-agent/pub", "ipc:///run/sct-agent/pub.snapshot"),
+    ],
+)
+def test_the_client_and_the_agent_derive_the_same_default_snapshot_endpoint(
+    endpoint: str, snapshot: str
+) -> None:
+    with SctClient(endpoint) as client:
+        assert client.snapshot_endpoint == snapshot
+    assert PublishConfig(endpoint=endpoint).snapshot == snapshot

@@ -24,8 +24,9 @@ from sct_dicom_support import (
 )
 
 from agent.config import DicomConfig
-from agent.dicom_output import STATUS_DICOM, DicomOutput
+from agent.dicom_output import DicomOutput
 from agent.records import SctVolume, StatusEvent
+from agent.wire import STATUS_DICOM
 from engines.phantom.case import PhantomCase
 from engines.scanner.export import ExportSummary, OutputFormat
 

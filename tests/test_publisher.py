@@ -1,4 +1,7 @@
-"""Publisher and SctClient over real ZeroMQ sockets on loopback (random ports, no mocks)."""
+"""Publisher and SctClient over real ZeroMQ sockets on loopback (random ports, no mocks).
+
+The clients here subscribe only (``snapshot_endpoint=None``): these tests pin down the broadcast itself, gaps
+and drops included. Snapshots and gap healing are tests/test_clone.py's."""
 
 from __future__ import annotations
 
@@ -186,7 +189,7 @@ def test_stop_drains_the_queue_joins_the_thread_and_refuses_more() -> None:
     publisher = Publisher(LOOPBACK, heartbeat_s=FAST_HEARTBEAT_S)
     publisher.start()
     try:
-        with SctClient(publisher.endpoint) as client:
+        with SctClient(publisher.endpoint, snapshot_endpoint=None) as client:
             heard(client)
             for n in range(5):
                 publisher.submit(status(n))
@@ -218,7 +221,7 @@ def test_two_slab_volume_is_reassembled_byte_identical_with_geometry() -> None:
     items: list[Publication] = [verdict_event(rejected_verdict()), *two_slabs_and_volume(geometry, hu)]
 
     publisher = Publisher(LOOPBACK, heartbeat_s=FAST_HEARTBEAT_S, on_sent=lambda *a: sent.append(a))
-    with running(publisher), SctClient(publisher.endpoint) as client:
+    with running(publisher), SctClient(publisher.endpoint, snapshot_endpoint=None) as client:
         first = heard(client)
         for item in items:
             publisher.submit(item)
@@ -268,7 +271,7 @@ def rejected_verdict() -> Verdict:
 
 def test_heartbeats_arrive_when_idle_with_consecutive_sequence_numbers() -> None:
     publisher = Publisher(LOOPBACK, heartbeat_s=FAST_HEARTBEAT_S)
-    with running(publisher), SctClient(publisher.endpoint) as client:
+    with running(publisher), SctClient(publisher.endpoint, snapshot_endpoint=None) as client:
         beats = [heard(client) for _ in range(4)]
 
     assert [b.seq for b in beats] == list(range(beats[0].seq, beats[0].seq + 4))
@@ -296,9 +299,9 @@ def test_subscriber_count_follows_connections() -> None:
     counts: list[int] = []
     publisher = Publisher(LOOPBACK, on_subscribers=counts.append)
     with running(publisher):
-        with SctClient(publisher.endpoint):
+        with SctClient(publisher.endpoint, snapshot_endpoint=None):
             assert wait_until(lambda: publisher.subscribers == 1)
-            with SctClient(publisher.endpoint):
+            with SctClient(publisher.endpoint, snapshot_endpoint=None):
                 assert wait_until(lambda: publisher.subscribers == 2)
             assert wait_until(lambda: publisher.subscribers == 1)
         assert wait_until(lambda: publisher.subscribers == 0)
@@ -312,7 +315,7 @@ def test_bad_item_and_failing_callback_are_counted_and_the_thread_carries_on() -
         raise RuntimeError("callback bug")
 
     publisher = Publisher(LOOPBACK, heartbeat_s=FAST_HEARTBEAT_S, on_sent=explode)
-    with running(publisher), SctClient(publisher.endpoint) as client:
+    with running(publisher), SctClient(publisher.endpoint, snapshot_endpoint=None) as client:
         heard(client)
         publisher.submit(StatusEvent("error", "acq-7", {"detail": object()}, 0.0))  # not JSON: never sent
         publisher.submit(status(1))
@@ -353,7 +356,7 @@ def test_subscriber_that_falls_behind_sees_exactly_the_messages_it_lost_as_gaps(
     digest = payload_sha256(shared)
 
     publisher = Publisher(LOOPBACK, heartbeat_s=FAST_HEARTBEAT_S, send_hwm=send_hwm)
-    with running(publisher), SctClient(publisher.endpoint, rcvhwm=rcvhwm) as client:
+    with running(publisher), SctClient(publisher.endpoint, snapshot_endpoint=None, rcvhwm=rcvhwm) as client:
         heard(client)
         first = publisher.sequence + 1
         for k in range(n):  # the client reads nothing meanwhile
@@ -385,7 +388,7 @@ def test_slow_subscriber_blocks_neither_submit_nor_memory() -> None:
     alive: list[weakref.ref[npt.NDArray[np.int16]]] = []
 
     publisher = Publisher(LOOPBACK, heartbeat_s=FAST_HEARTBEAT_S, send_hwm=send_hwm, queue_depth=4)
-    with running(publisher), SctClient(publisher.endpoint, rcvhwm=1) as slow:
+    with running(publisher), SctClient(publisher.endpoint, snapshot_endpoint=None, rcvhwm=1) as slow:
         heard(slow)  # subscribed; from now on it reads nothing
         first = publisher.sequence + 1
         started = time.monotonic()
@@ -449,7 +452,7 @@ def test_client_records_a_gap_and_uses_the_volume_message_when_a_slab_was_lost()
     hu = hu_volume(geometry.shape, seed=5)
     slab0, _lost, volume = two_slabs_and_volume(geometry, hu)
 
-    with raw_publisher() as (socket, endpoint), SctClient(endpoint) as client:
+    with raw_publisher() as (socket, endpoint), SctClient(endpoint, snapshot_endpoint=None) as client:
         seq = synchronise(socket, client, "pub-a")
         socket.send_multipart(encode(slab0, seq + 1, "pub-a", time.time()))
         socket.send_multipart(encode(volume, seq + 3, "pub-a", time.time()))  # seq + 2 never sent
@@ -468,7 +471,7 @@ def test_client_rejects_a_tampered_payload_and_counts_it() -> None:
     hu = hu_volume(geometry.shape)
     slab = two_slabs_and_volume(geometry, hu)[0]
 
-    with raw_publisher() as (socket, endpoint), SctClient(endpoint) as client:
+    with raw_publisher() as (socket, endpoint), SctClient(endpoint, snapshot_endpoint=None) as client:
         seq = synchronise(socket, client, "pub-a")
         topic, header, payload = (bytes(f) for f in encode(slab, seq + 1, "pub-a", time.time()))
         tampered = bytearray(payload)
@@ -485,7 +488,7 @@ def test_client_rejects_a_tampered_payload_and_counts_it() -> None:
 
 
 def test_a_new_publisher_id_restarts_sequence_tracking() -> None:
-    with raw_publisher() as (socket, endpoint), SctClient(endpoint) as client:
+    with raw_publisher() as (socket, endpoint), SctClient(endpoint, snapshot_endpoint=None) as client:
         synchronise(socket, client, "before-restart")
         socket.send_multipart(encode_heartbeat(1, "after-restart", time.time()))
         socket.send_multipart(encode_heartbeat(3, "after-restart", time.time()))
@@ -497,7 +500,7 @@ def test_a_new_publisher_id_restarts_sequence_tracking() -> None:
 
 
 def test_receive_times_out_with_no_publisher() -> None:
-    with SctClient("tcp://127.0.0.1:9") as client:
+    with SctClient("tcp://127.0.0.1:9", snapshot_endpoint=None) as client:
         started = time.monotonic()
         assert client.receive(0.1) is None
         assert time.monotonic() - started >= 0.09
