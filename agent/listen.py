@@ -38,7 +38,16 @@ from agent.client import ReceivedVolume, SctClient
 from agent.curve_keys import CurveClient, KeyFileError, curve_client
 from agent.endpoints import default_snapshot_endpoint
 from agent.montage import PIXELS_PER_MM, to_lps
-from agent.wire import AXES, STATUS_ERROR, STATUS_PROGRESS, STATUS_VERDICT, UNITS, WIRE_DTYPE, StatusMessage
+from agent.wire import (
+    AXES,
+    STATUS_DICOM,
+    STATUS_ERROR,
+    STATUS_PROGRESS,
+    STATUS_VERDICT,
+    UNITS,
+    WIRE_DTYPE,
+    StatusMessage,
+)
 from engines.phantom.geometry import VolumeGeometry
 
 DEFAULT_ENDPOINT: Final = "tcp://127.0.0.1:5556"
@@ -252,8 +261,13 @@ def describe_status(message: StatusMessage) -> str:
         if pending:
             line += f"; pending {', '.join(str(p) for p in pending)}"
         return line
+    if message.kind == STATUS_PROGRESS and body.get("restarted"):
+        return f"progress {subject}: stream restarted ({body.get('reason', '?')})"
     if message.kind == STATUS_PROGRESS:
         return f"progress {subject}: slabs {body.get('slabs_done', '?')}/{body.get('slab_count', '?')}"
+    if message.kind == STATUS_DICOM:
+        state = "" if body.get("ok") else "FAILED "
+        return f"DICOM {subject}: {state}{body.get('step', '?')}: {body.get('message', '')}"
     if message.kind == STATUS_ERROR:
         return f"ERROR {subject}: {body.get('stage', '?')}: {body.get('message', '')}"
     details = ", ".join(f"{k}={v}" for k, v in body.items())
