@@ -14,7 +14,6 @@ import numpy.typing as npt
 import pytest
 import zmq
 from wire_support import random_hu, sample_slab, sample_volume
-from zmq.utils.garbage import GarbageCollectorThread
 
 from agent.client import ReceivedVolume, SctClient
 from agent.config import PublishConfig
@@ -41,16 +40,7 @@ SLAB_DEPTH = 4
 DEEP_HWM = 100
 
 
-@pytest.fixture(autouse=True)
-def _no_thread_leaks() -> Iterator[None]:
-    before = set(threading.enumerate())
-    yield
-    leaked = [
-        t
-        for t in threading.enumerate()
-        if t not in before and t.is_alive() and not isinstance(t, GarbageCollectorThread)
-    ]
-    assert leaked == []
+pytestmark = pytest.mark.usefixtures("no_thread_leaks")
 
 
 def free_port() -> int:

@@ -7,7 +7,6 @@ import contextlib
 import io
 import logging
 import stat
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,7 +15,6 @@ from pathlib import Path
 import pytest
 import zmq
 from wire_support import random_hu, sample_volume
-from zmq.utils.garbage import GarbageCollectorThread
 
 from agent import keys
 from agent.cli import main as cli_main
@@ -43,16 +41,7 @@ WAIT_S = 15.0
 REFUSED_WATCH_S = 1.0
 
 
-@pytest.fixture(autouse=True)
-def _no_thread_leaks() -> Iterator[None]:
-    before = set(threading.enumerate())
-    yield
-    leaked = [
-        t
-        for t in threading.enumerate()
-        if t not in before and t.is_alive() and not isinstance(t, GarbageCollectorThread)
-    ]
-    assert leaked == []
+pytestmark = pytest.mark.usefixtures("no_thread_leaks")
 
 
 class Keys:

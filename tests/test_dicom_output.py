@@ -5,7 +5,6 @@ and the two counters) and on disk; a failure costs one series and never escapes.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from sct_dicom_support import (
     received,
     sct_volume,
     small_case,
-    storescp_launcher,
 )
 
 from agent.config import DicomConfig
@@ -32,13 +30,6 @@ from engines.scanner.export import ExportSummary, OutputFormat
 
 #: pynetdicom 3.0.4 leaves the socket of a refused connection unclosed (see tests/test_dicom_store.py).
 pytestmark = pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
-
-
-@pytest.fixture
-def storescp(tmp_path: Path) -> Iterator[StartStorescp]:
-    """Starts dcmtk storescp on a port; returns its output folder. Killed afterwards."""
-    with storescp_launcher(tmp_path) as start:
-        yield start
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -25,7 +24,6 @@ from sct_dicom_support import (
     received,
     sct_volume,
     small_case,
-    storescp_launcher,
 )
 
 from agent.dicom_store import StoreError, StorePeer, StoreResult, store_series
@@ -36,13 +34,6 @@ from engines.scanner.export import OutputFormat
 #: socket and close() is skipped; pynetdicom issue #979, fixed upstream by PR #999). Python closes it on garbage
 #: collection with a ResourceWarning, which this project's "error" filter would turn into a failure.
 pytestmark = pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
-
-
-@pytest.fixture
-def storescp(tmp_path: Path) -> Iterator[StartStorescp]:
-    """Starts dcmtk storescp on a port (extra options allowed); returns its output folder. Killed afterwards."""
-    with storescp_launcher(tmp_path) as start:
-        yield start
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ import numpy.typing as npt
 import pytest
 import zmq
 from wire_support import random_hu, sample_slab, sample_volume, slabs_and_volume
-from zmq.utils.garbage import GarbageCollectorThread
 
 from agent.client import Gap, SctClient
 from agent.publisher import Publisher, PublishError
@@ -46,17 +45,7 @@ FAST_HEARTBEAT_S = 0.05
 WAIT_S = 10.0
 
 
-@pytest.fixture(autouse=True)
-def _no_thread_leaks() -> Iterator[None]:
-    """Every publisher thread is joined by the end of its test (pyzmq's own zero-copy gc thread excepted)."""
-    before = set(threading.enumerate())
-    yield
-    leaked = [
-        t
-        for t in threading.enumerate()
-        if t not in before and t.is_alive() and not isinstance(t, GarbageCollectorThread)
-    ]
-    assert leaked == []
+pytestmark = pytest.mark.usefixtures("no_thread_leaks")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
