@@ -8,12 +8,15 @@ import io
 import logging
 import stat
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import zmq
+from agent_support import agent_config, write_test_model, write_test_protocol
 from wire_support import random_hu, sample_volume
 
 from agent import keys
@@ -31,6 +34,7 @@ from agent.curve_keys import (
     load_secret_key,
 )
 from agent.metrics import AgentMetrics
+from agent.pipeline import Pipeline
 from agent.publish_security import publish_security
 from agent.publisher import Publisher
 from engines.phantom.geometry import VolumeGeometry
@@ -327,3 +331,52 @@ def test_a_plain_client_cannot_even_ask_a_curve_snapshot_socket(curve_keys: Keys
             assert dealer.poll(int(REFUSED_WATCH_S * 1000)) == 0
         finally:
             dealer.close()
+
+
+def test_the_running_agent_admits_allowed_robots_only_and_counts_the_rest_in_its_metrics(
+    curve_keys: Keys, tmp_path: Path
+) -> None:
+    """The whole agent with ``publish.security = "curve"``: the wiring from config to sockets to metrics."""
+    root = tmp_path / "agent"
+    config = agent_config(root, write_test_protocol(root / "protocols"), write_test_model(root / "model"))
+    config = replace(
+        config,
+        publish=replace(
+            config.publish,
+            security="curve",
+            secret_key_file=curve_keys.server_secret,
+            allowed_keys_folder=curve_keys.allowed,
+        ),
+    )
+    with Pipeline(config) as pipeline:
+        endpoints = pipeline.endpoints
+        url = endpoints.metrics_url
+        assert endpoints.curve and url is not None
+        with (
+            SctClient(
+                endpoints.publish,
+                snapshot_endpoint=endpoints.snapshot,
+                curve=curve_keys.client(curve_keys.robot_secret),
+            ) as robot,
+            SctClient(
+                endpoints.publish,
+                snapshot_endpoint=endpoints.snapshot,
+                curve=curve_keys.client(curve_keys.stranger_secret),
+                snapshot_timeout_s=0.5,
+            ) as stranger,
+        ):
+            assert robot.receive(WAIT_S) is not None and robot.snapshots == 1
+            assert stranger.receive(REFUSED_WATCH_S) is None
+
+            def scraped() -> str:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    return str(response.read().decode())
+
+            assert wait_until(lambda: "sct_agent_publish_curve 1.0" in scraped())
+            assert wait_until(
+                lambda: any(
+                    line.startswith('sct_agent_subscribers_rejected_total{reason="auth",socket="publish"}')
+                    and float(line.rsplit(" ", 1)[1]) >= 1
+                    for line in scraped().splitlines()
+                )
+            )
