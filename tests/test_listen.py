@@ -20,6 +20,7 @@ from PIL import Image
 from wire_support import random_hu, slabs_and_volume
 
 from agent.client import ReceivedVolume
+from agent.curve_keys import create_key_pair
 from agent.listen import (
     DEFAULT_ENDPOINT,
     EXIT_BAD_ARGUMENTS,
@@ -208,6 +209,11 @@ def test_ctrl_c_closes_the_socket_and_exits_130(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
+        (["--server-key", "server.key"], "--server-key and --client-key go together"),
+        (
+            ["--server-key", "/nonexistent/server.key", "--client-key", "/nonexistent/x.key_secret"],
+            "no such file",
+        ),
         (["--count", "0"], "--count: found 0; expected N >= 1"),
         (["--timeout", "-1"], "--timeout: found -1.0; expected S > 0"),
         (["--count", "two"], "invalid int value"),
@@ -296,3 +302,14 @@ def test_preview_uses_the_w1500_l300_window(value_hu: int, grey: int) -> None:
     else:
         assert int(np.median(body[body > 0])) == grey
     assert pixels[:LABEL_HEIGHT].max() > 200  # the SYNTHETIC CT label is drawn (anti-aliased)
+
+
+def test_a_client_key_others_can_read_is_refused_with_the_fix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server_public, _ = create_key_pair(tmp_path, "server")
+    _, client_secret = create_key_pair(tmp_path, "robot")
+    client_secret.chmod(0o644)
+    argv = ["--server-key", str(server_public), "--client-key", str(client_secret), "--timeout", "1"]
+    assert main(argv, stdout=io.StringIO()) == EXIT_BAD_ARGUMENTS
+    assert f"chmod 600 {client_secret}" in capsys.readouterr().err
