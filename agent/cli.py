@@ -1,7 +1,7 @@
 """sct-agent: synthetic CT from dual-echo MRI at the scanner's edge.
 
 Subcommands are the tools of the people who use the product: the simulated scanner and the demo for developers
-and evaluators, the agent itself (`run`), its subscriber (`listen`), CURVE keys for both (`keys`), and the protocol check IT and the MRI
+and evaluators, the agent itself (`run`), its subscriber (`listen`), CURVE keys for both (`keys`), sending sCT DICOM series again (`resend`), and the protocol check IT and the MRI
 technologist run on a test export before the first patient (`check`).
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from agent import check, demo, evaluate, keys, listen, run, simulate, train
+from agent import check, demo, evaluate, keys, listen, resend, run, simulate, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_parser(subparsers)
     check.add_parser(subparsers)
     keys.add_parser(subparsers)
+    resend.add_parser(subparsers)
     simulate.add_parser(subparsers)
     demo.add_parser(subparsers)
     train.add_parser(subparsers)

@@ -21,9 +21,11 @@ from sct_dicom_support import (
     small_case,
 )
 
+from agent.cli import main as cli_main
 from agent.config import DicomConfig
 from agent.dicom_output import DicomOutput
 from agent.records import SctVolume, StatusEvent
+from agent.sct_series import write_sct_series
 from agent.wire import STATUS_DICOM
 from engines.phantom.case import PhantomCase
 from engines.scanner.export import ExportSummary, OutputFormat
@@ -210,3 +212,24 @@ def test_a_half_written_series_from_an_earlier_run_is_removed_at_start(tmp_path:
     assert series_folders(folder) == [finished]
     assert (finished / "CT0001.dcm").read_bytes() == b"a finished series"
     assert recorder.events == []
+
+
+@needs_storescp
+def test_resend_command_sends_a_series_on_disk_and_says_so(
+    tmp_path: Path,
+    mr: ExportSummary,
+    case: PhantomCase,
+    storescp: StartStorescp,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """What IT runs after the PACS was down longer than the agent's retries."""
+    written = write_sct_series(sct_volume(case, mr.paths), tmp_path / "dicom")
+    port = free_port()
+    folder = storescp(port)
+    assert cli_main(["resend", str(written.folder), "--peer", f"{PEER_AE}@127.0.0.1:{port}"]) == 0
+    assert sorted(received(folder)) == sorted(written.sop_instance_uids)
+    assert f"{written.folder.name}: {len(written.files)} instances stored" in capsys.readouterr().out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli_main(["resend", str(empty), "--peer", f"{PEER_AE}@127.0.0.1:{port}"]) == 1
+    assert cli_main(["resend", str(written.folder), "--peer", "no-port"]) == 2
