@@ -92,6 +92,8 @@ class Job:
     probe_topic: bytes
     curve: CurveClient | None
     timeout_s: float
+    #: The publisher's snapshot endpoint, for the client mode (it synchronises first, as a robot does).
+    snapshot: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +164,7 @@ def _receive_raw(job: Job, conn: Connection) -> Received:
 
 
 def _receive_client(job: Job, conn: Connection) -> Received:
-    with SctClient(job.endpoint, curve=job.curve, rcvhwm=0) as client:
+    with SctClient(job.endpoint, snapshot_endpoint=job.snapshot, curve=job.curve, rcvhwm=0) as client:
         deadline = time.monotonic() + job.timeout_s
         while not isinstance(client.receive(max(0.0, deadline - time.monotonic())), HeartbeatMessage):
             if time.monotonic() >= deadline:
@@ -292,6 +294,7 @@ def run_agent(
 ) -> dict[str, Any]:
     publisher = Publisher(
         "tcp://127.0.0.1:0",
+        snapshot_endpoint="tcp://127.0.0.1:0",  # as in production: the snapshot store is kept while publishing
         curve=None if curve is None else curve.server,
         heartbeat_s=HEARTBEAT_S,
         send_hwm=count + 16,
@@ -307,6 +310,7 @@ def run_agent(
                 TOPIC_HEARTBEAT,
                 None if curve is None else curve.client,
                 timeout_s,
+                publisher.snapshot_endpoint,
             )
         )
         _wait_ready(conn, timeout_s + 5)
