@@ -189,6 +189,7 @@ class SctClient:
         self._delivered: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._syncing = False
         self._refusals = 0
+        self._sync_items = 0
         self._sync_deadline = 0.0
         self._sync_from_snapshot = False
         self._heartbeat_s = DEFAULT_HEARTBEAT_S
@@ -328,6 +329,7 @@ class SctClient:
         dealer.connect(self._snapshot_endpoint)
         dealer.send_multipart(encode_snapshot_request(time.time()))
         self._syncing = True
+        self._sync_items = 0
         self._sync_deadline = time.monotonic() + self._snapshot_timeout_s
         self._assemblies.clear()
 
@@ -386,6 +388,10 @@ class SctClient:
             self._sync_deadline = min(self._sync_deadline, time.monotonic() + pause)
             return
         if isinstance(reply, SnapshotEnd):
+            if reply.items != self._sync_items:
+                # A message of the reply was lost or refused: this state has a hole in it.
+                self.resync(f"snapshot announced {reply.items} message(s), {self._sync_items} arrived intact")
+                return
             self._syncing = False
             self._refusals = 0
             self.snapshots += 1
@@ -396,6 +402,7 @@ class SctClient:
             self._heartbeat_s = reply.heartbeat_s
             logger.info("snapshot applied: %d message(s), up to seq %d", reply.items, reply.seq)
             return
+        self._sync_items += 1
         self._accept(reply, from_snapshot=True)
 
     def _step_live(self, remaining: float | None) -> None:
