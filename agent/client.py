@@ -114,6 +114,8 @@ class ReceivedVolume:
     received_at: float
     #: The volume message came in a snapshot (the subscriber joined, or resynchronised, after it was sent).
     from_snapshot: bool = False
+    #: A restarted agent sent it again from its archive; the same acquisition may have been received before.
+    republished: bool = False
 
 
 class _Assembly:
@@ -536,6 +538,7 @@ class SctClient:
             seq=volume.seq,
             received_at=time.time(),
             from_snapshot=from_snapshot,
+            republished=volume.republished,
         )
         self.completed_volumes.append(received)
         if self._on_volume is not None:

@@ -50,6 +50,7 @@ from agent.records import (
 from agent.stage import Stage, each
 from agent.streamer import Streamer
 from agent.verdicts import VerdictReport, VerdictStage
+from agent.volume_archive import VolumeArchive
 from agent.watcher import SkipReason, Watcher
 from agent.wire import error_event
 from engines.backends.base import BackendOptions
@@ -61,6 +62,8 @@ logger = logging.getLogger(__name__)
 #: Seconds a stage gets to finish the item in hand when the agent stops (a CPU slab takes a few seconds).
 STOP_TIMEOUT_S = 60.0
 JOURNAL_FILE = "journal.sqlite"
+#: Folder under ``state.folder`` keeping the latest published volumes across restarts (agent.volume_archive).
+SNAPSHOT_ARCHIVE = "snapshot"
 #: Finished volumes waiting for the DICOM writer.
 DICOM_QUEUE_DEPTH = 4
 _COUNTED_SKIPS = frozenset({SkipReason.DICOMDIR, SkipReason.EMPTY})
@@ -92,6 +95,7 @@ class Pipeline:
         self._engine: SctEngine | None = None
         self._watcher: Watcher | None = None
         self._dicom_stage: Stage[SctVolume] | None = None
+        self._archive: VolumeArchive | None = None
         self._stages: list[Stage[Any]] = []
         self._started = False
         self._lock = threading.Lock()
@@ -150,6 +154,10 @@ class Pipeline:
                 on_snapshot=self.metrics.snapshot_served,
             )
             self._publisher.start()
+            self._archive = VolumeArchive(
+                config.state.folder / SNAPSHOT_ARCHIVE, config.publish.snapshot_volumes
+            )
+            self._republish_archive()
             if config.dicom.folder is not None:
                 config.dicom.folder.mkdir(parents=True, exist_ok=True)
             self._build_stages(engine)
@@ -368,7 +376,35 @@ class Pipeline:
                 slab.acquisition_id, slab.slab_index, slab.start, slab.size, slab.sha256, None
             )
 
+    def _republish_archive(self) -> None:
+        """Put the volumes published before a restart back within reach of late robots (marked republished)."""
+        assert self._archive is not None and self._publisher is not None
+        volumes, problems = self._archive.load()
+        for problem in problems:
+            self.metrics.error("publisher")
+            self._publisher.submit(
+                error_event(
+                    problem.acquisition_id,
+                    stage="publisher",
+                    message=f"stored volume not republished: {problem.reason}",
+                    at=time.time(),
+                )
+            )
+        for volume in volumes:
+            self._publisher.submit(volume)
+        if volumes:
+            logger.info("republished %d sCT volume(s) kept from before the restart", len(volumes))
+
     def _on_volume(self, volume: SctVolume, last_image_at: float) -> None:
+        if self._archive is not None:
+            try:
+                self._archive.save(volume)
+            except (OSError, ValueError) as error:
+                # The volume is published; only a restart's late joiners would miss it. Say so, carry on.
+                logger.error(
+                    "acquisition %s: volume not archived for restarts: %s", volume.acquisition_id, error
+                )
+                self.metrics.error("publisher")
         if self._dicom_stage is not None:
             self._dicom_stage.put(volume)
         logger.info(
@@ -387,6 +423,8 @@ class Pipeline:
                 self._journal.record_publication(
                     item.acquisition_id, "slab", seq, item.sha256, slab_index=item.slab_index
                 )
+        elif isinstance(item, SctVolume) and item.republished:
+            self.metrics.published("sct.volume", int(item.hu.nbytes))
         elif isinstance(item, SctVolume):
             self.metrics.published("sct.volume", int(item.hu.nbytes))
             self.metrics.volume_published(max(0.0, sent_at - item.last_image_at))

@@ -322,6 +322,8 @@ class SctVolume:
     last_image_at: float = 0.0
     #: The MR images it was computed from (never sent on the wire; the DICOM writer references them).
     sources: SourceImages = ()
+    #: Published again by a restarted agent from its archive (agent.volume_archive), not newly computed.
+    republished: bool = False
 
 
 @dataclass(frozen=True, slots=True)

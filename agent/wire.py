@@ -222,6 +222,8 @@ class VolumeMessage(_DataMessage):
     """A finished volume: ``hu`` has the geometry's full shape."""
 
     stitched_from_slabs: int
+    #: Sent again by a restarted agent from its archive (same content and sha256 as when first published).
+    republished: bool = False
 
 
 Message = StatusMessage | SlabMessage | VolumeMessage | HeartbeatMessage
@@ -265,6 +267,8 @@ def encode(publication: Publication, seq: int, publisher_id: str, sent_at: float
         slab = {"index": 0, "count": 1, "start": 0, "size": geometry.shape[0]}
         expected_shape = geometry.shape
         extra = {"stitched_from_slabs": publication.slab_count}
+        if publication.republished:
+            extra["republished"] = True
     else:
         raise WireError("publication", type(publication).__name__, "StatusEvent, SctSlab or SctVolume")
     hu = _wire_array(publication.hu, expected_shape, type(publication).__name__)
@@ -539,7 +543,14 @@ def _decode_data(
             size=slab["size"],
             inputs_complete_at=_get_number(header, "inputs_complete_at"),
         )
-    return VolumeMessage(**common, stitched_from_slabs=_get_int(header, "stitched_from_slabs", minimum=1))
+    republished = header.get("republished", False)
+    if not isinstance(republished, bool):
+        raise WireError("republished", republished, "true or false (absent: false)")
+    return VolumeMessage(
+        **common,
+        stitched_from_slabs=_get_int(header, "stitched_from_slabs", minimum=1),
+        republished=republished,
+    )
 
 
 def _decode_geometry(volume: dict[str, Any]) -> VolumeGeometry:

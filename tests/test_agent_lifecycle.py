@@ -106,12 +106,12 @@ def _wait_volume(client: SctClient, timeout_s: float) -> tuple[ReceivedVolume | 
     return None, statuses
 
 
-def test_restart_does_not_publish_a_finished_series_again_and_polling_observer_works(
+def test_restart_does_not_infer_a_finished_series_again_republishes_its_volume_and_polling_works(
     tmp_path: Path, small_case: PhantomCase, model_and_protocols: tuple[Path, Path]
 ) -> None:
     """First run: the polling observer (network shares) picks up a series exported while it runs. Second run
     over the same folder and state: the start-up scan sees the same files, and the journal says they were
-    published, so nothing is published twice."""
+    published, so nothing is inferred or published as new again; the archived volume is republished as such."""
     model, protocols = model_and_protocols
     config = agent_config(tmp_path, protocols, model, quiet_period_s=2.0)
     config = replace(
@@ -132,9 +132,15 @@ def test_restart_does_not_publish_a_finished_series_again_and_polling_observer_w
         Pipeline(config) as pipeline,
         SctClient(pipeline.endpoints.publish, snapshot_endpoint=pipeline.endpoints.snapshot) as client,
     ):
-        again, statuses = _wait_volume(client, 4.0)
-        assert again is None, "a series published before the restart was published again"
-        assert not [s for s in statuses if s.kind == "verdict"]
+        # The series is not judged or inferred again (the journal says it was published). Its volume comes back
+        # from the archive, byte for byte and marked republished, so a robot connecting now still gets it.
+        again, statuses = _wait_volume(client, TIMEOUT_S)
+        assert again is not None and again.republished and again.from_snapshot
+        assert again.sha256 == volume.sha256 and again.hu.tobytes() == volume.hu.tobytes()
+        assert again.geometry == volume.geometry
+        assert not [s for s in statuses if s.kind in ("verdict", "progress")]
+        extra, _ = _wait_volume(client, 2.0)
+        assert extra is None, "a volume was published twice after the restart"
 
     leaked = [
         t
