@@ -295,6 +295,10 @@ def describe_volume(volume: ReceivedVolume, path: Path) -> str:
             if volume.matches_volume_message
             else ", DIFFER from the volume message"
         )
+    elif volume.republished:
+        slabs = "republished by a restarted agent (computed before the restart)"
+    elif volume.from_snapshot:
+        slabs = "from the snapshot (published before this listener connected)"
     else:
         slabs = f"slabs {volume.slabs_received}/{volume.slab_count} (missed some; used the volume message)"
     return (
