@@ -6,14 +6,12 @@ from __future__ import annotations
 import socket as socketlib
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
 import numpy as np
 import numpy.typing as npt
 import pytest
 import zmq
-from wire_support import random_hu, sample_slab, sample_volume
+from wire_support import random_hu, running, sample_slab, sample_volume, wait_until
 
 from agent.client import ReceivedVolume, SctClient
 from agent.config import PublishConfig
@@ -75,15 +73,6 @@ def series(acquisition_id: str, seed: int, slabs: int = SLABS, depth: int = SLAB
     return out
 
 
-@contextmanager
-def running(publisher: Publisher) -> Iterator[Publisher]:
-    publisher.start()
-    try:
-        yield publisher
-    finally:
-        publisher.stop()
-
-
 def snapshot_publisher(**options: object) -> Publisher:
     """A publisher whose queues take the tests' bursts: loss is provoked only where a test asks for it."""
     options.setdefault("send_hwm", DEEP_HWM)
@@ -113,15 +102,6 @@ def synced(client: SctClient) -> SctClient:
 def submit_all(publisher: Publisher, items: list[Publication]) -> None:
     for item in items:
         publisher.submit(item, timeout=WAIT_S)
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = WAIT_S) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.005)
-    return condition()
 
 
 def volume_of(client: SctClient, acquisition_id: str) -> ReceivedVolume:

@@ -7,7 +7,6 @@ import contextlib
 import io
 import logging
 import stat
-import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import zmq
 from agent_support import agent_config, write_test_model, write_test_protocol
-from wire_support import random_hu, sample_volume
+from wire_support import random_hu, sample_volume, wait_until
 
 from agent import keys
 from agent.cli import main as cli_main
@@ -97,16 +96,6 @@ def geometry() -> VolumeGeometry:
         column_direction=(0.0, 0.0, -1.0),
         slice_direction=(-1.0, 0.0, 0.0),
     )
-
-
-def wait_until(condition: object, timeout_s: float = WAIT_S) -> bool:
-    assert callable(condition)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return bool(condition())
 
 
 def rejected_total(metrics: AgentMetrics, socket: str) -> float:

@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import zmq
-from wire_support import random_hu, sample_slab, sample_volume, slabs_and_volume
+from wire_support import random_hu, running, sample_slab, sample_volume, slabs_and_volume, wait_until
 
 from agent.client import Gap, SctClient
 from agent.publisher import Publisher, PublishError
@@ -49,15 +49,6 @@ pytestmark = pytest.mark.usefixtures("no_thread_leaks")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = WAIT_S) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.005)
-    return condition()
 
 
 def oblique_geometry() -> VolumeGeometry:
@@ -112,15 +103,6 @@ def two_slabs_and_volume(geometry: VolumeGeometry, hu: npt.NDArray[np.int16]) ->
 
 def status(n: int) -> StatusEvent:
     return StatusEvent("progress", "acq-7", {"slabs_done": n, "slab_count": 9}, at=time.time())
-
-
-@contextmanager
-def running(publisher: Publisher) -> Iterator[Publisher]:
-    publisher.start()
-    try:
-        yield publisher
-    finally:
-        publisher.stop()
 
 
 def heard(client: SctClient, timeout_s: float = WAIT_S) -> HeartbeatMessage:

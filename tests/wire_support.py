@@ -1,7 +1,12 @@
 """Sample publications for the wire, publisher and listen tests: one builder, so every test file sends the same
-kind of record and a change to the records is made once."""
+kind of record and a change to the records is made once; and the small helpers those tests share."""
 
 from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -10,7 +15,12 @@ from agent.records import SctSlab, SctVolume
 from agent.wire import payload_sha256
 from engines.phantom.geometry import VolumeGeometry
 
+if TYPE_CHECKING:
+    from agent.publisher import Publisher
+
 PROTOCOL_ID = "lumbar-dual-echo-v1"
+#: Generous bound on anything that should take milliseconds (two shared CPU cores).
+SUPPORT_WAIT_S = 10.0
 MODEL_ID = "sct-unet"
 MODEL_VERSION = "1.2.0"
 
@@ -76,3 +86,23 @@ def slabs_and_volume(
         sample_slab(geometry, hu[half:], start=half, index=1, count=2, acquisition_id=acquisition_id),
         sample_volume(geometry, hu, slab_count=2, acquisition_id=acquisition_id),
     ]
+
+
+@contextmanager
+def running(publisher: Publisher) -> Iterator[Publisher]:
+    """A started publisher, stopped (thread joined) on the way out."""
+    publisher.start()
+    try:
+        yield publisher
+    finally:
+        publisher.stop()
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = SUPPORT_WAIT_S) -> bool:
+    """Poll ``condition`` until it holds or ``timeout_s`` passes; its last value."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.005)
+    return bool(condition())
