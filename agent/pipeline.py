@@ -423,10 +423,10 @@ class Pipeline:
                 self._journal.record_publication(
                     item.acquisition_id, "slab", seq, item.sha256, slab_index=item.slab_index
                 )
-        elif isinstance(item, SctVolume) and item.republished:
-            self.metrics.published("sct.volume", int(item.hu.nbytes))
         elif isinstance(item, SctVolume):
             self.metrics.published("sct.volume", int(item.hu.nbytes))
+            if item.republished:
+                return  # counted and journalled when it was first published, before the restart
             self.metrics.volume_published(max(0.0, sent_at - item.last_image_at))
             if self._journal is not None:
                 self._journal.record_publication(item.acquisition_id, "volume", seq, item.sha256)

@@ -184,6 +184,11 @@ def _write_atomically(path: Path, write: Any) -> None:
             f.flush()
             os.fsync(f.fileno())
         temp.replace(path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself survives a power cut
+        finally:
+            os.close(directory)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
