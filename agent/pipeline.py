@@ -4,7 +4,7 @@
                    |            |                      |    +---> dicom (CT series on disk, C-STORE)
                    +------ journal (SQLite) and metrics (Prometheus) ------+
 
-Each arrow is a bounded queue owned by the receiving :class:`~agent.stage.Stage`; the watcher and the stages
+Each arrow is a bounded queue owned by the receiving :class:`~agent.stage_thread.Stage`; the watcher and the stages
 block when the next one is full, so a slow engine slows ingestion instead of growing memory. The journal and
 the metrics are side services called from the stage threads through the small callbacks below; no stage knows
 about either.
@@ -25,16 +25,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent import sd_notify
-from agent.assembler import Assembler
-from agent.config import AgentConfig
-from agent.dicom_output import DicomOutput
-from agent.inference_stage import InferenceStage
-from agent.journal import AcquisitionState, Journal
-from agent.metrics import AgentMetrics, MetricsServer, serve
-from agent.protocols import SHIPPED_PROTOCOLS_DIR, SequenceProtocol, load_protocols
-from agent.publish_security import publish_security
-from agent.publisher import Publisher
+from agent.dicom_out.dicom_publisher import DicomOutput
+from agent.inference.engine_stage import InferenceStage
+from agent.inference.streamer import Streamer
+from agent.ingest.assembler import Assembler
+from agent.ingest.watcher import SkipReason, Watcher
+from agent.ops import sd_notify
+from agent.ops.config import AgentConfig
+from agent.ops.journal import AcquisitionState, Journal
+from agent.ops.metrics import AgentMetrics, MetricsServer, serve
+from agent.publish.publisher import Publisher
+from agent.publish.security import publish_security
+from agent.publish.volume_archive import VolumeArchive
+from agent.publish.wire import error_event
 from agent.records import (
     AcquisitionUpdate,
     ArrivedFile,
@@ -47,12 +50,9 @@ from agent.records import (
     StreamControl,
     ValidatedUpdate,
 )
-from agent.stage import Stage, each
-from agent.streamer import Streamer
-from agent.verdicts import VerdictReport, VerdictStage
-from agent.volume_archive import VolumeArchive
-from agent.watcher import SkipReason, Watcher
-from agent.wire import error_event
+from agent.stage_thread import Stage, each
+from agent.validation.protocols import SHIPPED_PROTOCOLS_DIR, SequenceProtocol, load_protocols
+from agent.validation.validator import VerdictReport, VerdictStage
 from engines.backends.base import BackendOptions
 from engines.inference.engine import SctEngine
 from engines.model.manifest import ModelManifest, default_manifest
@@ -62,7 +62,7 @@ logger = logging.getLogger(__name__)
 #: Seconds a stage gets to finish the item in hand when the agent stops (a CPU slab takes a few seconds).
 STOP_TIMEOUT_S = 60.0
 JOURNAL_FILE = "journal.sqlite"
-#: Folder under ``state.folder`` keeping the latest published volumes across restarts (agent.volume_archive).
+#: Folder under ``state.folder`` keeping the latest published volumes across restarts (agent.publish.volume_archive).
 SNAPSHOT_ARCHIVE = "snapshot"
 #: Finished volumes waiting for the DICOM writer.
 DICOM_QUEUE_DEPTH = 4

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from engines.phantom.geometry import VolumeGeometry
+from sct_core.geometry import VolumeGeometry
 
 # --------------------------------------------------------------------------------------------------- watcher
 
@@ -88,7 +88,7 @@ class AcquisitionView:
     mr_acquisition_type: str | None
     #: ScanningSequence and SequenceVariant tokens (classic), or their Enhanced equivalents mapped onto the same
     #: tokens (EchoPulseSequence GRADIENT -> GR, Spoiling RF -> SP, InversionRecovery YES -> IR), after the
-    #: vendor conventions of agent.vendor_conventions (e.g. SP for a Siemens FLASH whose export dropped it).
+    #: vendor conventions of agent.ingest.vendor_conventions (e.g. SP for a Siemens FLASH whose export dropped it).
     scanning_sequence: tuple[str, ...]
     sequence_variant: tuple[str, ...]
     sequence_name: str
@@ -132,12 +132,12 @@ class AcquisitionView:
     ended_by: str
     first_image_at: float = field(compare=False)
     last_image_at: float = field(compare=False)
-    #: "Siemens", "GE", "Philips" or "other" (agent.vendor_conventions.Vendor).
+    #: "Siemens", "GE", "Philips" or "other" (agent.ingest.vendor_conventions.Vendor).
     vendor: str = "other"
     software_versions: str = ""
     #: SeriesNumber of every series the images came from (more than one when an export split the echoes).
     series_numbers: tuple[int, ...] = field(default=(), compare=False)
-    #: "gradient echo", "spin echo", "echo planar", ... (agent.vendor_conventions.sequence_family).
+    #: "gradient echo", "spin echo", "echo planar", ... (agent.ingest.vendor_conventions.sequence_family).
     sequence_family: str = ""
     #: Why the sequence tokens say what they say where a vendor convention decided it, for a person to check.
     sequence_evidence: tuple[str, ...] = field(default=(), compare=False)
@@ -322,7 +322,7 @@ class SctVolume:
     last_image_at: float = 0.0
     #: The MR images it was computed from (never sent on the wire; the DICOM writer references them).
     sources: SourceImages = ()
-    #: Published again by a restarted agent from its archive (agent.volume_archive), not newly computed.
+    #: Published again by a restarted agent from its archive (agent.publish.volume_archive), not newly computed.
     republished: bool = False
 
 

@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from agent.dicom_headers import read_header
-from agent.grouping import acquisition_id_for
+from agent.dicom_out.sct_series import write_sct_series
+from agent.ingest.grouping import acquisition_id_for
+from agent.ingest.header_reader import read_header
 from agent.records import ImageRef, SctVolume
-from agent.sct_series import write_sct_series
 from engines.phantom.acquisition import SEED_PROTOCOL
 from engines.phantom.case import PhantomCase
 from engines.phantom.generate import generate_case

@@ -40,13 +40,13 @@ import numpy as np
 import pydicom
 import zmq
 
-from agent.agent_process import AgentProcess, write_loopback_config
-from agent.assembler import Assembler
 from agent.client import SctClient
-from agent.dicom_headers import read_header, read_pixels
-from agent.publisher import Publisher
+from agent.ingest.assembler import Assembler
+from agent.ingest.header_reader import read_header, read_pixels
+from agent.ops.agent_process import AgentProcess, write_loopback_config
+from agent.publish.publisher import Publisher
+from agent.publish.wire import SlabMessage, StatusMessage, VolumeMessage, encode
 from agent.records import AcquisitionUpdate, ArrivalSource, ArrivedFile, SctSlab
-from agent.wire import SlabMessage, StatusMessage, VolumeMessage, encode
 from engines.backends.base import BackendOptions
 from engines.inference.engine import SctEngine
 from engines.phantom.acquisition import SEED_PROTOCOL

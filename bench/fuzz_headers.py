@@ -8,7 +8,7 @@ corruptions someone thought of; this looks for the ones nobody did.
 
 What is fuzzed (the first byte of each input picks the mode):
 
-- single file: the bytes are written to a file on tmpfs and read with ``agent.dicom_headers.read_header``,
+- single file: the bytes are written to a file on tmpfs and read with ``agent.ingest.header_reader.read_header``,
   which must return a ``ParsedFile`` (every number finite) or raise ``HeaderError``; anything else is a crash.
 - group: the mutated file and 1 to 3 unchanged companion files (seed files; the group seeds pair files of one
   series) reach one ``Assembler`` with a fake clock, in an order and with timing the input chooses: arrivals,
@@ -71,8 +71,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from agent.assembler import Assembler
-    from agent.dicom_headers import HeaderError, NotAnImageError
+    from agent.ingest.assembler import Assembler
+    from agent.ingest.header_reader import HeaderError, NotAnImageError
     from agent.records import AcquisitionUpdate, ArrivalSource, ArrivedFile
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ PIXEL_ELEMENT_HEADER_BYTES = 12
 INSTRUMENTED = ("agent", "engines", "pydicom")
 #: The assembler's quiet period in the group mode (the agent's default).
 QUIET_PERIOD_S = 20.0
-#: Fallback when agent.assembler has no RETRY_DELAY_S.
+#: Fallback when agent.ingest.assembler has no RETRY_DELAY_S.
 DEFAULT_RETRY_DELAY_S = 1.0
 #: Wall-clock base of the fake clock (detected_at of arrivals).
 WALL_BASE_S = 1.7e9
@@ -278,9 +278,9 @@ class Harness:
     def __init__(self, pool: Sequence[FileImage], scratch: Path) -> None:
         # Imported here, not at the top of the module: a worker imports the agent inside atheris'
         # instrument_imports() so that its code (and pydicom's) reports coverage.
-        import agent.assembler as assembler_module  # noqa: PLC0415
-        from agent.assembler import Assembler  # noqa: PLC0415
-        from agent.dicom_headers import HeaderError, NotAnImageError, read_header  # noqa: PLC0415
+        import agent.ingest.assembler as assembler_module  # noqa: PLC0415
+        from agent.ingest.assembler import Assembler  # noqa: PLC0415
+        from agent.ingest.header_reader import HeaderError, NotAnImageError, read_header  # noqa: PLC0415
         from agent.records import ArrivalSource, ArrivedFile  # noqa: PLC0415
 
         self._assembler_cls: type[Assembler] = Assembler

@@ -26,10 +26,10 @@ import numpy as np
 from publish import Keys, make_keys  # a sibling bench script, not a package
 
 from agent.client import SctClient
-from agent.publisher import Publisher
+from agent.publish.publisher import Publisher
+from agent.publish.wire import payload_sha256
 from agent.records import SctVolume
-from agent.wire import payload_sha256
-from engines.phantom.geometry import VolumeGeometry
+from sct_core.geometry import VolumeGeometry
 
 VOLUME_SHAPE = (100, 338, 338)
 TIMEOUT_S = 120.0

@@ -47,7 +47,7 @@ import numpy.typing as npt
 import zmq
 
 from agent.client import SctClient
-from agent.curve_keys import (
+from agent.publish.curve_keys import (
     CurveClient,
     CurveServer,
     apply_client,
@@ -55,10 +55,17 @@ from agent.curve_keys import (
     curve_client,
     curve_server,
 )
-from agent.publisher import Publisher
+from agent.publish.publisher import Publisher
+from agent.publish.wire import (
+    TOPIC_HEARTBEAT,
+    TOPIC_SLAB,
+    HeartbeatMessage,
+    SlabMessage,
+    encode,
+    payload_sha256,
+)
 from agent.records import SctSlab
-from agent.wire import TOPIC_HEARTBEAT, TOPIC_SLAB, HeartbeatMessage, SlabMessage, encode, payload_sha256
-from engines.phantom.geometry import VolumeGeometry
+from sct_core.geometry import VolumeGeometry
 
 #: The lumbar grid (docs/agent.md) and the model's slab depth (engines/model/default/manifest.json).
 VOLUME_SHAPE: Final = (100, 338, 338)

@@ -15,7 +15,7 @@ import tomllib
 from dataclasses import replace
 from pathlib import Path
 
-from agent.config import (
+from agent.ops.config import (
     AgentConfig,
     AssemblyConfig,
     DicomConfig,
@@ -26,7 +26,7 @@ from agent.config import (
     StateConfig,
     WatchConfig,
 )
-from agent.protocols import SHIPPED_PROTOCOLS_DIR
+from agent.validation.protocols import SHIPPED_PROTOCOLS_DIR
 from engines.model.manifest import DEFAULT_MODEL_DIR
 from engines.phantom.acquisition import SEED_PROTOCOL, Acquisition
 

@@ -19,13 +19,13 @@ import pytest
 from pydicom.dataset import Dataset
 from scanner_support import small_request
 
-from agent.dicom_headers import read_header
-from agent.grouping import acquisition_id_for
+from agent.ingest.grouping import acquisition_id_for
+from agent.ingest.header_reader import read_header
 from agent.records import ImageRef, SctVolume, SourceImages
 from engines.phantom.case import PhantomCase
 from engines.phantom.generate import generate_case
-from engines.phantom.geometry import VolumeGeometry
 from engines.scanner.export import ExportOptions, ExportSummary, OutputFormat, export_case
+from sct_core.geometry import VolumeGeometry
 
 MODEL_ID = "sct-unet-test"
 MODEL_VERSION = "9.8.7"

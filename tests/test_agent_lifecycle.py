@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from agent_support import SMALL_FOV_MM, agent_config, write_test_model, write_test_protocol
 
-from agent.agent_process import AgentProcess
 from agent.client import ReceivedVolume, SctClient
-from agent.config import WatchConfig
+from agent.ops.agent_process import AgentProcess
+from agent.ops.config import WatchConfig
 from agent.pipeline import Pipeline
-from agent.wire import StatusMessage
+from agent.publish.wire import StatusMessage
 from engines.phantom.case import PhantomCase
 from engines.phantom.generate import generate_case
 from engines.scanner.export import ExportOptions, SimulationRequest, export_case

@@ -23,11 +23,11 @@ from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, MediaStorageDirectoryStorage, generate_uid
 from real_dicom_support import SIEMENS_2D_MAGNITUDE, series_files
 
-from agent.assembler import Assembler, FileOutcome
-from agent.dicom_headers import HeaderError, read_header
-from agent.protocols import SHIPPED_PROTOCOLS_DIR, load_protocol
+from agent.ingest.assembler import Assembler, FileOutcome
+from agent.ingest.header_reader import HeaderError, read_header
 from agent.records import AcquisitionUpdate, AcquisitionView, ArrivalSource, ArrivedFile, Outcome, UpdateKind
-from agent.validator import evaluate
+from agent.validation.protocols import SHIPPED_PROTOCOLS_DIR, load_protocol
+from agent.validation.rules import evaluate
 
 #: Ends acquisitions in these tests: nothing arrives after the series, so any positive quiet period ends it.
 QUIET_PERIOD_S = 5.0

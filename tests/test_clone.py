@@ -14,11 +14,10 @@ import zmq
 from wire_support import random_hu, running, sample_slab, sample_volume, wait_until
 
 from agent.client import ReceivedVolume, SctClient
-from agent.config import PublishConfig
-from agent.publisher import Publisher
-from agent.records import Publication, SctSlab, StatusEvent
-from agent.snapshot_store import SnapshotStore
-from agent.wire import (
+from agent.ops.config import PublishConfig
+from agent.publish.publisher import Publisher
+from agent.publish.snapshot_store import SnapshotStore
+from agent.publish.wire import (
     SCHEMA,
     TOPIC_SNAPSHOT_END,
     TOPIC_SNAPSHOT_ERROR,
@@ -29,7 +28,8 @@ from agent.wire import (
     encode_snapshot_request,
     payload_sha256,
 )
-from engines.phantom.geometry import VolumeGeometry
+from agent.records import Publication, SctSlab, StatusEvent
+from sct_core.geometry import VolumeGeometry
 
 FAST_HEARTBEAT_S = 0.05
 WAIT_S = 15.0

@@ -11,7 +11,7 @@ from typing import Any, get_type_hints
 
 import pytest
 
-from agent.config import (
+from agent.ops.config import (
     AgentConfig,
     AssemblyConfig,
     ConfigError,
@@ -241,7 +241,7 @@ def test_empty_list_from_the_environment(tmp_path: Path) -> None:
 
 
 def test_other_sct_agent_variables_are_left_alone(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="agent.config"):
+    with caplog.at_level(logging.WARNING, logger="agent.ops.config"):
         load_config(environ={"SCT_AGENT_CONFIG": "/etc/x.toml", "SCT_AGENT_PUBLSH_ENDPOINT": "tcp://h:1"})
     assert "SCT_AGENT_CONFIG" not in caplog.text
     assert "did you mean SCT_AGENT_PUBLISH_ENDPOINT" in caplog.text

@@ -18,11 +18,13 @@ import zmq
 from agent_support import agent_config, write_test_model, write_test_protocol
 from wire_support import random_hu, sample_volume, wait_until
 
-from agent import keys
+from agent.cli import keys
 from agent.cli import main as cli_main
 from agent.client import SctClient
-from agent.config import ConfigError, PublishConfig
-from agent.curve_keys import (
+from agent.ops.config import ConfigError, PublishConfig
+from agent.ops.metrics import AgentMetrics
+from agent.pipeline import Pipeline
+from agent.publish.curve_keys import (
     CurveClient,
     CurveServer,
     KeyFileError,
@@ -32,11 +34,9 @@ from agent.curve_keys import (
     is_local_endpoint,
     load_secret_key,
 )
-from agent.metrics import AgentMetrics
-from agent.pipeline import Pipeline
-from agent.publish_security import publish_security
-from agent.publisher import Publisher
-from engines.phantom.geometry import VolumeGeometry
+from agent.publish.publisher import Publisher
+from agent.publish.security import publish_security
+from sct_core.geometry import VolumeGeometry
 
 FAST_HEARTBEAT_S = 0.05
 WAIT_S = 15.0
@@ -272,11 +272,11 @@ def test_curve_is_on_by_default_off_loopback_and_needs_keys(curve_keys: Keys) ->
 
 
 def test_plain_off_loopback_only_by_explicit_choice_and_logged(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="agent.publish_security"):
+    with caplog.at_level(logging.WARNING, logger="agent.publish.security"):
         assert publish_security(PublishConfig(endpoint="tcp://0.0.0.0:5556", security="plain")) is None
     assert "UNENCRYPTED" in caplog.text and "tcp://0.0.0.0:5556" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="agent.publish_security"):
+    with caplog.at_level(logging.WARNING, logger="agent.publish.security"):
         publish_security(PublishConfig(security="plain"))  # loopback: nothing to warn about
     assert caplog.text == ""
 

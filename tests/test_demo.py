@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from agent.cli import main
-from agent.montage import Panel, render_montage, to_lps
-from engines.phantom.geometry import Orientation, VolumeGeometry
+from agent.cli.montage import Panel, render_montage, to_lps
+from sct_core.geometry import Orientation, VolumeGeometry
 
 #: The demo's sCT against its CT (HU-threshold masks): far below the intensity-inversion baseline's error.
 DEMO_MAE_LIMIT_HU = 60.0

@@ -1,4 +1,4 @@
-"""The DICOM output stage (agent.dicom_output.DicomOutput) with real files: a simulated MR export, the real series
+"""The DICOM output stage (agent.dicom_out.dicom_publisher.DicomOutput) with real files: a simulated MR export, the real series
 writer and dcmtk's storescp on loopback. Each outcome is checked where the stage reports it (the status events
 and the two counters) and on disk; a failure costs one series and never escapes."""
 
@@ -22,11 +22,11 @@ from sct_dicom_support import (
 )
 
 from agent.cli import main as cli_main
-from agent.config import DicomConfig
-from agent.dicom_output import DicomOutput
+from agent.dicom_out.dicom_publisher import DicomOutput
+from agent.dicom_out.sct_series import write_sct_series
+from agent.ops.config import DicomConfig
+from agent.publish.wire import STATUS_DICOM
 from agent.records import SctVolume, StatusEvent
-from agent.sct_series import write_sct_series
-from agent.wire import STATUS_DICOM
 from engines.phantom.case import PhantomCase
 from engines.scanner.export import ExportSummary, OutputFormat
 

@@ -26,8 +26,8 @@ from sct_dicom_support import (
     small_case,
 )
 
-from agent.dicom_store import StoreError, StorePeer, StoreResult, store_series
-from agent.sct_series import WrittenSeries, write_sct_series
+from agent.dicom_out.c_store import StoreError, StorePeer, StoreResult, store_series
+from agent.dicom_out.sct_series import WrittenSeries, write_sct_series
 from engines.scanner.export import OutputFormat
 
 #: pynetdicom 3.0.4 leaves the socket of a refused connection unclosed (its shutdown() fails on the unconnected
@@ -130,7 +130,7 @@ def test_a_peer_that_comes_up_late_gets_the_series_on_a_retry(
             outcome["error"] = error
 
     watcher = _FirstFailure()
-    store_logger = logging.getLogger("agent.dicom_store")
+    store_logger = logging.getLogger("agent.dicom_out.c_store")
     store_logger.addHandler(watcher)
     sender = threading.Thread(target=send, name="store-series")
     try:

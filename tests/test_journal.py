@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import metrics
-from agent.journal import (
+from agent.ops import metrics
+from agent.ops.journal import (
     BUSY_TIMEOUT_S,
     FILE_OUTCOMES,
     JOURNAL_FILE_MODE,

@@ -19,9 +19,7 @@ import pytest
 from PIL import Image
 from wire_support import random_hu, slabs_and_volume
 
-from agent.client import ReceivedVolume
-from agent.curve_keys import create_key_pair
-from agent.listen import (
+from agent.cli.listen import (
     DEFAULT_ENDPOINT,
     EXIT_BAD_ARGUMENTS,
     EXIT_INTERRUPTED,
@@ -35,9 +33,10 @@ from agent.listen import (
     run_listen,
     save_volume,
 )
-from agent.publisher import Publisher
-from agent.records import Outcome, Reason, SctSlab, SctVolume, StatusEvent, Verdict
-from agent.wire import (
+from agent.client import ReceivedVolume
+from agent.publish.curve_keys import create_key_pair
+from agent.publish.publisher import Publisher
+from agent.publish.wire import (
     StatusMessage,
     decode,
     encode,
@@ -46,7 +45,8 @@ from agent.wire import (
     progress_event,
     verdict_event,
 )
-from engines.phantom.geometry import Orientation, VolumeGeometry
+from agent.records import Outcome, Reason, SctSlab, SctVolume, StatusEvent, Verdict
+from sct_core.geometry import Orientation, VolumeGeometry
 
 WAIT_S = 10.0
 #: Nothing listens here, so a client connected to it hears nothing.

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent import __version__
-from agent.metrics import (
+from agent.ops.metrics import (
     MAX_QUEUES,
     REASON_CATEGORIES,
     AgentMetrics,

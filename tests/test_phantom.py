@@ -13,12 +13,12 @@ from scipy import ndimage
 from engines.phantom.acquisition import SEED_PROTOCOL, Acquisition
 from engines.phantom.case import PhantomCase
 from engines.phantom.generate import generate_case, tissue_model
-from engines.phantom.geometry import Orientation, VolumeGeometry
 from engines.phantom.mr_signal import fat_phasor, noise_sigma
 from engines.phantom.render import count_tissues
 from engines.phantom.spine import build_spine
 from engines.phantom.subject import SubjectParameters
 from engines.phantom.tissues import FAT_T1_MS, FAT_T2STAR_MS, N_TISSUES, Tissue
+from sct_core.geometry import Orientation, VolumeGeometry
 
 #: A small FOV around the lower lumbar spine: every tissue class, in well under a second.
 SMALL = Acquisition(fov_mm=(120.0, 120.0, 27.0))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.protocols import (
+from agent.validation.protocols import (
     SHIPPED_PROTOCOLS_DIR,
     CountRule,
     NumberRule,
@@ -21,7 +21,7 @@ from agent.protocols import (
 )
 from engines.model.manifest import ModelManifest
 from engines.phantom.acquisition import SEED_PROTOCOL
-from engines.phantom.geometry import Orientation
+from sct_core.geometry import Orientation
 
 SEED_ID = "bonemri_lumbar_1p5t"
 HEADER = 'id = "proto"\nversion = "1.0"\ndescription = "a test protocol"\n'

@@ -21,10 +21,9 @@ import zmq
 from wire_support import random_hu, running, sample_slab, sample_volume, slabs_and_volume, wait_until
 
 from agent.client import Gap, SctClient
-from agent.publisher import Publisher, PublishError
-from agent.records import Outcome, Publication, Reason, SctSlab, SctVolume, StatusEvent, Verdict
-from agent.snapshot_store import MAX_IN_FLIGHT
-from agent.wire import (
+from agent.publish.publisher import Publisher, PublishError
+from agent.publish.snapshot_store import MAX_IN_FLIGHT
+from agent.publish.wire import (
     ChecksumError,
     HeartbeatMessage,
     Message,
@@ -36,7 +35,8 @@ from agent.wire import (
     payload_sha256,
     verdict_event,
 )
-from engines.phantom.geometry import Orientation, VolumeGeometry
+from agent.records import Outcome, Publication, Reason, SctSlab, SctVolume, StatusEvent, Verdict
+from sct_core.geometry import Orientation, VolumeGeometry
 
 LOOPBACK = "tcp://127.0.0.1:0"
 #: Heartbeat interval for tests: subscribers see the publisher within a few tens of milliseconds.

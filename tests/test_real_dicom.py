@@ -31,11 +31,11 @@ from real_dicom_support import (
     shared_dicom,
 )
 
-from agent import check
-from agent.assembler import Assembler, FileOutcome
-from agent.protocols import SHIPPED_PROTOCOLS_DIR, load_protocol, load_protocols
+from agent.cli import check
+from agent.ingest.assembler import Assembler, FileOutcome
 from agent.records import AcquisitionUpdate, AcquisitionView, ArrivalSource, ArrivedFile, Outcome, UpdateKind
-from agent.validator import evaluate
+from agent.validation.protocols import SHIPPED_PROTOCOLS_DIR, load_protocol, load_protocols
+from agent.validation.rules import evaluate
 
 
 @dataclass(frozen=True)

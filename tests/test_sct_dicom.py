@@ -26,8 +26,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from scanner_support import DCIODVFY, needs_dciodvfy
 from sct_dicom_support import MODEL_ID, MODEL_VERSION, PROTOCOL_ID, export_mr, sct_volume, small_case
 
-from agent.records import SctVolume
-from agent.sct_series import (
+from agent.dicom_out.sct_series import (
     HU_MAX,
     HU_MIN,
     SERIES_DESCRIPTION,
@@ -35,9 +34,10 @@ from agent.sct_series import (
     WrittenSeries,
     write_sct_series,
 )
+from agent.records import SctVolume
 from engines.phantom.case import PhantomCase
-from engines.phantom.geometry import VolumeGeometry
 from engines.scanner.export import ExportSummary, OutputFormat
+from sct_core.geometry import VolumeGeometry
 
 with warnings.catch_warnings():
     # nibabel.nicom warns on import that its readers are experimental; only its plain-geometry wrapper is used.
@@ -487,7 +487,7 @@ def test_an_out_folder_that_cannot_be_created_is_refused(
 _WRITE_UNDER_FILE_SIZE_LIMIT = """
 import pickle, resource, sys
 from pathlib import Path
-from agent.sct_series import SctSeriesError, write_sct_series
+from agent.dicom_out.sct_series import SctSeriesError, write_sct_series
 volume = pickle.loads(Path(sys.argv[1]).read_bytes())
 # Files larger than 4 KiB fail with EFBIG (Python ignores SIGXFSZ): the first slice fails halfway through.
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import sd_notify
+from agent.ops import sd_notify
 
 #: A datagram on a local socket arrives at once; this only bounds a test that would otherwise hang.
 RECEIVE_TIMEOUT_S = 5.0

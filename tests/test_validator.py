@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from agent.protocols import ATTRIBUTES, SHIPPED_PROTOCOLS_DIR, SequenceProtocol, load_protocol
 from agent.records import AcquisitionView, Outcome, Verdict
-from agent.validator import (
+from agent.validation.protocols import ATTRIBUTES, SHIPPED_PROTOCOLS_DIR, SequenceProtocol, load_protocol
+from agent.validation.rules import (
     GRID_TOLERANCE_MM,
     MAX_LISTED_POSITIONS,
     SUPPORTED_ATTRIBUTES,
     evaluate,
     format_verdict,
 )
-from engines.phantom.geometry import Orientation, VolumeGeometry
+from sct_core.geometry import Orientation, VolumeGeometry
 
 SEED_ID = "bonemri_lumbar_1p5t"
 SAGITTAL_IOP = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from wire_support import random_hu, sample_volume
 
+from agent.publish.volume_archive import VolumeArchive
+from agent.publish.wire import decode, encode
 from agent.records import SctVolume
-from agent.volume_archive import VolumeArchive
-from agent.wire import decode, encode
-from engines.phantom.geometry import Orientation, VolumeGeometry
+from sct_core.geometry import Orientation, VolumeGeometry
 
 
 def geometry() -> VolumeGeometry:

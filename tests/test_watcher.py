@@ -17,14 +17,14 @@ from typing import Any, Protocol, TypeVar
 
 import pytest
 
-from agent.records import ArrivalSource, ArrivedFile
-from agent.watcher import (
+from agent.ingest.watcher import (
     DEFAULT_POLL_INTERVAL_S,
     SETTLE_S,
     SkipReason,
     Watcher,
     name_skip_reason,
 )
+from agent.records import ArrivalSource, ArrivedFile
 from engines.scanner.writer import temp_name, write_atomic, write_slow
 
 #: Longest wait for something that must happen; generous because the two CPU cores are shared.
@@ -489,7 +489,7 @@ def test_sink_errors_are_logged_and_watching_goes_on(
             raise RuntimeError("downstream refused")
         inbox.sink(arrived)
 
-    caplog.set_level(logging.ERROR, logger="agent.watcher")
+    caplog.set_level(logging.ERROR, logger="agent.ingest.watcher")
     watcher = start_watcher(tmp_path, inbox, observer, sink=refuse_first)
     write_atomic(tmp_path / "IM0001", payload(100))
     assert refused.wait(WAIT_S)
@@ -537,7 +537,7 @@ def test_missing_folder_is_created_with_a_warning(
     tmp_path: Path, start_watcher: StartWatcher, caplog: pytest.LogCaptureFixture
 ) -> None:
     folder = tmp_path / "not" / "yet"
-    with caplog.at_level(logging.WARNING, logger="agent.watcher"):
+    with caplog.at_level(logging.WARNING, logger="agent.ingest.watcher"):
         start_watcher(folder, Inbox(), "polling")
     assert folder.is_dir()
     assert "does not exist" in caplog.text

@@ -13,8 +13,7 @@ import numpy.typing as npt
 import pytest
 from wire_support import random_hu, sample_slab, sample_volume
 
-from agent.records import Outcome, Reason, SctSlab, SctVolume, StatusEvent, Verdict
-from agent.wire import (
+from agent.publish.wire import (
     AXES,
     FORBIDDEN_KEYS,
     SCHEMA,
@@ -35,7 +34,8 @@ from agent.wire import (
     progress_event,
     verdict_event,
 )
-from engines.phantom.geometry import Orientation, VolumeGeometry
+from agent.records import Outcome, Reason, SctSlab, SctVolume, StatusEvent, Verdict
+from sct_core.geometry import Orientation, VolumeGeometry
 
 PUBLISHER = "0123456789abcdef"
 

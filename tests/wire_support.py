@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from agent.publish.wire import payload_sha256
 from agent.records import SctSlab, SctVolume
-from agent.wire import payload_sha256
-from engines.phantom.geometry import VolumeGeometry
+from sct_core.geometry import VolumeGeometry
 
 if TYPE_CHECKING:
-    from agent.publisher import Publisher
+    from agent.publish.publisher import Publisher
 
 PROTOCOL_ID = "lumbar-dual-echo-v1"
 #: Generous bound on anything that should take milliseconds (two shared CPU cores).

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from engines.phantom.geometry import Orientation
+from sct_core.geometry import Orientation
 
 #: Gyromagnetic ratio of 1H over 2π, in MHz per tesla.
 GYROMAGNETIC_MHZ_PER_T = 42.577478

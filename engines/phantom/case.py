@@ -8,8 +8,8 @@ import numpy as np
 import numpy.typing as npt
 
 from engines.phantom.acquisition import Acquisition
-from engines.phantom.geometry import VolumeGeometry
 from engines.phantom.subject import SubjectParameters
+from sct_core.geometry import VolumeGeometry
 
 #: CT numbers are clipped to the range a 12-bit CT scanner stores (physics.md §3.4).
 CT_HU_MIN = -1024

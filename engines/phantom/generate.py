@@ -15,7 +15,6 @@ from engines.phantom import mr_signal
 from engines.phantom.acquisition import SEED_PROTOCOL, Acquisition
 from engines.phantom.anatomy import Anatomy, build_anatomy
 from engines.phantom.case import CT_HU_MAX, CT_HU_MIN, PhantomCase
-from engines.phantom.geometry import VolumeGeometry
 from engines.phantom.render import SlabCounts, render_counts
 from engines.phantom.spine import build_spine
 from engines.phantom.subject import SubjectParameters
@@ -29,6 +28,7 @@ from engines.phantom.tissues import (
     TISSUE_TABLE,
     Tissue,
 )
+from sct_core.geometry import VolumeGeometry
 
 logger = logging.getLogger(__name__)
 

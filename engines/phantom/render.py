@@ -16,9 +16,9 @@ import numpy as np
 import numpy.typing as npt
 
 from engines.phantom.anatomy import Anatomy
-from engines.phantom.geometry import VolumeGeometry
 from engines.phantom.shapes import F32
 from engines.phantom.tissues import N_TISSUES
+from sct_core.geometry import VolumeGeometry
 
 F64 = npt.NDArray[np.float64]
 U8 = npt.NDArray[np.uint8]

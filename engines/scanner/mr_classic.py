@@ -18,7 +18,6 @@ from pydicom.uid import MRImageStorage
 
 from engines.phantom.acquisition import Acquisition
 from engines.phantom.case import PhantomCase
-from engines.phantom.geometry import Orientation
 from engines.scanner.clock import dicom_date, dicom_time
 from engines.scanner.common import (
     DEFAULT_INVERSION_TIME_MS,
@@ -34,6 +33,7 @@ from engines.scanner.common import (
     new_dataset,
 )
 from engines.scanner.uids import UidSource
+from sct_core.geometry import Orientation
 
 #: Original magnitude, not distortion-corrected, prescan-normalised: a Siemens product reconstruction.
 SIEMENS_IMAGE_TYPE = ("ORIGINAL", "PRIMARY", "M", "ND", "NORM")

@@ -19,7 +19,6 @@ from pydicom.uid import EnhancedMRImageStorage
 
 from engines.phantom.acquisition import Acquisition
 from engines.phantom.case import PhantomCase
-from engines.phantom.geometry import Orientation
 from engines.scanner.clock import dicom_date, dicom_datetime, dicom_time, scan_duration_s
 from engines.scanner.common import (
     SeriesContext,
@@ -39,6 +38,7 @@ from engines.scanner.mr_classic import (
     specific_absorption_rate,
 )
 from engines.scanner.uids import UidSource
+from sct_core.geometry import Orientation
 
 #: Original, primary, T1-weighted flavour, no derived pixel contrast: FrameType of every magnitude frame.
 PHILIPS_IMAGE_TYPE = ("ORIGINAL", "PRIMARY", "T1", "NONE")

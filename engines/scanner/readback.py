@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import CTImageStorage, EnhancedMRImageStorage, MRImageStorage
 
-from engines.phantom.geometry import VolumeGeometry
+from sct_core.geometry import VolumeGeometry
 
 #: Echo times closer than this (ms) belong to the same echo.
 ECHO_TIME_TOLERANCE_MS = 0.01

@@ -1,0 +1,139 @@
+"""The DICOM publisher: each finished sCT volume becomes a CT series on disk, then optionally goes to a peer.
+
+It runs on its own stage thread beside the ZeroMQ publisher, so writing 200 files or waiting out a PACS that
+is down never delays the robots' stream. A failure costs that series only: it is logged, counted, reported on
+the status topic (``kind`` "dicom", ``ok`` false, with the reason) and the agent carries on. A series that was
+written but could not be stored stays in the folder, complete, for a person or a resend to pick up.
+
+Status bodies name the series folder, never a UID or anything about the patient.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from typing import Final
+
+from agent.dicom_out.sct_series import SctSeriesError, write_sct_series
+from agent.ops.config import DicomConfig
+from agent.publish.wire import STATUS_DICOM
+from agent.records import SctVolume, StatusEvent
+
+logger = logging.getLogger(__name__)
+
+#: The temporary folders agent.dicom_out.sct_series writes a series into before renaming it.
+PARTIAL_GLOB: Final = ".sct-*.partial"
+#: SctSeriesError attributes whose found value is an OS or file state, never a UID: quoted on the wire.
+_SAFE_TO_QUOTE: Final = frozenset({"file", "out_folder"})
+#: Seconds a C-STORE association waits for the peer (connect, negotiate, each response).
+STORE_TIMEOUT_S: Final = 30.0
+
+
+class DicomOutput:
+    """Not thread-safe: the dicom stage thread owns it."""
+
+    def __init__(
+        self,
+        config: DicomConfig,
+        publish: Callable[[StatusEvent], None],
+        *,
+        on_written: Callable[[str], None] | None = None,
+        on_stored: Callable[[str], None] | None = None,
+    ) -> None:
+        if config.folder is None:
+            raise ValueError("DicomOutput needs dicom.folder")
+        self._config = config
+        self._folder = config.folder
+        self._publish = publish
+        self._on_written = on_written
+        self._on_stored = on_stored
+        self._remove_partial_series()
+        self._peer = None
+        if config.store_peer:
+            from agent.dicom_out.c_store import StorePeer  # noqa: PLC0415 - pynetdicom only when C-STORE is configured
+
+            self._peer = StorePeer.parse(config.store_peer)
+
+    def _remove_partial_series(self) -> None:
+        """Remove what a crash or power loss left half-written: hidden ``.sct-*.partial`` folders are ours and
+        were never renamed to a series, so nobody may use them."""
+        for partial in self._folder.glob(PARTIAL_GLOB):
+            if partial.is_dir():
+                logger.warning("removing %s, a series left half-written by an earlier run", partial.name)
+                shutil.rmtree(partial, ignore_errors=True)
+
+    def handle(self, volume: SctVolume) -> None:
+        key = volume.acquisition_id
+        try:
+            written = write_sct_series(
+                volume, self._folder, series_number_offset=self._config.series_number_offset
+            )
+        except SctSeriesError as error:
+            logger.error("acquisition %s: sCT DICOM series not written: %s", key, error)
+            # The wire gets the attribute and the file, not the values: a found/expected pair may be a UID.
+            where = f" of {error.file}" if error.file else ""
+            found = f" {error.found}" if error.attribute in _SAFE_TO_QUOTE else ""
+            self._report(
+                key,
+                ok=False,
+                step="write",
+                message=f"series not written: {error.attribute}{where}{found} (details in the agent log)",
+            )
+            self._count(self._on_written, "failed")
+            return
+        self._count(self._on_written, "written")
+        if written.clipped_voxels:
+            logger.warning("acquisition %s: %d voxels clipped to the CT range", key, written.clipped_voxels)
+        logger.info(
+            "acquisition %s: sCT DICOM series %s written (%d files, %.2f s)",
+            key,
+            written.folder.name,
+            len(written.files),
+            written.seconds,
+        )
+        self._report(
+            key,
+            ok=True,
+            step="write",
+            message=f"{len(written.files)} files in {written.folder.name}",
+            series_folder=written.folder.name,
+            clipped_voxels=written.clipped_voxels,
+        )
+        if self._peer is None:
+            return
+        from agent.dicom_out.c_store import StoreError, store_series  # noqa: PLC0415 - see __init__
+
+        try:
+            result = store_series(
+                written.files,
+                self._peer,
+                calling_ae=self._config.calling_ae,
+                attempts=self._config.store_attempts,
+                backoff_s=self._config.store_backoff_s,
+                timeout_s=STORE_TIMEOUT_S,
+            )
+        except StoreError as error:
+            logger.error("acquisition %s: C-STORE of %s failed: %s", key, written.folder.name, error)
+            self._report(key, ok=False, step="store", message=str(error), series_folder=written.folder.name)
+            self._count(self._on_stored, "failed")
+            return
+        self._count(self._on_stored, "stored")
+        self._report(
+            key,
+            ok=True,
+            step="store",
+            message=f"{result.stored} instances stored at {self._peer} in {result.attempts} attempt(s)",
+            series_folder=written.folder.name,
+        )
+
+    def _report(self, key: str, *, ok: bool, step: str, message: str, **extra: object) -> None:
+        self._publish(
+            StatusEvent(STATUS_DICOM, key, {"ok": ok, "step": step, "message": message, **extra}, time.time())
+        )
+
+    @staticmethod
+    def _count(callback: Callable[[str], None] | None, outcome: str) -> None:
+        if callback is not None:
+            callback(outcome)

@@ -1,0 +1,158 @@
+"""The engine stage: run each slab through the sCT engine, publish it, and publish the stitched volume.
+
+HU leave this stage as int16 (the CT convention; the model's range -1024..3071 HU fits) with a sha256 computed
+here, where the slab is made, so the checksum a subscriber verifies covers every hop after the engine. The
+finished volume is published only when the streamer says the final verdict passed (FINALIZE) and every slab
+is done, whichever comes last.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.publish.wire import STATUS_CANCELLED, payload_sha256, progress_event
+from agent.records import (
+    Publication,
+    SctSlab,
+    SctVolume,
+    SlabRequest,
+    StatusEvent,
+    StreamAction,
+    StreamControl,
+)
+from engines.inference.engine import SctEngine
+from sct_core.geometry import VolumeGeometry
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Volume:
+    geometry: VolumeGeometry
+    protocol_id: str
+    slab_count: int
+    hu: npt.NDArray[np.int16]
+    done: set[int] = field(default_factory=set)
+    finalize: StreamControl | None = None
+
+
+class InferenceStage:
+    """Not thread-safe: the engine stage thread owns it (and the engine)."""
+
+    def __init__(
+        self,
+        engine: SctEngine,
+        publish: Callable[[Publication], None],
+        *,
+        on_slab: Callable[[SlabRequest, SctSlab], None] | None = None,
+        on_volume: Callable[[SctVolume, float], None] | None = None,
+    ) -> None:
+        self._engine = engine
+        self._publish = publish
+        self._on_slab = on_slab
+        self._on_volume = on_volume
+        self._volumes: dict[str, _Volume] = {}
+
+    @property
+    def open_count(self) -> int:
+        return len(self._volumes)
+
+    def handle(self, item: SlabRequest | StreamControl) -> None:
+        if isinstance(item, StreamControl):
+            self._control(item)
+        else:
+            self._slab(item)
+
+    def _slab(self, request: SlabRequest) -> None:
+        grid = request.geometry
+        volume = self._volumes.get(request.acquisition_id)
+        if volume is None or volume.geometry != grid:
+            volume = _Volume(
+                geometry=grid,
+                protocol_id=request.protocol_id,
+                slab_count=request.slab_count,
+                hu=np.empty(grid.shape, dtype=np.int16),
+            )
+            self._volumes[request.acquisition_id] = volume
+        plan = self._engine.plan(grid.shape[0])
+        window = plan.windows[request.slab_index]
+        started = time.perf_counter()
+        hu_float = self._engine.infer_slab(request.echoes, plan, window, request.scale)
+        inference_s = time.perf_counter() - started
+        hu = np.rint(hu_float).astype(np.int16)
+        volume.hu[window.core_start : window.core_stop] = hu
+        volume.done.add(request.slab_index)
+        manifest = self._engine.manifest
+        slab = SctSlab(
+            acquisition_id=request.acquisition_id,
+            protocol_id=request.protocol_id,
+            model_id=manifest.model_id,
+            model_version=manifest.version,
+            geometry=grid,
+            slab_index=request.slab_index,
+            slab_count=request.slab_count,
+            start=window.core_start,
+            size=window.core_stop - window.core_start,
+            hu=hu,
+            sha256=payload_sha256(hu),
+            inference_s=inference_s,
+            inputs_complete_at=request.inputs_complete_at,
+            produced_at=time.time(),
+        )
+        self._publish(slab)
+        progress = progress_event(
+            request.acquisition_id, slabs_done=len(volume.done), slab_count=request.slab_count, at=time.time()
+        )
+        self._publish(
+            StatusEvent(
+                progress.kind,
+                progress.acquisition_id,
+                {**progress.body, "inference_s": round(inference_s, 3)},
+                progress.at,
+            )
+        )
+        if self._on_slab is not None:
+            self._on_slab(request, slab)
+        self._maybe_finish(request.acquisition_id, volume)
+
+    def _control(self, control: StreamControl) -> None:
+        volume = self._volumes.get(control.acquisition_id)
+        if control.action is StreamAction.CANCEL:
+            self._volumes.pop(control.acquisition_id, None)
+            self._publish(
+                StatusEvent(STATUS_CANCELLED, control.acquisition_id, {"reason": control.reason}, time.time())
+            )
+            return
+        if volume is None:
+            logger.warning("acquisition %s: finalize without slabs", control.acquisition_id)
+            return
+        volume.finalize = control
+        self._maybe_finish(control.acquisition_id, volume)
+
+    def _maybe_finish(self, acquisition_id: str, volume: _Volume) -> None:
+        if volume.finalize is None or len(volume.done) < volume.slab_count:
+            return
+        del self._volumes[acquisition_id]
+        manifest = self._engine.manifest
+        finished = SctVolume(
+            acquisition_id=acquisition_id,
+            protocol_id=volume.protocol_id,
+            model_id=manifest.model_id,
+            model_version=manifest.version,
+            geometry=volume.geometry,
+            hu=volume.hu,
+            sha256=payload_sha256(volume.hu),
+            slab_count=volume.slab_count,
+            produced_at=time.time(),
+            last_image_at=volume.finalize.last_image_at,
+            sources=volume.finalize.sources,
+        )
+        self._publish(finished)
+        if self._on_volume is not None:
+            self._on_volume(finished, volume.finalize.last_image_at)

@@ -1,0 +1,1 @@
+"""Ingest: watch the export folder, read headers, group images into acquisitions and echoes, decide completion."""

@@ -1,0 +1,567 @@
+"""Prometheus metrics for every stage, on a registry of the agent's own, and the server that exposes them.
+
+Why the agent does not use prometheus_client's global ``REGISTRY``: a second ``AgentMetrics`` in the same process
+(a test, the benchmark running two agents) would collide on metric names. Each ``AgentMetrics`` therefore holds
+its own ``CollectorRegistry`` and serves only that one.
+
+Why callers never see a prometheus object: stages report plain values (``file_seen("accepted")``,
+``slab_inferred(read_s, inference_s)``) and this module decides names, buckets and labels in one place. Every
+label value is checked against a fixed set here, because one careless label (a UID, a path, a protocol name from
+a file) turns a handful of series into one per acquisition and takes hospital IT's Prometheus down with it; an
+unknown value raises ``ValueError`` naming the label and the values allowed, so bounded cardinality is enforced
+rather than hoped for. Every allowed combination is created at zero up front so that dashboards and ``rate()``
+see the series before the first event.
+
+Latencies come from wall-clock stamps taken in different stages (``records.py``: ``*_at`` is ``time.time()``),
+so an NTP step can make one slightly negative; such a value is recorded as 0 rather than failing the stage that
+reported it. A NaN or infinite duration is a programming error and raises ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import socket
+import threading
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Final, Protocol
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+from agent import __version__
+from agent.records import Outcome
+
+#: Prefix of every metric name, so the agent's series are easy to find among a node's others.
+NAMESPACE: Final = "sct_agent"
+
+#: What became of a file the watcher handed over.
+FILE_OUTCOMES: Final = ("accepted", "skipped", "bad", "duplicate")
+#: A verdict's outcome (``records.Outcome``).
+ACQUISITION_OUTCOMES: Final = tuple(outcome.value for outcome in Outcome)
+#: ``records.Reason.category``.
+REASON_CATEGORIES: Final = (
+    "sequence",
+    "echoes",
+    "timing",
+    "bandwidth",
+    "field",
+    "geometry",
+    "image",
+    "completeness",
+    "consistency",
+)
+#: ZeroMQ topics the publisher sends on.
+TOPICS: Final = ("status", "sct.slab", "sct.volume", "heartbeat")
+#: Pipeline stages that can report an error.
+STAGES: Final = ("watcher", "assembler", "validator", "streamer", "engine", "publisher", "dicom", "journal")
+#: The publisher's sockets, and why a peer failed the security handshake (agent.publish.publisher).
+PUBLISH_SOCKETS: Final = ("publish", "snapshot")
+REJECT_REASONS: Final = ("auth", "protocol", "handshake")
+#: What became of a DICOM series write, and of its C-STORE.
+DICOM_OUTCOMES: Final = ("written", "failed")
+STORE_OUTCOMES: Final = ("stored", "failed")
+#: Whether a verdict is the provisional one from the first images or the final one.
+VERDICT_KINDS: Final = ("provisional", "final")
+
+#: Queue names are chosen by the composing module, not listed here; they must be short identifiers and there
+#: may be at most ``MAX_QUEUES`` of them, which bounds the queue-depth series just as a fixed set would.
+MAX_QUEUES: Final = 16
+_QUEUE_NAME_MAX_LENGTH: Final = 32
+
+# Buckets, in seconds. Each brackets the target figure of DESIGN.md §7 for what it measures, with room on both
+# sides to see how far off a miss is.
+#: Verdicts: target ≤ 0.5 s from the first image; mostly milliseconds.
+VERDICT_BUCKETS_S: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: Completion detection: target ≤ 0.1 s from counts; the quiet-period fallback takes seconds to a minute or more.
+COMPLETION_BUCKETS_S: Final = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+)
+#: Reading one slab's pixels: tens of milliseconds from page cache, longer from a network share.
+SLAB_READ_BUCKETS_S: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: Inference per slab: about 1 to 6 s on CPU, tens of milliseconds on a GPU.
+INFERENCE_BUCKETS_S: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+#: End to end, last image to last slab or volume published: 0.25 s on a GPU, seconds to a minute on CPU.
+END_TO_END_BUCKETS_S: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 300.0)
+
+
+class QueueLike(Protocol):
+    """Anything with a ``qsize()``: ``queue.Queue`` and friends."""
+
+    def qsize(self) -> int: ...
+
+
+class MetricsServerError(OSError):
+    """The metrics endpoint could not be started (port taken, address not local, name not resolvable)."""
+
+
+def _check_label(label: str, value: str, allowed: tuple[str, ...]) -> str:
+    """Return ``value`` as a plain string if it is one of ``allowed``, else raise naming the label."""
+    text = str(value)
+    if text not in allowed:
+        raise ValueError(f"metric label {label!r} must be one of {', '.join(allowed)}; got {text!r}")
+    return text
+
+
+def _check_queue_name(name: str) -> str:
+    if (
+        not name
+        or len(name) > _QUEUE_NAME_MAX_LENGTH
+        or not name[0].isascii()
+        or not name[0].isalpha()
+        or not all(c.isascii() and (c.isalnum() or c == "_") for c in name)
+    ):
+        raise ValueError(
+            f"metric label 'queue' must be an identifier of at most {_QUEUE_NAME_MAX_LENGTH} characters "
+            f"(letters, digits, underscore); got {name!r}"
+        )
+    return name
+
+
+def _seconds(what: str, value: float) -> float:
+    """A duration fit for a histogram: finite, and 0 where a clock step made it negative."""
+    if not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number of seconds; got {value!r}")
+    return max(0.0, float(value))
+
+
+class AgentMetrics:
+    """Every metric the agent exposes, on its own registry, behind methods that take plain values."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        reg = self.registry
+        ns = NAMESPACE
+
+        self._files = Counter(
+            "files", "Files handed over by the watcher, by outcome.", ["outcome"], namespace=ns, registry=reg
+        )
+        self._verdicts = Counter(
+            "verdicts",
+            "Verdicts decided, by outcome and kind.",
+            ["outcome", "kind"],
+            namespace=ns,
+            registry=reg,
+        )
+        self._acquisitions = Counter(
+            "acquisitions",
+            "Acquisitions ended with a final verdict, by outcome.",
+            ["outcome"],
+            namespace=ns,
+            registry=reg,
+        )
+        self._reasons = Counter(
+            "reasons",
+            "Failed rules in final verdicts, by category.",
+            ["category"],
+            namespace=ns,
+            registry=reg,
+        )
+        self._slabs_inferred = Counter("slabs_inferred", "sCT slabs inferred.", namespace=ns, registry=reg)
+        self._slabs_published = Counter("slabs_published", "sCT slabs published.", namespace=ns, registry=reg)
+        self._volumes_published = Counter(
+            "volumes_published", "sCT volumes published.", namespace=ns, registry=reg
+        )
+        self._messages = Counter(
+            "published_messages", "Messages published, by topic.", ["topic"], namespace=ns, registry=reg
+        )
+        self._bytes = Counter(
+            "published_bytes",
+            "Bytes published (all frames), by topic.",
+            ["topic"],
+            namespace=ns,
+            registry=reg,
+        )
+        self._drops = Counter(
+            "publish_drops",
+            "Messages dropped instead of published, by topic.",
+            ["topic"],
+            namespace=ns,
+            registry=reg,
+        )
+        self._errors = Counter("errors", "Errors, by stage.", ["stage"], namespace=ns, registry=reg)
+        self._rejected = Counter(
+            "subscribers_rejected",
+            "Peers refused by the security handshake (no key, wrong key, not on the allow-list), by socket and "
+            "reason.",
+            ["socket", "reason"],
+            namespace=ns,
+            registry=reg,
+        )
+        self._snapshots = Counter(
+            "snapshots_served",
+            "Snapshots sent to late or resynchronising subscribers.",
+            namespace=ns,
+            registry=reg,
+        )
+        self._snapshot_bytes = Counter(
+            "snapshot_payload_bytes", "Payload bytes sent in snapshots.", namespace=ns, registry=reg
+        )
+        self._security = Gauge(
+            "publish_curve",
+            "1 when the publisher encrypts and authenticates with CURVE, 0 when it publishes in plain.",
+            namespace=ns,
+            registry=reg,
+        )
+        self._dicom = Counter(
+            "dicom_series", "sCT DICOM series written, by outcome.", ["outcome"], namespace=ns, registry=reg
+        )
+        self._store = Counter(
+            "dicom_store",
+            "sCT DICOM series sent by C-STORE, by outcome.",
+            ["outcome"],
+            namespace=ns,
+            registry=reg,
+        )
+
+        self._verdict_latency = Histogram(
+            "first_image_to_verdict_seconds",
+            "Time from an acquisition's first image to its verdict.",
+            namespace=ns,
+            registry=reg,
+            buckets=VERDICT_BUCKETS_S,
+        )
+        self._completion_latency = Histogram(
+            "last_file_to_completion_seconds",
+            "Time from an acquisition's last file to the agent knowing it is complete.",
+            namespace=ns,
+            registry=reg,
+            buckets=COMPLETION_BUCKETS_S,
+        )
+        self._slab_read = Histogram(
+            "slab_read_seconds",
+            "Time to read one slab's pixels.",
+            namespace=ns,
+            registry=reg,
+            buckets=SLAB_READ_BUCKETS_S,
+        )
+        self._inference = Histogram(
+            "slab_inference_seconds",
+            "Time to infer one sCT slab.",
+            namespace=ns,
+            registry=reg,
+            buckets=INFERENCE_BUCKETS_S,
+        )
+        self._last_slab_latency = Histogram(
+            "last_image_to_last_slab_seconds",
+            "Time from an acquisition's last image to its last sCT slab published.",
+            namespace=ns,
+            registry=reg,
+            buckets=END_TO_END_BUCKETS_S,
+        )
+        self._volume_latency = Histogram(
+            "last_image_to_volume_seconds",
+            "Time from an acquisition's last image to its sCT volume published.",
+            namespace=ns,
+            registry=reg,
+            buckets=END_TO_END_BUCKETS_S,
+        )
+
+        self._queue_depth = Gauge(
+            "queue_depth", "Items waiting in a stage queue.", ["queue"], namespace=ns, registry=reg
+        )
+        self._acquisitions_open = Gauge(
+            "acquisitions_open", "Acquisitions still receiving images.", namespace=ns, registry=reg
+        )
+        self._subscribers = Gauge(
+            "subscribers_connected", "ZeroMQ subscribers connected.", namespace=ns, registry=reg
+        )
+        self._ready = Gauge(
+            "ready", "1 once the agent is ready to process acquisitions, else 0.", namespace=ns, registry=reg
+        )
+        self._heartbeat = Gauge(
+            "last_heartbeat_timestamp_seconds",
+            "Wall-clock time of the pipeline's last heartbeat.",
+            namespace=ns,
+            registry=reg,
+        )
+        self._engine = Info("engine", "The sCT model and the backend running it.", namespace=ns, registry=reg)
+        self._build = Info("build", "The agent's version.", namespace=ns, registry=reg)
+        self._build.info({"version": __version__})
+
+        self._queue_lock = threading.Lock()
+        self._queues: set[str] = set()
+
+        for outcome in FILE_OUTCOMES:
+            self._files.labels(outcome=outcome)
+        for outcome in ACQUISITION_OUTCOMES:
+            self._acquisitions.labels(outcome=outcome)
+            for kind in VERDICT_KINDS:
+                self._verdicts.labels(outcome=outcome, kind=kind)
+        for category in REASON_CATEGORIES:
+            self._reasons.labels(category=category)
+        for topic in TOPICS:
+            self._messages.labels(topic=topic)
+            self._bytes.labels(topic=topic)
+            self._drops.labels(topic=topic)
+        for stage in STAGES:
+            self._errors.labels(stage=stage)
+        for socket_name in PUBLISH_SOCKETS:
+            for reason in REJECT_REASONS:
+                self._rejected.labels(socket=socket_name, reason=reason)
+        for outcome in DICOM_OUTCOMES:
+            self._dicom.labels(outcome=outcome)
+        for outcome in STORE_OUTCOMES:
+            self._store.labels(outcome=outcome)
+
+    # ------------------------------------------------------------------------------------------------ ingest
+
+    def file_seen(self, outcome: str) -> None:
+        """Count one file the watcher handed over: accepted, skipped, bad or duplicate."""
+        self._files.labels(outcome=_check_label("outcome", outcome, FILE_OUTCOMES)).inc()
+
+    def completion_detected(self, delay_s: float) -> None:
+        """Record how long after its last file an acquisition was known to be complete."""
+        self._completion_latency.observe(_seconds("delay_s", delay_s))
+
+    def set_acquisitions_open(self, n: int) -> None:
+        """Set how many acquisitions are still receiving images."""
+        if n < 0:
+            raise ValueError(f"acquisitions open must be >= 0; got {n}")
+        self._acquisitions_open.set(n)
+
+    # ------------------------------------------------------------------------------------------- validation
+
+    def verdict(
+        self, outcome: str, final: bool, first_image_to_verdict_s: float | None, categories: Iterable[str]
+    ) -> None:
+        """Count one verdict.
+
+        Every verdict counts in ``verdicts_total``; only a final one counts the acquisition and its reasons (one
+        per failed rule, so pass ``[r.category for r in verdict.reasons]``), because the provisional verdict's
+        reasons come back in the final one. ``first_image_to_verdict_s`` is observed when given: pass it for the
+        first verdict of an acquisition, ``None`` for later ones.
+        """
+        outcome_label = _check_label("outcome", outcome, ACQUISITION_OUTCOMES)
+        category_labels = [_check_label("category", c, REASON_CATEGORIES) for c in categories]
+        latency = (
+            None
+            if first_image_to_verdict_s is None
+            else _seconds("first_image_to_verdict_s", first_image_to_verdict_s)
+        )
+        self._verdicts.labels(outcome=outcome_label, kind="final" if final else "provisional").inc()
+        if latency is not None:
+            self._verdict_latency.observe(latency)
+        if final:
+            self._acquisitions.labels(outcome=outcome_label).inc()
+            for category in category_labels:
+                self._reasons.labels(category=category).inc()
+
+    # ----------------------------------------------------------------------------------- inference, publish
+
+    def slab_inferred(self, read_s: float, inference_s: float) -> None:
+        """Count one slab inferred, with the time to read its pixels and the time to infer it."""
+        read = _seconds("read_s", read_s)
+        inference = _seconds("inference_s", inference_s)
+        self._slab_read.observe(read)
+        self._inference.observe(inference)
+        self._slabs_inferred.inc()
+
+    def slab_published(self, last_image_to_publish_s: float | None) -> None:
+        """Count one slab published; pass the latency from the last image for an acquisition's last slab only."""
+        latency = (
+            None
+            if last_image_to_publish_s is None
+            else _seconds("last_image_to_publish_s", last_image_to_publish_s)
+        )
+        self._slabs_published.inc()
+        if latency is not None:
+            self._last_slab_latency.observe(latency)
+
+    def volume_published(self, latency_s: float) -> None:
+        """Count one volume published, with the time from its acquisition's last image."""
+        self._volume_latency.observe(_seconds("latency_s", latency_s))
+        self._volumes_published.inc()
+
+    def published(self, topic: str, nbytes: int) -> None:
+        """Count one message sent on ``topic`` and its size in bytes (all frames)."""
+        label = _check_label("topic", topic, TOPICS)
+        if nbytes < 0:
+            raise ValueError(f"nbytes must be >= 0; got {nbytes}")
+        self._messages.labels(topic=label).inc()
+        self._bytes.labels(topic=label).inc(nbytes)
+
+    def dropped(self, topic: str) -> None:
+        """Count one message on ``topic`` dropped rather than sent (a slow subscriber, a full queue)."""
+        self._drops.labels(topic=_check_label("topic", topic, TOPICS)).inc()
+
+    def subscriber_rejected(self, socket_name: str, reason: str) -> None:
+        """Count one peer that failed the security handshake on ``socket_name`` ("publish" or "snapshot")."""
+        self._rejected.labels(
+            socket=_check_label("socket", socket_name, PUBLISH_SOCKETS),
+            reason=_check_label("reason", reason, REJECT_REASONS),
+        ).inc()
+
+    def snapshot_served(self, items: int, nbytes: int) -> None:
+        """Count one snapshot of ``items`` messages and ``nbytes`` payload bytes."""
+        if items < 0 or nbytes < 0:
+            raise ValueError(f"items and nbytes must be >= 0; got {items}, {nbytes}")
+        self._snapshots.inc()
+        self._snapshot_bytes.inc(nbytes)
+
+    def set_curve(self, on: bool) -> None:
+        self._security.set(1 if on else 0)
+
+    def dicom_series(self, outcome: str) -> None:
+        self._dicom.labels(outcome=_check_label("outcome", outcome, DICOM_OUTCOMES)).inc()
+
+    def dicom_store(self, outcome: str) -> None:
+        self._store.labels(outcome=_check_label("outcome", outcome, STORE_OUTCOMES)).inc()
+
+    def set_subscribers(self, n: int) -> None:
+        """Set how many subscribers are connected."""
+        if n < 0:
+            raise ValueError(f"subscribers must be >= 0; got {n}")
+        self._subscribers.set(n)
+
+    def set_engine_info(
+        self, *, model_id: str, model_version: str, backend: str, precision: str, device: str
+    ) -> None:
+        """Describe the engine in use. One series whatever the values, so these need no fixed set."""
+        self._engine.info(
+            {
+                "model_id": model_id,
+                "model_version": model_version,
+                "backend": backend,
+                "precision": precision,
+                "device": device,
+            }
+        )
+
+    # ----------------------------------------------------------------------------------------- operations
+
+    def error(self, stage: str) -> None:
+        """Count one error in ``stage``."""
+        self._errors.labels(stage=_check_label("stage", stage, STAGES)).inc()
+
+    def set_ready(self, flag: bool) -> None:
+        """Say whether the agent is ready (1) or not (0)."""
+        self._ready.set(1 if flag else 0)
+
+    def heartbeat(self) -> None:
+        """Stamp the pipeline's heartbeat with the current wall-clock time."""
+        self._heartbeat.set_to_current_time()
+
+    def watch_queue(self, name: str, q: QueueLike) -> None:
+        """Expose ``q.qsize()`` as ``queue_depth{queue=name}``, read at each scrape (nothing to update)."""
+        label = _check_queue_name(name)
+        with self._queue_lock:
+            if label in self._queues:
+                raise ValueError(f"metric label 'queue': {label!r} is already watched")
+            if len(self._queues) >= MAX_QUEUES:
+                raise ValueError(
+                    f"metric label 'queue': at most {MAX_QUEUES} queues may be watched; {label!r} is one too many"
+                )
+            self._queues.add(label)
+        self._queue_depth.labels(queue=label).set_function(q.qsize)
+
+
+#: How long a scrape connection may stay silent before its handler gives up, so that ``close()`` (which joins the
+#: handler threads) cannot hang on a client that connects and sends nothing.
+REQUEST_TIMEOUT_S: Final = 10.0
+#: How long ``close()`` waits for the serving thread to end.
+_JOIN_TIMEOUT_S: Final = 5.0
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class MetricsServer:
+    """``/metrics`` served over HTTP from a daemon thread; ``close()`` stops it and joins its threads."""
+
+    def __init__(self, httpd: WSGIServer, thread: threading.Thread, host: str) -> None:
+        self._httpd = httpd
+        self._thread = thread
+        self._host = host
+        self._port = int(httpd.server_address[1])
+        self._closed = False
+
+    @property
+    def host(self) -> str:
+        return self._host
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (the one the system picked when asked for port 0)."""
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"http://{_host_port(self._host, self._port)}/metrics"
+
+    def close(self) -> None:
+        """Stop serving, close the socket and join the serving thread and any request threads. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._httpd.shutdown()
+        self._thread.join(_JOIN_TIMEOUT_S)
+        # ThreadingMixIn.server_close joins the request threads (block_on_close), bounded by REQUEST_TIMEOUT_S.
+        self._httpd.server_close()
+
+    def __enter__(self) -> MetricsServer:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def _handler_with_timeout(timeout_s: float) -> type[WSGIRequestHandler]:
+    """A quiet request handler that gives up on a client silent for ``timeout_s``, without a traceback."""
+
+    class TimedMetricsHandler(WSGIRequestHandler):
+        timeout = timeout_s
+
+        def handle(self) -> None:
+            try:
+                super().handle()
+            except TimeoutError:
+                self.close_connection = True  # a client that connected and sent nothing: drop it
+
+        def log_message(self, format: str, *args: object) -> None:
+            """Log nothing: one line per scrape would drown the agent's own log."""
+
+    return TimedMetricsHandler
+
+
+def serve(
+    metrics: AgentMetrics,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    request_timeout_s: float = REQUEST_TIMEOUT_S,
+) -> MetricsServer:
+    """Serve ``metrics`` on ``host:port`` (port 0: any free port; read ``.port``).
+
+    Raises ``MetricsServerError`` (an ``OSError`` keeping the errno) naming ``host:port`` when the address cannot
+    be bound, e.g. because another process holds the port.
+    """
+    try:
+        httpd, thread = start_http_server(port, addr=host, registry=metrics.registry)
+    except OSError as exc:
+        code = exc.errno if exc.errno is not None else errno.EADDRNOTAVAIL
+        why = exc.strerror or str(exc)
+        if isinstance(exc, socket.gaierror):
+            why = f"cannot resolve host: {why}"
+        raise MetricsServerError(code, f"cannot serve metrics on {_host_port(host, port)}: {why}") from exc
+    # start_http_server has no timeout option; the server reads its handler class per request, so swap it in.
+    httpd.RequestHandlerClass = _handler_with_timeout(request_timeout_s)
+    thread.name = f"metrics-server-{httpd.server_address[1]}"
+    return MetricsServer(httpd, thread, host)

@@ -1,0 +1,194 @@
+"""The latest finished sCT volumes on disk, so that a restarted agent can still hand them to a late robot.
+
+The snapshot store lives in memory: without this, an agent restarted by systemd in the middle of a surgical
+list would answer a robot that connects afterwards with nothing, although the volume of the patient on the
+table was computed minutes ago. Each published volume is therefore kept in ``<state>/snapshot/`` as its HU
+array (``<acquisition id>.npy``) and its description (``<acquisition id>.json``: geometry, model, protocol,
+sha256; nothing about the patient), written atomically; only the newest ``keep`` are kept. At start the agent
+loads them, checks every sha256, and publishes them again marked ``republished`` (docs/protocol.md §3.3), which
+puts them back into the snapshot store. A file that fails its check is reported and removed, never sent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+
+from agent.publish.wire import payload_sha256
+from agent.records import SctVolume
+from sct_core.geometry import VolumeGeometry
+
+logger = logging.getLogger(__name__)
+
+ARRAY_SUFFIX: Final = ".npy"
+META_SUFFIX: Final = ".json"
+#: Version of the description file's layout; a file of another version is ignored (and removed).
+ARCHIVE_FORMAT: Final = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveProblem:
+    """A stored volume that could not be loaded, and why (for the log and a status event)."""
+
+    acquisition_id: str
+    reason: str
+
+
+class VolumeArchive:
+    """Not thread-safe: ``save`` runs on the engine stage's thread, ``load`` once at start-up before it."""
+
+    def __init__(self, folder: Path, keep: int) -> None:
+        if keep < 1:
+            raise ValueError(f"VolumeArchive keep: found {keep}; expected >= 1")
+        self._folder = folder
+        self._keep = keep
+
+    @property
+    def folder(self) -> Path:
+        return self._folder
+
+    def save(self, volume: SctVolume) -> None:
+        """Store ``volume`` (array first, description last: a description only ever names a whole array)."""
+        self._folder.mkdir(parents=True, exist_ok=True)
+        key = _safe_key(volume.acquisition_id)
+        _write_atomically(self._folder / f"{key}{ARRAY_SUFFIX}", lambda f: np.save(f, volume.hu))
+        meta = _describe(volume)
+        _write_atomically(
+            self._folder / f"{key}{META_SUFFIX}", lambda f: f.write(json.dumps(meta, indent=1).encode())
+        )
+        self._prune()
+
+    def load(self) -> tuple[list[SctVolume], list[ArchiveProblem]]:
+        """The stored volumes, oldest first, each checked against its sha256; and the ones that failed."""
+        volumes: list[SctVolume] = []
+        problems: list[ArchiveProblem] = []
+        for meta_path in sorted(self._folder.glob(f"*{META_SUFFIX}")):
+            key = meta_path.stem
+            try:
+                volumes.append(_load(meta_path, self._folder / f"{key}{ARRAY_SUFFIX}"))
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                problems.append(ArchiveProblem(key, f"{type(error).__name__}: {error}"))
+                logger.error("stored sCT volume %s is unusable and is removed: %s", key, error)
+                self._remove(key)
+        volumes.sort(key=lambda v: v.produced_at)
+        return volumes[-self._keep :], problems
+
+    def _prune(self) -> None:
+        described = []
+        for meta_path in self._folder.glob(f"*{META_SUFFIX}"):
+            try:
+                produced_at = float(json.loads(meta_path.read_text())["produced_at"])
+            except (OSError, ValueError, KeyError, TypeError):
+                produced_at = float("-inf")  # unreadable: the first to go
+            described.append((produced_at, meta_path.stem))
+        described.sort()
+        for _, key in described[: max(0, len(described) - self._keep)]:
+            self._remove(key)
+
+    def _remove(self, key: str) -> None:
+        for suffix in (META_SUFFIX, ARRAY_SUFFIX):
+            (self._folder / f"{key}{suffix}").unlink(missing_ok=True)
+
+
+def _describe(volume: SctVolume) -> dict[str, Any]:
+    g = volume.geometry
+    return {
+        "format": ARCHIVE_FORMAT,
+        "acquisition_id": volume.acquisition_id,
+        "protocol_id": volume.protocol_id,
+        "model_id": volume.model_id,
+        "model_version": volume.model_version,
+        "geometry": {
+            "shape": list(g.shape),
+            "spacing": list(g.spacing),
+            "origin": list(g.origin),
+            "row_direction": list(g.row_direction),
+            "column_direction": list(g.column_direction),
+            "slice_direction": list(g.slice_direction),
+        },
+        "sha256": volume.sha256,
+        "slab_count": volume.slab_count,
+        "produced_at": volume.produced_at,
+        "last_image_at": volume.last_image_at,
+    }
+
+
+def _load(meta_path: Path, array_path: Path) -> SctVolume:
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != ARCHIVE_FORMAT:
+        raise ValueError(f"format: found {meta.get('format')!r}, expected {ARCHIVE_FORMAT}")
+    g = meta["geometry"]
+    geometry = VolumeGeometry(
+        shape=_triple(g["shape"], int),
+        spacing=_triple(g["spacing"], float),
+        origin=_triple(g["origin"], float),
+        row_direction=_triple(g["row_direction"], float),
+        column_direction=_triple(g["column_direction"], float),
+        slice_direction=_triple(g["slice_direction"], float),
+    )
+    hu = np.load(array_path, allow_pickle=False)
+    if hu.dtype != np.int16 or hu.shape != geometry.shape:
+        raise ValueError(f"array: found {hu.dtype} {hu.shape}, expected int16 {geometry.shape}")
+    hu = np.ascontiguousarray(hu)
+    found = payload_sha256(hu)
+    if found != meta["sha256"]:
+        raise ValueError(f"sha256: found {found}, expected {meta['sha256']} (the stored array changed)")
+    hu.flags.writeable = False
+    return SctVolume(
+        acquisition_id=str(meta["acquisition_id"]),
+        protocol_id=str(meta["protocol_id"]),
+        model_id=str(meta["model_id"]),
+        model_version=str(meta["model_version"]),
+        geometry=geometry,
+        hu=hu,
+        sha256=found,
+        slab_count=int(meta["slab_count"]),
+        produced_at=float(meta["produced_at"]),
+        last_image_at=float(meta["last_image_at"]),
+        republished=True,
+    )
+
+
+def _triple(values: Any, kind: type[int] | type[float]) -> Any:
+    if not isinstance(values, list) or len(values) != 3:
+        raise ValueError(f"geometry: found {values!r}, expected three numbers")
+    return tuple(kind(v) for v in values)
+
+
+def _safe_key(acquisition_id: str) -> str:
+    """Acquisition ids are hex digests; anything else must not become a path."""
+    if (
+        not acquisition_id
+        or not all(c.isalnum() or c in "-_." for c in acquisition_id)
+        or acquisition_id[0] == "."
+    ):
+        raise ValueError(
+            f"acquisition_id: found {acquisition_id!r}, expected letters, digits, '-', '_' or '.'"
+        )
+    return acquisition_id
+
+
+def _write_atomically(path: Path, write: Any) -> None:
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temp = Path(temp_name)
+    try:
+        with os.fdopen(handle, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        temp.replace(path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself survives a power cut
+        finally:
+            os.close(directory)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
