@@ -29,19 +29,17 @@ from agent.dicom_out.dicom_publisher import DicomOutput
 from agent.inference.engine_stage import InferenceStage
 from agent.inference.streamer import Streamer
 from agent.ingest.assembler import Assembler
-from agent.ingest.watcher import SkipReason, Watcher
+from agent.ingest.watcher import Watcher
 from agent.ops import sd_notify
 from agent.ops.config import AgentConfig
-from agent.ops.journal import AcquisitionState, Journal
+from agent.ops.journal import Journal
 from agent.ops.metrics import AgentMetrics, MetricsServer, serve
 from agent.publish.publisher import Publisher
 from agent.publish.security import publish_security
 from agent.publish.volume_archive import VolumeArchive
-from agent.publish.wire import error_event
 from agent.records import (
     AcquisitionUpdate,
     ArrivedFile,
-    Outcome,
     Publication,
     SctSlab,
     SctVolume,
@@ -51,8 +49,10 @@ from agent.records import (
     ValidatedUpdate,
 )
 from agent.stage_thread import Stage, each
+from agent.status_events import error_event
 from agent.validation.protocols import SHIPPED_PROTOCOLS_DIR, SequenceProtocol, load_protocols
 from agent.validation.validator import VerdictReport, VerdictStage
+from agent.vocabulary import AcquisitionState, EndedBy, Outcome, SkipReason
 from engines.backends.base import BackendOptions
 from engines.inference.engine import SctEngine
 from engines.model.manifest import ModelManifest, default_manifest
@@ -349,7 +349,7 @@ class Pipeline:
             report.first_image_to_verdict_s,
             [r.category for r in verdict.reasons],
         )
-        if report.completion_delay_s is not None and report.ended_by == "count":
+        if report.completion_delay_s is not None and report.ended_by == EndedBy.COUNT:
             self.metrics.completion_detected(report.completion_delay_s)
         if self._journal is not None:
             self._journal.record_verdict(verdict)

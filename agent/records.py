@@ -14,24 +14,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from agent.vocabulary import ArrivalSource, EndedBy, Outcome, StreamAction, UpdateKind
 from sct_core.geometry import VolumeGeometry
 
 # --------------------------------------------------------------------------------------------------- watcher
-
-
-class ArrivalSource(StrEnum):
-    """How the watcher learnt that a file is complete."""
-
-    STARTUP_SCAN = "startup-scan"  # already in the folder when the agent started
-    EVENT = "event"  # inotify close-write or moved-to (native observer)
-    STABLE = "stable"  # size and mtime unchanged across two polls (polling observer, or an event-less write)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +121,7 @@ class AcquisitionView:
     complete: bool
     #: "count" when completion came from the acquisition's own counts, "quiet" from the quiet-period timer,
     #: "" while still open.
-    ended_by: str
+    ended_by: EndedBy
     first_image_at: float = field(compare=False)
     last_image_at: float = field(compare=False)
     #: "Siemens", "GE", "Philips" or "other" (agent.ingest.vendor_conventions.Vendor).
@@ -159,14 +151,6 @@ class AcquisitionView:
         return tuple(zip(self.echo_times_ms, self.slices_per_echo, strict=True))
 
 
-class UpdateKind(StrEnum):
-    """Why the assembler emits an update."""
-
-    IMAGES = "images"  # new images arrived; the acquisition is still open
-    COMPLETE = "complete"  # every expected image is present
-    QUIET = "quiet"  # nothing arrived for the quiet period and the acquisition is not complete
-
-
 @dataclass(frozen=True, slots=True)
 class AcquisitionUpdate:
     """One step in the life of an acquisition, as the assembler sees it."""
@@ -181,14 +165,6 @@ class AcquisitionUpdate:
 
 
 # ------------------------------------------------------------------------------------------------- validator
-
-
-class Outcome(StrEnum):
-    """A verdict's outcome."""
-
-    PASS = "pass"
-    REJECT = "reject"
-    INCOMPLETE = "incomplete"
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,13 +232,6 @@ class SlabRequest:
     #: The last image needed by this slab arrived at (wall clock); for latency metrics.
     inputs_complete_at: float
     read_s: float
-
-
-class StreamAction(StrEnum):
-    """What the streamer tells the engine stage about an acquisition besides its slabs."""
-
-    FINALIZE = "finalize"  # the final verdict passed: publish the volume once every slab is done
-    CANCEL = "cancel"  # drop what was done (final verdict failed, or the grid had to be placed again)
 
 
 #: The MR images a volume was computed from: for each slice of the grid (in slice order), the image of each

@@ -46,7 +46,8 @@ from agent.ingest.header_reader import read_header, read_pixels
 from agent.ops.agent_process import AgentProcess, write_loopback_config
 from agent.publish.publisher import Publisher
 from agent.publish.wire import SlabMessage, StatusMessage, VolumeMessage, encode
-from agent.records import AcquisitionUpdate, ArrivalSource, ArrivedFile, SctSlab
+from agent.records import AcquisitionUpdate, ArrivedFile, SctSlab
+from agent.vocabulary import ArrivalSource
 from engines.backends.base import BackendOptions
 from engines.inference.engine import SctEngine
 from engines.phantom.acquisition import SEED_PROTOCOL

@@ -73,7 +73,8 @@ import numpy as np
 if TYPE_CHECKING:
     from agent.ingest.assembler import Assembler
     from agent.ingest.header_reader import HeaderError, NotAnImageError
-    from agent.records import AcquisitionUpdate, ArrivalSource, ArrivedFile
+    from agent.records import AcquisitionUpdate, ArrivedFile
+    from agent.vocabulary import ArrivalSource
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: Real scanner files (read in place, never copied into the repository).
@@ -281,7 +282,8 @@ class Harness:
         import agent.ingest.assembler as assembler_module  # noqa: PLC0415
         from agent.ingest.assembler import Assembler  # noqa: PLC0415
         from agent.ingest.header_reader import HeaderError, NotAnImageError, read_header  # noqa: PLC0415
-        from agent.records import ArrivalSource, ArrivedFile  # noqa: PLC0415
+        from agent.records import ArrivedFile  # noqa: PLC0415
+        from agent.vocabulary import ArrivalSource  # noqa: PLC0415
 
         self._assembler_cls: type[Assembler] = Assembler
         self._read_header: Callable[[Path], object] = read_header

@@ -240,14 +240,14 @@ def test_passing_series_streams_slabs_and_volume_with_exact_geometry(
     assert np.array_equal(replayed.geometry.affine, volume.geometry.affine)
 
     # The sCT DICOM series: one CT file per slice in the MR's study and frame of reference, HU as streamed.
-    folder = agent.ops.config.dicom.folder
+    folder = agent.config.dicom.folder
     assert folder is not None
     agent.listener.wait(lambda listener: bool(listener.dicom_written(volume.acquisition_id)))
     series_folder = folder / agent.listener.dicom_written(volume.acquisition_id)
     files = sorted(series_folder.glob("*.dcm"))
     assert len(files) == n_slices
     mr = pydicom.dcmread(
-        next((agent.ops.config.watch.folder / "pass-classic").rglob("*.dcm")), stop_before_pixels=True
+        next((agent.config.watch.folder / "pass-classic").rglob("*.dcm")), stop_before_pixels=True
     )
     datasets = [pydicom.dcmread(f) for f in files]
     first = datasets[0]

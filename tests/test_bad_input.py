@@ -23,11 +23,12 @@ from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, MediaStorageDirectoryStorage, generate_uid
 from real_dicom_support import SIEMENS_2D_MAGNITUDE, series_files
 
-from agent.ingest.assembler import Assembler, FileOutcome
+from agent.ingest.assembler import Assembler
 from agent.ingest.header_reader import HeaderError, read_header
-from agent.records import AcquisitionUpdate, AcquisitionView, ArrivalSource, ArrivedFile, Outcome, UpdateKind
+from agent.records import AcquisitionUpdate, AcquisitionView, ArrivedFile
 from agent.validation.protocols import SHIPPED_PROTOCOLS_DIR, load_protocol
 from agent.validation.rules import evaluate
+from agent.vocabulary import ArrivalSource, FileOutcome, Outcome, UpdateKind
 
 #: Ends acquisitions in these tests: nothing arrives after the series, so any positive quiet period ends it.
 QUIET_PERIOD_S = 5.0

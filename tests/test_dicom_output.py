@@ -25,8 +25,8 @@ from agent.cli import main as cli_main
 from agent.dicom_out.dicom_publisher import DicomOutput
 from agent.dicom_out.sct_series import write_sct_series
 from agent.ops.config import DicomConfig
-from agent.publish.wire import STATUS_DICOM
 from agent.records import SctVolume, StatusEvent
+from agent.vocabulary import StatusKind
 from engines.phantom.case import PhantomCase
 from engines.scanner.export import ExportSummary, OutputFormat
 
@@ -105,7 +105,7 @@ def test_a_volume_is_written_as_a_series_and_reported(
     assert not series.name.startswith(".")
     assert_complete_series(series, volume)
     (event,) = recorder.events
-    assert (event.kind, event.acquisition_id) == (STATUS_DICOM, volume.acquisition_id)
+    assert (event.kind, event.acquisition_id) == (StatusKind.DICOM, volume.acquisition_id)
     assert event.body["ok"] is True
     assert event.body["step"] == "write"
     assert event.body["series_folder"] == series.name
@@ -131,7 +131,7 @@ def test_a_written_series_is_stored_at_the_peer_and_reported(
     assert sorted(received(arrived)) == sorted(str(ds.SOPInstanceUID) for ds in sent)
     write, store = recorder.events
     assert (write.body["ok"], write.body["step"]) == (True, "write")
-    assert store.kind == STATUS_DICOM and store.acquisition_id == volume.acquisition_id
+    assert store.kind == StatusKind.DICOM and store.acquisition_id == volume.acquisition_id
     assert store.body["ok"] is True
     assert store.body["step"] == "store"
     assert store.body["series_folder"] == series.name
@@ -153,7 +153,7 @@ def test_a_peer_that_is_down_leaves_the_series_written_and_reports_the_failure(
     assert_complete_series(series, volume)
     write, store = recorder.events
     assert (write.body["ok"], write.body["step"]) == (True, "write")
-    assert store.kind == STATUS_DICOM and store.acquisition_id == volume.acquisition_id
+    assert store.kind == StatusKind.DICOM and store.acquisition_id == volume.acquisition_id
     assert store.body["ok"] is False
     assert store.body["step"] == "store"
     assert store.body["series_folder"] == series.name
@@ -179,7 +179,7 @@ def test_a_volume_that_cannot_be_written_is_reported_and_the_stage_carries_on(
     output.handle(doomed)  # returns: the failure is reported, not raised
     assert series_folders(folder) == []
     (failed,) = recorder.events
-    assert (failed.kind, failed.acquisition_id) == (STATUS_DICOM, doomed.acquisition_id)
+    assert (failed.kind, failed.acquisition_id) == (StatusKind.DICOM, doomed.acquisition_id)
     assert failed.body["ok"] is False
     assert failed.body["step"] == "write"
     assert paths[4].name in failed.body["message"]

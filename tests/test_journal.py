@@ -18,13 +18,13 @@ from agent.ops.journal import (
     FILE_OUTCOMES,
     JOURNAL_FILE_MODE,
     SCHEMA_VERSION,
-    AcquisitionState,
     Journal,
     JournalConflictError,
     JournalError,
     JournalSchemaError,
 )
-from agent.records import Outcome, Reason, Verdict
+from agent.records import Reason, Verdict
+from agent.vocabulary import AcquisitionState, Outcome
 
 ACQ = "a" * 16
 

@@ -36,16 +36,10 @@ from agent.cli.listen import (
 from agent.client import ReceivedVolume
 from agent.publish.curve_keys import create_key_pair
 from agent.publish.publisher import Publisher
-from agent.publish.wire import (
-    StatusMessage,
-    decode,
-    encode,
-    error_event,
-    payload_sha256,
-    progress_event,
-    verdict_event,
-)
-from agent.records import Outcome, Reason, SctSlab, SctVolume, StatusEvent, Verdict
+from agent.publish.wire import StatusMessage, decode, encode, payload_sha256
+from agent.records import Reason, SctSlab, SctVolume, StatusEvent, Verdict
+from agent.status_events import error_event, progress_event, verdict_event
+from agent.vocabulary import Outcome
 from sct_core.geometry import Orientation, VolumeGeometry
 
 WAIT_S = 10.0

@@ -25,7 +25,7 @@ from agent.ops.metrics import (
     MetricsServerError,
     serve,
 )
-from agent.records import Outcome
+from agent.vocabulary import Outcome
 
 #: Sample name plus sorted label pairs -> value, as scraped.
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

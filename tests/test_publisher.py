@@ -33,9 +33,10 @@ from agent.publish.wire import (
     encode,
     encode_heartbeat,
     payload_sha256,
-    verdict_event,
 )
-from agent.records import Outcome, Publication, Reason, SctSlab, SctVolume, StatusEvent, Verdict
+from agent.records import Publication, Reason, SctSlab, SctVolume, StatusEvent, Verdict
+from agent.status_events import verdict_event
+from agent.vocabulary import Outcome
 from sct_core.geometry import Orientation, VolumeGeometry
 
 LOOPBACK = "tcp://127.0.0.1:0"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.records import AcquisitionView, Outcome, Verdict
+from agent.records import AcquisitionView, Verdict
 from agent.validation.protocols import ATTRIBUTES, SHIPPED_PROTOCOLS_DIR, SequenceProtocol, load_protocol
 from agent.validation.rules import (
     GRID_TOLERANCE_MM,
@@ -22,6 +22,7 @@ from agent.validation.rules import (
     evaluate,
     format_verdict,
 )
+from agent.vocabulary import EndedBy, Outcome
 from sct_core.geometry import Orientation, VolumeGeometry
 
 SEED_ID = "bonemri_lumbar_1p5t"
@@ -46,7 +47,7 @@ def seed_view(
     expected_echoes: int | None = 2,
     expected_slices: int | None = SLICES,
     complete: bool = True,
-    ended_by: str = "count",
+    ended_by: EndedBy = EndedBy.COUNT,
 ) -> AcquisitionView:
     """A view of the seed acquisition; by default complete and passing every rule of the seed protocol."""
     if positions_mm is None:
@@ -93,7 +94,7 @@ def arriving_view(echo_times_ms: tuple[float, ...], slices: int = 1) -> Acquisit
         echo_times_ms=echo_times_ms,
         positions_mm=tuple(grid(slices) for _ in echo_times_ms),
         complete=False,
-        ended_by="",
+        ended_by=EndedBy.OPEN,
     )
 
 
@@ -110,7 +111,7 @@ def quiet_view(
         expected_echoes=expected_echoes,
         expected_slices=expected_slices,
         complete=False,
-        ended_by="quiet",
+        ended_by=EndedBy.QUIET,
     )
 
 

@@ -17,14 +17,9 @@ from typing import Any, Protocol, TypeVar
 
 import pytest
 
-from agent.ingest.watcher import (
-    DEFAULT_POLL_INTERVAL_S,
-    SETTLE_S,
-    SkipReason,
-    Watcher,
-    name_skip_reason,
-)
-from agent.records import ArrivalSource, ArrivedFile
+from agent.ingest.watcher import DEFAULT_POLL_INTERVAL_S, SETTLE_S, Watcher, name_skip_reason
+from agent.records import ArrivedFile
+from agent.vocabulary import ArrivalSource, SkipReason
 from engines.scanner.writer import temp_name, write_atomic, write_slow
 
 #: Longest wait for something that must happen; generous because the two CPU cores are shared.

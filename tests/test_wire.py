@@ -31,10 +31,10 @@ from agent.publish.wire import (
     decode,
     encode,
     encode_heartbeat,
-    progress_event,
-    verdict_event,
 )
-from agent.records import Outcome, Reason, SctSlab, SctVolume, StatusEvent, Verdict
+from agent.records import Reason, SctSlab, SctVolume, StatusEvent, Verdict
+from agent.status_events import progress_event, verdict_event
+from agent.vocabulary import Outcome
 from sct_core.geometry import Orientation, VolumeGeometry
 
 PUBLISHER = "0123456789abcdef"

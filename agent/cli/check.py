@@ -25,17 +25,9 @@ from pathlib import Path
 from typing import Any, Final, TextIO
 
 from agent.cli.view_text import describe_view, orientation_text
-from agent.ingest.assembler import Assembler, FileOutcome
+from agent.ingest.assembler import Assembler
 from agent.ingest.watcher import name_skip_reason
-from agent.records import (
-    AcquisitionUpdate,
-    AcquisitionView,
-    ArrivalSource,
-    ArrivedFile,
-    Outcome,
-    UpdateKind,
-    Verdict,
-)
+from agent.records import AcquisitionUpdate, AcquisitionView, ArrivedFile, Verdict
 from agent.validation.protocols import (
     SHIPPED_PROTOCOLS_DIR,
     ProtocolError,
@@ -44,6 +36,7 @@ from agent.validation.protocols import (
     load_protocols,
 )
 from agent.validation.rules import evaluate, format_verdict
+from agent.vocabulary import ArrivalSource, FileOutcome, Outcome, UpdateKind
 from engines.model.manifest import ManifestError, default_manifest
 
 EXIT_PASS: Final = 0

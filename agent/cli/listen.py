@@ -38,16 +38,8 @@ from agent.cli.montage import PIXELS_PER_MM, to_lps
 from agent.client import ReceivedVolume, SctClient
 from agent.publish.curve_keys import CurveClient, KeyFileError, curve_client
 from agent.publish.endpoints import default_snapshot_endpoint
-from agent.publish.wire import (
-    AXES,
-    STATUS_DICOM,
-    STATUS_ERROR,
-    STATUS_PROGRESS,
-    STATUS_VERDICT,
-    UNITS,
-    WIRE_DTYPE,
-    StatusMessage,
-)
+from agent.publish.wire import AXES, UNITS, WIRE_DTYPE, StatusMessage
+from agent.vocabulary import StatusKind
 from sct_core.geometry import VolumeGeometry
 
 DEFAULT_ENDPOINT: Final = "tcp://127.0.0.1:5556"
@@ -248,7 +240,7 @@ def describe_status(message: StatusMessage) -> str:
     """One line for a status message: verdicts with every reason, progress as k/n, errors with their stage."""
     body = message.body
     subject = message.acquisition_id or "-"
-    if message.kind == STATUS_VERDICT:
+    if message.kind == StatusKind.VERDICT:
         outcome = str(body.get("outcome", "?")).upper()
         stage = "final" if body.get("final") else "provisional"
         line = f"verdict {subject}: {outcome} ({stage}, protocol {body.get('protocol_id', '?')}"
@@ -260,14 +252,14 @@ def describe_status(message: StatusMessage) -> str:
         if pending:
             line += f"; pending {', '.join(str(p) for p in pending)}"
         return line
-    if message.kind == STATUS_PROGRESS and body.get("restarted"):
+    if message.kind == StatusKind.PROGRESS and body.get("restarted"):
         return f"progress {subject}: stream restarted ({body.get('reason', '?')})"
-    if message.kind == STATUS_PROGRESS:
+    if message.kind == StatusKind.PROGRESS:
         return f"progress {subject}: slabs {body.get('slabs_done', '?')}/{body.get('slab_count', '?')}"
-    if message.kind == STATUS_DICOM:
+    if message.kind == StatusKind.DICOM:
         state = "" if body.get("ok") else "FAILED "
         return f"DICOM {subject}: {state}{body.get('step', '?')}: {body.get('message', '')}"
-    if message.kind == STATUS_ERROR:
+    if message.kind == StatusKind.ERROR:
         return f"ERROR {subject}: {body.get('stage', '?')}: {body.get('message', '')}"
     details = ", ".join(f"{k}={v}" for k, v in body.items())
     return f"{message.kind} {subject}" + (f": {details}" if details else "")

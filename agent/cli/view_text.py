@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from agent.records import AcquisitionView
 from agent.validation.protocols import format_number
+from agent.vocabulary import EndedBy
 
 #: The patient axis a slice normal runs along, by index of its largest component (DICOM LPS).
 _PLANES = ("sagittal", "coronal", "axial")
@@ -104,7 +105,7 @@ def describe_view(view: AcquisitionView) -> list[str]:
         f"{orientation_text(view.image_orientation)}"
     )
     present = max(view.slices_per_echo, default=0)
-    if view.complete and view.ended_by == "count":
+    if view.complete and view.ended_by == EndedBy.COUNT:
         state = "complete: every announced image is present"
     elif view.complete:
         state = "ended; the headers announce no image count, so completeness rests on the slice positions"

@@ -45,7 +45,6 @@ from agent.publish.curve_keys import CurveClient, apply_client
 from agent.publish.endpoints import default_snapshot_endpoint
 from agent.publish.wire import (
     ALL_TOPICS,
-    STATUS_CANCELLED,
     HeartbeatMessage,
     Message,
     SchemaVersionError,
@@ -59,6 +58,7 @@ from agent.publish.wire import (
     decode_snapshot_reply,
     encode_snapshot_request,
 )
+from agent.vocabulary import StatusKind
 from sct_core.geometry import VolumeGeometry
 
 logger = logging.getLogger(__name__)
@@ -483,7 +483,9 @@ class SctClient:
         if isinstance(message, SlabMessage):
             self._add_slab(message)
         elif (
-            isinstance(message, StatusMessage) and message.kind == STATUS_CANCELLED and message.acquisition_id
+            isinstance(message, StatusMessage)
+            and message.kind == StatusKind.CANCELLED
+            and message.acquisition_id
         ):
             # The agent abandoned this stream; its slabs will never make a volume.
             self._assemblies.pop(message.acquisition_id, None)

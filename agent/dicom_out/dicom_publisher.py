@@ -18,8 +18,8 @@ from typing import Final
 
 from agent.dicom_out.sct_series import SctSeriesError, write_sct_series
 from agent.ops.config import DicomConfig
-from agent.publish.wire import STATUS_DICOM
 from agent.records import SctVolume, StatusEvent
+from agent.vocabulary import StatusKind
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,9 @@ class DicomOutput:
 
     def _report(self, key: str, *, ok: bool, step: str, message: str, **extra: object) -> None:
         self._publish(
-            StatusEvent(STATUS_DICOM, key, {"ok": ok, "step": step, "message": message, **extra}, time.time())
+            StatusEvent(
+                StatusKind.DICOM, key, {"ok": ok, "step": step, "message": message, **extra}, time.time()
+            )
         )
 
     @staticmethod

@@ -16,16 +16,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from agent.publish.wire import STATUS_CANCELLED, payload_sha256, progress_event
-from agent.records import (
-    Publication,
-    SctSlab,
-    SctVolume,
-    SlabRequest,
-    StatusEvent,
-    StreamAction,
-    StreamControl,
-)
+from agent.publish.wire import payload_sha256
+from agent.records import Publication, SctSlab, SctVolume, SlabRequest, StatusEvent, StreamControl
+from agent.status_events import progress_event
+from agent.vocabulary import StatusKind, StreamAction
 from engines.inference.engine import SctEngine
 from sct_core.geometry import VolumeGeometry
 
@@ -126,7 +120,9 @@ class InferenceStage:
         if control.action is StreamAction.CANCEL:
             self._volumes.pop(control.acquisition_id, None)
             self._publish(
-                StatusEvent(STATUS_CANCELLED, control.acquisition_id, {"reason": control.reason}, time.time())
+                StatusEvent(
+                    StatusKind.CANCELLED, control.acquisition_id, {"reason": control.reason}, time.time()
+                )
             )
             return
         if volume is None:

@@ -28,16 +28,8 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.ingest.header_reader import read_pixels
-from agent.records import (
-    ImageRef,
-    SlabRequest,
-    SourceImages,
-    StatusEvent,
-    StreamAction,
-    StreamControl,
-    UpdateKind,
-    ValidatedUpdate,
-)
+from agent.records import ImageRef, SlabRequest, SourceImages, StatusEvent, StreamControl, ValidatedUpdate
+from agent.vocabulary import StreamAction, UpdateKind
 from engines.inference.slabs import SlabPlan, SlabWindow
 from sct_core.geometry import VolumeGeometry
 

@@ -14,7 +14,6 @@ from agent.ingest.header_reader import ObjectHeader
 from agent.ingest.siemens_protocol import SiemensProtocol
 from agent.ingest.vendor_conventions import (
     CountInputs,
-    Vendor,
     announced_echoes,
     announced_slices,
     decide_sequence,
@@ -22,6 +21,7 @@ from agent.ingest.vendor_conventions import (
     sequence_family,
     water_fat_shift_px,
 )
+from agent.vocabulary import Vendor
 
 #: Decimals kept per quantity. Times: consoles state 0.001 ms at best. Bandwidth: Philips classic writes whole
 #: Hz/px where its Enhanced export writes the float, so whole Hz/px is the common precision. Lengths: 0.1 µm,

@@ -35,8 +35,9 @@ from agent.ingest.header_reader import (
     read_header,
 )
 from agent.ingest.siemens_protocol import read_siemens_protocol
-from agent.ingest.vendor_conventions import ImageKind, Vendor, image_flags
-from agent.records import AcquisitionUpdate, AcquisitionView, ArrivedFile, ImageRef, UpdateKind
+from agent.ingest.vendor_conventions import image_flags
+from agent.records import AcquisitionUpdate, AcquisitionView, ArrivedFile, ImageRef
+from agent.vocabulary import EndedBy, FileOutcome, ImageKind, UpdateKind, Vendor
 from sct_core.geometry import VolumeGeometry
 
 logger = logging.getLogger(__name__)
@@ -57,15 +58,6 @@ ENDED_MEMORY = 1024
 MAX_INCONSISTENCIES = 20
 #: Positions in a view are rounded to POSITION_RESOLUTION_MM.
 POSITION_DECIMALS = 3
-
-
-class FileOutcome:
-    """Outcomes of one file, for the journal and the files counter."""
-
-    ACCEPTED = "accepted"
-    SKIPPED = "skipped"
-    BAD = "bad"
-    DUPLICATE = "duplicate"
 
 
 #: (file, outcome, reason, acquisition id) for each file the assembler finishes with.
@@ -216,9 +208,9 @@ class Assembler:
             if not acquisition.touched:
                 continue
             acquisition.touched = False
-            view = self._view(acquisition, ended_by="")
+            view = self._view(acquisition, ended_by=EndedBy.OPEN)
             if view.complete:
-                view = self._view(acquisition, ended_by="count")
+                view = self._view(acquisition, ended_by=EndedBy.COUNT)
                 self._end(acquisition, UpdateKind.COMPLETE, view)
             else:
                 self._send(acquisition, UpdateKind.IMAGES, view)
@@ -234,7 +226,7 @@ class Assembler:
             self.flush()
         for acquisition in list(self._open.values()):
             if now - acquisition.last_activity >= self._quiet_period_s:
-                view = self._view(acquisition, ended_by="quiet")
+                view = self._view(acquisition, ended_by=EndedBy.QUIET)
                 self._end(acquisition, UpdateKind.QUIET, view)
 
     def end_all(self) -> None:
@@ -245,7 +237,7 @@ class Assembler:
         self._retries.clear()
         self.flush()
         for acquisition in list(self._open.values()):
-            view = self._view(acquisition, ended_by="quiet")
+            view = self._view(acquisition, ended_by=EndedBy.QUIET)
             self._end(acquisition, UpdateKind.QUIET, view)
 
     # ------------------------------------------------------------------------------------------ internals
@@ -365,7 +357,7 @@ class Assembler:
                 ):
                     acquisition.inconsistencies.append(text)
 
-    def _view(self, acquisition: _Acquisition, *, ended_by: str) -> AcquisitionView:
+    def _view(self, acquisition: _Acquisition, *, ended_by: EndedBy) -> AcquisitionView:
         facts = acquisition.facts
         kind, images = acquisition.primary()
         ended = bool(ended_by)
@@ -383,7 +375,7 @@ class Assembler:
             and all(c == expected_slices for c in counts)
         )
         # A quiet period ends an acquisition that never stated its size as complete, one that did as not.
-        complete = by_count or (ended_by == "quiet" and (expected_slices is None or not is_magnitude))
+        complete = by_count or (ended_by is EndedBy.QUIET and (expected_slices is None or not is_magnitude))
         grid = self._grid(acquisition, expected_slices, ended=ended or complete) if is_magnitude else None
         # No magnitude image: undecided while images arrive, then False, or still None when no image of the
         # acquisition states its kind (the validator then says so).
@@ -434,7 +426,7 @@ class Assembler:
             inconsistencies=tuple(inconsistencies),
             grid=grid,
             complete=complete,
-            ended_by=ended_by if ended_by else ("count" if complete else ""),
+            ended_by=ended_by if ended_by else (EndedBy.COUNT if complete else EndedBy.OPEN),
             first_image_at=acquisition.first_image_at,
             last_image_at=acquisition.last_image_at,
             vendor=str(facts.vendor),

@@ -29,7 +29,8 @@ from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, EnhancedMRImageStorage, MRImageStorage
 
-from agent.ingest.vendor_conventions import ImageKind, SequenceInputs, Vendor, image_kind, vendor_of
+from agent.ingest.vendor_conventions import SequenceInputs, image_kind, vendor_of
+from agent.vocabulary import ImageKind, Vendor
 
 #: SOP classes whose pixels the model can take (magnitude MR images). Anything else (CT, raw data, spectroscopy,
 #: presentation states) is skipped with its SOP class named.

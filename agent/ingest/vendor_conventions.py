@@ -15,14 +15,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from enum import StrEnum
 
-
-class Vendor(StrEnum):
-    SIEMENS = "Siemens"
-    GE = "GE"
-    PHILIPS = "Philips"
-    OTHER = "other"
+from agent.vocabulary import ImageKind, Vendor
 
 
 def vendor_of(manufacturer: str) -> Vendor:
@@ -39,18 +33,6 @@ def vendor_of(manufacturer: str) -> Vendor:
 
 
 # ------------------------------------------------------------------------------------------------ image kind
-
-
-class ImageKind(StrEnum):
-    """What the pixel values of one image are. The model takes magnitude images only."""
-
-    MAGNITUDE = "magnitude"
-    PHASE = "phase"
-    REAL = "real"
-    IMAGINARY = "imaginary"
-    FIELD_MAP = "field map"
-    #: No attribute says (the image may still be magnitude; the validator treats it as not proven).
-    UNSTATED = "unstated"
 
 
 #: ComplexImageComponent (0008,9208) values, classic or Enhanced.

@@ -35,7 +35,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,8 @@ from watchdog import events as fs
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from agent.records import ArrivalSource, ArrivedFile
+from agent.records import ArrivedFile
+from agent.vocabulary import ArrivalSource, ObserverKind, SkipReason
 
 logger = logging.getLogger(__name__)
 
@@ -78,23 +78,6 @@ WATCHED_EVENTS: tuple[type[fs.FileSystemEvent], ...] = (
 
 #: (size in bytes, mtime in ns): what "the same content" means for de-duplication.
 Signature = tuple[int, int]
-
-
-class ObserverKind(StrEnum):
-    """Which watchdog observer notices changes."""
-
-    NATIVE = "native"  # inotify: close-write and moved-to events (Linux, local disk)
-    POLLING = "polling"  # rescans at poll_interval_s: CIFS/NFS shares give no inotify events
-
-
-class SkipReason(StrEnum):
-    """Why a path is never handed to ``sink``; a bounded label, safe for metrics."""
-
-    HIDDEN = "hidden-name"  # the name, or a folder on the way to it, starts with '.'
-    TEMPORARY = "temporary-name"  # TEMP_SUFFIXES / TEMP_PREFIXES: an export or copy still in progress
-    DICOMDIR = "dicomdir"
-    EMPTY = "zero-byte"  # stayed empty for the stability window
-    DIRECTORY = "directory"
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,12 +36,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 
-from agent.records import Outcome, Reason, Verdict
+from agent.records import Reason, Verdict
+from agent.vocabulary import AcquisitionState, Outcome
 
 logger = logging.getLogger(__name__)
 
@@ -57,17 +57,6 @@ FILE_OUTCOMES: Final = ("accepted", "skipped", "bad", "duplicate")
 #: What a publication carries.
 PUBLICATION_KINDS: Final = ("slab", "volume")
 _SHA256_HEX_LENGTH: Final = 64
-
-
-class AcquisitionState(StrEnum):
-    """Where an acquisition is in its life. ``FINISHED_STATES`` need nothing more after a restart."""
-
-    OPEN = "open"  # images still arriving, or verdict pending
-    PASSED = "passed"  # final verdict passed; slabs may be in flight
-    REJECTED = "rejected"
-    INCOMPLETE = "incomplete"
-    PUBLISHED = "published"  # every slab and the volume went out
-    FAILED = "failed"  # the engine or publisher gave up on it
 
 
 #: States after which the agent has nothing left to do for an acquisition.

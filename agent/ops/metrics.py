@@ -31,7 +31,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 from agent import __version__
-from agent.records import Outcome
+from agent.vocabulary import Outcome
 
 #: Prefix of every metric name, so the agent's series are easy to find among a node's others.
 NAMESPACE: Final = "sct_agent"

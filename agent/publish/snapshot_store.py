@@ -18,8 +18,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Final
 
-from agent.publish.wire import STATUS_CANCELLED
 from agent.records import Publication, SctSlab, SctVolume, StatusEvent
+from agent.vocabulary import StatusKind
 from sct_core.geometry import VolumeGeometry
 
 #: Acquisitions whose slabs are kept at once; a new one beyond this evicts the one idle longest.
@@ -79,7 +79,7 @@ class SnapshotStore:
             self._volumes[item.acquisition_id] = StoredMessage(seq, frames, int(item.hu.nbytes))
             while len(self._volumes) > self._keep_volumes:
                 self._volumes.popitem(last=False)
-        elif isinstance(item, StatusEvent) and item.kind == STATUS_CANCELLED and item.acquisition_id:
+        elif isinstance(item, StatusEvent) and item.kind == StatusKind.CANCELLED and item.acquisition_id:
             self._in_flight.pop(item.acquisition_id, None)
 
     def messages(self) -> list[StoredMessage]:

@@ -41,7 +41,7 @@ import numpy as np
 import numpy.typing as npt
 import zmq
 
-from agent.records import Publication, SctSlab, SctVolume, StatusEvent, Verdict
+from agent.records import Publication, SctSlab, SctVolume, StatusEvent
 from sct_core.geometry import VolumeGeometry
 
 # ----------------------------------------------------------------------------------------------- constants
@@ -81,16 +81,6 @@ AFFINE_TOLERANCE: Final = 1e-6
 #: Keys that would carry a patient identifier; refused anywhere in a header.
 FORBIDDEN_KEYS: Final = frozenset({"PatientName", "PatientID", "PatientBirthDate"})
 
-#: Status kinds (``StatusEvent.kind``) and the body each carries (see the ``*_event`` builders below).
-STATUS_VERDICT: Final = "verdict"
-STATUS_PROGRESS: Final = "progress"
-STATUS_COMPLETE: Final = "complete"
-STATUS_ERROR: Final = "error"
-STATUS_SKIPPED: Final = "skipped"
-#: The engine dropped an acquisition's streamed slabs (final verdict failed, grid placed again).
-STATUS_CANCELLED: Final = "cancelled"
-#: The sCT DICOM series was written or stored, or could not be.
-STATUS_DICOM: Final = "dicom"
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _SCHEMA_RE = re.compile(r"(?P<name>[a-z0-9-]+)/(?P<major>\d+)\.(?P<minor>\d+)")
@@ -659,50 +649,3 @@ def _is_number(value: object) -> bool:
 
 def _triple(v: npt.NDArray[np.float64]) -> tuple[float, float, float]:
     return (float(v[0]), float(v[1]), float(v[2]))
-
-
-# ------------------------------------------------------------------------------------ status body builders
-
-
-def verdict_event(verdict: Verdict) -> StatusEvent:
-    """The status event for a verdict, with every reason spelled out (what ``sct-agent listen`` prints)."""
-    return StatusEvent(
-        kind=STATUS_VERDICT,
-        acquisition_id=verdict.acquisition_id,
-        body={
-            "protocol_id": verdict.protocol_id,
-            "protocol_version": verdict.protocol_version,
-            "outcome": verdict.outcome.value,
-            "final": verdict.final,
-            "reasons": [
-                {
-                    "protocol_id": r.protocol_id,
-                    "attribute": r.attribute,
-                    "found": r.found,
-                    "required": r.required,
-                    "category": r.category,
-                    "text": r.text(),
-                }
-                for r in verdict.reasons
-            ],
-            "pending": list(verdict.pending),
-        },
-        at=verdict.decided_at,
-    )
-
-
-def progress_event(acquisition_id: str, *, slabs_done: int, slab_count: int, at: float) -> StatusEvent:
-    """The status event for inference progress: ``slabs_done`` of ``slab_count`` slabs published."""
-    return StatusEvent(
-        kind=STATUS_PROGRESS,
-        acquisition_id=acquisition_id,
-        body={"slabs_done": slabs_done, "slab_count": slab_count},
-        at=at,
-    )
-
-
-def error_event(acquisition_id: str | None, *, stage: str, message: str, at: float) -> StatusEvent:
-    """The status event for an error in a stage. ``message`` must not quote DICOM values that identify people."""
-    return StatusEvent(
-        kind=STATUS_ERROR, acquisition_id=acquisition_id, body={"stage": stage, "message": message}, at=at
-    )

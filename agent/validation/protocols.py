@@ -19,11 +19,11 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import sequence_protocols
+from agent.vocabulary import Category, RuleKind
 from sct_core.geometry import Orientation
 
 #: The shipped ``sequence_protocols/`` folder: top level in the repository, installed with the package.
@@ -51,32 +51,6 @@ class ProtocolError(ValueError):
         self.key = key
         self.problem = problem
         super().__init__(f"{path}: {key}: {problem}")
-
-
-class Category(StrEnum):
-    """Bounded reason categories (metrics labels): one per kind of problem a technologist fixes differently."""
-
-    SEQUENCE = "sequence"
-    ECHOES = "echoes"
-    TIMING = "timing"
-    BANDWIDTH = "bandwidth"
-    FIELD = "field"
-    GEOMETRY = "geometry"
-    IMAGE = "image"
-    COMPLETENESS = "completeness"
-    CONSISTENCY = "consistency"
-
-
-class RuleKind(StrEnum):
-    """How an attribute is compared; each attribute has exactly one kind."""
-
-    TEXT = "text"  # equals = "3D"
-    TOKENS = "tokens"  # includes / excludes token sets
-    ABSENT = "absent"  # absent = true
-    NUMBER = "number"  # value + tolerance, or min / max / greater_than / less_than, with unit
-    COUNT = "count"  # equals, or min / max (integers)
-    VECTOR = "vector"  # value = [..] + tolerance (number or list), with unit
-    ORIENTATION = "orientation"  # equals = "sagittal", max_oblique_deg
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,11 +22,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from agent.ingest.vendor_conventions import ImageKind
-from agent.records import AcquisitionView, Outcome, Reason, Verdict
+from agent.records import AcquisitionView, Reason, Verdict
 from agent.validation.protocols import (
     AbsentRule,
-    Category,
     CountRule,
     NumberRule,
     OrientationRule,
@@ -39,10 +37,11 @@ from agent.validation.protocols import (
     echo_index,
     format_number,
 )
+from agent.vocabulary import Category, EndedBy, ImageKind, Outcome
 from sct_core.geometry import Orientation
 
 #: ``view.ended_by`` values of an acquisition that has ended: its own counts, or the quiet-period timer.
-FINAL_ENDINGS = frozenset({"count", "quiet"})
+FINAL_ENDINGS = frozenset({EndedBy.COUNT, EndedBy.QUIET})
 
 #: Two slice positions closer than this are the same position, and a step between neighbouring slices may
 #: differ from the slice spacing by this much. Consoles write ImagePositionPatient with a few decimals and

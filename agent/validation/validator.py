@@ -16,17 +16,11 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
-from agent.publish.wire import STATUS_VERDICT, verdict_event
-from agent.records import (
-    AcquisitionUpdate,
-    Outcome,
-    StatusEvent,
-    UpdateKind,
-    ValidatedUpdate,
-    Verdict,
-)
+from agent.records import AcquisitionUpdate, StatusEvent, ValidatedUpdate, Verdict
+from agent.status_events import verdict_event
 from agent.validation.protocols import SequenceProtocol
 from agent.validation.rules import evaluate
+from agent.vocabulary import EndedBy, Outcome, StatusKind, UpdateKind
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +34,7 @@ class VerdictReport:
     first_image_to_verdict_s: float | None
     #: Seconds from the last image to the detection that the acquisition ended (final verdicts only).
     completion_delay_s: float | None
-    ended_by: str
+    ended_by: EndedBy
 
 
 class VerdictStage:
@@ -128,4 +122,4 @@ class VerdictStage:
             "first_image_to_verdict_s": report.first_image_to_verdict_s,
             "completion_delay_s": report.completion_delay_s,
         }
-        return StatusEvent(STATUS_VERDICT, view.acquisition_id, body, chosen.decided_at)
+        return StatusEvent(StatusKind.VERDICT, view.acquisition_id, body, chosen.decided_at)

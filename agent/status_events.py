@@ -1,0 +1,55 @@
+"""The status events stages publish, built in one place so that every stage gives a kind the same body.
+
+The status topic is what a technologist's screen and IT's tools read (``sct-agent listen`` prints it;
+docs/protocol.md specifies each body). Stages build :class:`~agent.records.StatusEvent` records here and hand
+them to the publisher, which only encodes them: no stage needs the wire format to speak on it.
+"""
+
+from __future__ import annotations
+
+from agent.records import StatusEvent, Verdict
+from agent.vocabulary import StatusKind
+
+
+def verdict_event(verdict: Verdict) -> StatusEvent:
+    """The status event for a verdict, with every reason spelled out (what ``sct-agent listen`` prints)."""
+    return StatusEvent(
+        kind=StatusKind.VERDICT,
+        acquisition_id=verdict.acquisition_id,
+        body={
+            "protocol_id": verdict.protocol_id,
+            "protocol_version": verdict.protocol_version,
+            "outcome": verdict.outcome.value,
+            "final": verdict.final,
+            "reasons": [
+                {
+                    "protocol_id": r.protocol_id,
+                    "attribute": r.attribute,
+                    "found": r.found,
+                    "required": r.required,
+                    "category": r.category,
+                    "text": r.text(),
+                }
+                for r in verdict.reasons
+            ],
+            "pending": list(verdict.pending),
+        },
+        at=verdict.decided_at,
+    )
+
+
+def progress_event(acquisition_id: str, *, slabs_done: int, slab_count: int, at: float) -> StatusEvent:
+    """The status event for inference progress: ``slabs_done`` of ``slab_count`` slabs published."""
+    return StatusEvent(
+        kind=StatusKind.PROGRESS,
+        acquisition_id=acquisition_id,
+        body={"slabs_done": slabs_done, "slab_count": slab_count},
+        at=at,
+    )
+
+
+def error_event(acquisition_id: str | None, *, stage: str, message: str, at: float) -> StatusEvent:
+    """The status event for an error in a stage. ``message`` must not quote DICOM values that identify people."""
+    return StatusEvent(
+        kind=StatusKind.ERROR, acquisition_id=acquisition_id, body={"stage": stage, "message": message}, at=at
+    )

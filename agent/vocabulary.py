@@ -1,0 +1,154 @@
+"""Every fixed vocabulary of the agent, in one place: the closed sets of names records, metric labels, the
+journal, log lines and the wire use.
+
+Each is a :class:`~enum.StrEnum`, so a member is its own string (``Outcome.PASS == "pass"``): it goes into JSON,
+SQLite and Prometheus labels as it is, and a value read back from any of them converts with ``Outcome(text)``,
+which refuses a name outside the set. Adding a member here is the one change a new kind of outcome needs.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+# ------------------------------------------------------------------------------------------------- ingest
+
+
+class ArrivalSource(StrEnum):
+    """How the watcher learnt that a file is complete."""
+
+    STARTUP_SCAN = "startup-scan"  # already in the folder when the agent started
+    EVENT = "event"  # inotify close-write or moved-to (native observer)
+    STABLE = "stable"  # size and mtime unchanged across two polls (polling observer, or an event-less write)
+
+
+class SkipReason(StrEnum):
+    """Why a path is never handed to ``sink``; a bounded label, safe for metrics."""
+
+    HIDDEN = "hidden-name"  # the name, or a folder on the way to it, starts with '.'
+    TEMPORARY = "temporary-name"  # TEMP_SUFFIXES / TEMP_PREFIXES: an export or copy still in progress
+    DICOMDIR = "dicomdir"
+    EMPTY = "zero-byte"  # stayed empty for the stability window
+    DIRECTORY = "directory"
+
+
+class ObserverKind(StrEnum):
+    """Which watchdog observer notices changes."""
+
+    NATIVE = "native"  # inotify: close-write and moved-to events (Linux, local disk)
+    POLLING = "polling"  # rescans at poll_interval_s: CIFS/NFS shares give no inotify events
+
+
+class FileOutcome(StrEnum):
+    """Outcomes of one file, for the journal and the files counter."""
+
+    ACCEPTED = "accepted"
+    SKIPPED = "skipped"
+    BAD = "bad"
+    DUPLICATE = "duplicate"
+
+
+class EndedBy(StrEnum):
+    """What ended an acquisition (``AcquisitionView.ended_by``)."""
+
+    OPEN = ""  # still open
+    COUNT = "count"  # every image its own counts announce is present
+    QUIET = "quiet"  # the quiet-period timer ran out before the counts were met
+
+
+class UpdateKind(StrEnum):
+    """Why the assembler emits an update."""
+
+    IMAGES = "images"  # new images arrived; the acquisition is still open
+    COMPLETE = "complete"  # every expected image is present
+    QUIET = "quiet"  # nothing arrived for the quiet period and the acquisition is not complete
+
+
+class Vendor(StrEnum):
+    SIEMENS = "Siemens"
+    GE = "GE"
+    PHILIPS = "Philips"
+    OTHER = "other"
+
+
+class ImageKind(StrEnum):
+    """What the pixel values of one image are. The model takes magnitude images only."""
+
+    MAGNITUDE = "magnitude"
+    PHASE = "phase"
+    REAL = "real"
+    IMAGINARY = "imaginary"
+    FIELD_MAP = "field map"
+    #: No attribute says (the image may still be magnitude; the validator treats it as not proven).
+    UNSTATED = "unstated"
+
+
+# --------------------------------------------------------------------------------------------- validation
+
+
+class Outcome(StrEnum):
+    """A verdict's outcome."""
+
+    PASS = "pass"
+    REJECT = "reject"
+    INCOMPLETE = "incomplete"
+
+
+class Category(StrEnum):
+    """Bounded reason categories (metrics labels): one per kind of problem a technologist fixes differently."""
+
+    SEQUENCE = "sequence"
+    ECHOES = "echoes"
+    TIMING = "timing"
+    BANDWIDTH = "bandwidth"
+    FIELD = "field"
+    GEOMETRY = "geometry"
+    IMAGE = "image"
+    COMPLETENESS = "completeness"
+    CONSISTENCY = "consistency"
+
+
+class RuleKind(StrEnum):
+    """How an attribute is compared; each attribute has exactly one kind."""
+
+    TEXT = "text"  # equals = "3D"
+    TOKENS = "tokens"  # includes / excludes token sets
+    ABSENT = "absent"  # absent = true
+    NUMBER = "number"  # value + tolerance, or min / max / greater_than / less_than, with unit
+    COUNT = "count"  # equals, or min / max (integers)
+    VECTOR = "vector"  # value = [..] + tolerance (number or list), with unit
+    ORIENTATION = "orientation"  # equals = "sagittal", max_oblique_deg
+
+
+# ------------------------------------------------------------------------------------ inference and output
+
+
+class StreamAction(StrEnum):
+    """What the streamer tells the engine stage about an acquisition besides its slabs."""
+
+    FINALIZE = "finalize"  # the final verdict passed: publish the volume once every slab is done
+    CANCEL = "cancel"  # drop what was done (final verdict failed, or the grid had to be placed again)
+
+
+class AcquisitionState(StrEnum):
+    """Where an acquisition is in its life. ``FINISHED_STATES`` need nothing more after a restart."""
+
+    OPEN = "open"  # images still arriving, or verdict pending
+    PASSED = "passed"  # final verdict passed; slabs may be in flight
+    REJECTED = "rejected"
+    INCOMPLETE = "incomplete"
+    PUBLISHED = "published"  # every slab and the volume went out
+    FAILED = "failed"  # the engine or publisher gave up on it
+
+
+class StatusKind(StrEnum):
+    """The ``kind`` of a message on the status topic (docs/protocol.md lists the body of each)."""
+
+    VERDICT = "verdict"
+    PROGRESS = "progress"
+    COMPLETE = "complete"
+    ERROR = "error"
+    SKIPPED = "skipped"
+    #: An acquisition whose slabs were streamed was dropped (final verdict failed, grid placed again).
+    CANCELLED = "cancelled"
+    #: The sCT DICOM series was written, stored or failed.
+    DICOM = "dicom"
