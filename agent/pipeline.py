@@ -29,6 +29,7 @@ from agent.dicom_out.dicom_publisher import DicomOutput
 from agent.inference.engine_stage import InferenceStage
 from agent.inference.streamer import Streamer
 from agent.ingest.assembler import Assembler
+from agent.ingest.pixel_reader import read_pixels
 from agent.ingest.watcher import Watcher
 from agent.ops import sd_notify
 from agent.ops.config import AgentConfig
@@ -271,6 +272,7 @@ class Pipeline:
             scale_of=engine.scale,
             emit=engine_stage.put,
             status=publish,
+            reader=read_pixels,
         )
         streamer_stage: Stage[ValidatedUpdate] = Stage(
             "streamer", each(streamer.handle), depth=depth,

@@ -12,10 +12,11 @@ one machine (the simulator, the agent and a subscriber in the benchmark); durati
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -308,3 +309,16 @@ class StatusEvent:
 
 #: What the publisher stage accepts.
 Publication = StatusEvent | SctSlab | SctVolume
+
+
+#: How HU voxels travel and are hashed: little-endian int16, C order (the wire format's payload dtype).
+PAYLOAD_DTYPE: Final = "<i2"
+
+
+def payload_sha256(hu: npt.NDArray[np.int16]) -> str:
+    """sha256 of an HU array as it travels: little-endian int16, C order. What ``SctSlab.sha256`` must hold.
+
+    Here rather than in the wire format because the engine stage computes it where the slab is made, and the
+    publisher, the archive and every subscriber check the same digest (end-to-end integrity).
+    """
+    return hashlib.sha256(np.ascontiguousarray(hu, dtype=PAYLOAD_DTYPE).data).hexdigest()

@@ -42,7 +42,8 @@ import zmq
 
 from agent.client import SctClient
 from agent.ingest.assembler import Assembler
-from agent.ingest.header_reader import read_header, read_pixels
+from agent.ingest.header_reader import read_header
+from agent.ingest.pixel_reader import read_pixels
 from agent.ops.agent_process import AgentProcess, write_loopback_config
 from agent.publish.publisher import Publisher
 from agent.publish.wire import SlabMessage, StatusMessage, VolumeMessage, encode

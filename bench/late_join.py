@@ -27,8 +27,7 @@ from publish import Keys, make_keys  # a sibling bench script, not a package
 
 from agent.client import SctClient
 from agent.publish.publisher import Publisher
-from agent.publish.wire import payload_sha256
-from agent.records import SctVolume
+from agent.records import SctVolume, payload_sha256
 from sct_core.geometry import VolumeGeometry
 
 VOLUME_SHAPE = (100, 338, 338)

@@ -36,8 +36,8 @@ from agent.cli.listen import (
 from agent.client import ReceivedVolume
 from agent.publish.curve_keys import create_key_pair
 from agent.publish.publisher import Publisher
-from agent.publish.wire import StatusMessage, decode, encode, payload_sha256
-from agent.records import Reason, SctSlab, SctVolume, StatusEvent, Verdict
+from agent.publish.wire import StatusMessage, decode, encode
+from agent.records import Reason, SctSlab, SctVolume, StatusEvent, Verdict, payload_sha256
 from agent.status_events import error_event, progress_event, verdict_event
 from agent.vocabulary import Outcome
 from sct_core.geometry import Orientation, VolumeGeometry

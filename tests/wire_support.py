@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from agent.publish.wire import payload_sha256
-from agent.records import SctSlab, SctVolume
+from agent.records import SctSlab, SctVolume, payload_sha256
 from sct_core.geometry import VolumeGeometry
 
 if TYPE_CHECKING:

@@ -4,7 +4,10 @@ Hospital IT and the MRI technologist run this on a test export before the first 
 under PATH (recursively) through the agent's own header reader, grouping and validator, so its verdict is the
 agent's verdict. For each acquisition it prints the normalised view (scanner, sequence, timing, the echoes with
 their echo times and slice counts, image kinds, bandwidth, voxel, orientation, completeness), then the verdict of
-each protocol with every reason. Skipped and unreadable files are listed with their reasons.
+each protocol with every reason, then whether the agent would run the shipped model on it: that line comes
+from :func:`agent.validation.inference_gate.decide`, the function the agent's validator stage calls, so a
+protocol pass the agent would still not act on (a protocol the model is not validated for, phase images) is
+said in so many words. Skipped and unreadable files are listed with their reasons.
 
 Nothing is published and no model is run. Exit status: 0 when every acquisition passes (one of the protocols
 judged, or the one chosen with ``--protocol``), 1 when any fails or no acquisition was found, 2 for a usage
@@ -28,6 +31,7 @@ from agent.cli.view_text import describe_view, orientation_text
 from agent.ingest.assembler import Assembler
 from agent.ingest.watcher import name_skip_reason
 from agent.records import AcquisitionUpdate, AcquisitionView, ArrivedFile, Verdict
+from agent.validation.inference_gate import InferenceDecision, decide
 from agent.validation.protocols import (
     SHIPPED_PROTOCOLS_DIR,
     ProtocolError,
@@ -60,6 +64,10 @@ class CheckedAcquisition:
     @property
     def passes(self) -> bool:
         return any(v.outcome is Outcome.PASS for v in self.verdicts)
+
+    def inference(self, model_protocols: frozenset[str]) -> InferenceDecision | None:
+        """What the running agent would decide: the same function its validator stage calls."""
+        return decide(self.verdicts, self.view, model_protocols) if self.verdicts else None
 
 
 @dataclass(slots=True)
@@ -267,22 +275,40 @@ def _print_text(out: TextIO, report: CheckReport) -> None:
         for line in describe_view(acquisition.view):
             print(f"  {line}", file=out)
         for verdict in acquisition.verdicts:
-            text = format_verdict(verdict).splitlines()
-            if verdict.outcome is Outcome.PASS:
-                text[0] += (
-                    "; the shipped model is validated for this protocol"
-                    if verdict.protocol_id in model_protocols
-                    else "; the shipped model is NOT validated for this protocol (the agent would not run it)"
-                )
-            for line in text:
+            for line in format_verdict(verdict).splitlines():
                 print(f"  {line}", file=out)
+        print(f"  {_inference_text(acquisition.inference(model_protocols))}", file=out)
     passed = sum(a.passes for a in acquisitions)
     print(file=out)
     if not acquisitions:
         print("No MR acquisition found: FAIL", file=out)
     else:
+        inferred = sum(bool((d := a.inference(model_protocols)) and d.allowed) for a in acquisitions)
+        print(
+            f"The agent would run the shipped model on {inferred} of {len(acquisitions)} acquisitions "
+            "(decided as the running agent decides: agent.validation.inference_gate).",
+            file=out,
+        )
         result = "PASS" if passed == len(acquisitions) else "FAIL"
         print(f"{passed} of {len(acquisitions)} acquisitions pass: {result}", file=out)
+
+
+def _inference_text(decision: InferenceDecision | None) -> str:
+    if decision is None:
+        return "Inference: no protocol judged"
+    if decision.allowed:
+        return f"Inference: the agent would run the shipped model (protocol {decision.verdict.protocol_id})"
+    return f"Inference: the agent would NOT run the shipped model: {decision.reason}"
+
+
+def _inference_document(decision: InferenceDecision | None) -> dict[str, Any] | None:
+    if decision is None:
+        return None
+    return {
+        "allowed": decision.allowed,
+        "protocol_id": decision.verdict.protocol_id,
+        "reason": decision.reason,
+    }
 
 
 def _view_document(view: AcquisitionView) -> dict[str, Any]:
@@ -363,6 +389,7 @@ def _document(report: CheckReport) -> dict[str, Any]:
                 "view": _view_document(a.view),
                 "verdicts": [_verdict_document(v, report.model_protocols) for v in a.verdicts],
                 "passes": a.passes,
+                "inference": _inference_document(a.inference(report.model_protocols)),
             }
             for a in report.acquisitions
         ],

@@ -16,8 +16,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from agent.publish.wire import payload_sha256
-from agent.records import Publication, SctSlab, SctVolume, SlabRequest, StatusEvent, StreamControl
+from agent.records import (
+    Publication,
+    SctSlab,
+    SctVolume,
+    SlabRequest,
+    StatusEvent,
+    StreamControl,
+    payload_sha256,
+)
 from agent.status_events import progress_event
 from agent.vocabulary import StatusKind, StreamAction
 from engines.inference.engine import SctEngine

@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from agent.ingest.header_reader import read_pixels
 from agent.records import ImageRef, SlabRequest, SourceImages, StatusEvent, StreamControl, ValidatedUpdate
 from agent.vocabulary import StreamAction, UpdateKind
 from engines.inference.slabs import SlabPlan, SlabWindow
@@ -63,7 +62,7 @@ class Streamer:
         scale_of: Callable[[npt.NDArray[Any]], float],
         emit: Callable[[SlabRequest | StreamControl], object],
         status: Callable[[StatusEvent], None],
-        reader: PixelReader = read_pixels,
+        reader: PixelReader,
     ) -> None:
         self._plan_for = plan_for
         self._leading = leading_slices

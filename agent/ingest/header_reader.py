@@ -7,20 +7,19 @@ and position). Classic single-frame and Enhanced multi-frame objects give the sa
 each attribute is looked up in the frame's functional groups first, then in the shared groups, then at the top
 level, which is where PS3.3 allows it to be.
 
-Pixels are read later and only for the slices a slab needs (:func:`read_pixels`).
+Pixels are read later and only for the slices a slab needs (:func:`agent.ingest.pixel_reader.read_pixels`).
 """
 
 from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
@@ -206,31 +205,6 @@ def _parse(path: Path, ds: Dataset, pixel_offset: int, size: int) -> ParsedFile:
     frames = _enhanced_frames(path, ds, header) if enhanced else (_classic_frame(path, top, header),)
     _check_pixel_bytes(path, header, len(frames), size - pixel_offset)
     return ParsedFile(path=path, header=header, frames=frames)
-
-
-def read_pixels(path: Path, frames: Sequence[int | None]) -> npt.NDArray[Any]:
-    """The pixel arrays ``[len(frames), rows, columns]`` of the given frames of one file (``None``: a classic
-    file's only image), as stored (no rescale: MR magnitude images are stored values)."""
-    ds = pydicom.dcmread(path)
-    data = ds.get("PixelData")
-    rows, columns = int(ds.Rows), int(ds.Columns)
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    dtype = _pixel_dtype(path, int(ds.BitsAllocated), int(ds.PixelRepresentation))
-    per_frame = rows * columns
-    expected = n_frames * per_frame * dtype.itemsize
-    if data is None or len(data) < expected:
-        found = 0 if data is None else len(data)
-        raise HeaderError(path, "PixelData", f"{found} bytes", f"{expected} bytes (file truncated?)")
-    array = np.frombuffer(data, dtype=dtype, count=n_frames * per_frame).reshape(n_frames, rows, columns)
-    indices = [0 if f is None else f for f in frames]
-    return array[indices]
-
-
-def slice_normal(orientation: Sequence[float]) -> npt.NDArray[np.float64]:
-    """Row x column direction cosines: the direction of increasing slice index in every geometry we build."""
-    row = np.asarray(orientation[:3], dtype=np.float64)
-    column = np.asarray(orientation[3:6], dtype=np.float64)
-    return np.cross(row, column)
 
 
 # ------------------------------------------------------------------------------------------------ internals
@@ -606,7 +580,7 @@ def _stack_positions(ds: Dataset) -> int | None:
 def _check_pixel_bytes(path: Path, header: ObjectHeader, n_frames: int, remaining: int) -> None:
     """A file cut short in transfer still has a complete header; its pixel data is shorter than the header
     says. Catching it here keeps a broken file out of the acquisition before any pixel is read."""
-    dtype = _pixel_dtype(path, header.bits_allocated, header.pixel_representation)
+    dtype = pixel_dtype(path, header.bits_allocated, header.pixel_representation)
     expected = n_frames * header.rows * header.columns * dtype.itemsize
     available = remaining - _PIXEL_ELEMENT_HEADER_BYTES
     if available < expected:
@@ -615,7 +589,7 @@ def _check_pixel_bytes(path: Path, header: ObjectHeader, n_frames: int, remainin
         )
 
 
-def _pixel_dtype(path: Path, bits_allocated: int, pixel_representation: int) -> np.dtype[Any]:
+def pixel_dtype(path: Path, bits_allocated: int, pixel_representation: int) -> np.dtype[Any]:
     if bits_allocated not in (8, 16):
         raise HeaderError(path, "BitsAllocated", str(bits_allocated), "8 or 16")
     kind = "i" if pixel_representation == 1 else "u"

@@ -21,8 +21,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from agent.publish.wire import payload_sha256
-from agent.records import SctVolume
+from agent.records import SctVolume, payload_sha256
 from sct_core.geometry import VolumeGeometry
 
 logger = logging.getLogger(__name__)

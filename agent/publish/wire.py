@@ -41,7 +41,7 @@ import numpy as np
 import numpy.typing as npt
 import zmq
 
-from agent.records import Publication, SctSlab, SctVolume, StatusEvent
+from agent.records import PAYLOAD_DTYPE, Publication, SctSlab, SctVolume, StatusEvent
 from sct_core.geometry import VolumeGeometry
 
 # ----------------------------------------------------------------------------------------------- constants
@@ -67,7 +67,7 @@ TOPIC_SNAPSHOT_ERROR: Final = b"snapshot.error"
 SNAPSHOT_TOPICS: Final = (TOPIC_SNAPSHOT_REQUEST, TOPIC_SNAPSHOT_END, TOPIC_SNAPSHOT_ERROR)
 
 #: Payload dtype (numpy's notation: little-endian signed 16-bit), units and axis order.
-WIRE_DTYPE: Final = "<i2"
+WIRE_DTYPE: Final = PAYLOAD_DTYPE
 UNITS: Final = "HU"
 AXES: Final = "slice,row,column"
 FRAME_COUNT: Final = 3
@@ -319,11 +319,6 @@ def encode_snapshot_error(seq: int, publisher_id: str, sent_at: float, error: st
     header = _envelope_header(seq, publisher_id, sent_at, minimum_seq=0)
     header.update(topic=TOPIC_SNAPSHOT_ERROR.decode(), error=error)
     return [TOPIC_SNAPSHOT_ERROR, _dump_header(header), b""]
-
-
-def payload_sha256(hu: npt.NDArray[np.int16]) -> str:
-    """sha256 of an HU array as it travels: little-endian int16, C order. What ``SctSlab.sha256`` must hold."""
-    return hashlib.sha256(np.ascontiguousarray(hu, dtype=WIRE_DTYPE).data).hexdigest()
 
 
 def _envelope_header(seq: int, publisher_id: str, sent_at: float, *, minimum_seq: int = 1) -> dict[str, Any]:

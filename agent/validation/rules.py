@@ -127,7 +127,7 @@ def evaluate(
     """
     if final and view.ended_by not in FINAL_ENDINGS:
         raise ValueError(
-            f"evaluate(final=True): view.ended_by is {view.ended_by!r}; expected one of "
+            f"evaluate(final=True): view.ended_by is {str(view.ended_by)!r}; expected one of "
             f"{', '.join(sorted(FINAL_ENDINGS))} (the acquisition must have ended)"
         )
     context = _Context(

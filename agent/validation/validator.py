@@ -6,7 +6,8 @@ gets the final one. Verdicts are published on the status topic only when somethi
 see changed, not for every image.
 
 The engine runs only on an acquisition whose verdict passes, with nothing pending, for a protocol the model's
-manifest lists (DESIGN.md §3): a model is never run outside the domain it was validated on.
+manifest lists, on magnitude images: :func:`agent.validation.inference_gate.decide` says so, the same function
+``sct-agent check`` reports, so a model is never run outside the domain it was validated on.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 from agent.records import AcquisitionUpdate, StatusEvent, ValidatedUpdate, Verdict
 from agent.status_events import verdict_event
+from agent.validation.inference_gate import decide
 from agent.validation.protocols import SequenceProtocol
 from agent.validation.rules import evaluate
 from agent.vocabulary import EndedBy, Outcome, StatusKind, UpdateKind
@@ -67,15 +69,8 @@ class VerdictStage:
         final = update.kind is not UpdateKind.IMAGES
         now = time.time()
         verdicts = [evaluate(p, view, final=final, now=now) for p in self._protocols]
-        chosen = self._choose(verdicts)
-        infer = (
-            chosen.outcome is Outcome.PASS
-            and not chosen.pending
-            and chosen.protocol_id in self._model_protocols
-            # The model takes magnitude images, whatever a site protocol forgets to require.
-            and view.magnitude is True
-            and view.image_kind == "magnitude"
-        )
+        decision = decide(verdicts, view, self._model_protocols)
+        chosen, infer = decision.verdict, decision.allowed
         key = view.acquisition_id
         signature = (chosen.outcome, chosen.pending, len(chosen.reasons))
         previous = self._last.get(key)
@@ -95,16 +90,6 @@ class VerdictStage:
         else:
             self._last[key] = signature
         self._forward(ValidatedUpdate(update=update, verdict=chosen, infer=infer))
-
-    def _choose(self, verdicts: list[Verdict]) -> Verdict:
-        """The verdict that decides inference: a passing one for a model protocol, else the model protocol
-        the acquisition comes closest to (fewest failed rules), whose reasons are what a technologist must
-        fix."""
-        candidates = [v for v in verdicts if v.protocol_id in self._model_protocols] or verdicts
-        for verdict in candidates:
-            if verdict.outcome is Outcome.PASS:
-                return verdict
-        return min(candidates, key=lambda v: (len(v.reasons), v.outcome is Outcome.REJECT))
 
     def _status(
         self, update: AcquisitionUpdate, chosen: Verdict, verdicts: list[Verdict], report: VerdictReport
