@@ -62,9 +62,8 @@ from agent.publish.wire import (
     HeartbeatMessage,
     SlabMessage,
     encode,
-    payload_sha256,
 )
-from agent.records import SctSlab
+from agent.records import SctSlab, payload_sha256
 from sct_core.geometry import VolumeGeometry
 
 #: The lumbar grid (docs/agent.md) and the model's slab depth (engines/model/default/manifest.json).

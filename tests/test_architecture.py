@@ -8,10 +8,13 @@ torch fails here with the offending module and line, before anyone reviews the c
 from __future__ import annotations
 
 import ast
+import importlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from sct_core.errors import SctError
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The packages that are pipeline stages: each may use the shared modules but never another stage.
@@ -177,4 +180,22 @@ def test_nothing_cites_files_outside_the_repository() -> None:
             continue
         text = path.read_text()
         offences += [f"{relative}: cites {name}" for name in outside if name in text]
+    assert not offences, "\n".join(offences)
+
+
+def test_every_product_error_shares_one_root() -> None:
+    """Every exception class the product defines derives from SctError, so it names attribute, found, expected."""
+    offences = []
+    for module_name, path in _modules("agent", "engines", "sct_core"):
+        if module_name.endswith("__main__"):
+            continue
+        module = importlib.import_module(module_name)
+        for name, value in vars(module).items():
+            if (
+                isinstance(value, type)
+                and issubclass(value, BaseException)
+                and value.__module__ == module_name
+                and not issubclass(value, SctError)
+            ):
+                offences.append(f"{path.relative_to(ROOT)}: {name} does not derive from SctError")
     assert not offences, "\n".join(offences)

@@ -26,9 +26,8 @@ from agent.publish.wire import (
     SlabMessage,
     decode_snapshot_reply,
     encode_snapshot_request,
-    payload_sha256,
 )
-from agent.records import Publication, SctSlab, StatusEvent
+from agent.records import Publication, SctSlab, StatusEvent, payload_sha256
 from sct_core.geometry import VolumeGeometry
 
 FAST_HEARTBEAT_S = 0.05

@@ -338,7 +338,7 @@ def test_bad_file_value_names_key_file_value_and_expectation(
     with pytest.raises(ConfigError, match=pattern) as caught:
         load_config(path, environ={})
     assert f"(in {path})" in str(caught.value)
-    assert caught.value.key == f"{section}.{line.split(' =', maxsplit=1)[0]}"
+    assert caught.value.attribute == f"{section}.{line.split(' =', maxsplit=1)[0]}"
 
 
 @pytest.mark.parametrize(
@@ -372,7 +372,7 @@ def test_error_carries_structured_fields(tmp_path: Path) -> None:
         load_config(path, environ={})
     error = caught.value
     assert isinstance(error, ValueError)
-    assert (error.key, error.found, error.source) == ("pipeline.queue_depth", -3, f"in {path}")
+    assert (error.attribute, error.found, error.source) == ("pipeline.queue_depth", -3, f"in {path}")
     assert "> 0" in error.expected
 
 

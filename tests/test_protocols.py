@@ -339,7 +339,7 @@ def test_a_malformed_file_names_the_file_and_the_key(
     path = write(tmp_path, text)
     with pytest.raises(ProtocolError) as caught:
         load_protocol(path)
-    assert (caught.value.path, caught.value.key) == (path, key)
+    assert (caught.value.path, caught.value.attribute) == (path, key)
     assert str(caught.value).startswith(f"{path}: {key}: ")
     assert problem in caught.value.problem
 
@@ -358,7 +358,7 @@ def test_an_active_id_without_a_file_names_the_id_and_the_folder(tmp_path: Path)
     write(tmp_path, HEADER + TR_RULE)
     with pytest.raises(ProtocolError) as caught:
         load_protocols(tmp_path, ("proto", "bonemri_lumbar_3t"))
-    assert (caught.value.path, caught.value.key) == (tmp_path, "active[1]")
+    assert (caught.value.path, caught.value.attribute) == (tmp_path, "active[1]")
     assert "'bonemri_lumbar_3t'" in str(caught.value) and str(tmp_path) in str(caught.value)
     with pytest.raises(ProtocolError, match=r"active\[1\]: protocol id 'proto' is listed twice"):
         load_protocols(tmp_path, ("proto", "proto"))
@@ -369,7 +369,7 @@ def test_a_malformed_inactive_file_still_stops_start_up(tmp_path: Path) -> None:
     bad = write(tmp_path, HEADER.replace('"proto"', '"draft"') + "[rules.Bogus]\nequals = 1\n", "draft")
     with pytest.raises(ProtocolError) as caught:
         load_protocols(tmp_path, ("proto",))
-    assert (caught.value.path, caught.value.key) == (bad, "rules.Bogus")
+    assert (caught.value.path, caught.value.attribute) == (bad, "rules.Bogus")
 
 
 def test_a_folder_without_protocols_is_refused(tmp_path: Path) -> None:

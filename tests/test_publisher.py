@@ -32,9 +32,8 @@ from agent.publish.wire import (
     VolumeMessage,
     encode,
     encode_heartbeat,
-    payload_sha256,
 )
-from agent.records import Publication, Reason, SctSlab, SctVolume, StatusEvent, Verdict
+from agent.records import Publication, Reason, SctSlab, SctVolume, StatusEvent, Verdict, payload_sha256
 from agent.status_events import verdict_event
 from agent.vocabulary import Outcome
 from sct_core.geometry import Orientation, VolumeGeometry

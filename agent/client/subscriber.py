@@ -377,7 +377,7 @@ class SctClient:
             self._refuse(error, "snapshot")
             if isinstance(error, SchemaVersionError):
                 raise
-            self.resync(f"unusable snapshot message ({error.field})")
+            self.resync(f"unusable snapshot message ({error.attribute})")
             return
         if isinstance(reply, SnapshotError):
             # Busy or refused: connect afresh after a pause that grows with each refusal in a row (capped), so

@@ -28,6 +28,8 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
 
+from sct_core.errors import SctError
+
 logger = logging.getLogger(__name__)
 
 _PYNETDICOM_LOGGER = logging.getLogger("pynetdicom")
@@ -43,7 +45,7 @@ _AE_TITLE_MAX: Final = 16
 _PEER_FORM: Final = re.compile(r"^(?P<aet>[^@]+)@(?P<host>[^:@]+|\[[0-9A-Fa-f:.]+\]):(?P<port>\d+)$")
 
 
-class StoreError(Exception):
+class StoreError(SctError):
     """The series was not completely stored at the peer after the last attempt.
 
     ``stored`` counts the instances the peer confirmed, ``failed`` those it never confirmed; ``reasons`` holds
@@ -60,7 +62,10 @@ class StoreError(Exception):
         self.reasons = tuple(reasons)
         super().__init__(
             f"C-STORE to {peer}: {failed} of {stored + failed} instances not stored after {attempts} "
-            f"attempt{'s' if attempts != 1 else ''} ({'; '.join(self.reasons)})"
+            f"attempt{'s' if attempts != 1 else ''} ({'; '.join(self.reasons)})",
+            attribute=f"C-STORE to {peer}",
+            found=f"{failed} of {stored + failed} instances not stored",
+            expected="every instance stored",
         )
 
 

@@ -43,6 +43,7 @@ from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_ui
 from pydicom.valuerep import format_number_as_ds
 
 from agent.records import ImageRef, SctVolume
+from sct_core.errors import SctError
 from sct_core.geometry import VolumeGeometry
 
 logger = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ _DS_MAX: Final = 16
 _DS_ZERO: Final = 1e-10
 
 
-class SctSeriesError(Exception):
+class SctSeriesError(SctError):
     """The sCT series could not be written; nothing was left behind.
 
     ``attribute`` names the DICOM attribute (or "file", "hu", "sources", "out_folder"), ``found`` the value
@@ -126,12 +127,14 @@ class SctSeriesError(Exception):
     """
 
     def __init__(self, attribute: str, found: str, expected: str, *, file: str | None = None) -> None:
-        self.attribute = attribute
-        self.found = found
-        self.expected = expected
         self.file = file
         where = f"{file}: " if file else ""
-        super().__init__(f"{where}{attribute}: found {found}; expected {expected}")
+        super().__init__(
+            f"{where}{attribute}: found {found}; expected {expected}",
+            attribute=attribute,
+            found=found,
+            expected=expected,
+        )
 
 
 @dataclass(frozen=True, slots=True)

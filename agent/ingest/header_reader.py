@@ -30,6 +30,7 @@ from pydicom.uid import UID, EnhancedMRImageStorage, MRImageStorage
 
 from agent.ingest.vendor_conventions import SequenceInputs, image_kind, vendor_of
 from agent.vocabulary import ImageKind, Vendor
+from sct_core.errors import SctError
 
 #: SOP classes whose pixels the model can take (magnitude MR images). Anything else (CT, raw data, spectroscopy,
 #: presentation states) is skipped with its SOP class named.
@@ -46,15 +47,19 @@ MAX_MATRIX = 4096
 MAX_FRAMES = 20000
 
 
-class HeaderError(ValueError):
+class HeaderError(SctError, ValueError):
     """A file the agent cannot use, with the attribute, the value found and what was expected."""
+
+    found: str
 
     def __init__(self, path: Path, attribute: str, found: str, expected: str) -> None:
         self.path = path
-        self.attribute = attribute
-        self.found = found
-        self.expected = expected
-        super().__init__(f"{path.name}: {attribute}: found {found}; expected {expected}")
+        super().__init__(
+            f"{path.name}: {attribute}: found {found}; expected {expected}",
+            attribute=attribute,
+            found=found,
+            expected=expected,
+        )
 
 
 class NotAnImageError(HeaderError):

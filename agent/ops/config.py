@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
 from agent.publish.endpoints import default_snapshot_endpoint
+from sct_core.errors import SctError
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ _SUGGESTION_CUTOFF = 0.6
 _TOML_POSITION = re.compile(r"\(at line (\d+), column (\d+)\)")
 
 
-class ConfigError(ValueError):
+class ConfigError(SctError, ValueError):
     """A configuration value the agent cannot start with; the fields say which, from where and what is wanted."""
 
     def __init__(
@@ -67,19 +68,23 @@ class ConfigError(ValueError):
         note: str | None = None,
         what: str = "",
     ) -> None:
-        self.key = key
-        self.found = found
-        self.expected = expected
         self.source = source
         self.note = note
         self.what = what
         where = f" ({source})" if source else ""
         tail = f"; {note}" if note else ""
-        super().__init__(f"{key}{where}: found {what}{_show(found)}, expected {expected}{tail}")
+        super().__init__(
+            f"{key}{where}: found {what}{_show(found)}, expected {expected}{tail}",
+            attribute=key,
+            found=found,
+            expected=expected,
+        )
 
     def from_source(self, source: str) -> ConfigError:
         """The same error, saying which file or environment variable the value came from."""
-        return ConfigError(self.key, self.found, self.expected, source=source, note=self.note, what=self.what)
+        return ConfigError(
+            self.attribute, self.found, self.expected, source=source, note=self.note, what=self.what
+        )
 
 
 class TomlSyntaxError(ConfigError):
@@ -652,7 +657,7 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
         try:
             built[section] = cls(**_absolute_defaults(cls, merged.get(section, {})))
         except ConfigError as exc:
-            source = sources.get(exc.key)
+            source = sources.get(exc.attribute)
             raise (exc.from_source(source) if source else exc) from None
     return AgentConfig(**built)
 

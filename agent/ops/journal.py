@@ -42,6 +42,7 @@ from typing import Any, Final
 
 from agent.records import Reason, Verdict
 from agent.vocabulary import AcquisitionState, Outcome
+from sct_core.errors import SctError
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +71,16 @@ FINISHED_STATES: Final = frozenset(
 )
 
 
-class JournalError(RuntimeError):
+class JournalError(SctError, RuntimeError):
     """The journal cannot be opened or used; ``path`` names the file."""
 
-    def __init__(self, path: Path, message: str) -> None:
-        super().__init__(f"state journal {path}: {message}")
+    def __init__(self, path: Path, message: str, *, found: object = None, expected: str = "") -> None:
+        super().__init__(
+            f"state journal {path}: {message}",
+            attribute=f"state journal {path}",
+            found=found,
+            expected=expected,
+        )
         self.path = path
 
 
@@ -86,8 +92,9 @@ class JournalSchemaError(JournalError):
             path,
             f"schema version {found} is newer than this agent supports ({supported}); "
             "run the agent version that wrote it, or move the file aside to start a new journal",
+            found=found,
+            expected=f"schema version {supported} or older",
         )
-        self.found = found
         self.supported = supported
 
 

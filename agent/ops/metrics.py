@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from agent import __version__
 from agent.vocabulary import Outcome
+from sct_core.errors import SctError
 
 #: Prefix of every metric name, so the agent's series are easy to find among a node's others.
 NAMESPACE: Final = "sct_agent"
@@ -105,8 +106,15 @@ class QueueLike(Protocol):
     def qsize(self) -> int: ...
 
 
-class MetricsServerError(OSError):
+class MetricsServerError(SctError, OSError):
     """The metrics endpoint could not be started (port taken, address not local, name not resolvable)."""
+
+    def __init__(self, code: int, message: str, *, address: str) -> None:
+        super().__init__(
+            message, attribute="metrics.host, metrics.port", found=address, expected="a free local address"
+        )
+        self.errno = code  # what an OSError caller looks at
+        self.strerror = message
 
 
 def _check_label(label: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -560,7 +568,9 @@ def serve(
         why = exc.strerror or str(exc)
         if isinstance(exc, socket.gaierror):
             why = f"cannot resolve host: {why}"
-        raise MetricsServerError(code, f"cannot serve metrics on {_host_port(host, port)}: {why}") from exc
+        raise MetricsServerError(
+            code, f"cannot serve metrics on {_host_port(host, port)}: {why}", address=_host_port(host, port)
+        ) from exc
     # start_http_server has no timeout option; the server reads its handler class per request, so swap it in.
     httpd.RequestHandlerClass = _handler_with_timeout(request_timeout_s)
     thread.name = f"metrics-server-{httpd.server_address[1]}"

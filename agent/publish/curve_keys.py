@@ -22,6 +22,8 @@ from typing import Final
 import zmq
 import zmq.auth
 
+from sct_core.errors import SctError
+
 #: Suffixes zmq.auth gives the two files of a key pair.
 PUBLIC_SUFFIX: Final = ".key"
 SECRET_SUFFIX: Final = ".key_secret"
@@ -35,14 +37,17 @@ _LOCAL_SCHEMES: Final = ("ipc://", "inproc://")
 _LOOPBACK_NAMES: Final = frozenset({"localhost", "ip6-localhost"})
 
 
-class KeyFileError(ValueError):
+class KeyFileError(SctError, ValueError):
     """A key file or folder that cannot be used; names it, what was found and what is expected."""
 
     def __init__(self, what: str, path: Path, found: str, expected: str) -> None:
-        super().__init__(f"{what} {path}: found {found}, expected {expected}")
+        super().__init__(
+            f"{what} {path}: found {found}, expected {expected}",
+            attribute=f"{what} {path}",
+            found=found,
+            expected=expected,
+        )
         self.path = path
-        self.found = found
-        self.expected = expected
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,6 +46,7 @@ from agent.publish.snapshot_server import RETRY_S, SnapshotServer
 from agent.publish.snapshot_store import SnapshotStore
 from agent.publish.wire import TOPIC_SLAB, TOPIC_STATUS, TOPIC_VOLUME, encode, encode_heartbeat
 from agent.records import Publication, SctSlab, SctVolume
+from sct_core.errors import SctError
 
 logger = logging.getLogger(__name__)
 
@@ -76,11 +77,11 @@ _MONITOR_EVENTS: Final = (
 PUBLISHER_ID_BYTES: Final = 8
 
 
-class PublishError(RuntimeError):
+class PublishError(SctError, RuntimeError):
     """The publisher cannot do what was asked: bind its endpoint, accept an item, or stop in time."""
 
-    def __init__(self, message: str, *, endpoint: str) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, endpoint: str, found: object = None, expected: str = "") -> None:
+        super().__init__(message, attribute=f"publisher {endpoint}", found=found, expected=expected)
         self.endpoint = endpoint
 
 

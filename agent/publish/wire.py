@@ -42,6 +42,7 @@ import numpy.typing as npt
 import zmq
 
 from agent.records import PAYLOAD_DTYPE, Publication, SctSlab, SctVolume, StatusEvent
+from sct_core.errors import SctError
 from sct_core.geometry import VolumeGeometry
 
 # ----------------------------------------------------------------------------------------------- constants
@@ -90,17 +91,19 @@ _FOUND_REPR_MAX = 80
 # ------------------------------------------------------------------------------------------------- errors
 
 
-class WireError(ValueError):
+class WireError(SctError, ValueError):
     """A message that is not a valid sct-edge message; names the field, the value found and what was expected."""
 
     def __init__(self, field: str, found: object, expected: str) -> None:
         shown = repr(found)
         if len(shown) > _FOUND_REPR_MAX:
             shown = shown[: _FOUND_REPR_MAX - 3] + "..."
-        super().__init__(f"wire message field {field!r}: found {shown}, expected {expected}")
-        self.field = field
-        self.found = found
-        self.expected = expected
+        super().__init__(
+            f"wire message field {field!r}: found {shown}, expected {expected}",
+            attribute=field,
+            found=found,
+            expected=expected,
+        )
 
 
 class SchemaVersionError(WireError):

@@ -24,6 +24,7 @@ from typing import Any
 
 import sequence_protocols
 from agent.vocabulary import Category, RuleKind
+from sct_core.errors import SctError
 from sct_core.geometry import Orientation
 
 #: The shipped ``sequence_protocols/`` folder: top level in the repository, installed with the package.
@@ -43,14 +44,20 @@ COMPARISON_SLACK = 1e-9
 MAX_OBLIQUITY_DEG = 90.0
 
 
-class ProtocolError(ValueError):
+class ProtocolError(SctError, ValueError):
     """A protocol file that cannot be used; ``path`` and ``key`` say where, the message says what was expected."""
 
     def __init__(self, path: Path, key: str, problem: str) -> None:
         self.path = path
-        self.key = key
         self.problem = problem
-        super().__init__(f"{path}: {key}: {problem}")
+        # Problems are written "found X; expected Y" (or ", expected"): keep the two values as fields too.
+        parts = re.match(r"found (?P<found>.*?)[;,] expected (?P<expected>.*)$", problem)
+        super().__init__(
+            f"{path}: {key}: {problem}",
+            attribute=key,
+            found=parts["found"] if parts else None,
+            expected=parts["expected"] if parts else problem,
+        )
 
 
 @dataclass(frozen=True, slots=True)

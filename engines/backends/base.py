@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from engines.model.manifest import ModelManifest
+from sct_core.errors import SctError
 
 F32 = npt.NDArray[np.float32]
 
@@ -29,8 +30,13 @@ class Precision(StrEnum):
     BF16 = "bf16"
 
 
-class BackendUnavailableError(RuntimeError):
+class BackendUnavailableError(SctError, RuntimeError):
     """The backend's libraries or device are not present on this machine (e.g. TensorRT without a GPU)."""
+
+    def __init__(
+        self, message: str, *, attribute: str = "engine.backend", found: object = None, expected: str = ""
+    ) -> None:
+        super().__init__(message, attribute=attribute, found=found, expected=expected)
 
 
 @dataclass(frozen=True, slots=True)

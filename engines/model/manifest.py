@@ -19,6 +19,7 @@ import torch
 
 from engines.model.normalisation import Normalisation
 from engines.model.unet import LightUNet3d, UNetConfig
+from sct_core.errors import SctError
 
 MANIFEST_NAME = "manifest.json"
 #: Major version of the manifest schema this code reads; a higher major is refused, minors are compatible.
@@ -28,8 +29,13 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default"
 _HASH_CHUNK = 1 << 20
 
 
-class ManifestError(ValueError):
+class ManifestError(SctError, ValueError):
     """The manifest is missing, unreadable or names a field with a value this code cannot use."""
+
+    def __init__(
+        self, message: str, *, attribute: str = "model manifest", found: object = None, expected: str = ""
+    ) -> None:
+        super().__init__(message, attribute=attribute, found=found, expected=expected)
 
 
 class WeightsIntegrityError(ManifestError):

@@ -21,6 +21,7 @@ from pydicom.datadict import dictionary_VM, dictionary_VR, tag_for_keyword
 from pydicom.valuerep import validate_value
 
 from engines.phantom.acquisition import Acquisition
+from sct_core.errors import SctError
 
 #: Physics keys other than the per-echo times, mapped onto Acquisition fields (all in the units DICOM uses).
 PHYSICS_KEYS: dict[str, tuple[str, str]] = {
@@ -67,14 +68,16 @@ _FLOAT_VRS = frozenset({"FL", "FD"})
 _SINGLE_VALUE_TEXT_VRS = frozenset({"LT", "ST", "UT", "UR"})
 
 
-class SettingError(ValueError):
+class SettingError(SctError, ValueError):
     """A ``KEY=VALUE`` setting that cannot be applied; the message names attribute, value and expectation."""
 
     def __init__(self, attribute: str, found: str, expected: str) -> None:
-        self.attribute = attribute
-        self.found = found
-        self.expected = expected
-        super().__init__(f"--set {attribute}: found {found!r}; expected {expected}")
+        super().__init__(
+            f"--set {attribute}: found {found!r}; expected {expected}",
+            attribute=attribute,
+            found=found,
+            expected=expected,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,7 @@ from engines.training.cases import CasePool
 from engines.training.patches import sample_batch
 from engines.training.progress import Progress
 from engines.training.recipe import TrainingRecipe
+from sct_core.errors import SctError
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +38,13 @@ RECORD_NAME = "training.json"
 LOSS_LOG_EVERY = 50
 
 
-class RecipeMismatchError(RuntimeError):
+class RecipeMismatchError(SctError, RuntimeError):
     """A checkpoint exists in the output folder but was made with another recipe."""
+
+    def __init__(
+        self, message: str, *, attribute: str = "training recipe", found: object = None, expected: str = ""
+    ) -> None:
+        super().__init__(message, attribute=attribute, found=found, expected=expected)
 
 
 def _lr_factor(recipe: TrainingRecipe, step: int) -> float:
