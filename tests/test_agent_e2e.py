@@ -38,8 +38,8 @@ from real_dicom_support import (
 from agent.cli import check
 from agent.client import ReceivedVolume, SctClient
 from agent.ops.config import AgentConfig
-from agent.pipeline import Pipeline
 from agent.publish.wire import SlabMessage, StatusMessage
+from agent.service import AgentService
 from engines.inference.engine import SctEngine
 from engines.model.manifest import ModelManifest
 from engines.phantom.case import PhantomCase
@@ -122,7 +122,7 @@ class Listener:
 
 @dataclass
 class RunningAgent:
-    pipeline: Pipeline
+    pipeline: AgentService
     config: AgentConfig
     listener: Listener
     model_dir: Path
@@ -158,7 +158,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningAgent]:
     model = write_test_model(root / "model")
     config = agent_config(root, protocols, model, quiet_period_s=3.0)
     threads_before = set(threading.enumerate())
-    pipeline = Pipeline(config)
+    pipeline = AgentService(config)
     pipeline.start()
     listener = Listener(pipeline.endpoints.publish, pipeline.endpoints.snapshot)
     thread = threading.Thread(target=listener.run, name="test-listener")

@@ -16,8 +16,8 @@ from agent_support import SMALL_FOV_MM, agent_config, write_test_model, write_te
 from agent.client import ReceivedVolume, SctClient
 from agent.ops.agent_process import AgentProcess
 from agent.ops.config import WatchConfig
-from agent.pipeline import Pipeline
 from agent.publish.wire import StatusMessage
+from agent.service import AgentService
 from engines.phantom.case import PhantomCase
 from engines.phantom.generate import generate_case
 from engines.scanner.export import ExportOptions, SimulationRequest, export_case
@@ -120,7 +120,7 @@ def test_restart_does_not_infer_a_finished_series_again_republishes_its_volume_a
     threads_before = set(threading.enumerate())
 
     with (
-        Pipeline(config) as pipeline,
+        AgentService(config) as pipeline,
         SctClient(pipeline.endpoints.publish, snapshot_endpoint=pipeline.endpoints.snapshot) as client,
     ):
         time.sleep(0.3)
@@ -129,7 +129,7 @@ def test_restart_does_not_infer_a_finished_series_again_republishes_its_volume_a
         assert volume is not None and volume.complete_from_slabs
 
     with (
-        Pipeline(config) as pipeline,
+        AgentService(config) as pipeline,
         SctClient(pipeline.endpoints.publish, snapshot_endpoint=pipeline.endpoints.snapshot) as client,
     ):
         # The series is not judged or inferred again (the journal says it was published). Its volume comes back

@@ -23,7 +23,6 @@ from agent.cli import main as cli_main
 from agent.client import SctClient
 from agent.ops.config import ConfigError, PublishConfig
 from agent.ops.metrics import AgentMetrics
-from agent.pipeline import Pipeline
 from agent.publish.curve_keys import (
     CurveClient,
     CurveServer,
@@ -36,6 +35,7 @@ from agent.publish.curve_keys import (
 )
 from agent.publish.publisher import Publisher
 from agent.publish.security import publish_security
+from agent.service import AgentService
 from sct_core.geometry import VolumeGeometry
 
 FAST_HEARTBEAT_S = 0.05
@@ -337,7 +337,7 @@ def test_the_running_agent_admits_allowed_robots_only_and_counts_the_rest_in_its
             allowed_keys_folder=curve_keys.allowed,
         ),
     )
-    with Pipeline(config) as pipeline:
+    with AgentService(config) as pipeline:
         endpoints = pipeline.endpoints
         url = endpoints.metrics_url
         assert endpoints.curve and url is not None

@@ -1,4 +1,4 @@
-"""The DICOM output stage (agent.dicom_out.dicom_publisher.DicomOutput) with real files: a simulated MR export, the real series
+"""The DICOM output stage (agent.dicom_out.dicom_publisher.DicomPublisher) with real files: a simulated MR export, the real series
 writer and dcmtk's storescp on loopback. Each outcome is checked where the stage reports it (the status events
 and the two counters) and on disk; a failure costs one series and never escapes."""
 
@@ -22,7 +22,7 @@ from sct_dicom_support import (
 )
 
 from agent.cli import main as cli_main
-from agent.dicom_out.dicom_publisher import DicomOutput
+from agent.dicom_out.dicom_publisher import DicomPublisher
 from agent.dicom_out.sct_series import write_sct_series
 from agent.ops.config import DicomConfig
 from agent.records import SctVolume, StatusEvent
@@ -57,8 +57,8 @@ class Recorder:
     written: list[str] = field(default_factory=list)
     stored: list[str] = field(default_factory=list)
 
-    def output(self, config: DicomConfig) -> DicomOutput:
-        return DicomOutput(
+    def output(self, config: DicomConfig) -> DicomPublisher:
+        return DicomPublisher(
             config, self.events.append, on_written=self.written.append, on_stored=self.stored.append
         )
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from agent.ops import sd_notify
 from agent.ops.config import AgentConfig, ConfigError, describe_config, load_config
-from agent.pipeline import Pipeline
+from agent.service import AgentService
 from agent.validation.protocols import ProtocolError
 from engines.model.manifest import ManifestError, WeightsIntegrityError
 
@@ -110,7 +110,7 @@ def run_agent(config: AgentConfig, stop: threading.Event | None = None) -> int:
 
 
 def _serve(config: AgentConfig, stop: threading.Event) -> int:
-    pipeline = Pipeline(config)
+    pipeline = AgentService(config)
     try:
         endpoints = pipeline.start()
     except (ConfigError, ProtocolError, ManifestError, WeightsIntegrityError, ValueError) as error:

@@ -31,7 +31,7 @@ _SAFE_TO_QUOTE: Final = frozenset({"file", "out_folder"})
 STORE_TIMEOUT_S: Final = 30.0
 
 
-class DicomOutput:
+class DicomPublisher:
     """Not thread-safe: the dicom stage thread owns it."""
 
     def __init__(
@@ -43,7 +43,7 @@ class DicomOutput:
         on_stored: Callable[[str], None] | None = None,
     ) -> None:
         if config.folder is None:
-            raise ValueError("DicomOutput needs dicom.folder")
+            raise ValueError("DicomPublisher needs dicom.folder")
         self._config = config
         self._folder = config.folder
         self._publish = publish

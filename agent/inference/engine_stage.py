@@ -43,7 +43,7 @@ class _Volume:
     finalize: StreamControl | None = None
 
 
-class InferenceStage:
+class EngineStage:
     """Not thread-safe: the engine stage thread owns it (and the engine)."""
 
     def __init__(

@@ -166,7 +166,7 @@ class Watcher:
     def __init__(
         self,
         folder: Path,
-        sink: Callable[[ArrivedFile], None],
+        sink: Callable[[ArrivedFile], object],
         *,
         observer: str = ObserverKind.NATIVE,
         poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,

@@ -39,7 +39,7 @@ class VerdictReport:
     ended_by: EndedBy
 
 
-class VerdictStage:
+class ValidatorStage:
     """Not thread-safe: the validator stage thread owns it."""
 
     def __init__(

@@ -1,0 +1,215 @@
+"""The agent as one long-running service: start everything in a safe order, report health, stop cleanly.
+
+Start-up order is the reverse of the data flow (publisher first, watcher last), so nothing is produced before its
+consumer exists, and the engine is warmed up before the agent reports ready. CURVE keys are checked first of
+all: a refused key must stop the agent in milliseconds, not after the engine's warm-up. Stop is in data-flow
+order: the watcher stops first, each stage finishes the item in hand (the slab in flight completes and is
+published), then the publisher sends what is queued and closes its sockets. What the stages are and how they
+are joined is :func:`agent.pipeline.compose`; what they report goes to :class:`agent.ops.side_services.SideServices`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+from agent.ingest.watcher import Watcher
+from agent.ops import sd_notify
+from agent.ops.config import AgentConfig
+from agent.ops.journal import Journal
+from agent.ops.metrics import AgentMetrics, MetricsServer, serve
+from agent.ops.side_services import SideServices
+from agent.pipeline import Stages, compose
+from agent.publish.publisher import Publisher
+from agent.publish.security import publish_security
+from agent.publish.volume_archive import VolumeArchive
+from agent.records import Publication
+from agent.validation.protocols import SHIPPED_PROTOCOLS_DIR, SequenceProtocol, load_protocols
+from engines.backends.base import BackendOptions
+from engines.inference.engine import SctEngine
+from engines.model.manifest import ModelManifest, default_manifest
+
+logger = logging.getLogger(__name__)
+
+#: Seconds a stage gets to finish the item in hand when the agent stops (a CPU slab takes a few seconds).
+STOP_TIMEOUT_S = 60.0
+JOURNAL_FILE = "journal.sqlite"
+#: Folder under ``state.folder`` keeping the latest published volumes across restarts (agent.publish.volume_archive).
+SNAPSHOT_ARCHIVE = "snapshot"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoints:
+    publish: str
+    metrics_url: str | None
+    #: Where subscribers ask for snapshots (docs/protocol.md).
+    snapshot: str = ""
+    #: The publisher runs CURVE: subscribers need its public key and a key on the allow-list.
+    curve: bool = False
+
+
+class AgentService:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.metrics = AgentMetrics()
+        self._journal: Journal | None = None
+        self._metrics_server: MetricsServer | None = None
+        self._publisher: Publisher | None = None
+        self._engine: SctEngine | None = None
+        self._watcher: Watcher | None = None
+        self._stages: Stages | None = None
+        self._started = False
+        self._lock = threading.Lock()
+        self.protocols: tuple[SequenceProtocol, ...] = ()
+        self.manifest: ModelManifest | None = None
+
+    def start(self) -> Endpoints:
+        """Build and start every stage; returns once the engine is warm and the watcher scans."""
+        config = self.config
+        try:
+            curve = publish_security(config.publish)
+            self.metrics.set_curve(curve is not None)
+            config.state.folder.mkdir(parents=True, exist_ok=True)
+            self._journal = Journal(config.state.folder / JOURNAL_FILE)
+            self.protocols = load_protocols(
+                config.protocols.folder or SHIPPED_PROTOCOLS_DIR, config.protocols.active
+            )
+            self.manifest = (
+                ModelManifest.load(config.engine.model) if config.engine.model else default_manifest()
+            )
+            if config.metrics.enabled:
+                self._metrics_server = serve(self.metrics, config.metrics.host, config.metrics.port)
+            sd_notify.status("warming up the sCT engine")
+            engine = SctEngine.load(
+                self.manifest,
+                backend=config.engine.backend,
+                options=BackendOptions(
+                    threads=config.engine.threads or None, cache_dir=config.engine_cache_dir
+                ),
+                slab_depth=config.engine.slab_depth or None,
+            )
+            self._engine = engine
+            info = engine.info
+            self.metrics.set_engine_info(
+                model_id=info.model_id,
+                model_version=info.model_version,
+                backend=info.backend,
+                precision=info.precision,
+                device=info.device,
+            )
+            archive = VolumeArchive(config.state.folder / SNAPSHOT_ARCHIVE, config.publish.snapshot_volumes)
+            services = SideServices(self.metrics, self._journal, archive, self._submit)
+            self._publisher = Publisher(
+                config.publish.endpoint,
+                snapshot_endpoint=config.publish.snapshot,
+                snapshot_volumes=config.publish.snapshot_volumes,
+                curve=curve,
+                heartbeat_s=config.publish.heartbeat_s,
+                send_hwm=config.publish.send_hwm,
+                queue_depth=config.pipeline.queue_depth,
+                on_sent=services.sent,
+                on_subscribers=self.metrics.set_subscribers,
+                on_dropped=self.metrics.dropped,
+                on_rejected=self.metrics.subscriber_rejected,
+                on_snapshot=self.metrics.snapshot_served,
+            )
+            self._publisher.start()
+            services.republish_archive()
+            if config.dicom.folder is not None:
+                config.dicom.folder.mkdir(parents=True, exist_ok=True)
+            self._stages = compose(config, engine, self.manifest, self.protocols, self._submit, services)
+            for stage in self._stages.all:
+                self.metrics.watch_queue(stage.name, stage.inbox)
+                stage.start()
+            self._watcher = Watcher(
+                config.watch.folder,
+                self._stages.entry.put,
+                observer=config.watch.observer,
+                poll_interval_s=config.watch.poll_interval_s,
+                recursive=config.watch.recursive,
+                on_skipped=services.file_skipped,
+            )
+            self._watcher.start()
+        except BaseException:
+            self.stop()
+            raise
+        self._started = True
+        self.metrics.set_ready(True)
+        endpoints = self.endpoints
+        logger.info(
+            "ready: watching %s (%s), publishing on %s (snapshots %s, %s), DICOM %s, metrics %s, model %s on %s "
+            "%s, protocols %s",
+            config.watch.folder,
+            config.watch.observer,
+            endpoints.publish,
+            endpoints.snapshot,
+            "CURVE" if endpoints.curve else "plain",
+            config.dicom.folder or "off",
+            endpoints.metrics_url or "off",
+            self.manifest.label,
+            info.backend,
+            info.precision,
+            ", ".join(p.id for p in self.protocols),
+        )
+        return endpoints
+
+    def stop(self) -> None:
+        """Stop in data-flow order; safe to call twice and after a failed start."""
+        with self._lock:
+            self.metrics.set_ready(False)
+            if self._watcher is not None:
+                self._watcher.stop()
+                self._watcher = None
+            if self._stages is not None:
+                for stage in self._stages.all:
+                    stage.stop(STOP_TIMEOUT_S)
+                self._stages = None
+            if self._publisher is not None:
+                self._publisher.stop()
+                self._publisher = None
+            if self._engine is not None:
+                self._engine.close()
+                self._engine = None
+            if self._metrics_server is not None:
+                self._metrics_server.close()
+                self._metrics_server = None
+            if self._journal is not None:
+                self._journal.close()
+                self._journal = None
+            self._started = False
+
+    def __enter__(self) -> AgentService:
+        self.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    @property
+    def endpoints(self) -> Endpoints:
+        publisher = self._publisher
+        url = None
+        if self._metrics_server is not None:
+            url = f"http://{self._metrics_server.host}:{self._metrics_server.port}/metrics"
+        if publisher is None:
+            return Endpoints(publish="", metrics_url=url)
+        return Endpoints(
+            publish=publisher.endpoint,
+            metrics_url=url,
+            snapshot=publisher.snapshot_endpoint or "",
+            curve=publisher.secure,
+        )
+
+    def healthy(self) -> bool:
+        """Every stage thread is alive (the systemd watchdog is pinged only while this holds)."""
+        ok = self._started and self._stages is not None and all(stage.alive for stage in self._stages.all)
+        if ok:
+            self.metrics.heartbeat()
+        return ok
+
+    def _submit(self, item: Publication) -> None:
+        """Hand an item to the publisher; after a stop (a stage finishing its last item) it has nowhere to go."""
+        publisher = self._publisher
+        if publisher is not None:
+            publisher.submit(item)
