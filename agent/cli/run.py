@@ -8,7 +8,6 @@ pipeline fails at run time.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
@@ -20,6 +19,7 @@ from typing import Any
 
 from agent.ops import sd_notify
 from agent.ops.config import AgentConfig, ConfigError, describe_config, load_config
+from agent.ops.log_format import configure_logging
 from agent.service import AgentService
 from agent.validation.protocols import ProtocolError
 from engines.model.manifest import ManifestError, WeightsIntegrityError
@@ -29,36 +29,6 @@ logger = logging.getLogger("agent")
 EXIT_CONFIG = 78
 #: Health check period when systemd's watchdog is off (s); with it on, half its interval.
 HEALTH_PERIOD_S = 5.0
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line for log shippers; the message never holds patient identifiers (none of the
-    records passed between stages carries any)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "at": round(record.created, 3),
-            "level": record.levelname,
-            "logger": record.name,
-            "thread": record.threadName,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-def configure_logging(config: AgentConfig) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if config.logging.json:
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s")
-        )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(config.logging.level)
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
