@@ -15,13 +15,8 @@ import pytest
 
 from agent.records import AcquisitionView, Verdict
 from agent.validation.protocols import ATTRIBUTES, SHIPPED_PROTOCOLS_DIR, SequenceProtocol, load_protocol
-from agent.validation.rules import (
-    GRID_TOLERANCE_MM,
-    MAX_LISTED_POSITIONS,
-    SUPPORTED_ATTRIBUTES,
-    evaluate,
-    format_verdict,
-)
+from agent.validation.rules import SUPPORTED_ATTRIBUTES, evaluate, format_verdict
+from agent.validation.slice_grid_checks import GRID_TOLERANCE_MM, MAX_LISTED_POSITIONS
 from agent.vocabulary import EndedBy, Outcome
 from sct_core.geometry import Orientation, VolumeGeometry
 
