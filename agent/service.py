@@ -25,7 +25,8 @@ from agent.publish.publisher import Publisher
 from agent.publish.security import publish_security
 from agent.publish.volume_archive import VolumeArchive
 from agent.records import Publication
-from agent.validation.protocols import SHIPPED_PROTOCOLS_DIR, SequenceProtocol, load_protocols
+from agent.validation.protocol_files import SHIPPED_PROTOCOLS_DIR, load_protocols
+from agent.validation.protocols import SequenceProtocol
 from engines.backends.base import BackendOptions
 from engines.inference.engine import SctEngine
 from engines.model.manifest import ModelManifest, default_manifest

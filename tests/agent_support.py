@@ -26,7 +26,7 @@ from agent.ops.config import (
     StateConfig,
     WatchConfig,
 )
-from agent.validation.protocols import SHIPPED_PROTOCOLS_DIR
+from agent.validation.protocol_files import SHIPPED_PROTOCOLS_DIR
 from engines.model.manifest import DEFAULT_MODEL_DIR
 from engines.phantom.acquisition import SEED_PROTOCOL, Acquisition
 

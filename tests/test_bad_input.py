@@ -26,7 +26,7 @@ from real_dicom_support import SIEMENS_2D_MAGNITUDE, series_files
 from agent.ingest.assembler import Assembler
 from agent.ingest.header_reader import HeaderError, read_header
 from agent.records import AcquisitionUpdate, AcquisitionView, ArrivedFile
-from agent.validation.protocols import SHIPPED_PROTOCOLS_DIR, load_protocol
+from agent.validation.protocol_files import SHIPPED_PROTOCOLS_DIR, load_protocol
 from agent.validation.rules import evaluate
 from agent.vocabulary import ArrivalSource, FileOutcome, Outcome, UpdateKind
 

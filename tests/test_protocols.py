@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.validation.protocol_files import SHIPPED_PROTOCOLS_DIR, load_protocol, load_protocols
 from agent.validation.protocols import (
-    SHIPPED_PROTOCOLS_DIR,
     CountRule,
     NumberRule,
     OrientationRule,
@@ -16,8 +16,6 @@ from agent.validation.protocols import (
     TokenRule,
     VectorRule,
     format_number,
-    load_protocol,
-    load_protocols,
 )
 from engines.model.manifest import ModelManifest
 from engines.phantom.acquisition import SEED_PROTOCOL

@@ -34,7 +34,7 @@ from real_dicom_support import (
 from agent.cli import check
 from agent.ingest.assembler import Assembler
 from agent.records import AcquisitionUpdate, AcquisitionView, ArrivedFile
-from agent.validation.protocols import SHIPPED_PROTOCOLS_DIR, load_protocol, load_protocols
+from agent.validation.protocol_files import SHIPPED_PROTOCOLS_DIR, load_protocol, load_protocols
 from agent.validation.rules import evaluate
 from agent.vocabulary import ArrivalSource, FileOutcome, Outcome, UpdateKind
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from agent.records import AcquisitionView, Verdict
-from agent.validation.protocols import ATTRIBUTES, SHIPPED_PROTOCOLS_DIR, SequenceProtocol, load_protocol
+from agent.validation.protocol_files import SHIPPED_PROTOCOLS_DIR, load_protocol
+from agent.validation.protocols import ATTRIBUTES, SequenceProtocol
 from agent.validation.rules import SUPPORTED_ATTRIBUTES, evaluate, format_verdict
 from agent.validation.slice_grid_checks import GRID_TOLERANCE_MM, MAX_LISTED_POSITIONS
 from agent.vocabulary import EndedBy, Outcome

@@ -32,13 +32,8 @@ from agent.ingest.assembler import Assembler
 from agent.ingest.watcher import name_skip_reason
 from agent.records import AcquisitionUpdate, AcquisitionView, ArrivedFile, Verdict
 from agent.validation.inference_gate import InferenceDecision, decide
-from agent.validation.protocols import (
-    SHIPPED_PROTOCOLS_DIR,
-    ProtocolError,
-    SequenceProtocol,
-    load_protocol,
-    load_protocols,
-)
+from agent.validation.protocol_files import SHIPPED_PROTOCOLS_DIR, load_protocol, load_protocols
+from agent.validation.protocols import ProtocolError, SequenceProtocol
 from agent.validation.rules import evaluate, format_verdict
 from agent.vocabulary import ArrivalSource, FileOutcome, Outcome, UpdateKind
 from engines.model.manifest import ManifestError, default_manifest
