@@ -72,7 +72,8 @@ import numpy as np
 
 if TYPE_CHECKING:
     from agent.ingest.assembler import Assembler
-    from agent.ingest.header_reader import HeaderError, NotAnImageError
+    from agent.ingest.header_reader import NotAnImageError
+    from agent.ingest.header_values import HeaderError
     from agent.records import AcquisitionUpdate, ArrivedFile
     from agent.vocabulary import ArrivalSource
 
@@ -281,7 +282,8 @@ class Harness:
         # instrument_imports() so that its code (and pydicom's) reports coverage.
         import agent.ingest.assembler as assembler_module  # noqa: PLC0415
         from agent.ingest.assembler import Assembler  # noqa: PLC0415
-        from agent.ingest.header_reader import HeaderError, NotAnImageError, read_header  # noqa: PLC0415
+        from agent.ingest.header_reader import NotAnImageError, read_header  # noqa: PLC0415
+        from agent.ingest.header_values import HeaderError  # noqa: PLC0415
         from agent.records import ArrivedFile  # noqa: PLC0415
         from agent.vocabulary import ArrivalSource  # noqa: PLC0415
 

@@ -24,7 +24,8 @@ from pydicom.uid import ExplicitVRLittleEndian, MediaStorageDirectoryStorage, ge
 from real_dicom_support import SIEMENS_2D_MAGNITUDE, series_files
 
 from agent.ingest.assembler import Assembler
-from agent.ingest.header_reader import HeaderError, read_header
+from agent.ingest.header_reader import read_header
+from agent.ingest.header_values import HeaderError
 from agent.records import AcquisitionUpdate, AcquisitionView, ArrivedFile
 from agent.validation.protocol_files import SHIPPED_PROTOCOLS_DIR, load_protocol
 from agent.validation.rules import evaluate

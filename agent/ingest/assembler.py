@@ -28,12 +28,12 @@ from agent.ingest.acquisition_facts import LENGTH_DECIMALS, TIME_DECIMALS, Acqui
 from agent.ingest.grouping import acquisition_id_for
 from agent.ingest.header_reader import (
     FrameHeader,
-    HeaderError,
     NotAnImageError,
     ObjectHeader,
     ParsedFile,
     read_header,
 )
+from agent.ingest.header_values import HeaderError
 from agent.ingest.siemens_protocol import read_siemens_protocol
 from agent.ingest.vendor_conventions import image_flags
 from agent.records import AcquisitionUpdate, AcquisitionView, ArrivedFile, ImageRef

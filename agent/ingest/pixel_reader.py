@@ -14,7 +14,8 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 
-from agent.ingest.header_reader import HeaderError, pixel_dtype
+from agent.ingest.header_reader import pixel_dtype
+from agent.ingest.header_values import HeaderError
 
 
 def read_pixels(path: Path, frames: Sequence[int | None]) -> npt.NDArray[Any]:
