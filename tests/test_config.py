@@ -26,9 +26,8 @@ from agent.ops.config import (
     TomlSyntaxError,
     WatchConfig,
     backend_names,
-    describe_config,
-    load_config,
 )
+from agent.ops.config_loader import describe_config, load_config
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "systemd" / "agent.toml"
 SECTION_CLASSES = {f.name: get_type_hints(AgentConfig)[f.name] for f in dataclasses.fields(AgentConfig)}
@@ -241,7 +240,7 @@ def test_empty_list_from_the_environment(tmp_path: Path) -> None:
 
 
 def test_other_sct_agent_variables_are_left_alone(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="agent.ops.config"):
+    with caplog.at_level(logging.WARNING, logger="agent.ops.config_loader"):
         load_config(environ={"SCT_AGENT_CONFIG": "/etc/x.toml", "SCT_AGENT_PUBLSH_ENDPOINT": "tcp://h:1"})
     assert "SCT_AGENT_CONFIG" not in caplog.text
     assert "did you mean SCT_AGENT_PUBLISH_ENDPOINT" in caplog.text

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.ops.config import load_config
+from agent.ops.config_loader import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "systemd" / "sct-agent.service"

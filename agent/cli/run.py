@@ -18,7 +18,8 @@ from types import FrameType
 from typing import Any
 
 from agent.ops import sd_notify
-from agent.ops.config import AgentConfig, ConfigError, describe_config, load_config
+from agent.ops.config import AgentConfig, ConfigError
+from agent.ops.config_loader import describe_config, load_config
 from agent.ops.log_format import configure_logging
 from agent.service import AgentService
 from agent.validation.protocols import ProtocolError
