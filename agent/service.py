@@ -18,7 +18,8 @@ from agent.ingest.watcher import Watcher
 from agent.ops import sd_notify
 from agent.ops.config import AgentConfig
 from agent.ops.journal import Journal
-from agent.ops.metrics import AgentMetrics, MetricsServer, serve
+from agent.ops.metrics import AgentMetrics
+from agent.ops.metrics_server import MetricsServer, serve
 from agent.ops.side_services import SideServices
 from agent.pipeline import Stages, compose
 from agent.publish.publisher import Publisher

@@ -17,14 +17,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent import __version__
-from agent.ops.metrics import (
-    MAX_QUEUES,
-    REASON_CATEGORIES,
-    AgentMetrics,
-    MetricsServer,
-    MetricsServerError,
-    serve,
-)
+from agent.ops.metrics import MAX_QUEUES, REASON_CATEGORIES, AgentMetrics
+from agent.ops.metrics_server import MetricsServer, MetricsServerError, serve
 from agent.vocabulary import Outcome
 
 #: Sample name plus sorted label pairs -> value, as scraped.

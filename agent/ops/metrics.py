@@ -1,4 +1,4 @@
-"""Prometheus metrics for every stage, on a registry of the agent's own, and the server that exposes them.
+"""Prometheus metrics for every stage, on a registry of the agent's own (:mod:`agent.ops.metrics_server` serves it).
 
 Why the agent does not use prometheus_client's global ``REGISTRY``: a second ``AgentMetrics`` in the same process
 (a test, the benchmark running two agents) would collide on metric names. Each ``AgentMetrics`` therefore holds
@@ -19,26 +19,21 @@ reported it. A NaN or infinite duration is a programming error and raises ``Valu
 
 from __future__ import annotations
 
-import errno
 import math
-import socket
 import threading
 from collections.abc import Iterable
-from types import TracebackType
 from typing import Final, Protocol
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from agent import __version__
-from agent.vocabulary import Outcome
-from sct_core.errors import SctError
+from agent.vocabulary import FileOutcome, Outcome
 
 #: Prefix of every metric name, so the agent's series are easy to find among a node's others.
 NAMESPACE: Final = "sct_agent"
 
 #: What became of a file the watcher handed over.
-FILE_OUTCOMES: Final = ("accepted", "skipped", "bad", "duplicate")
+FILE_OUTCOMES: Final = tuple(outcome.value for outcome in FileOutcome)
 #: A verdict's outcome (``records.Outcome``).
 ACQUISITION_OUTCOMES: Final = tuple(outcome.value for outcome in Outcome)
 #: ``records.Reason.category``.
@@ -104,17 +99,6 @@ class QueueLike(Protocol):
     """Anything with a ``qsize()``: ``queue.Queue`` and friends."""
 
     def qsize(self) -> int: ...
-
-
-class MetricsServerError(SctError, OSError):
-    """The metrics endpoint could not be started (port taken, address not local, name not resolvable)."""
-
-    def __init__(self, code: int, message: str, *, address: str) -> None:
-        super().__init__(
-            message, attribute="metrics.host, metrics.port", found=address, expected="a free local address"
-        )
-        self.errno = code  # what an OSError caller looks at
-        self.strerror = message
 
 
 def _check_label(label: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -476,102 +460,3 @@ class AgentMetrics:
                 )
             self._queues.add(label)
         self._queue_depth.labels(queue=label).set_function(q.qsize)
-
-
-#: How long a scrape connection may stay silent before its handler gives up, so that ``close()`` (which joins the
-#: handler threads) cannot hang on a client that connects and sends nothing.
-REQUEST_TIMEOUT_S: Final = 10.0
-#: How long ``close()`` waits for the serving thread to end.
-_JOIN_TIMEOUT_S: Final = 5.0
-
-
-def _host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-class MetricsServer:
-    """``/metrics`` served over HTTP from a daemon thread; ``close()`` stops it and joins its threads."""
-
-    def __init__(self, httpd: WSGIServer, thread: threading.Thread, host: str) -> None:
-        self._httpd = httpd
-        self._thread = thread
-        self._host = host
-        self._port = int(httpd.server_address[1])
-        self._closed = False
-
-    @property
-    def host(self) -> str:
-        return self._host
-
-    @property
-    def port(self) -> int:
-        """The port actually bound (the one the system picked when asked for port 0)."""
-        return self._port
-
-    @property
-    def url(self) -> str:
-        return f"http://{_host_port(self._host, self._port)}/metrics"
-
-    def close(self) -> None:
-        """Stop serving, close the socket and join the serving thread and any request threads. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        self._httpd.shutdown()
-        self._thread.join(_JOIN_TIMEOUT_S)
-        # ThreadingMixIn.server_close joins the request threads (block_on_close), bounded by REQUEST_TIMEOUT_S.
-        self._httpd.server_close()
-
-    def __enter__(self) -> MetricsServer:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-
-def _handler_with_timeout(timeout_s: float) -> type[WSGIRequestHandler]:
-    """A quiet request handler that gives up on a client silent for ``timeout_s``, without a traceback."""
-
-    class TimedMetricsHandler(WSGIRequestHandler):
-        timeout = timeout_s
-
-        def handle(self) -> None:
-            try:
-                super().handle()
-            except TimeoutError:
-                self.close_connection = True  # a client that connected and sent nothing: drop it
-
-        def log_message(self, format: str, *args: object) -> None:
-            """Log nothing: one line per scrape would drown the agent's own log."""
-
-    return TimedMetricsHandler
-
-
-def serve(
-    metrics: AgentMetrics,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    *,
-    request_timeout_s: float = REQUEST_TIMEOUT_S,
-) -> MetricsServer:
-    """Serve ``metrics`` on ``host:port`` (port 0: any free port; read ``.port``).
-
-    Raises ``MetricsServerError`` (an ``OSError`` keeping the errno) naming ``host:port`` when the address cannot
-    be bound, e.g. because another process holds the port.
-    """
-    try:
-        httpd, thread = start_http_server(port, addr=host, registry=metrics.registry)
-    except OSError as exc:
-        code = exc.errno if exc.errno is not None else errno.EADDRNOTAVAIL
-        why = exc.strerror or str(exc)
-        if isinstance(exc, socket.gaierror):
-            why = f"cannot resolve host: {why}"
-        raise MetricsServerError(
-            code, f"cannot serve metrics on {_host_port(host, port)}: {why}", address=_host_port(host, port)
-        ) from exc
-    # start_http_server has no timeout option; the server reads its handler class per request, so swap it in.
-    httpd.RequestHandlerClass = _handler_with_timeout(request_timeout_s)
-    thread.name = f"metrics-server-{httpd.server_address[1]}"
-    return MetricsServer(httpd, thread, host)
