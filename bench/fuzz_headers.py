@@ -35,6 +35,9 @@ Usage (atheris is a bench tool, not a runtime dependency: ``.venv/bin/pip instal
 
     .venv/bin/python bench/fuzz_headers.py --seconds 600 [--out DIR] [--jobs N] [--timeout 10]
     .venv/bin/python bench/fuzz_headers.py --reproduce OUT/crashes/<id>/input-<sha>.bin   # replay one input
+
+One module on purpose: atheris re-executes this file in its worker processes, so the harness, the input
+decoder, the seed corpus builder and the replay tool travel together as one script.
 """
 
 from __future__ import annotations

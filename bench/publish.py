@@ -25,6 +25,9 @@ to last received, ``count - 1`` payloads). Publishers get a send HWM above ``cou
 all ``count`` slabs arrived: a drop is reported and makes the exit status 1. Cases are interleaved within each run
 and their order rotates from run to run, so the shared machine's noise falls on all alike. Ratios are taken within
 each run, then the median (and range) over runs is reported.
+
+One module on purpose: the benchmark spawns itself as the subscriber process, so both sides of every case and
+the comparison they feed are in the one script that is run.
 """
 
 from __future__ import annotations

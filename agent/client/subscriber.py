@@ -25,6 +25,9 @@ written into a full-volume array as they arrive; when the ``sct.volume`` message
 message byte for byte. A message is handed to the application once, whether it came live or in a snapshot.
 
 With ``snapshot_endpoint=None`` the client only subscribes: it records gaps but cannot heal them.
+
+One module on purpose: a robot vendor reads the reference client to implement their own, so the whole client
+side of the Clone pattern (subscribe, snapshot, gap detection, resync, reconnect, reassembly) is one file.
 """
 
 from __future__ import annotations

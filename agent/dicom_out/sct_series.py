@@ -17,6 +17,10 @@ A series is written into a hidden temporary folder inside ``out_folder``, every 
 fsynced, and only then is the folder renamed to its final name in one step, so that a reader (a DICOM sender,
 a PACS import folder, a person) never sees a half-written series. On any failure the temporary folder is
 removed and :class:`SctSeriesError` raised.
+
+One module on purpose: every attribute the CT series carries is set here, in IOD order, so one read shows an
+auditor (or dciodvfy's complaint) the whole object, and the atomic write beside it is what makes a partly
+written series impossible.
 """
 
 from __future__ import annotations

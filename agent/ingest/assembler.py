@@ -10,6 +10,9 @@ complete: the first image anchors it and the second distinct position tells the 
 reconstructor emits slices (every vendor we know emits a 3D slab in slice order from one end). If a later
 image falls outside the grid so placed, the anchor was wrong: the grid is withdrawn until the acquisition
 ends and then placed from the extreme positions, and the streamer restarts (see streamer).
+
+One module on purpose: grouping, grid placement and completion are one state machine per acquisition; each
+decision (a new echo, a grid placed again, the last image) changes what the others must do next.
 """
 
 from __future__ import annotations

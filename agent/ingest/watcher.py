@@ -21,6 +21,9 @@ Threads: watchdog's observer threads only call :meth:`Watcher._on_event`, which 
 dict under a lock and returns; one worker thread of ours stats files, checks stability and calls ``sink``
 and ``on_skipped``, never under a lock. ``sink`` may therefore block (a bounded queue: back-pressure)
 without stalling the observer, and pending work is bounded by the number of distinct paths, not events.
+
+One module on purpose: the native observer, the polling observer, the start-up scan and the stability checker
+must agree on one rule for when a file is complete and hand each file over exactly once; they share that state.
 """
 
 from __future__ import annotations

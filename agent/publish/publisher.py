@@ -22,6 +22,10 @@ With ``curve`` set both sockets are CURVE servers: traffic is encrypted and a ZA
 ``ThreadAuthenticator`` on this context) admits only the public keys in the allow-list folder. A peer that fails
 the handshake (no key, wrong key, not on the list) gets nothing; the monitors report it and ``on_rejected``
 counts it.
+
+One module on purpose: ZeroMQ sockets belong to the thread that made them, and this module is that thread's
+whole life (bind, CURVE and ZAP, monitors, the poller, sending, snapshots, closing); split, the question "which
+thread may touch this socket?" would need answering across files.
 """
 
 from __future__ import annotations

@@ -25,6 +25,9 @@ second socket: a subscriber sends ``snapshot.request``; the publisher answers wi
 
 Nothing here carries a patient name, ID or birth date: the records have none, and :func:`encode` refuses a
 status body that tries to smuggle one in.
+
+One module on purpose: the encoder and the decoder of every message sit side by side, so a field cannot be
+written one way and read another, and docs/protocol.md has a single module to be checked against.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ Painting order is the anatomy's priority: later solids overwrite earlier ones. S
 first (retroperitoneal fat, bowel, vessels, muscles, canal contents, ligaments, discs, joint cartilage), bones
 last; within a bone every cortical outline is painted before any marrow core so that overlapping parts of one
 vertebra merge into one marrow cavity inside one shell.
+
+One module on purpose: the painting order is the anatomy's priority, and it is only visible as one ordered list;
+splitting the solids across files would hide which structure overwrites which.
 """
 
 from __future__ import annotations
