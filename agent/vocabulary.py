@@ -145,8 +145,9 @@ class StatusKind(StrEnum):
 
     VERDICT = "verdict"
     PROGRESS = "progress"
-    COMPLETE = "complete"
     ERROR = "error"
+    #: Reserved on the wire (docs/protocol.md): subscribers accept them, the agent does not send them yet.
+    COMPLETE = "complete"
     SKIPPED = "skipped"
     #: An acquisition whose slabs were streamed was dropped (final verdict failed, grid placed again).
     CANCELLED = "cancelled"
