@@ -132,12 +132,10 @@ class StreamAction(StrEnum):
 class AcquisitionState(StrEnum):
     """Where an acquisition is in its life. ``FINISHED_STATES`` need nothing more after a restart."""
 
-    OPEN = "open"  # images still arriving, or verdict pending
     PASSED = "passed"  # final verdict passed; slabs may be in flight
     REJECTED = "rejected"
     INCOMPLETE = "incomplete"
     PUBLISHED = "published"  # every slab and the volume went out
-    FAILED = "failed"  # the engine or publisher gave up on it
 
 
 class StatusKind(StrEnum):

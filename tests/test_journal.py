@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from journal_queries import JournalQueries
 
 from agent.ops import metrics
 from agent.ops.journal import (
@@ -50,6 +51,13 @@ def journal(journal_path: Path) -> Iterator[Journal]:
         yield j
 
 
+@pytest.fixture
+def queries(journal: Journal) -> Iterator[JournalQueries]:
+    """What is in the journal's file, read through a read-only connection of its own."""
+    with JournalQueries(journal.path) as q:
+        yield q
+
+
 def test_new_journal_is_wal_with_normal_sync_busy_timeout_and_version(
     journal: Journal, journal_path: Path
 ) -> None:
@@ -65,15 +73,17 @@ def test_new_journal_is_wal_with_normal_sync_busy_timeout_and_version(
     assert stat.S_IMODE(journal_path.stat().st_mode) == JOURNAL_FILE_MODE
 
 
-def test_files_are_recorded_by_path_size_and_mtime(journal: Journal, tmp_path: Path) -> None:
+def test_files_are_recorded_by_path_size_and_mtime(
+    journal: Journal, queries: JournalQueries, tmp_path: Path
+) -> None:
     f = tmp_path / "export" / "IM_0001.dcm"
-    assert not journal.file_already_ingested(f, 1000, 5)
+    assert not queries.file_already_ingested(f, 1000, 5)
     journal.record_file(f, 1000, 5, "accepted", acquisition_id=ACQ, at=10.0)
     journal.record_file(tmp_path / "x.tmp", 3, 7, "skipped", "temporary name", at=11.0)
-    assert journal.file_already_ingested(f, 1000, 5)
-    assert not journal.file_already_ingested(f, 1001, 5)  # rewritten: another size
-    assert not journal.file_already_ingested(f, 1000, 6)  # rewritten: another mtime
-    record = journal.file_record(tmp_path / "x.tmp", 3, 7)
+    assert queries.file_already_ingested(f, 1000, 5)
+    assert not queries.file_already_ingested(f, 1001, 5)  # rewritten: another size
+    assert not queries.file_already_ingested(f, 1000, 6)  # rewritten: another mtime
+    record = queries.file_record(tmp_path / "x.tmp", 3, 7)
     assert record is not None
     assert (record.outcome, record.reason, record.acquisition_id, record.at) == (
         "skipped",
@@ -83,48 +93,51 @@ def test_files_are_recorded_by_path_size_and_mtime(journal: Journal, tmp_path: P
     )
     # Recording the same file again replaces its row rather than adding one.
     journal.record_file(f, 1000, 5, "duplicate", "SOPInstanceUID seen", acquisition_id=ACQ, at=12.0)
-    again = journal.file_record(f, 1000, 5)
+    again = queries.file_record(f, 1000, 5)
     assert again is not None and again.outcome == "duplicate"
-    assert journal.summary()["files.duplicate"] == 1
-    assert journal.summary()["files.accepted"] == 0
-    assert journal.files_of(ACQ) == ()
+    assert queries.summary()["files.duplicate"] == 1
+    assert queries.summary()["files.accepted"] == 0
+    assert queries.files_of(ACQ) == ()
     journal.record_file(f, 1000, 5, "accepted", acquisition_id=ACQ)
-    assert journal.files_of(ACQ) == (f,)
+    assert queries.files_of(ACQ) == (f,)
 
 
-def test_acquisition_updates_keep_fields_not_given(journal: Journal) -> None:
-    assert journal.acquisition_state(ACQ) is None
-    journal.record_acquisition(ACQ, "open", first_image_at=100.0, last_image_at=100.5, at=100.5)
+def test_acquisition_updates_keep_fields_not_given(journal: Journal, queries: JournalQueries) -> None:
+    assert queries.acquisition_state(ACQ) is None
+    journal.record_acquisition(ACQ, "passed", first_image_at=100.0, last_image_at=100.5, at=100.5)
+    assert queries.acquisition_state(ACQ) == "passed"
+    assert queries.unfinished_acquisitions() == {ACQ}
+    assert journal.finished_acquisitions() == set()
     journal.record_acquisition(
-        ACQ, AcquisitionState.PASSED, protocol_id="lumbar-dual-echo", last_image_at=104.0, at=105.0
+        ACQ, AcquisitionState.PUBLISHED, protocol_id="lumbar-dual-echo", last_image_at=104.0, at=105.0
     )
-    record = journal.acquisition(ACQ)
+    record = queries.acquisition(ACQ)
     assert record is not None
-    assert record.state is AcquisitionState.PASSED
+    assert record.state is AcquisitionState.PUBLISHED
     assert (record.protocol_id, record.first_image_at, record.last_image_at, record.updated_at) == (
         "lumbar-dual-echo",
         100.0,
         104.0,
         105.0,
     )
-    assert journal.acquisition_state(ACQ) == "passed"
-    assert journal.unfinished_acquisitions() == {ACQ}
-    assert journal.finished_acquisitions() == set()
-    for i, state in enumerate(["rejected", "incomplete", "published", "failed"]):
+    assert queries.acquisition_state(ACQ) == "published"
+    assert queries.unfinished_acquisitions() == set()
+    assert journal.finished_acquisitions() == {ACQ}
+    for i, state in enumerate(["rejected", "incomplete", "published"]):
         journal.record_acquisition(f"done{i}", state)
-    journal.record_acquisition("still-open", "open")
-    assert journal.finished_acquisitions() == {"done0", "done1", "done2", "done3"}
-    assert journal.unfinished_acquisitions() == {ACQ, "still-open"}
+    journal.record_acquisition("still-passed", "passed")
+    assert journal.finished_acquisitions() == {ACQ, "done0", "done1", "done2"}
+    assert queries.unfinished_acquisitions() == {"still-passed"}
 
 
-def test_verdicts_round_trip(journal: Journal) -> None:
+def test_verdicts_round_trip(journal: Journal, queries: JournalQueries) -> None:
     provisional = Verdict(ACQ, "lumbar-dual-echo", "3", Outcome.PASS, False, (), ("EchoTime2",), 20.0)
     reason = Reason("lumbar-dual-echo", "RepetitionTime", "25.0 ms", "[5.0, 12.0] ms", "timing")
     final = Verdict(ACQ, "lumbar-dual-echo", "3", Outcome.REJECT, True, (reason,), (), 21.5)
     journal.record_verdict(provisional)
     journal.record_verdict(final)
     journal.record_verdict(Verdict("other", "p", "1", Outcome.INCOMPLETE, True, (), (), 22.0))
-    assert journal.verdicts(ACQ) == (provisional, final)
+    assert queries.verdicts(ACQ) == (provisional, final)
     stored = raw_json_reasons(journal, final.decided_at)
     assert stored == [
         {
@@ -146,15 +159,15 @@ def raw_json_reasons(journal: Journal, at: float) -> object:
     return json.loads(text)
 
 
-def test_slabs_recorded_when_published(journal: Journal) -> None:
-    assert journal.published_slabs(ACQ) == {}
-    assert journal.last_seq() is None
+def test_slabs_recorded_when_published(journal: Journal, queries: JournalQueries) -> None:
+    assert queries.published_slabs(ACQ) == {}
+    assert queries.last_seq() is None
     assert journal.record_slab(ACQ, 0, start=0, size=32, sha256=sha("s0"), seq=7)
     assert journal.record_slab(ACQ, 1, 32, 32, sha("s1"), 8)
     journal.record_publication(ACQ, "slab", 7, sha("s0"), slab_index=0)
     journal.record_publication(ACQ, "slab", 8, sha("s1"), slab_index=1)
-    assert journal.published_slabs(ACQ) == {0: sha("s0"), 1: sha("s1")}
-    assert journal.published_slabs("other") == {}
+    assert queries.published_slabs(ACQ) == {0: sha("s0"), 1: sha("s1")}
+    assert queries.published_slabs("other") == {}
     # The same slab again, same content: accepted as already known.
     assert not journal.record_slab(ACQ, 1, 32, 32, sha("s1"), 12)
     # The same slab with other content: refused, and nothing changes.
@@ -162,42 +175,42 @@ def test_slabs_recorded_when_published(journal: Journal) -> None:
         journal.record_slab(ACQ, 1, 32, 32, sha("different"), 13)
     with pytest.raises(JournalConflictError, match=r"slab 1 of acquisition a{16} is recorded with sha256"):
         journal.record_publication(ACQ, "slab", 14, sha("different"), slab_index=1)
-    assert journal.published_slabs(ACQ)[1] == sha("s1")
-    assert journal.last_seq() == 8
+    assert queries.published_slabs(ACQ)[1] == sha("s1")
+    assert queries.last_seq() == 8
 
 
-def test_slabs_recorded_when_made_count_once_published(journal: Journal) -> None:
+def test_slabs_recorded_when_made_count_once_published(journal: Journal, queries: JournalQueries) -> None:
     # The engine records each slab as it is made; the publisher marks it when it goes out.
     assert journal.record_slab(ACQ, 0, 0, 16, sha("s0"))
     assert journal.record_slab(ACQ, 1, 16, 16, sha("s1"))
-    assert journal.published_slabs(ACQ) == {}
+    assert queries.published_slabs(ACQ) == {}
     journal.record_publication(ACQ, "slab", 3, sha("s0"), slab_index=0)
-    assert journal.published_slabs(ACQ) == {0: sha("s0")}
+    assert queries.published_slabs(ACQ) == {0: sha("s0")}
     # Made but never sent (the agent stopped): a restart may infer it again with other content.
     assert journal.record_slab(ACQ, 1, 16, 16, sha("s1 again"))
     assert not journal.record_slab(ACQ, 1, 16, 16, sha("s1 again"))
     # Without slab_index the hash finds the slab, but only when exactly one unpublished slab has it.
     journal.record_publication(ACQ, "slab", 4, sha("s1 again"))
-    assert journal.published_slabs(ACQ) == {0: sha("s0"), 1: sha("s1 again")}
+    assert queries.published_slabs(ACQ) == {0: sha("s0"), 1: sha("s1 again")}
     air = sha("all air")
     journal.record_slab(ACQ, 2, 32, 16, air)
     journal.record_slab(ACQ, 3, 48, 16, air)
     journal.record_publication(ACQ, "slab", 5, air)  # ambiguous: marks neither
-    assert 2 not in journal.published_slabs(ACQ) and 3 not in journal.published_slabs(ACQ)
+    assert 2 not in queries.published_slabs(ACQ) and 3 not in queries.published_slabs(ACQ)
     journal.record_publication(ACQ, "slab", 6, air, slab_index=3)
-    assert journal.published_slabs(ACQ)[3] == air and 2 not in journal.published_slabs(ACQ)
-    assert journal.summary()["slabs"] == 4
+    assert queries.published_slabs(ACQ)[3] == air and 2 not in queries.published_slabs(ACQ)
+    assert queries.summary()["slabs"] == 4
 
 
-def test_a_volume_is_published_with_one_content_only(journal: Journal) -> None:
-    assert journal.published_volume(ACQ) is None
+def test_a_volume_is_published_with_one_content_only(journal: Journal, queries: JournalQueries) -> None:
+    assert queries.published_volume(ACQ) is None
     journal.record_publication(ACQ, "volume", 9, sha("v"))
     journal.record_publication(ACQ, "volume", 10, sha("v"))  # republished, same content
     with pytest.raises(JournalConflictError, match="the volume of acquisition"):
         journal.record_publication(ACQ, "volume", 11, sha("v2"))
-    assert journal.published_volume(ACQ) == sha("v")
-    assert journal.last_seq() == 10
-    assert journal.summary()["publications"] == 2
+    assert queries.published_volume(ACQ) == sha("v")
+    assert queries.last_seq() == 10
+    assert queries.summary()["publications"] == 2
 
 
 @pytest.mark.parametrize(
@@ -209,8 +222,11 @@ def test_a_volume_is_published_with_one_content_only(journal: Journal) -> None:
         ),
         (
             lambda j: j.record_acquisition(ACQ, "done"),
-            r"acquisition state must be one of open, passed, rejected",
+            r"acquisition state must be one of passed, rejected, incomplete, published; got 'done'",
         ),
+        # States no release wrote (the journal has no use for them): refused like any other name.
+        (lambda j: j.record_acquisition(ACQ, "open"), r"acquisition state must be one of .*; got 'open'"),
+        (lambda j: j.record_acquisition(ACQ, "failed"), r"acquisition state must be one of .*; got 'failed'"),
         (
             lambda j: j.record_publication(ACQ, "frame", 1, sha("x")),
             r"publication kind must be one of slab, volume",
@@ -223,34 +239,39 @@ def test_a_volume_is_published_with_one_content_only(journal: Journal) -> None:
     ],
 )
 def test_bad_values_are_refused_and_nothing_is_written(
-    journal: Journal, call: Callable[[Journal], object], match: str
+    journal: Journal, queries: JournalQueries, call: Callable[[Journal], object], match: str
 ) -> None:
     with pytest.raises(ValueError, match=match):
         call(journal)
-    assert sum(journal.summary().values()) == 0
+    assert sum(queries.summary().values()) == 0
 
 
-def test_four_threads_write_concurrently(journal: Journal, tmp_path: Path) -> None:
+def test_four_threads_write_concurrently(journal: Journal, queries: JournalQueries, tmp_path: Path) -> None:
     threads_n, per_thread = 4, 60
     barrier = threading.Barrier(threads_n)
     errors: list[BaseException] = []
 
     def work(t: int) -> None:
         try:
-            barrier.wait()
-            acq = f"acq{t}"
-            journal.record_acquisition(acq, "open", first_image_at=float(t))
-            for i in range(per_thread):
-                journal.record_file(
-                    tmp_path / f"t{t}" / f"{i}.dcm", 100 + i, i, "accepted", acquisition_id=acq
-                )
-                assert journal.file_already_ingested(tmp_path / f"t{t}" / f"{i}.dcm", 100 + i, i)
-                if i % 10 == 0:
-                    journal.record_slab(acq, i // 10, i, 10, sha(f"{t}/{i}"))
-                    journal.record_publication(acq, "slab", t * 1000 + i, sha(f"{t}/{i}"), slab_index=i // 10)
-                    journal.summary()
-            journal.record_verdict(Verdict(acq, "p", "1", Outcome.PASS, True, (), (), 1.0))
-            journal.record_acquisition(acq, "published")
+            # Each thread also reads, through its own read-only connection, while the others write.
+            with JournalQueries(journal.path) as reader:
+                barrier.wait()
+                acq = f"acq{t}"
+                journal.record_acquisition(acq, "passed", first_image_at=float(t))
+                for i in range(per_thread):
+                    journal.record_file(
+                        tmp_path / f"t{t}" / f"{i}.dcm", 100 + i, i, "accepted", acquisition_id=acq
+                    )
+                    assert reader.file_already_ingested(tmp_path / f"t{t}" / f"{i}.dcm", 100 + i, i)
+                    if i % 10 == 0:
+                        journal.record_slab(acq, i // 10, i, 10, sha(f"{t}/{i}"))
+                        journal.record_publication(
+                            acq, "slab", t * 1000 + i, sha(f"{t}/{i}"), slab_index=i // 10
+                        )
+                        assert reader.published_slabs(acq)[i // 10] == sha(f"{t}/{i}")
+                        reader.summary()
+                journal.record_verdict(Verdict(acq, "p", "1", Outcome.PASS, True, (), (), 1.0))
+                journal.record_acquisition(acq, "published")
         except BaseException as exc:  # collected and re-raised in the main thread
             errors.append(exc)
 
@@ -260,12 +281,12 @@ def test_four_threads_write_concurrently(journal: Journal, tmp_path: Path) -> No
     for w in workers:
         w.join()
     assert errors == []
-    counts = journal.summary()
+    counts = queries.summary()
     assert counts["files.accepted"] == threads_n * per_thread
     assert counts["slabs"] == counts["publications"] == threads_n * per_thread // 10
     assert counts["verdicts"] == threads_n
     assert journal.finished_acquisitions() == {f"acq{t}" for t in range(threads_n)}
-    assert all(len(journal.published_slabs(f"acq{t}")) == per_thread // 10 for t in range(threads_n))
+    assert all(len(queries.published_slabs(f"acq{t}")) == per_thread // 10 for t in range(threads_n))
 
 
 def test_state_survives_close_and_reopen(journal_path: Path) -> None:
@@ -278,18 +299,21 @@ def test_state_survives_close_and_reopen(journal_path: Path) -> None:
         first.record_slab(ACQ, 0, 0, 16, sha("0"))
         first.record_publication(ACQ, "slab", 1, sha("0"), slab_index=0)
         first.record_slab(ACQ, 1, 16, 16, sha("1"))  # made, never sent
-        before = first.summary()
+        with JournalQueries(journal_path) as queries:
+            before = queries.summary()
     with pytest.raises(JournalError, match="is closed"):
-        first.summary()
-    with Journal(journal_path) as second:
-        assert second.file_already_ingested(Path("/export/IM_1"), 10, 20)
-        assert second.acquisition_state(ACQ) == "passed"
+        first.finished_acquisitions()
+    with pytest.raises(JournalError, match="is closed"):
+        first.record_acquisition("late", "rejected")
+    with Journal(journal_path) as second, JournalQueries(journal_path) as queries:
+        assert queries.file_already_ingested(Path("/export/IM_1"), 10, 20)
+        assert queries.acquisition_state(ACQ) == "passed"
         assert second.finished_acquisitions() == {"gone"}
-        assert second.unfinished_acquisitions() == {ACQ}
-        assert second.published_slabs(ACQ) == {0: sha("0")}
-        assert second.last_seq() == 1
-        assert [v.outcome for v in second.verdicts(ACQ)] == [Outcome.PASS]
-        assert second.summary() == before
+        assert queries.unfinished_acquisitions() == {ACQ}
+        assert queries.published_slabs(ACQ) == {0: sha("0")}
+        assert queries.last_seq() == 1
+        assert [v.outcome for v in queries.verdicts(ACQ)] == [Outcome.PASS]
+        assert queries.summary() == before
 
 
 def test_a_newer_schema_is_refused(journal_path: Path) -> None:

@@ -2,8 +2,9 @@
 
 DESIGN.md §6: after a crash or restart nothing is lost and nothing is published twice with different content. The
 journal records each file, acquisition, verdict, slab and publication as it happens, one transaction per call, and
-answers the questions the agent asks when it starts again: was this file already handled, how far did this
-acquisition get, which slabs went out and with what content, which acquisitions are finished.
+answers the question the agent asks when it starts again: which acquisitions are finished. The rest of what it holds
+(which files were handled and how, which slabs went out with what content) is for the record, read by an operator's
+``sqlite3`` shell; the journal itself refuses a slab or volume published again with other content.
 
 Why SQLite in WAL mode with ``synchronous=NORMAL``: a committed transaction survives a process crash (the WAL is
 written before the commit returns) and only the last transactions can be lost on a power cut, never the file's
@@ -35,12 +36,11 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 
-from agent.records import Reason, Verdict
+from agent.records import Verdict
 from agent.vocabulary import AcquisitionState, Outcome
 from sct_core.errors import SctError
 
@@ -66,7 +66,6 @@ FINISHED_STATES: Final = frozenset(
         AcquisitionState.REJECTED,
         AcquisitionState.INCOMPLETE,
         AcquisitionState.PUBLISHED,
-        AcquisitionState.FAILED,
     }
 )
 
@@ -100,31 +99,6 @@ class JournalSchemaError(JournalError):
 
 class JournalConflictError(JournalError):
     """A record would contradict what the journal says was already published (same slab, other content)."""
-
-
-@dataclass(frozen=True, slots=True)
-class FileRecord:
-    """What the journal knows about one file, identified by path, size and mtime."""
-
-    path: Path
-    size: int
-    mtime_ns: int
-    outcome: str
-    reason: str
-    acquisition_id: str | None
-    at: float
-
-
-@dataclass(frozen=True, slots=True)
-class AcquisitionRecord:
-    """What the journal knows about one acquisition."""
-
-    acquisition_id: str
-    state: AcquisitionState
-    protocol_id: str | None
-    first_image_at: float | None
-    last_image_at: float | None
-    updated_at: float
 
 
 # One list of statements per schema version; version N's list builds the whole schema from nothing.
@@ -552,126 +526,14 @@ class Journal:
 
     # ------------------------------------------------------------------------------------------- queries
 
-    def file_record(self, path: Path, size: int, mtime_ns: int) -> FileRecord | None:
-        """What was recorded for this exact file (same path, size and mtime), if anything."""
-        rows = self._read(
-            "SELECT outcome, reason, acquisition_id, at FROM files WHERE path = ? AND size = ? AND mtime_ns = ?",
-            (str(path), size, mtime_ns),
-        )
-        if not rows:
-            return None
-        outcome, reason, acquisition_id, at = rows[0]
-        return FileRecord(Path(path), size, mtime_ns, outcome, reason, acquisition_id, at)
-
-    def file_already_ingested(self, path: Path, size: int, mtime_ns: int) -> bool:
-        """True if this exact file was recorded with any outcome. A rewritten file (new size or mtime) is new."""
-        return self.file_record(path, size, mtime_ns) is not None
-
-    def files_of(self, acquisition_id: str) -> tuple[Path, ...]:
-        """The accepted files of an acquisition, by path: what to read again to resume it after a restart."""
-        rows = self._read(
-            "SELECT path FROM files WHERE acquisition_id = ? AND outcome = 'accepted' ORDER BY path",
-            (acquisition_id,),
-        )
-        return tuple(Path(row[0]) for row in rows)
-
-    def acquisition(self, acquisition_id: str) -> AcquisitionRecord | None:
-        rows = self._read(
-            """SELECT state, protocol_id, first_image_at, last_image_at, updated_at
-            FROM acquisitions WHERE acquisition_id = ?""",
-            (acquisition_id,),
-        )
-        if not rows:
-            return None
-        state, protocol_id, first_at, last_at, updated_at = rows[0]
-        return AcquisitionRecord(
-            acquisition_id, AcquisitionState(state), protocol_id, first_at, last_at, updated_at
-        )
-
-    def acquisition_state(self, acquisition_id: str) -> AcquisitionState | None:
-        """The acquisition's state (a ``str``), or ``None`` if the journal has never seen it."""
-        record = self.acquisition(acquisition_id)
-        return None if record is None else record.state
-
     def finished_acquisitions(self) -> set[str]:
-        """Acquisitions in a finished state (rejected, incomplete, published, failed): nothing left to do."""
-        return self._ids_in_states(FINISHED_STATES)
-
-    def unfinished_acquisitions(self) -> set[str]:
-        """Acquisitions a restart interrupted (open or passed): to resume or restart."""
-        return self._ids_in_states(frozenset(AcquisitionState) - FINISHED_STATES)
-
-    def _ids_in_states(self, states: frozenset[AcquisitionState]) -> set[str]:
-        marks = ", ".join("?" * len(states))
+        """Acquisitions in a finished state (rejected, incomplete, published): nothing left to do."""
+        marks = ", ".join("?" * len(FINISHED_STATES))
         rows = self._read(
             f"SELECT acquisition_id FROM acquisitions WHERE state IN ({marks})",
-            tuple(s.value for s in states),
+            tuple(s.value for s in FINISHED_STATES),
         )
         return {row[0] for row in rows}
-
-    def verdicts(self, acquisition_id: str) -> tuple[Verdict, ...]:
-        """Every verdict recorded for an acquisition, oldest first, as ``Verdict`` records."""
-        rows = self._read(
-            """SELECT protocol_id, protocol_version, outcome, final, reasons, pending, at
-            FROM verdicts WHERE acquisition_id = ? ORDER BY id""",
-            (acquisition_id,),
-        )
-        return tuple(
-            Verdict(
-                acquisition_id=acquisition_id,
-                protocol_id=protocol_id,
-                protocol_version=protocol_version,
-                outcome=Outcome(outcome),
-                final=bool(final),
-                reasons=tuple(Reason(**r) for r in json.loads(reasons)),
-                pending=tuple(json.loads(pending)),
-                decided_at=at,
-            )
-            for protocol_id, protocol_version, outcome, final, reasons, pending, at in rows
-        )
-
-    def published_slabs(self, acquisition_id: str) -> dict[int, str]:
-        """Slab index -> sha256 of every slab of the acquisition already published (made but unsent: left out)."""
-        rows = self._read(
-            "SELECT slab_index, sha256 FROM slabs WHERE acquisition_id = ? AND seq IS NOT NULL",
-            (acquisition_id,),
-        )
-        return {int(index): sha for index, sha in rows}
-
-    def published_volume(self, acquisition_id: str) -> str | None:
-        """The sha256 of the acquisition's published volume, or ``None`` if none went out."""
-        rows = self._read(
-            "SELECT sha256 FROM publications WHERE acquisition_id = ? AND kind = 'volume' ORDER BY id LIMIT 1",
-            (acquisition_id,),
-        )
-        return rows[0][0] if rows else None
-
-    def last_seq(self) -> int | None:
-        """The highest sequence number published, so a restarted publisher can carry on above it."""
-        rows = self._read("SELECT MAX(seq) FROM publications")
-        return None if rows[0][0] is None else int(rows[0][0])
-
-    def summary(self) -> dict[str, int]:
-        """Counts for a start-up log line: ``files.<outcome>``, ``acquisitions.<state>``, and row totals."""
-        counts: dict[str, int] = {f"files.{o}": 0 for o in FILE_OUTCOMES}
-        counts.update({f"acquisitions.{s.value}": 0 for s in AcquisitionState})
-        with self._lock:
-            self._ensure_open()
-            conn = self._conn
-            try:
-                conn.execute("BEGIN")  # one snapshot for all the counts
-                try:
-                    for outcome, n in conn.execute("SELECT outcome, COUNT(*) FROM files GROUP BY outcome"):
-                        counts[f"files.{outcome}"] = n
-                    for state, n in conn.execute("SELECT state, COUNT(*) FROM acquisitions GROUP BY state"):
-                        counts[f"acquisitions.{state}"] = n
-                    for table in ("verdicts", "slabs", "publications"):
-                        counts[table] = conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
-                finally:
-                    conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise JournalError(self._path, f"read failed: {exc}") from exc
-        return counts
 
     # ------------------------------------------------------------------------------------------ lifetime
 

@@ -481,12 +481,6 @@ def _discs(b: _Builder) -> None:
             )
 
 
-@dataclass(frozen=True, slots=True)
-class _Posterior:
-    pedicle_end: dict[float, F64]
-    lamina_mid: F64
-
-
 def _facets_and_bones(b: _Builder) -> None:
     """Articular processes are placed pairwise so that each facet joint has a real joint space."""
     s = b.scale

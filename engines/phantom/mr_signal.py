@@ -8,7 +8,6 @@ fat along the readout, zero-filled partial k-space sampling and complex Gaussian
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -121,11 +120,3 @@ def truncate_kspace(volume: C64, fractions: tuple[float, float, float]) -> C64:
         index[axis] = mask
         k[tuple(index)] = 0
     return np.asarray(scipy.fft.ifftn(k, axes=axes, workers=2), dtype=np.complex64)
-
-
-@dataclass(frozen=True, slots=True)
-class EchoWeights:
-    """Per-tissue complex signal weights of one echo (and their B1 derivatives), for the weighted tissue sum."""
-
-    water: F64  # (tissues, 3): f0, f1, f2 terms
-    fat: npt.NDArray[np.complex128]  # (tissues, 3)

@@ -72,8 +72,6 @@ HU_FAT = -100.0
 HU_SOFT_TISSUE = 40.0
 #: HU of mineralised bone tissue (trabecular mixing rule, physics.md §3.3: calibrated with BV/TV 0.10-0.20).
 HU_BONE_TISSUE = 1800.0
-#: Cortical bone: dense (BV/TV ~0.9) bone with ~20 % water by volume and no signal at TE >= 2 ms.
-CORTICAL_BVTV = 0.9
 
 _NONE = {1.5: 1.0, 3.0: 1.0}
 
@@ -113,6 +111,7 @@ TISSUE_TABLE: dict[Tissue, TissueProperties] = {
     Tissue.FACET_CARTILAGE: TissueProperties(
         0.70, 0.0, {1.5: 1000.0, 3.0: 1200.0}, {1.5: 15.0, 3.0: 10.0}, 70.0
     ),
+    # Cortical bone: dense (BV/TV ~0.9) bone with ~20 % water by volume and no signal at TE >= 2 ms.
     Tissue.CORTICAL_BONE: TissueProperties(0.20, 0.0, {1.5: 200.0, 3.0: 302.0}, {1.5: 0.8, 3.0: 0.5}, 1850.0),
     # Marrow: water pool values; PD, FF and HU are replaced per voxel from BV/TV and marrow fat fraction.
     Tissue.MARROW_BODY: TissueProperties(

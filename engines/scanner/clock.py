@@ -69,11 +69,6 @@ class AcquisitionTimeline:
         """When the ``emission_index``-th image (0-based) left the reconstructor (its ContentTime)."""
         return self.reconstruction_start + timedelta(seconds=emission_index * RECONSTRUCTION_INTERVAL_S)
 
-    @property
-    def acquisition_end(self) -> datetime:
-        """End of the last readout."""
-        return self.acquisition_start + timedelta(seconds=self.acquisition_duration_s)
-
 
 def scan_duration_s(acquisition: Acquisition) -> float:
     """TR × in-plane phase-encoding lines × partitions × averages: the duration of a Cartesian 3D GRE scan."""
