@@ -162,7 +162,6 @@ class AcquisitionUpdate:
     new_images: tuple[ImageRef, ...]
     #: Echo times (ms) whose first image is among ``new_images``: each triggers a provisional verdict.
     first_of_echo: tuple[float, ...]
-    emitted_at: float
 
 
 # ------------------------------------------------------------------------------------------------- validator

@@ -505,7 +505,6 @@ class Assembler:
             view=view,
             new_images=tuple(acquisition.new_images),
             first_of_echo=tuple(acquisition.first_of_echo),
-            emitted_at=time.time(),
         )
         acquisition.new_images.clear()
         acquisition.first_of_echo.clear()

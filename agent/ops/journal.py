@@ -24,6 +24,9 @@ patient, so the journal is as sensitive as the export folder itself and is creat
 
 A file at the path that is not a journal (not SQLite, corrupt, another program's database, or written by a newer
 agent) is refused with an error naming the path; it is never deleted or rewritten.
+
+One module on purpose: the schema, its migration and every statement that writes it share one connection and
+one lock; a write's SQL sits next to the table it writes and the transaction that guards it.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from types import TracebackType
 from typing import Any, Final
 
 from agent.records import Verdict
-from agent.vocabulary import AcquisitionState, Outcome
+from agent.vocabulary import AcquisitionState, FileOutcome, Outcome
 from sct_core.errors import SctError
 
 logger = logging.getLogger(__name__)
@@ -54,7 +57,7 @@ BUSY_TIMEOUT_S: Final = 5.0
 JOURNAL_FILE_MODE: Final = 0o600
 
 #: What became of a file the watcher handed over (the same set as the metrics' ``outcome`` label).
-FILE_OUTCOMES: Final = ("accepted", "skipped", "bad", "duplicate")
+FILE_OUTCOMES: Final = tuple(outcome.value for outcome in FileOutcome)
 #: What a publication carries.
 PUBLICATION_KINDS: Final = ("slab", "volume")
 _SHA256_HEX_LENGTH: Final = 64

@@ -201,10 +201,6 @@ class Publisher:
         return self._rejected
 
     @property
-    def snapshots_served(self) -> int:
-        return self._snapshots.served
-
-    @property
     def store(self) -> SnapshotStore:
         """The snapshot state (read it only while the publisher is stopped, or for rough monitoring)."""
         return self._store

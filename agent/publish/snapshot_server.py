@@ -67,8 +67,6 @@ class SnapshotServer:
         self._on_served = on_served
         self._on_refused = on_refused
         self._sessions: OrderedDict[bytes, _Session] = OrderedDict()
-        self.served = 0
-        self.refused = 0
 
     @property
     def busy(self) -> bool:
@@ -110,7 +108,6 @@ class SnapshotServer:
                 del self._sessions[identity]
                 if session.refusal:
                     continue
-                self.served += 1
                 if self._on_served is not None:
                     self._on_served(session.items, session.nbytes)
             elif outcome == "gone":
@@ -135,7 +132,6 @@ class SnapshotServer:
         return "done"
 
     def _refuse(self, identity: bytes, current_seq: int, error: str, label: str) -> None:
-        self.refused += 1
         logger.warning("snapshot request refused: %s", error)
         if self._on_refused is not None:
             self._on_refused(label)

@@ -223,7 +223,6 @@ class VolumeMessage(_DataMessage):
 
 
 Message = StatusMessage | SlabMessage | VolumeMessage | HeartbeatMessage
-SnapshotMessage = SnapshotRequest | SnapshotEnd | SnapshotError
 
 
 # ------------------------------------------------------------------------------------------------ encoding
