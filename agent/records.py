@@ -1,9 +1,9 @@
 """The records the agent's stages hand each other.
 
-Stages run in threads joined by bounded queues (DESIGN.md §1); what crosses a queue is one of these frozen
-dataclasses, so no stage can change what another stage is looking at. Each record carries only what the next
-stage needs, and none of them carries a patient name, ID or birth date: ``acquisition_id`` is an opaque digest of
-the study, series and SOP class UIDs, safe for logs, metrics and the wire.
+Stages run in threads joined by bounded queues (docs/architecture.md); what crosses a queue is one of these
+frozen dataclasses, so no stage can change what another stage is looking at. Each record carries only what the
+next stage needs, and none of them carries a patient name, ID or birth date: ``acquisition_id`` is an opaque
+digest of the study, series and SOP class UIDs, safe for logs, metrics and the wire.
 
 Times named ``*_at`` are wall-clock seconds (``time.time()``) so that they can be compared across processes on
 one machine (the simulator, the agent and a subscriber in the benchmark); durations are measured with

@@ -1,10 +1,10 @@
 """One pipeline stage: a thread that takes items from its own bounded inbox and hands them to a handler.
 
-Bounded inboxes are the back-pressure DESIGN.md §1 asks for: a slow engine fills the streamer's outbox, the
-streamer then blocks, and so on up to the watcher, instead of memory growing with the backlog. Items already
-waiting in an inbox are handled in one batch, so a burst (the start-up scan of a full folder) costs one
-update per acquisition rather than one per file. A handler's exception is logged and counted; it never ends
-the stage, because one bad series must not stop the agent for the next patient.
+Bounded inboxes are the pipeline's back-pressure (docs/architecture.md): a slow engine fills the streamer's
+outbox, the streamer then blocks, and so on up to the watcher, instead of memory growing with the backlog.
+Items already waiting in an inbox are handled in one batch, so a burst (the start-up scan of a full folder)
+costs one update per acquisition rather than one per file. A handler's exception is logged and counted; it
+never ends the stage, because one bad series must not stop the agent for the next patient.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Usage: .venv/bin/python bench/e2e.py [--runs 3] [--rate 40] [--backend auto] [--
 
 The agent runs as its own process (``sct-agent run``, as systemd starts it); this script plays the scanner
 (exports the same simulated series ``--runs`` times, each as a new acquisition) and a robot (a subscriber), and
-reports medians of (DESIGN.md §7 targets in brackets):
+reports medians of (targets in brackets, from docs/architecture.md, Target figures):
 
 - last file written -> completion detected (the final verdict's decision time)            [<= 0.1 s]
 - first file written -> first verdict received by the subscriber                            [<= 0.5 s]

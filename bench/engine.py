@@ -5,9 +5,10 @@ Usage: .venv/bin/python bench/engine.py [--runs 3] [--threads 2] [--configs torc
 Each backend configuration runs in its own process (so peak RSS is its own, and compile caches do not leak
 between configurations) on the same held-out phantom, with the shipped model. Reported per configuration:
 warm-up (load + compile + first window), median seconds per slab and per volume over ``--runs`` volumes,
-peak RSS, and the agreement of its HU volume with fp32 eager (mean and max |ΔHU|). Targets (DESIGN.md):
-the default backend infers a lumbar volume in <= 5 s on 2 cores and is no slower than the faster of eager
-PyTorch and ONNX Runtime. Compare configurations as ratios within one run; the machine is shared and noisy.
+peak RSS, and the agreement of its HU volume with fp32 eager (mean and max |ΔHU|). Targets: the default
+backend is no slower than the faster of eager PyTorch and ONNX Runtime (docs/architecture.md, Target figures)
+and infers a lumbar volume in <= 5 s on 2 cores (docs/model.md, Benchmark). Compare configurations as ratios
+within one run; the machine is shared and noisy.
 """
 
 from __future__ import annotations

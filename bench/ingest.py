@@ -1,10 +1,11 @@
 """Ingest speed of the agent's header reader and grouping on real vendor exports and on a simulated series.
 
-DESIGN.md §7 asks the assembler to keep up with the scanner: at least 0.9x the files per second of a bare
-header-only ``pydicom.dcmread``. The vendor conventions (private tags, per-image kinds, CSA counts) add work
-per file, so this measures the ratio on what the agent really meets: every real series of ``../shared/dicom``
-with at least MIN_FILES files, and the simulated full lumbar series ``bench/e2e.py`` uses. Both rates are
-medians over ``--repeats`` passes in one process, compared as a ratio (the machine is shared and noisy).
+The assembler must keep up with the scanner (docs/architecture.md, Target figures): at least 0.9x the files
+per second of a bare header-only ``pydicom.dcmread``. The vendor conventions (private tags, per-image kinds,
+CSA counts) add work per file, so this measures the ratio on what the agent really meets: every real series of
+``../shared/dicom`` with at least MIN_FILES files, and the simulated full lumbar series ``bench/e2e.py`` uses.
+Both rates are medians over ``--repeats`` passes in one process, compared as a ratio (the machine is shared
+and noisy).
 
     .venv/bin/python bench/ingest.py [--repeats 5] [--json FILE]
 """

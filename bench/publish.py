@@ -2,10 +2,11 @@
 
 Usage: .venv/bin/python bench/publish.py [--runs 5] [--count 100] [--quick] [--json FILE]
 
-DESIGN.md §7 asks for slab bytes per second over loopback >= 0.8 x bare pyzmq PUB/SUB with the same frames. Every
-run sends ``--count`` slabs of ``--slices`` x 338 x 338 int16 HU (the model's slab depth, 56 slices = 12.8 MB, on
-the lumbar grid) in each of these cases, over tcp://127.0.0.1, to a subscriber in another process (spawned once,
-so the two sides never share a GIL; as in reference/environment.md §3b):
+The target (docs/architecture.md, Target figures) is slab bytes per second over loopback >= 0.8 x bare pyzmq
+PUB/SUB with the same frames. Every run sends ``--count`` slabs of ``--slices`` x 338 x 338 int16 HU (the
+model's slab depth, 56 slices = 12.8 MB, on the lumbar grid) in each of these cases, over tcp://127.0.0.1, to
+a subscriber in another process (spawned once, so the two sides never share a GIL; as in the pyzmq baseline
+of bench/README.md):
 
 - ``bare``          a bare pyzmq PUB (SNDHWM 0) sends the agent's three frames (topic, JSON header, payload) for
                     one slab, encoded once, ``send_multipart(copy=False)``, to a raw SUB (RCVHWM 0);
@@ -18,7 +19,7 @@ so the two sides never share a GIL; as in reference/environment.md §3b):
                     end to end as a robot sees it;
 - ``client-curve``  the CURVE ``Publisher`` to a CURVE ``SctClient``.
 
-The raw SUB wraps each payload with ``np.frombuffer(frame.buffer)`` and touches nothing else (as in §3b).
+The raw SUB wraps each payload with ``np.frombuffer(frame.buffer)`` and touches nothing else (as there).
 Throughput is ``count`` payloads' bytes over the time from the first send (or submit) in this process to the last
 slab received in the subscriber (both on CLOCK_MONOTONIC); the JSON also keeps the subscriber-only window (first
 to last received, ``count - 1`` payloads). Publishers get a send HWM above ``count``, and every case checks that
@@ -486,7 +487,9 @@ def main() -> int:
     headline = summary["ratios"].get(RATIOS[0][0], {}).get("median")
     if headline is not None:
         verdict = "meets" if headline >= TARGET_RATIO else "is below"
-        print(f"agent / bare = {headline:.2f}: {verdict} the DESIGN.md target (>= {TARGET_RATIO})")
+        print(
+            f"agent / bare = {headline:.2f}: {verdict} the target (>= {TARGET_RATIO}; docs/architecture.md)"
+        )
     for problem in problems:
         print(f"PROBLEM: {problem}")
     if args.json:

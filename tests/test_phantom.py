@@ -63,7 +63,8 @@ def test_different_seeds_give_different_subjects() -> None:
     assert not np.array_equal(a.labels, b.labels)
 
 
-# Six-peak fat model written out again here (physics.md §3.2), independently of the phantom's own table.
+# Six-peak fat model written out again here (docs/phantom.md, Physics reference), independently of the
+# phantom's own table.
 _PPM = np.array([-3.80, -3.40, -2.60, -1.94, -0.39, 0.60])
 _AMP = np.array([0.087, 0.693, 0.128, 0.004, 0.039, 0.048])
 
@@ -71,7 +72,7 @@ _AMP = np.array([0.087, 0.693, 0.128, 0.004, 0.039, 0.048])
 def _expected_magnitude(
     pd: float, ff: float, t1w: float, t2sw: float, te_ms: float, acq: Acquisition
 ) -> float:
-    """The spoiled-GRE signal equation (physics.md §3.1) for one tissue, B1 and bias taken as 1."""
+    """The spoiled-GRE signal equation (docs/phantom.md, Physics reference) for one tissue, B1 and bias 1."""
     alpha = math.radians(acq.flip_angle_deg)
 
     def ernst(t1: float) -> float:
@@ -134,7 +135,7 @@ def test_fat_to_water_signal_ratio_matches_the_equation_at_each_echo(noiseless_c
 
 
 def test_fat_phasor_matches_the_reference_table() -> None:
-    """physics.md §3.2: |c| and angle of the 6-peak fat phasor at the brief's echo times."""
+    """|c| and angle of the 6-peak fat phasor at the seed protocol's echo times (docs/phantom.md table)."""
     for field, te, magnitude, angle in (
         (1.5, 2.1, 0.80, -159),
         (1.5, 4.2, 0.85, 36),
@@ -154,7 +155,7 @@ def test_marrow_is_darker_at_the_near_opposed_phase_echo(noiseless_case: Phantom
 
 @pytest.mark.parametrize(
     ("tissue", "low", "high"),
-    [  # physics.md §3.3 ranges
+    [  # reference ranges, docs/phantom.md (Physics reference)
         (Tissue.VISCERAL_FAT, -120, -50),
         (Tissue.INTERMUSCULAR_FAT, -120, -50),
         (Tissue.MUSCLE, 10, 55),
@@ -177,7 +178,7 @@ def test_cortical_bone_is_dense_and_thin_shells_show_partial_volume(noisy_case: 
     assert ct[labels == Tissue.CORTICAL_BONE].max() > 1200
     shell = (labels == Tissue.CORTICAL_BONE) & ndimage.binary_dilation(labels == Tissue.MARROW_BODY)
     partial = np.mean((ct[shell] > 300) & (ct[shell] < 1000))
-    assert partial > 0.3  # thin vertebral shells read 300-1000 HU (physics.md §3.3)
+    assert partial > 0.3  # thin vertebral shells read 300-1000 HU (partial volume)
     assert ct.min() >= -1024 and ct.max() <= 3071
 
 

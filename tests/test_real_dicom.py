@@ -1,10 +1,10 @@
-"""Every real scanner series in ../shared/dicom (CATALOG.md), through the agent's own reader, grouping and
-validator: the normalised view each must give, and the verdict each must get.
+"""Every real scanner series in ../shared/dicom (listed in docs/vendors.md), through the agent's own reader,
+grouping and validator: the normalised view each must give, and the verdict each must get.
 
-The reference table below is written from the catalog (what each series is) and from the files' headers; it
-is the specification these tests hold the agent to. A series that is rejected must be rejected for the
-structural reason the catalog gives (2D, spin echo, single echo, not spoiled, IR-prepared, derived, phase only,
-incomplete), not merely for timing values a protocol happens not to match.
+The reference table below is written from what each series is (docs/vendors.md, The real-DICOM test corpus)
+and from the files' headers; it is the specification these tests hold the agent to. A series that is rejected
+must be rejected for the structural reason given there (2D, spin echo, single echo, not spoiled, IR-prepared,
+derived, phase only, incomplete), not merely for timing values a protocol happens not to match.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from agent.vocabulary import ArrivalSource, FileOutcome, Outcome, UpdateKind
 
 @dataclass(frozen=True)
 class Expected:
-    """One acquisition of the catalog: its view, and its verdict against the Philips test protocol."""
+    """One acquisition of the corpus (docs/vendors.md): its view, and its verdict against the Philips protocol."""
 
     folders: tuple[str, ...]
     sop_class: str

@@ -12,7 +12,7 @@ from engines.model.manifest import ModelManifest
 from engines.phantom.case import PhantomCase
 from engines.training.package import choose_depth
 
-#: The product's promise (DESIGN.md targets): stitched slabs vs one whole-volume pass.
+#: The product's promise (docs/architecture.md, Target figures): stitched slabs vs one whole-volume pass.
 STITCH_TOLERANCE_HU = 1.0
 
 

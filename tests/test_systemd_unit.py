@@ -18,7 +18,7 @@ from agent.ops.config_loader import load_config
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "systemd" / "sct-agent.service"
 EXAMPLE_CONFIG = ROOT / "systemd" / "agent.toml"
-#: DESIGN.md §6.
+#: The sandbox target, docs/architecture.md (Target figures).
 MAX_EXPOSURE = 2.0
 PRODUCTION_CONFIG = "/etc/sct-agent/agent.toml"
 PRODUCTION_EXECUTABLE = "/opt/sct-agent/.venv/bin/sct-agent"

@@ -1,6 +1,6 @@
 """Optional C-STORE of a written sCT series to a configured DICOM peer (a PACS or a navigation system).
 
-DESIGN.md §5: besides the folder a navigation system may import from, the agent can push the series to one
+Besides the folder a navigation system may import from, the agent can push the series to one
 configured peer. One association carries the whole series; what the peer did not confirm (association refused
 or aborted, a network error, a non-success status) is sent again on a fresh association after an exponential
 backoff, and only that: instances the peer confirmed are never sent twice by this call. After the last attempt

@@ -1,7 +1,7 @@
 """Write a finished synthetic CT volume as a DICOM CT Image Storage series, atomically.
 
-Navigation systems and PACS do not subscribe to our ZeroMQ stream: they import DICOM. DESIGN.md §5 therefore
-asks for the sCT as an ordinary CT series in the MR's study and frame of reference, on exactly the MR's voxel
+Navigation systems and PACS do not subscribe to our ZeroMQ stream: they import DICOM. The agent therefore
+writes the sCT as an ordinary CT series in the MR's study and frame of reference, on exactly the MR's voxel
 grid, so that a navigation system registers it to the patient the same way it registers the MR and a PACS files
 it next to the MR. Because the images are computed, not acquired, every object says so where a person or a
 program looks: ImageType ``DERIVED\\SECONDARY``, a SeriesDescription and ImageComments that say "SYNTHETIC" and

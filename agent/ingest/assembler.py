@@ -1,6 +1,6 @@
 """Group arriving images into acquisitions and echoes, place them on the slice grid, and decide completion.
 
-Peers wait 5 to 300 s of silence before they call a series complete (DESIGN.md §2); we decide from the
+Peers wait 5 to 300 s of silence before they call a series complete; we decide from the
 acquisition itself: ImagesInAcquisition and EchoTrainLength (classic) or the frames of an Enhanced object give
 the number of echoes and of slices per echo, so the image that completes the grid completes the acquisition.
 The quiet-period timer only ends acquisitions whose counts are never reached (lost files) or never stated.
@@ -195,7 +195,7 @@ class Assembler:
                 return
             self._file(arrived, FileOutcome.BAD, str(error), None)
             return
-        except Exception as error:  # one file must never stop the stage (DESIGN.md §1)
+        except Exception as error:  # one file must never stop the stage
             logger.exception("file %s: unexpected error reading its header", arrived.path.name)
             self._file(arrived, FileOutcome.BAD, f"{arrived.path.name}: unreadable header ({error!r})", None)
             return

@@ -1,6 +1,6 @@
 """Which acquisition an image belongs to.
 
-General tools key on SeriesInstanceUID and get multi-echo exports wrong (../shared/dicom/CATALOG.md):
+General tools key on SeriesInstanceUID and get multi-echo exports wrong (docs/vendors.md, Grouping):
 
 - Philips writes the classic export, the Enhanced export and a Raw Data object of one scan under one series
   UID. The key includes the SOP class, so the classic and Enhanced forms are two acquisitions, each judged on

@@ -1,6 +1,6 @@
 """Header-only reading of MR image files into the few attributes the agent groups, judges and places by.
 
-The assembler must keep up with a scanner (DESIGN.md §7: ingest at least 0.9x bare ``pydicom.dcmread``), so a
+The assembler must keep up with a scanner (target: ingest at least 0.9x bare ``pydicom.dcmread``), so a
 file is read once with ``stop_before_pixels`` and reduced to two frozen records: :class:`ObjectHeader` (what is
 the same for the whole object: the acquisition's parameters) and one :class:`FrameHeader` per image (echo time
 and position). Classic single-frame and Enhanced multi-frame objects give the same records; for Enhanced objects

@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag, Tag
 
 #: The attributes read from a header; pydicom skips the rest of the file's elements (faster than a full
-#: header parse, which matters for DESIGN.md's ingest target).
+#: header parse, which matters for the ingest target: >= 0.9x bare ``pydicom.dcmread``).
 HEADER_KEYWORDS = (
     "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID",
     "Manufacturer", "ManufacturerModelName", "SoftwareVersions", "SeriesNumber", "SeriesTime", "ProtocolName",

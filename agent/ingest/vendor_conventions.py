@@ -1,10 +1,11 @@
 """What each vendor's headers mean, where the standard attributes alone mislead.
 
-Real exports disagree with the letter of the standard in ways that decide a verdict (../shared/dicom/CATALOG.md,
-physics.md §2): Siemens XA writes ``Spoiling NONE`` and drops ``SP`` for FLASH sequences, which are RF-spoiled by
-design; Philips writes the number of echoes in EchoTrainLength and the slice count only in a private tag; GE
-writes InversionTime 0 for sequences without inversion. Every such convention lives here, as a pure function of
-header values, so that the header reader stays vendor-neutral and a newcomer finds each rule by vendor name.
+Real exports disagree with the letter of the standard in ways that decide a verdict (docs/vendors.md lists
+them, with the real series that show each): Siemens XA writes ``Spoiling NONE`` and drops ``SP`` for FLASH
+sequences, which are RF-spoiled by design; Philips writes the number of echoes in EchoTrainLength and the
+slice count only in a private tag; GE writes InversionTime 0 for sequences without inversion. Every such
+convention lives here, as a pure function of header values, so that the header reader stays vendor-neutral and
+a newcomer finds each rule by vendor name.
 
 Each function returns what it concluded and, where a person may ask "why?", the evidence as text that names
 the attribute it came from.
@@ -59,7 +60,7 @@ _PHILIPS_TYPES = {
     "I": ImageKind.IMAGINARY,
     "FM": ImageKind.FIELD_MAP,
 }
-#: GE private complex component (0043,102F): 0 magnitude, 1 phase, 2 real, 3 imaginary (physics.md §2).
+#: GE private complex component (0043,102F): 0 magnitude, 1 phase, 2 real, 3 imaginary (docs/vendors.md).
 _GE_COMPONENTS = {0: ImageKind.MAGNITUDE, 1: ImageKind.PHASE, 2: ImageKind.REAL, 3: ImageKind.IMAGINARY}
 
 
@@ -368,7 +369,8 @@ def announced_slices(inputs: CountInputs, echoes: int | None) -> Announced:
 # --------------------------------------------------------------------------------------------- bandwidth
 
 
-#: Main fat methylene shift, 3.4 ppm of the Larmor frequency (physics.md §3.2): 217 Hz at 1.5 T, 434 Hz at 3 T.
+#: Main fat methylene shift, 3.4 ppm of the Larmor frequency: 217 Hz at 1.5 T, 434 Hz at 3 T (docs/phantom.md,
+#: Physics reference).
 FAT_WATER_SHIFT_PPM = 3.4
 #: Proton gyromagnetic ratio / 2π, MHz per tesla, for when no imaging frequency is stated.
 PROTON_MHZ_PER_T = 42.577

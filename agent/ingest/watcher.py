@@ -1,4 +1,4 @@
-"""Watch the scanner's export folder and report each file once, when it is complete (DESIGN.md §2).
+"""Watch the scanner's export folder and report each file once, when it is complete.
 
 A file is visible long before it is complete: a console writing in place over SMB/NFS shows a growing file
 under its final name, and an atomic exporter shows a hidden ``.name.partial`` first. Reacting to "created"

@@ -1,6 +1,6 @@
 """The state journal: what the agent has seen, decided and published, in SQLite, so that a restart loses nothing.
 
-DESIGN.md §6: after a crash or restart nothing is lost and nothing is published twice with different content. The
+The rule: after a crash or restart nothing is lost and nothing is published twice with different content. The
 journal records each file, acquisition, verdict, slab and publication as it happens, one transaction per call, and
 answers the question the agent asks when it starts again: which acquisitions are finished. The rest of what it holds
 (which files were handled and how, which slabs went out with what content) is for the record, read by an operator's

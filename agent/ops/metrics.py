@@ -66,8 +66,8 @@ VERDICT_KINDS: Final = ("provisional", "final")
 MAX_QUEUES: Final = 16
 _QUEUE_NAME_MAX_LENGTH: Final = 32
 
-# Buckets, in seconds. Each brackets the target figure of DESIGN.md §7 for what it measures, with room on both
-# sides to see how far off a miss is.
+# Buckets, in seconds. Each brackets the target figure for what it measures (docs/architecture.md, Target
+# figures), with room on both sides to see how far off a miss is.
 #: Verdicts: target ≤ 0.5 s from the first image; mostly milliseconds.
 VERDICT_BUCKETS_S: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 #: Completion detection: target ≤ 0.1 s from counts; the quiet-period fallback takes seconds to a minute or more.

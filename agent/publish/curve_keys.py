@@ -6,8 +6,8 @@ ZeroMQ's certificate format (``zmq.auth.create_certificates``: ``NAME.key`` hold
 handed out, ``NAME.key_secret`` holds both and must stay private), so the C++ tooling of a robot vendor
 (czmq's ``zcert``) reads the same files.
 
-A secret key that others can read is no secret: the agent refuses to start with one (DESIGN.md §5), naming
-the file, its mode and the ``chmod`` that fixes it.
+A secret key that others can read is no secret: the agent refuses to start with one (docs/agent.md,
+Security), naming the file, its mode and the ``chmod`` that fixes it.
 """
 
 from __future__ import annotations

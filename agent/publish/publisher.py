@@ -1,11 +1,11 @@
 """The publisher stage: one thread owns the ZeroMQ PUB and snapshot sockets and sends what the pipeline submits.
 
-ZeroMQ sockets are not thread-safe, so only this stage's thread creates, binds, uses and closes the socket (and
-its monitor); other threads talk to it through a bounded queue. ``submit`` blocks while that queue is full: that
-is the back-pressure DESIGN.md §1 asks for. The thread itself never waits on the network: a PUB socket drops a
-message for a subscriber whose queue (``send_hwm`` messages) is full and keeps serving the others, so a slow or
-dead robot can never stall the pipeline. Such a subscriber sees a gap in the sequence numbers (see
-``agent/publish/wire.py``) and must resynchronise.
+ZeroMQ sockets are not thread-safe, so only this stage's thread creates, binds, uses and closes the socket
+(and its monitor); other threads talk to it through a bounded queue. ``submit`` blocks while that queue is
+full: that is the pipeline's back-pressure (docs/architecture.md). The thread itself never waits on the
+network: a PUB socket drops a message for a subscriber whose queue (``send_hwm`` messages) is full and keeps
+serving the others, so a slow or dead robot can never stall the pipeline. Such a subscriber sees a gap in the
+sequence numbers (see ``agent/publish/wire.py``) and must resynchronise.
 
 libzmq's PUB socket drops silently: ``dropped`` counts only sends the socket refused outright (``zmq.Again``),
 which for PUB is rare; per-subscriber losses are visible to subscribers, through sequence gaps, not here.

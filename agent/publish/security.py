@@ -1,10 +1,10 @@
 """Decide, at start-up, whether the publisher runs CURVE, and load its keys; refuse unsafe configurations.
 
-The sCT images are patient data on a shared operating-room network (DESIGN.md §5). With ``publish.security =
-"auto"`` (the default) CURVE is on as soon as either endpoint is reachable from another machine, and then the
-agent will not start without a private secret key and a non-empty allow-list. Plain TCP off loopback happens
-only when a person wrote ``security = "plain"``; it is logged as a warning at every start so that it shows up
-in the journal and in audits.
+The sCT images are patient data on a shared operating-room network (docs/protocol.md §8). With
+``publish.security = "auto"`` (the default) CURVE is on as soon as either endpoint is reachable from another
+machine, and then the agent will not start without a private secret key and a non-empty allow-list. Plain TCP
+off loopback happens only when a person wrote ``security = "plain"``; it is logged as a warning at every start
+so that it shows up in the journal and in audits.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The wire format of the sCT publisher: one module owns it, the publisher and the subscriber library share it.
 
-Every message is three ZeroMQ frames (DESIGN.md §5, the zguide Clone pattern, pyzmq's ``send_array``):
+Every message is three ZeroMQ frames (docs/protocol.md §2, the zguide Clone pattern, pyzmq's ``send_array``):
 
 1. the topic, a byte prefix SUB sockets filter on: ``status``, ``sct.slab``, ``sct.volume``, ``heartbeat``;
 2. a JSON header (UTF-8) with the schema version, a publisher-wide sequence number, the sending publisher's

@@ -68,7 +68,7 @@ def load_protocols(folder: Path | str, active: tuple[str, ...] = ()) -> tuple[Se
     """Every ``*.toml`` protocol in ``folder`` (sorted by id), or only the ``active`` ids in that order.
 
     All files are parsed even when only some are active: a malformed file in the folder is a mistake someone
-    will trip over later, so it stops start-up now (DESIGN.md §3).
+    will trip over later, so it stops start-up now (sequence_protocols/README.md).
     """
     folder = Path(folder)
     if not folder.is_dir():

@@ -1,6 +1,6 @@
 """Sequence protocols: one TOML file per protocol, parsed once at start-up into frozen rules.
 
-A protocol states what an acquisition must look like for the model to be trusted on it (DESIGN.md §3). The
+A protocol states what an acquisition must look like for the model to be trusted on it. The
 file format is documented in ``sequence_protocols/README.md``; :mod:`agent.validation.protocol_files` reads it
 into the frozen rules defined here, and :mod:`agent.validation.rules` judges an acquisition by them.
 

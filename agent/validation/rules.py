@@ -1,5 +1,5 @@
 """Check one acquisition against one sequence protocol: a provisional verdict from the first images, a final one
-once the acquisition has ended (DESIGN.md §3).
+once the acquisition has ended (sequence_protocols/README.md, What a verdict contains).
 
 A provisional verdict must be right from the first image, because a technologist acts on it while the patient is
 still on the table: a rule is judged only when the view states its input, and everything else waits in

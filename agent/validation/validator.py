@@ -1,9 +1,9 @@
 """The validator stage: judge each acquisition update against the active protocols and decide on inference.
 
-The technologist needs the verdict while the patient is still on the table (DESIGN.md §7: within 0.5 s of the
-first image), so the first image of each echo gets a provisional verdict at once; the end of the acquisition
-gets the final one. Verdicts are published on the status topic only when something a person would want to
-see changed, not for every image.
+The technologist needs the verdict while the patient is still on the table (target: within 0.5 s of the
+first image; docs/architecture.md, Target figures), so the first image of each echo gets a provisional verdict
+at once; the end of the acquisition gets the final one. Verdicts are published on the status topic only when
+something a person would want to see changed, not for every image.
 
 The engine runs only on an acquisition whose verdict passes, with nothing pending, for a protocol the model's
 manifest lists, on magnitude images: :func:`agent.validation.inference_gate.decide` says so, the same function

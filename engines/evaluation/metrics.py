@@ -1,4 +1,4 @@
-"""sCT-versus-CT metrics as the sCT literature reports them (``physics.md`` §4).
+"""sCT-versus-CT metrics as the sCT literature reports them (docs/model.md, Metric definitions).
 
 Every metric is computed inside a body mask: outside it both volumes are air, and including that air would dilute
 MAE towards zero and make numbers incomparable between fields of view. Region masks come either from phantom
@@ -51,8 +51,8 @@ TISSUE_REGIONS: dict[str, str] = {
 BONE_DICE_THRESHOLDS_HU: tuple[int, ...] = (150, 200, 250)
 
 #: Bambach & Ho 2022 classify bone by gray level at 40 %, 45 %, ..., 70 % of a 2000 HU window. The window's
-#: level is not stated in what we could verify (physics.md §4, "n/v"); we assume level 500 HU, i.e. the window
-#: [-500, 1500] HU, which puts the thresholds at 300, 400, ..., 900 HU.
+#: level is not stated in what we could verify (the paper's abstract only); we assume level 500 HU, i.e. the
+#: window [-500, 1500] HU, which puts the thresholds at 300, 400, ..., 900 HU.
 BAMBACH_WINDOW_LEVEL_HU = 500.0
 BAMBACH_WINDOW_WIDTH_HU = 2000.0
 BAMBACH_PERCENTS: tuple[int, ...] = (40, 45, 50, 55, 60, 65, 70)
@@ -172,9 +172,10 @@ def _json_float(value: float) -> float | None:
 class SctMetrics:
     """Metrics of one sCT against its reference CT, all within the body mask.
 
-    ``me_hu`` is mean(CT - sCT) (physics.md convention): positive when the sCT is too low, negative when too high.
-    Per-tissue values are NaN for an empty region. Dice, precision and recall score two empty masks as 1.0 (full
-    agreement) and an empty against a non-empty one as 0.0. ``psnr_db`` is inf when sCT equals CT.
+    ``me_hu`` is mean(CT - sCT) (the literature's convention): positive when the sCT is too low, negative when
+    too high. Per-tissue values are NaN for an empty region. Dice, precision and recall score two empty masks
+    as 1.0 (full agreement) and an empty against a non-empty one as 0.0. ``psnr_db`` is inf when sCT equals
+    CT.
     """
 
     mae_hu: float

@@ -26,9 +26,9 @@ FIELD_STRENGTH_TOLERANCE_T = 0.1
 class Acquisition:
     """One 3D dual-echo spoiled-GRE acquisition as the console prescribes it.
 
-    Defaults are the seed protocol (BoneMRI-style lumbar spine at 1.5 T, `physics.md` §1 row 1). The flip
-    angle, bandwidth value and sampling fractions are not published; they are plausible choices, documented
-    in `docs/phantom.md`.
+    Defaults are the seed protocol (BoneMRI-style lumbar spine at 1.5 T, sequence_protocols/README.md). The
+    flip angle, bandwidth value and sampling fractions are not published; they are plausible choices,
+    documented in `docs/phantom.md`.
     """
 
     field_strength_t: float = 1.5

@@ -11,7 +11,7 @@ from engines.phantom.acquisition import Acquisition
 from engines.phantom.subject import SubjectParameters
 from sct_core.geometry import VolumeGeometry
 
-#: CT numbers are clipped to the range a 12-bit CT scanner stores (physics.md §3.4).
+#: CT numbers are clipped to the range a 12-bit CT scanner stores, -1024 to 3071 HU.
 CT_HU_MIN = -1024
 CT_HU_MAX = 3071
 

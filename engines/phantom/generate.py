@@ -42,7 +42,7 @@ FOV_CENTER_POSTERIOR_MM = 20.0
 #: CT point-spread (FWHM, mm) of a bone-kernel reconstruction, and CT noise (HU, standard deviation).
 CT_PSF_FWHM_MM = 0.9
 CT_NOISE_HU = 15.0
-#: Bone mineral density of mineralised bone tissue, mg/cm³; links BV/TV to the marrow R2' (physics.md §3.1).
+#: Bone mineral density of mineralised bone tissue, mg/cm³; links BV/TV to the marrow R2' (docs/phantom.md).
 BONE_TISSUE_BMD_MG_CM3 = 1100.0
 #: R2' of marrow per mg/cm³ of bone density at 1.5 T (s⁻¹), scaled ∝ B0.
 MARROW_R2PRIME_PER_BMD = 0.20
@@ -219,7 +219,7 @@ class _Accumulator:
     def _marrow(
         self, frac: F32, points: F64, kappa: F64
     ) -> tuple[npt.NDArray[np.intp], list[F64], list[npt.NDArray[np.complex128]], F64] | None:
-        """Per-voxel signal and HU of trabecular marrow from local BV/TV and fat fraction (physics.md §3.1, §3.3)."""
+        """Per-voxel signal and HU of trabecular marrow from local BV/TV and fat fraction (docs/phantom.md)."""
         body = frac[:, Tissue.MARROW_BODY].astype(np.float64)
         post = frac[:, Tissue.MARROW_POSTERIOR].astype(np.float64)
         idx = np.flatnonzero((body + post) > 0)

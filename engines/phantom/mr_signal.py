@@ -1,4 +1,4 @@
-"""Dual-echo RF-spoiled gradient-echo signal (`physics.md` §3.1-§3.4).
+"""Dual-echo RF-spoiled gradient-echo signal (docs/phantom.md, Physics reference).
 
 Per voxel and echo n: S_n = C · Σ_tissues frac_t · [W_t f(T1w) e^{-TE/T2*w} + F_t f(T1f) e^{-TE/T2*f} c(TE)]
 with the Ernst steady state f, the multi-peak fat phasor c, the receive bias C, chemical-shift displacement of
@@ -20,7 +20,7 @@ F64 = npt.NDArray[np.float64]
 C64 = npt.NDArray[np.complex64]
 
 #: Fat spectra: (ppm relative to water, relative amplitude). Hamilton 6-peak for adipose tissue, Ren 9-peak
-#: for vertebral marrow (physics.md §3.2).
+#: for vertebral marrow (docs/phantom.md, Physics reference).
 FAT_6PEAK = (
     (-3.80, 0.087),
     (-3.40, 0.693),

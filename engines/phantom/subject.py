@@ -71,7 +71,7 @@ class SubjectParameters:
         bmi = float(np.clip(rng.lognormal(np.log(26.0), 0.15), 18.0, 40.0))
         weight = bmi * height**2
         # Bone loss: BV/TV falls ~0.001 per year after 25 (faster in women after 50); gives L1 ~ 210 HU at 25 and
-        # ~ 90 HU at 85 through the mixing rule, the trend of Jang 2019 (physics.md §3.3).
+        # ~ 90 HU at 85 through the mixing rule, the trend of Jang 2019 (docs/phantom.md, Physics reference).
         decline = 0.001 * max(age - 25.0, 0.0) + (0.0006 * max(age - 50.0, 0.0) if not male else 0.0)
         bvtv = float(np.clip(rng.normal(0.125, 0.012) - decline, 0.045, 0.18))
         # Marrow fat rises ~0.45 %/year (Baum 2018: 27-35 % in the 20s-30s at 3 T).

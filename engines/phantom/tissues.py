@@ -1,8 +1,8 @@
-"""Tissue classes of the phantom and their MR and CT properties (`physics.md` §3.3).
+"""Tissue classes of the phantom and their MR and CT properties (docs/phantom.md, Physics reference).
 
 Each voxel is a mixture of these tissues (partial volume); MR signal and HU are summed over the mixture. Two
 tissues, trabecular marrow of the vertebral bodies and of the posterior elements, carry per-voxel bone volume
-fraction and fat fraction instead of fixed values; :mod:`engines.phantom.marrow` handles them.
+fraction and fat fraction instead of fixed values; :mod:`engines.phantom.generate` handles them.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ class Tissue(IntEnum):
 
 N_TISSUES = len(Tissue)
 
-#: Groupings used by evaluation metrics (physics.md §4: bone, trabecular bone, soft tissue, fat).
+#: Groupings used by evaluation metrics: bone, trabecular bone, soft tissue, fat (docs/model.md, Metric
+#: definitions).
 CORTICAL_TISSUES = frozenset({Tissue.CORTICAL_BONE})
 TRABECULAR_TISSUES = frozenset({Tissue.MARROW_BODY, Tissue.MARROW_POSTERIOR})
 FAT_TISSUES = frozenset(
@@ -64,13 +65,14 @@ class TissueProperties:
     hu: float
 
 
-#: Fat pool relaxation (subcutaneous-fat values of physics.md §3.3; used for the fat part of every tissue).
+#: Fat pool relaxation (subcutaneous-fat values, docs/phantom.md Physics reference; used for the fat part of
+#: every tissue).
 FAT_T1_MS = {1.5: 290.0, 3.0: 370.0}
 FAT_T2STAR_MS = {1.5: 30.0, 3.0: 20.0}
 #: HU of pure fat and of fat-free soft tissue, the end members of every mixing rule.
 HU_FAT = -100.0
 HU_SOFT_TISSUE = 40.0
-#: HU of mineralised bone tissue (trabecular mixing rule, physics.md §3.3: calibrated with BV/TV 0.10-0.20).
+#: HU of mineralised bone tissue (trabecular mixing rule, calibrated with BV/TV 0.10-0.20; docs/phantom.md).
 HU_BONE_TISSUE = 1800.0
 
 _NONE = {1.5: 1.0, 3.0: 1.0}

@@ -1,6 +1,6 @@
 """The scanners the simulator impersonates.
 
-Vendor and model select vendor-specific rules downstream (physics.md §2), so each output form claims the
+Vendor and model select vendor-specific rules downstream (docs/vendors.md), so each output form claims the
 vendor whose export style it copies: classic single-frame files are Siemens-like, the Enhanced multi-frame
 object is Philips-like. The model follows the field strength because a validator cross-checks model, field and
 Larmor frequency.

@@ -3,8 +3,9 @@
 Philips consoles on release 5.x export a multi-echo 3D FFE as a single Enhanced MR object whose frames are
 indexed by stack, in-stack position and effective echo time. Values common to all frames sit in the shared
 functional groups, values that change per frame (position, echo time, window) in the per-frame groups; the
-structure copies a real Ingenia Elition X export (``shared/dicom/dcm_qa_philips_enh``), minus the private
-groups, plus the attributes that export omits or gets wrong (DimensionIndexValues start at 1 here).
+structure copies a real Ingenia Elition X export (the ``dcm_qa_philips_enh`` series of the real-DICOM test
+corpus, docs/vendors.md), minus the private groups, plus the attributes that export omits or gets wrong
+(DimensionIndexValues start at 1 here).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def philips_protocol_name(acquisition: Acquisition) -> str:
 
 
 def water_fat_shift_pixels(acquisition: Acquisition) -> float:
-    """Philips' bandwidth setting: the fat displacement in pixels, Δf_wf / PixelBandwidth (physics.md §2)."""
+    """Philips' bandwidth setting: the fat displacement in pixels, Δf_wf / PixelBandwidth (docs/vendors.md)."""
     return WATER_FAT_SHIFT_PPM * acquisition.imaging_frequency_mhz / acquisition.pixel_bandwidth_hz
 
 
