@@ -93,6 +93,8 @@ WHEEL_FILES: Final = (
     "sct_core/geometry.py",
     "agent/cli/__main__.py",
     "agent/client/__init__.py",
+    "agent/py.typed",
+    "sct_core/py.typed",
 )
 #: Git-ignored or tool folders at the top of the checkout that a build must not see (see .gitignore).
 IGNORED_AT_TOP: Final = frozenset(
