@@ -1,4 +1,4 @@
-"""Sequence protocols: one TOML file per protocol, parsed once at start-up into frozen rules.
+"""What a sequence protocol is: the attributes a rule may name, the rule kinds, and the frozen protocol itself.
 
 A protocol states what an acquisition must look like for the model to be trusted on it. The
 file format is documented in ``sequence_protocols/README.md``; :mod:`agent.validation.protocol_files` reads it
