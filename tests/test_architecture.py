@@ -79,33 +79,34 @@ def _stage_of(module: str) -> str | None:
     return parts[1] if len(parts) > 1 and parts[0] == "agent" and parts[1] in STAGES else None
 
 
-def test_no_stage_imports_another_stage() -> None:
-    offences = []
+def _stage_imports() -> Iterator[tuple[str, str, str]]:
+    """(where, importing stage, imported module) for every import made inside a stage package."""
     for module, path in _modules("agent"):
         own = _stage_of(module)
-        if own is None:
-            continue
-        for target, line in _imports(module, path):
-            other = _stage_of(target)
-            if other is not None and other != own:
-                offences.append(
-                    f"{path.relative_to(ROOT)}:{line}: stage {own} imports {target} (stage {other})"
-                )
+        if own is not None:
+            for target, line in _imports(module, path):
+                yield f"{path.relative_to(ROOT)}:{line}", own, target
+
+
+def test_no_stage_imports_another_stage() -> None:
+    offences = [
+        f"{where}: stage {own} imports {target} (stage {_stage_of(target)})"
+        for where, own, target in _stage_imports()
+        if _stage_of(target) not in (None, own)
+    ]
     assert not offences, "\n".join(offences)
 
 
 def test_stages_use_only_shared_agent_modules() -> None:
     """A stage may import its own package and the shared records; ops, cli, pipeline and client are above it."""
-    offences = []
-    for module, path in _modules("agent"):
-        own = _stage_of(module)
-        if own is None:
-            continue
-        for target, line in _imports(module, path):
-            if not _within(target, "agent") or target == "agent" or _stage_of(target) is not None:
-                continue
-            if not any(_within(target, shared) for shared in SHARED):
-                offences.append(f"{path.relative_to(ROOT)}:{line}: stage {own} imports {target}")
+    offences = [
+        f"{where}: stage {own} imports {target}"
+        for where, own, target in _stage_imports()
+        if _within(target, "agent")
+        and target != "agent"
+        and _stage_of(target) is None
+        and not any(_within(target, shared) for shared in SHARED)
+    ]
     assert not offences, "\n".join(offences)
 
 
