@@ -211,7 +211,10 @@ class AgentService:
         return ok
 
     def _submit(self, item: Publication) -> None:
-        """Hand an item to the publisher; after a stop (a stage finishing its last item) it has nowhere to go."""
+        """Hand an item to the publisher. Stages stop before the publisher, so only an item produced after a stop
+        (or a failed start) finds none: it is logged, never dropped silently."""
         publisher = self._publisher
-        if publisher is not None:
-            publisher.submit(item)
+        if publisher is None:
+            logger.warning("not published (the publisher is stopped): %s", type(item).__name__)
+            return
+        publisher.submit(item)
