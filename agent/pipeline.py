@@ -81,6 +81,7 @@ def compose(
         emit=inference.put,
         status=publish,
         reader=read_pixels,
+        new_volume=engine.new_volume,
     )
     streaming = Stage("streamer", each(streamer.handle), depth=depth, on_error=error)
 

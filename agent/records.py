@@ -16,13 +16,17 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
 from agent.vocabulary import ArrivalSource, EndedBy, Outcome, StreamAction, UpdateKind
 from sct_core.geometry import VolumeGeometry
+
+if TYPE_CHECKING:
+    # Only a type here: records stay importable without torch (the robot client imports this package).
+    from engines.inference.device_volume import DeviceVolume
 
 # --------------------------------------------------------------------------------------------------- watcher
 
@@ -224,9 +228,9 @@ class SlabRequest:
     geometry: VolumeGeometry
     slab_index: int
     slab_count: int
-    #: ``[echo, slice, row, column]`` with the full volume's slice count; only the slices the window needs (and
-    #: the normalisation's leading slices) are filled.
-    echoes: npt.NDArray[Any]
+    #: ``[echo, slice, row, column]`` with the full volume's slice count, on the engine's device; only the slices
+    #: the window needs (and the normalisation's leading slices) are filled.
+    volume: DeviceVolume
     #: Intensity scale of the volume (from its leading slices), identical for every slab of it.
     scale: float
     #: The last image needed by this slab arrived at (wall clock); for latency metrics.

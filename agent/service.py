@@ -99,7 +99,20 @@ class AgentService:
                 backend=info.backend,
                 precision=info.precision,
                 device=info.device,
+                engine=str(info.details.get("engine", "")),
             )
+            acceptance = info.details.get("acceptance")
+            if acceptance is not None:
+                self.metrics.set_engine_acceptance(
+                    mean_abs_hu=acceptance["mean_abs_hu"],
+                    p999_abs_hu=acceptance["p999_abs_hu"],
+                    max_abs_hu=acceptance["max_abs_hu"],
+                    passed=acceptance["passed"],
+                    build_s=float(info.details.get("engine_build_s", 0.0)),
+                    refusals=len(info.details.get("refusals", [])),
+                )
+            if engine.device.type == "cuda":
+                self.metrics.watch_gpu_memory(engine.gpu_memory_allocated, engine.gpu_memory_reserved)
             archive = VolumeArchive(config.state.folder / SNAPSHOT_ARCHIVE, config.publish.snapshot_volumes)
             services = SideServices(self.metrics, self._journal, archive, self._submit)
             self._publisher = Publisher(

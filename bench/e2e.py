@@ -45,6 +45,7 @@ from agent.ingest.assembler import Assembler
 from agent.ingest.header_reader import read_header
 from agent.ingest.pixel_reader import read_pixels
 from agent.ops.agent_process import AgentProcess, write_loopback_config
+from agent.ops.config import AgentConfig
 from agent.publish.publisher import Publisher
 from agent.publish.wire import SlabMessage, StatusMessage, VolumeMessage, encode
 from agent.records import AcquisitionUpdate, ArrivedFile, SctSlab
@@ -108,8 +109,10 @@ def _wait(predicate: Any, timeout_s: float) -> None:
     raise TimeoutError(f"no result within {timeout_s} s")
 
 
-def end_to_end(case: PhantomCase, work: Path, runs: int, rate: float, backend: str) -> dict[str, Any]:
-    config = write_loopback_config(work, backend=backend)
+def end_to_end(
+    case: PhantomCase, work: Path, runs: int, rate: float, backend: str, engine_cache: Path
+) -> dict[str, Any]:
+    config = write_loopback_config(work, backend=backend, engine_cache=engine_cache)
     agent = AgentProcess(config.path, work / "agent.log")
     subscriber = _Subscriber(config.endpoint, config.snapshot)
     thread = threading.Thread(target=subscriber.run, name="bench-subscriber")
@@ -168,10 +171,10 @@ def end_to_end(case: PhantomCase, work: Path, runs: int, rate: float, backend: s
     return {"runs": rows, "median": medians, "agent_peak_rss_gb": peak_rss / 1e9, "agent_exit_status": status}
 
 
-def one_slab_alone(case_files: list[Path], backend: str, repeats: int = 3) -> float:
+def one_slab_alone(case_files: list[Path], backend: str, cache_dir: Path, repeats: int = 3) -> float:
     """Read the last slab's files and infer it, as the agent must after the last file: median seconds."""
     parsed = [read_header(p) for p in case_files]
-    engine = SctEngine.load(backend=backend, options=BackendOptions(threads=None))
+    engine = SctEngine.load(backend=backend, options=BackendOptions(threads=None, cache_dir=cache_dir))
     try:
         echo_times = sorted({f.frames[0].echo_time_ms for f in parsed})
         normal = np.cross(parsed[0].header.image_orientation[:3], parsed[0].header.image_orientation[3:])
@@ -182,14 +185,18 @@ def one_slab_alone(case_files: list[Path], backend: str, repeats: int = 3) -> fl
         times = []
         for _ in range(repeats):
             started = time.perf_counter()
-            echoes = np.zeros(
-                (len(echo_times), n, parsed[0].header.rows, parsed[0].header.columns), np.uint16
+            volume = engine.new_volume(len(echo_times), (n, parsed[0].header.rows, parsed[0].header.columns))
+            leading = np.zeros(
+                (len(echo_times), engine.manifest.normalisation.leading_slices, *volume.in_plane), np.uint16
             )
             for f in parsed:
                 k = positions.index(round(float(np.dot(f.frames[0].position, normal)), 3))
-                if k in window.needed_slices or k < engine.manifest.normalisation.leading_slices:
-                    echoes[echo_times.index(f.frames[0].echo_time_ms), k] = read_pixels(f.path, [None])[0]
-            engine.infer_slab(echoes, plan, window, engine.scale(echoes))
+                if k in window.needed_slices or k < leading.shape[1]:
+                    image = read_pixels(f.path, [None])[0]
+                    volume.put(echo_times.index(f.frames[0].echo_time_ms), k, image)
+                    if k < leading.shape[1]:
+                        leading[echo_times.index(f.frames[0].echo_time_ms), k] = image
+            engine.run_slab(volume, plan, window, engine.scale(leading))
             times.append(time.perf_counter() - started)
         return statistics.median(times)
     finally:
@@ -313,6 +320,11 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=40.0, help="export pace, files per second")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--engine-cache",
+        type=Path,
+        help="engine cache folder to share (default: a fresh one under the work folder)",
+    )
     args = parser.parse_args()
 
     print(f"simulating phantom seed {BENCH_SEED} (2 x 100 x 338 x 338) ...", flush=True)
@@ -320,10 +332,12 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="sct-bench-e2e-"))
     try:
         print(f"end to end: {args.runs} series at {args.rate:g} files/s, backend {args.backend}", flush=True)
-        e2e = end_to_end(case, work, args.runs, args.rate, args.backend)
+        engine_cache = args.engine_cache or work / "var" / AgentConfig.ENGINE_CACHE_NAME
+        e2e = end_to_end(case, work, args.runs, args.rate, args.backend, engine_cache)
         files = sorted((work / "export" / "run-0").iterdir())
         print("one slab alone (read + infer), same backend ...", flush=True)
-        slab_alone = one_slab_alone(files, args.backend)
+        # The agent's own engine cache: a compiled engine it built is reused, not built again.
+        slab_alone = one_slab_alone(files, args.backend, engine_cache)
         print("ingest ...", flush=True)
         ingest_figures = ingest(files)
         print("publish ...", flush=True)

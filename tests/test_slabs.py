@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from engines.backends.torch_cpu import TorchEagerBackend
-from engines.inference.engine import SctEngine, whole_volume_reference
+from engines.inference.device_volume import PixelRangeError
+from engines.inference.engine import SctEngine, network_input, to_hu, whole_volume_reference
 from engines.inference.slabs import SlabPlan, pad_in_plane
 from engines.model.manifest import ModelManifest
 from engines.phantom.case import PhantomCase
@@ -95,6 +96,56 @@ def test_a_slab_needs_only_its_own_slices(
     partial = np.zeros_like(echoes)
     partial[:, : window.needed_stop] = echoes[:, : window.needed_stop]
     assert engine.scale(partial) == scale  # normalisation reads only the leading slices
-    full_slab = engine.infer_slab(echoes, plan, window, scale)
-    partial_slab = engine.infer_slab(partial, plan, window, scale)
+    full, filling = engine.new_volume(2, echoes.shape[1:]), engine.new_volume(2, echoes.shape[1:])
+    for echo in range(2):
+        for k in range(echoes.shape[1]):
+            full.put(echo, k, echoes[echo, k])
+        for k in window.needed_slices:
+            filling.put(echo, k, echoes[echo, k])
+    np.testing.assert_array_equal(full.to_host(), echoes)
+    full_slab = engine.run_slab(full, plan, window, scale)
+    partial_slab = engine.run_slab(filling, plan, window, scale)
+    assert full_slab.dtype == np.int16 and full_slab.shape == (window.core_stop, *echoes.shape[2:])
     np.testing.assert_array_equal(full_slab, partial_slab)
+
+
+def host_path_slab(engine: SctEngine, echoes: np.ndarray, plan: SlabPlan, k: int, scale: float) -> np.ndarray:
+    """The engine path before the volume moved to the device: numpy gather, pad, float32, backend, HU, rint."""
+    window = plan.windows[k]
+    rows, cols = echoes.shape[-2:]
+    x = network_input(engine.manifest, echoes, plan.slice_indices(window), scale)
+    out = engine.backend_for((rows, cols)).infer(x)
+    core = out[plan.halo : plan.halo + window.core_stop - window.core_start, :rows, :cols]
+    return np.rint(to_hu(engine.manifest, core)).astype(np.int16)
+
+
+def test_device_resident_slabs_equal_the_host_path(
+    held_out_case: PhantomCase, shipped_manifest: ModelManifest
+) -> None:
+    """Moving gather, padding, scaling, HU and rounding onto the backend's device changes no HU by more than 1."""
+    engine = SctEngine.load(shipped_manifest, backend=TorchEagerBackend.name)
+    echoes = held_out_case.echoes
+    plan = engine.plan(echoes.shape[1])
+    scale = engine.scale(echoes)
+    volume = engine.new_volume(2, echoes.shape[1:])
+    for echo in range(2):
+        for k in range(echoes.shape[1]):
+            volume.put(echo, k, echoes[echo, k])
+    out = engine.new_output(echoes.shape[1:])
+    for k, window in enumerate(plan.windows):
+        engine.run_slab(volume, plan, window, scale, out=out[window.core_start : window.core_stop])
+        host = host_path_slab(engine, echoes, plan, k, scale)
+        diff = np.abs(out[window.core_start : window.core_stop].astype(np.int32) - host)
+        assert int(diff.max()) <= STITCH_TOLERANCE_HU, f"slab {k}: max |ΔHU| {diff.max()}"
+    assert out.max() > 500 and out.min() < -900
+
+
+def test_device_volume_refuses_pixels_it_cannot_hold(shipped_manifest: ModelManifest) -> None:
+    engine = SctEngine.load(shipped_manifest, backend=TorchEagerBackend.name, in_plane=(16, 16))
+    volume = engine.new_volume(2, (4, 16, 16))
+    with pytest.raises(PixelRangeError, match=r"pixel values: found -5\.\.7, expected 0\.\.65535"):
+        volume.put(0, 0, np.arange(-5, 251, dtype=np.int16).reshape(16, 16) % 13 - 5)
+    with pytest.raises(ValueError, match=r"image shape: found \(16, 8\), expected \(16, 16\)"):
+        volume.put(0, 0, np.zeros((16, 8), dtype=np.uint16))
+    volume.put(1, 3, np.full((16, 16), 60000, dtype=np.uint16))
+    assert int(volume.to_host()[1, 3].min()) == 60000

@@ -181,3 +181,19 @@ def test_security_exposure_check_can_fail(tmp_path: Path) -> None:
     match = _EXPOSURE.search(run_analyze("security", "--offline=yes", str(bare)).stdout)
     assert match is not None
     assert float(match.group(1)) > MAX_EXPOSURE
+
+
+@needs_systemd_analyze
+def test_the_gpu_drop_in_verifies_and_opens_only_nvidia_devices(tmp_path: Path) -> None:
+    drop_in = UNIT.parent / "gpu.conf"
+    lines = [line for line in drop_in.read_text().splitlines() if line and not line.startswith(("#", "["))]
+    assert {line.split("=", 1)[0] for line in lines} == {
+        "PrivateDevices",
+        "DevicePolicy",
+        "DeviceAllow",
+        "TimeoutStartSec",
+    }
+    assert all(line.startswith("DeviceAllow=/dev/nvidia") for line in lines if line.startswith("DeviceAllow"))
+    result = run_analyze("verify", str(installable_copy(tmp_path, "\n".join(lines))))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == "", result.stderr

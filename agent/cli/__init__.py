@@ -2,7 +2,7 @@
 
 Subcommands are the tools of the people who use the product: the agent itself (`run`), the protocol check IT
 and the MRI technologist run on a test export before the first patient (`check`), the subscriber (`listen`),
-CURVE keys for both (`keys`), sending sCT DICOM series again (`resend`), and, for developers and evaluators,
+CURVE keys for both (`keys`), the inference engine IT builds once per machine (`engine build`), sending sCT DICOM series again (`resend`), and, for developers and evaluators,
 the simulated scanner (`simulate`), the demo, training and evaluation of the model.
 """
 
@@ -26,6 +26,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "listen": (
         "agent.cli.listen",
         "subscribe to an agent, print its status and save the sCT volumes it publishes",
+    ),
+    "engine": (
+        "agent.cli.engine",
+        "build, cache and accept the inference engine (TensorRT, CUDA or CPU) before the first patient",
     ),
     "keys": ("agent.cli.keys", "create CURVE key pairs for the publisher and its subscribers"),
     "resend": (

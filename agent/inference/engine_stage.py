@@ -78,16 +78,16 @@ class EngineStage:
                 geometry=grid,
                 protocol_id=request.protocol_id,
                 slab_count=request.slab_count,
-                hu=np.empty(grid.shape, dtype=np.int16),
+                hu=self._engine.new_output(grid.shape),
             )
             self._volumes[request.acquisition_id] = volume
         plan = self._engine.plan(grid.shape[0])
         window = plan.windows[request.slab_index]
         started = time.perf_counter()
-        hu_float = self._engine.infer_slab(request.echoes, plan, window, request.scale)
+        hu = self._engine.run_slab(
+            request.volume, plan, window, request.scale, out=volume.hu[window.core_start : window.core_stop]
+        )
         inference_s = time.perf_counter() - started
-        hu = np.rint(hu_float).astype(np.int16)
-        volume.hu[window.core_start : window.core_stop] = hu
         volume.done.add(request.slab_index)
         manifest = self._engine.manifest
         slab = SctSlab(

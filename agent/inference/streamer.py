@@ -5,9 +5,12 @@ the normalisation's leading slices (the intensity scale is computed once from th
 uses the same scale as a whole-volume pass). The streamer does not wait for the series to complete: with
 slices arriving in order, slab k goes to the engine while slab k+1's images are still being written.
 
-Pixels are read only here and only for the slices a slab needs; the volume buffer ``[echo, slice, row,
-column]`` lives as long as the acquisition streams and is freed when it ends, so memory is bounded by the
-acquisitions in flight, not by how many were seen. Slabs of one acquisition are handed on in order.
+Pixels are read only here and only for the slices a slab needs, and each slice goes straight into the engine's
+device-resident volume (``[echo, slice, row, column]`` on the GPU when there is one), so the engine stage never
+copies pixels again. The volume lives as long as the acquisition streams and is freed when it ends, so memory
+is bounded by the acquisitions in flight, not by how many were seen. The normalisation's leading slices are
+also kept on the host until the intensity scale is computed from them. Slabs of one acquisition are handed on
+in order.
 
 Nothing is handed on for an acquisition whose verdict does not allow inference. If the verdict turns after
 slabs were sent (a final check fails), or the assembler had to place the slice grid again, the engine stage is
@@ -29,6 +32,7 @@ import numpy.typing as npt
 
 from agent.records import ImageRef, SlabRequest, SourceImages, StatusEvent, StreamControl, ValidatedUpdate
 from agent.vocabulary import StreamAction, UpdateKind
+from engines.inference.device_volume import DeviceVolume
 from engines.inference.slabs import SlabPlan, SlabWindow
 from sct_core.geometry import VolumeGeometry
 
@@ -36,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 #: Reads the given frames of one file: ``[len(frames), rows, columns]``.
 PixelReader = Callable[[Path, Sequence[int | None]], npt.NDArray[Any]]
+#: An empty device-resident volume for (echoes, (slices, rows, columns)): the engine's ``new_volume``.
+VolumeFactory = Callable[[int, tuple[int, int, int]], DeviceVolume]
 
 
 @dataclass(slots=True)
@@ -44,7 +50,9 @@ class _Stream:
     grid: VolumeGeometry | None = None
     plan: SlabPlan | None = None
     next_slab: int = 0
-    buffer: npt.NDArray[Any] | None = None
+    volume: DeviceVolume | None = None
+    #: Host copy of the normalisation's leading slices, until the scale is computed from them.
+    leading: npt.NDArray[Any] | None = None
     loaded: set[tuple[int, int]] = field(default_factory=set)
     scale: float | None = None
     sent: bool = False
@@ -63,6 +71,7 @@ class Streamer:
         emit: Callable[[SlabRequest | StreamControl], object],
         status: Callable[[StatusEvent], None],
         reader: PixelReader,
+        new_volume: VolumeFactory,
     ) -> None:
         self._plan_for = plan_for
         self._leading = leading_slices
@@ -70,6 +79,7 @@ class Streamer:
         self._emit = emit
         self._status = status
         self._reader = reader
+        self._new_volume = new_volume
         self._streams: dict[str, _Stream] = {}
 
     @property
@@ -135,9 +145,11 @@ class Streamer:
             if not all(k in present[e] for e in range(len(echo_times)) for k in needed):
                 return
             started = time.perf_counter()
-            buffer = self._load(stream, grid, present, needed, len(echo_times))
+            volume = self._load(stream, grid, present, needed, len(echo_times))
             if stream.scale is None:
-                stream.scale = self._scale_of(buffer[:, : min(self._leading, plan.n_slices)])
+                assert stream.leading is not None
+                stream.scale = self._scale_of(stream.leading)
+                stream.leading = None
             read_s = time.perf_counter() - started
             self._emit(
                 SlabRequest(
@@ -146,7 +158,7 @@ class Streamer:
                     geometry=grid,
                     slab_index=window.index,
                     slab_count=len(plan.windows),
-                    echoes=buffer,
+                    volume=volume,
                     scale=stream.scale,
                     inputs_complete_at=last_image_at,
                     read_s=read_s,
@@ -191,10 +203,12 @@ class Streamer:
         present: list[dict[int, ImageRef]],
         needed: range,
         n_echoes: int,
-    ) -> npt.NDArray[Any]:
-        if stream.buffer is None:
-            stream.buffer = np.zeros((n_echoes, *grid.shape), dtype=np.uint16)
-        buffer = stream.buffer
+    ) -> DeviceVolume:
+        if stream.volume is None:
+            stream.volume = self._new_volume(n_echoes, grid.shape)
+            leading = min(self._leading, grid.shape[0])
+            stream.leading = np.zeros((n_echoes, leading, *grid.shape[1:]), dtype=np.uint16)
+        volume = stream.volume
         by_file: dict[Path, list[tuple[int, int, int | None]]] = defaultdict(list)
         for echo in range(n_echoes):
             for k in needed:
@@ -204,15 +218,18 @@ class Streamer:
         for path, wanted in by_file.items():
             pixels = self._reader(path, [frame for _, _, frame in wanted])
             for (echo, k, _), image in zip(wanted, pixels, strict=True):
-                buffer[echo, k] = image
+                volume.put(echo, k, image)
+                if stream.leading is not None and k < stream.leading.shape[1]:
+                    stream.leading[echo, k] = image
                 stream.loaded.add((echo, k))
-        return buffer
+        return volume
 
     def _cancel(self, key: str, stream: _Stream, reason: str) -> None:
         logger.info("acquisition %s: cancelling streamed slabs (%s)", key, reason)
         self._emit(StreamControl(key, StreamAction.CANCEL, reason=reason))
         stream.sent = False
         stream.next_slab = 0
-        stream.buffer = None
+        stream.volume = None
+        stream.leading = None
         stream.loaded.clear()
         stream.scale = None

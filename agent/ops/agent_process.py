@@ -35,7 +35,12 @@ class LoopbackConfig:
 
 
 def write_loopback_config(
-    folder: Path, *, backend: str, quiet_period_s: float = 10.0, extra: str = ""
+    folder: Path,
+    *,
+    backend: str,
+    quiet_period_s: float = 10.0,
+    extra: str = "",
+    engine_cache: Path | None = None,
 ) -> LoopbackConfig:
     """``folder/agent.toml``: the defaults, with the folder's export/ and var/ and free loopback ports."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
@@ -46,7 +51,9 @@ def write_loopback_config(
         "# The defaults, with this folder's export/ and var/ and free loopback ports.\n"
         '[watch]\nfolder = "export"\n\n[state]\nfolder = "var"\n\n'
         f'[publish]\nendpoint = "{endpoint}"\nsnapshot_endpoint = "{snapshot}"\n\n[metrics]\nlisten = "{metrics}"\n\n'
-        f'[engine]\nbackend = "{backend}"\n\n[assembly]\nquiet_period_s = {quiet_period_s}\n{extra}'
+        f'[engine]\nbackend = "{backend}"\n'
+        + (f'cache_dir = "{engine_cache}"\n' if engine_cache is not None else "")
+        + f"\n[assembly]\nquiet_period_s = {quiet_period_s}\n{extra}"
     )
     return LoopbackConfig(
         path=path, endpoint=endpoint, metrics_url=f"http://{metrics}/metrics", snapshot=snapshot

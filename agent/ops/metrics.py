@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Final, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -282,6 +282,41 @@ class AgentMetrics:
             registry=reg,
         )
         self._engine = Info("engine", "The sCT model and the backend running it.", namespace=ns, registry=reg)
+        self._engine_acceptance = Gauge(
+            "engine_acceptance_abs_hu",
+            "The running engine's |ΔHU| against the fp32 eager reference on the stored phantom window, "
+            "measured when it was accepted at start.",
+            ["statistic"],
+            namespace=ns,
+            registry=reg,
+        )
+        self._engine_accepted = Gauge(
+            "engine_accepted",
+            "1 when the running compiled engine passed acceptance at start; 0 for one that did not; "
+            "absent for backends without a compiled engine.",
+            namespace=ns,
+            registry=reg,
+        )
+        self._engine_build = Gauge(
+            "engine_build_seconds",
+            "Seconds the running compiled engine took to build (on this start or the one that cached it).",
+            namespace=ns,
+            registry=reg,
+        )
+        self._engine_refusals = Gauge(
+            "engine_refusals",
+            "Cached engines refused at start (key, file hash or acceptance) and rebuilt.",
+            namespace=ns,
+            registry=reg,
+        )
+        self._gpu_memory = Gauge(
+            "gpu_memory_bytes",
+            "GPU memory held by the engine's process, read at each scrape: allocated by tensors, reserved by "
+            "the caching allocator.",
+            ["kind"],
+            namespace=ns,
+            registry=reg,
+        )
         self._build = Info("build", "The agent's version.", namespace=ns, registry=reg)
         self._build.info({"version": __version__})
 
@@ -421,9 +456,17 @@ class AgentMetrics:
         self._subscribers.set(n)
 
     def set_engine_info(
-        self, *, model_id: str, model_version: str, backend: str, precision: str, device: str
+        self,
+        *,
+        model_id: str,
+        model_version: str,
+        backend: str,
+        precision: str,
+        device: str,
+        engine: str = "",
     ) -> None:
-        """Describe the engine in use. One series whatever the values, so these need no fixed set."""
+        """Describe the engine in use (``engine``: "cached", "built" or "" for backends without a compiled
+        engine). One series whatever the values, so these need no fixed set."""
         self._engine.info(
             {
                 "model_id": model_id,
@@ -431,8 +474,31 @@ class AgentMetrics:
                 "backend": backend,
                 "precision": precision,
                 "device": device,
+                "engine": engine,
             }
         )
+
+    def set_engine_acceptance(
+        self,
+        *,
+        mean_abs_hu: float,
+        p999_abs_hu: float,
+        max_abs_hu: float,
+        passed: bool,
+        build_s: float,
+        refusals: int,
+    ) -> None:
+        """Record the running engine's acceptance figures and how it came to be (see engines' acceptance)."""
+        for statistic, value in (("mean", mean_abs_hu), ("p99.9", p999_abs_hu), ("max", max_abs_hu)):
+            self._engine_acceptance.labels(statistic=statistic).set(value)
+        self._engine_accepted.set(1 if passed else 0)
+        self._engine_build.set(build_s)
+        self._engine_refusals.set(refusals)
+
+    def watch_gpu_memory(self, allocated: Callable[[], float], reserved: Callable[[], float]) -> None:
+        """Expose the GPU memory readers as ``gpu_memory_bytes{kind=...}``, read at each scrape."""
+        self._gpu_memory.labels(kind="allocated").set_function(allocated)
+        self._gpu_memory.labels(kind="reserved").set_function(reserved)
 
     # ----------------------------------------------------------------------------------------- operations
 

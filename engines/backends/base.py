@@ -1,15 +1,21 @@
-"""The backend interface the slab runner talks to; TensorRT and CUDA backends plug in here.
+"""The backend interface the slab runner talks to; CPU, CUDA and TensorRT backends plug in here.
 
 A backend knows nothing about DICOM, slabs or HU: it takes a normalised window ``[echoes, depth, rows, cols]``
-(float32) and returns the network output ``[depth, rows, cols]`` (float32, HU / hu_scale). Shapes are static per
-backend instance because compiled and TensorRT engines are; a window of another shape is refused with both shapes
-in the message rather than silently recompiled in the middle of a patient's series.
+(float32) and returns the network output ``[depth, rows, cols]`` (HU / hu_scale). Shapes are static per backend
+instance because compiled and TensorRT engines are; a window of another shape is refused with both shapes in the
+message rather than silently recompiled in the middle of a patient's series.
+
+The primary entry is :meth:`InferenceBackend.run` on torch tensors that already live on the backend's ``device``,
+so the slab path can keep a volume on the GPU and copy back only the int16 result; :meth:`infer` is the numpy
+convenience for offline callers. A backend that computes elsewhere (ONNX Runtime) converts inside ``_run``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -17,6 +23,7 @@ from typing import Any, ClassVar, Self
 
 import numpy as np
 import numpy.typing as npt
+import torch
 
 from engines.model.manifest import ModelManifest
 from sct_core.errors import SctError
@@ -48,6 +55,8 @@ class BackendOptions:
     precision: Precision = Precision.FP32
     #: Where exported/compiled artefacts are cached (ONNX files, inductor cache, TensorRT engines).
     cache_dir: Path | None = None
+    #: Told ``(step, fraction done)`` while an engine is built (``sct-agent engine build`` draws a bar).
+    progress: Callable[[str, float], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +78,8 @@ class InferenceBackend(ABC):
     """One loaded, warmed-up model for one static window shape."""
 
     name: ClassVar[str]
+    #: True where ``_prepare`` already ran full windows (acceptance), so ``load`` skips the warm-up.
+    warmed_by_prepare: ClassVar[bool] = False
 
     def __init__(
         self, manifest: ModelManifest, input_shape: tuple[int, int, int, int], options: BackendOptions
@@ -84,6 +95,10 @@ class InferenceBackend(ABC):
         self.manifest = manifest
         self.input_shape = input_shape
         self.options = options
+        #: Where ``run`` expects its window and leaves its output; GPU backends set their CUDA device.
+        self.device = torch.device("cpu")
+        #: Why ``auto`` passed over faster backends before this one, one line each (empty when chosen by name).
+        self.passed_over: list[str] = []
         self._warmup_s = 0.0
 
     @classmethod
@@ -94,17 +109,40 @@ class InferenceBackend(ABC):
         backend = cls(manifest, input_shape, options)
         started = time.perf_counter()
         backend._prepare()
-        backend.infer(np.zeros(input_shape, dtype=np.float32))
+        if not backend.warmed_by_prepare:
+            with torch.inference_mode(), backend.stream_context():
+                backend.run(torch.zeros(input_shape, dtype=torch.float32, device=backend.device))
+            backend.synchronize()
         backend._warmup_s = time.perf_counter() - started
         return backend
 
     def infer(self, window: F32) -> F32:
-        if window.shape != self.input_shape:
+        """Numpy in, numpy out (host memory), for offline callers; the agent's slab path uses ``run``."""
+        tensor = torch.from_numpy(np.ascontiguousarray(window, dtype=np.float32))
+        with torch.inference_mode(), self.stream_context():
+            out = self.run(tensor.to(self.device))
+            result = out.float().cpu().numpy()
+        return np.ascontiguousarray(result)
+
+    def run(self, window: torch.Tensor) -> torch.Tensor:
+        """Network output ``[depth, rows, cols]`` on ``device`` for a float32 window on ``device``.
+
+        Call inside ``torch.inference_mode()`` and :meth:`stream_context`; the result may be a view of a buffer
+        the backend reuses on its next call, so take what you need from it first.
+        """
+        if tuple(window.shape) != self.input_shape:
             raise ValueError(
-                f"slab window shape {window.shape} differs from the shape {self.input_shape} this "
+                f"slab window shape {tuple(window.shape)} differs from the shape {self.input_shape} this "
                 f"{self.name} backend was built for"
             )
-        return self._infer(np.ascontiguousarray(window, dtype=np.float32))
+        return self._run(window)
+
+    def stream_context(self) -> contextlib.AbstractContextManager[object]:
+        """The CUDA stream the backend computes on (its own, so uploads on another stream overlap it)."""
+        return contextlib.nullcontext()
+
+    def synchronize(self) -> None:  # noqa: B027 - optional hook
+        """Wait for work queued on the backend's stream; CPU backends finish inside ``run``."""
 
     @property
     def info(self) -> BackendInfo:
@@ -117,7 +155,7 @@ class InferenceBackend(ABC):
             model_version=self.manifest.version,
             weights_sha256=self.manifest.weights_sha256,
             warmup_s=round(self._warmup_s, 3),
-            details=self._details(),
+            details={**self._details(), **({"passed_over": self.passed_over} if self.passed_over else {})},
         )
 
     def close(self) -> None:  # noqa: B027 - optional hook
@@ -127,10 +165,10 @@ class InferenceBackend(ABC):
     def _prepare(self) -> None: ...
 
     @abstractmethod
-    def _infer(self, window: F32) -> F32: ...
+    def _run(self, window: torch.Tensor) -> torch.Tensor: ...
 
     def _device(self) -> str:
-        return "cpu"
+        return str(self.device)
 
     def _details(self) -> dict[str, Any]:
         return {}

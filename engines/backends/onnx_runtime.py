@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engines.backends.base import F32, BackendUnavailableError, InferenceBackend, Precision
+from engines.backends.base import BackendUnavailableError, InferenceBackend, Precision
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +75,10 @@ class OnnxRuntimeBackend(InferenceBackend):
         logger.info("exported %s to %s", self.manifest.label, path)
         return path
 
-    def _infer(self, window: F32) -> F32:
-        (out,) = self._session.run(None, {self._input_name: window[None]})
-        return np.ascontiguousarray(np.asarray(out, dtype=np.float32)[0, 0])
+    def _run(self, window: torch.Tensor) -> torch.Tensor:
+        host = np.ascontiguousarray(window.cpu().numpy(), dtype=np.float32)
+        (out,) = self._session.run(None, {self._input_name: host[None]})
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(out, dtype=np.float32)[0, 0]))
 
     def _details(self) -> dict[str, Any]:
         import onnxruntime as ort  # noqa: PLC0415

@@ -1,27 +1,46 @@
-"""Backend names as configuration spells them, and the ``auto`` rule that picks the embedded default.
+"""Backend names as configuration spells them, and the ``auto`` rule that picks one.
 
-``auto`` = the fastest CPU configuration that is (a) accelerated on this CPU (AMX or AVX512-FP16; see
-cpu_features) and (b) recorded in the model's manifest as agreeing with fp32 eager within
-``backend_tolerance_hu``. Without such units the choice is optimised fp32, which is exact. Speed order measured
-by bench/engine.py: optimised fp16 ≈ bf16 (with AMX) < optimised fp32 < ONNX Runtime < eager fp32.
+``auto`` tries, in order, and logs why each was taken or passed over:
+
+1. ``tensorrt`` fp16, then ``torch-cuda`` fp16, on a GPU: each is used only if its libraries and a GPU are
+   present and its compiled engine passes acceptance against the fp32 reference (``cached_backend``); otherwise
+   it says why in one line and ``auto`` moves on;
+2. the embedded CPU default: the fastest configuration that is (a) accelerated on this CPU (AMX or AVX512-FP16;
+   see cpu_features) and (b) recorded in the model's manifest as agreeing with fp32 eager within
+   ``backend_tolerance_hu``. Without such units the choice is optimised fp32, which is exact. Speed order
+   measured by bench/engine.py: optimised fp16 ≈ bf16 (with AMX) < optimised fp32 < ONNX Runtime < eager fp32.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
-from engines.backends.base import BackendOptions, InferenceBackend, Precision
+from engines.backends.aot_inductor import TorchAotBackend
+from engines.backends.base import BackendOptions, BackendUnavailableError, InferenceBackend, Precision
 from engines.backends.cpu_features import accelerated_precisions
 from engines.backends.onnx_runtime import OnnxRuntimeBackend
+from engines.backends.tensorrt import TensorRtBackend
 from engines.backends.torch_cpu import TorchEagerBackend, TorchOptimisedBackend
+from engines.backends.torch_cuda import TorchCudaBackend
 from engines.model.manifest import ModelManifest
 
 logger = logging.getLogger(__name__)
 
 AUTO = "auto"
 BACKENDS: dict[str, type[InferenceBackend]] = {
-    cls.name: cls for cls in (TorchEagerBackend, TorchOptimisedBackend, OnnxRuntimeBackend)
+    cls.name: cls
+    for cls in (
+        TorchEagerBackend,
+        TorchOptimisedBackend,
+        TorchAotBackend,
+        OnnxRuntimeBackend,
+        TorchCudaBackend,
+        TensorRtBackend,
+    )
 }
+#: GPU candidates ``auto`` tries before the CPU default, fastest first.
+GPU_AUTO_ORDER = ((TensorRtBackend.name, Precision.FP16), (TorchCudaBackend.name, Precision.FP16))
 #: Candidates for ``auto``, fastest first.
 _AUTO_ORDER = (
     (TorchOptimisedBackend.name, Precision.FP16),
@@ -68,12 +87,32 @@ def load_backend(
     options: BackendOptions = BackendOptions(),
 ) -> InferenceBackend:
     """Load, warm up and return backend ``name`` (or the ``auto`` choice) for windows of ``input_shape``."""
-    if name == AUTO:
-        name, precision, why = resolve_auto(manifest)
-        options = BackendOptions(threads=options.threads, precision=precision, cache_dir=options.cache_dir)
-        logger.info("backend auto -> %s %s (%s)", name, precision.value, why)
+    if name != AUTO:
+        return _backend_class(name).load(manifest, input_shape, options)
+    passed_over: list[str] = []
+    for gpu_name, precision in GPU_AUTO_ORDER:
+        try:
+            backend = _backend_class(gpu_name).load(
+                manifest, input_shape, dataclasses.replace(options, precision=precision)
+            )
+        except BackendUnavailableError as exc:
+            logger.info("backend auto: passing over %s %s: %s", gpu_name, precision.value, exc)
+            passed_over.append(str(exc))
+            continue
+        logger.info("backend auto -> %s %s (GPU engine accepted)", gpu_name, precision.value)
+        backend.passed_over = passed_over
+        return backend
+    cpu_name, precision, why = resolve_auto(manifest)
+    logger.info("backend auto -> %s %s (%s)", cpu_name, precision.value, why)
+    backend = _backend_class(cpu_name).load(
+        manifest, input_shape, dataclasses.replace(options, precision=precision)
+    )
+    backend.passed_over = passed_over
+    return backend
+
+
+def _backend_class(name: str) -> type[InferenceBackend]:
     try:
-        cls = BACKENDS[name]
+        return BACKENDS[name]
     except KeyError:
         raise ValueError(f"backend: found {name!r}, expected one of {', '.join([AUTO, *BACKENDS])}") from None
-    return cls.load(manifest, input_shape, options)

@@ -10,11 +10,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from engines.backends.base import F32, BackendUnavailableError, InferenceBackend, Precision
+from engines.backends.base import BackendUnavailableError, InferenceBackend, Precision
 from engines.backends.cpu_features import native_precisions
 
 _AUTOCAST = {Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16}
@@ -27,19 +26,17 @@ class _TorchCpuBackend(InferenceBackend):
         if self.options.threads:
             torch.set_num_threads(self.options.threads)
 
-    def _run(self, module: Any, window: F32, *, channels_last: bool) -> F32:
-        x = torch.from_numpy(window)[None]
+    def _forward(self, module: Any, window: torch.Tensor, *, channels_last: bool) -> torch.Tensor:
+        x = window[None]
         if channels_last:
             x = x.to(memory_format=torch.channels_last_3d)
         precision = self.options.precision
-        with (
-            torch.inference_mode(),
-            torch.autocast(
-                "cpu", dtype=_AUTOCAST.get(precision, torch.float32), enabled=precision in _AUTOCAST
-            ),
+        with torch.autocast(
+            "cpu", dtype=_AUTOCAST.get(precision, torch.float32), enabled=precision in _AUTOCAST
         ):
             out = module(x)
-        return np.ascontiguousarray(out[0, 0].float().numpy())
+        result: torch.Tensor = out[0, 0].float()
+        return result
 
     def _details(self) -> dict[str, Any]:
         return {"threads": torch.get_num_threads(), "torch": torch.__version__}
@@ -56,8 +53,8 @@ class TorchEagerBackend(_TorchCpuBackend):
         self._set_threads()
         self._model = self.manifest.build_model()
 
-    def _infer(self, window: F32) -> F32:
-        return self._run(self._model, window, channels_last=False)
+    def _run(self, window: torch.Tensor) -> torch.Tensor:
+        return self._forward(self._model, window, channels_last=False)
 
 
 class TorchOptimisedBackend(_TorchCpuBackend):
@@ -80,5 +77,5 @@ class TorchOptimisedBackend(_TorchCpuBackend):
         model = self.manifest.build_model().to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
         self._model = torch.compile(model, dynamic=False, options={"freezing": True})  # type: ignore[assignment]
 
-    def _infer(self, window: F32) -> F32:
-        return self._run(self._model, window, channels_last=True)
+    def _run(self, window: torch.Tensor) -> torch.Tensor:
+        return self._forward(self._model, window, channels_last=True)

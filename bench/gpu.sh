@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# All GPU checks in one call (docs/gpu.md): the tests marked gpu, bench/engine.py on CUDA, bench/e2e.py with the
+# agent on the GPU. Figures and logs go to $OUT (the device tool's folder; ./gpu-out elsewhere).
+#
+# On the lent machine, from the repository root, with .whl/ made by bench/gpu_wheels.sh carried along:
+#   bash bench/gpu.sh
+# About 8 minutes: each step has its own time limit so that a hang in one still leaves the others' figures.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+export PYTHONPATH=$PWD
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PWD:/tmp/site
+fi
+# One engine cache for every step: the engine the benchmark builds is the one the agent then loads.
+CACHE=/tmp/sct-engine-cache
+mkdir -p "$CACHE"
+log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$OUT/summary.txt"; }
+
+log "machine"
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader
+  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+  nproc
+} 2>&1 | tee -a "$OUT/summary.txt"
+
+log "tests marked gpu"
+timeout 170 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/pytest-gpu.txt" | tail -25
+echo "pytest exit ${PIPESTATUS[0]}" | tee -a "$OUT/summary.txt"
+
+log "bench/engine.py on CUDA (first start builds the engine, second start loads it)"
+timeout 230 python3 bench/engine.py --configs torch-cuda/fp16 --runs 5 --threads 16 --cache-dir "$CACHE" \
+  --json "$OUT/engine.json" 2>&1 | tee "$OUT/engine.txt" | tail -20
+echo "engine exit ${PIPESTATUS[0]}" | tee -a "$OUT/summary.txt"
+
+log "bench/e2e.py, agent on the GPU"
+timeout 150 python3 bench/e2e.py --runs 2 --backend torch-cuda --engine-cache "$CACHE" \
+  --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.txt" | tail -25
+echo "e2e exit ${PIPESTATUS[0]}" | tee -a "$OUT/summary.txt"
+log "done"

@@ -1,0 +1,151 @@
+"""Backends whose engine is compiled once, kept on disk and accepted before use (AOTInductor, CUDA, TensorRT).
+
+The flow every such backend shares, so each one only says how to build, save and load its engine:
+
+1. compute the :class:`EngineKey` for this machine, model, window and precision;
+2. look in the cache: an engine whose key differs, whose file hash does not match, or that never passed is
+   refused with a message naming which (kept in ``refusals`` and logged) and removed;
+3. load a cached engine, or build one (``sct-agent engine build`` or the first start) into a scratch folder;
+4. run acceptance (``acceptance.py``) on the loaded engine, at every start: only an engine that reproduces the
+   fp32 reference within the manifest's tolerance is used; a freshly built one that fails is refused with
+   :class:`BackendUnavailableError`, so ``auto`` moves on to the next backend.
+
+A start with a valid cached engine therefore costs loading it plus one inference on the stored sample.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from abc import abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+from engines.backends.acceptance import AcceptanceResult, accept, acceptance_sample
+from engines.backends.base import BackendUnavailableError, InferenceBackend
+from engines.backends.engine_cache import (
+    EngineKey,
+    EngineRecord,
+    EngineRefused,
+    EngineStore,
+    default_cache_dir,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class CachedEngineBackend(InferenceBackend):
+    #: File name of the engine inside its folder.
+    artefact: ClassVar[str]
+    #: False when the artefact is a compiler's cache folder rather than one file (no hash to check).
+    hashed: ClassVar[bool] = True
+    #: Acceptance runs a full window, so ``load`` needs no separate warm-up.
+    warmed_by_prepare = True
+
+    #: Set by ``_prepare``: "cached" (a valid engine was loaded) or "built".
+    origin: str = ""
+    refusals: list[str]
+    record: EngineRecord | None = None
+    acceptance: AcceptanceResult | None = None
+
+    def _prepare(self) -> None:
+        self.refusals = []
+        self._require()
+        cache_dir = self.options.cache_dir or default_cache_dir()
+        key = EngineKey.current(
+            backend=self.name,
+            precision=self.options.precision.value,
+            window=self.input_shape,
+            manifest=self.manifest,
+            device=self.device,
+            compiler=self._compiler_version(),
+        )
+        store = EngineStore(cache_dir, key, self.artefact)
+        self._progress("acceptance sample", 0.0)
+        sample = acceptance_sample(self.manifest, self.input_shape, cache_dir)
+        record = self._cached(store)
+        if record is not None:
+            self._load(store.artefact_path)
+            result = accept(self, sample)
+            if result.passed:
+                self.origin, self.record, self.acceptance = "cached", record, result
+                logger.info("%s: cached engine %s accepted: %s", self.name, store.folder, result.describe())
+                self._progress("ready", 1.0)
+                return
+            self._refuse(store, f"cached engine {store.folder} failed acceptance: {result.describe()}")
+        started = time.perf_counter()
+        scratch = store.scratch()
+        try:
+            self._progress("compiling", 0.1)
+            self._build(scratch / self.artefact)
+            self._progress("loading", 0.8)
+            self._load(scratch / self.artefact)
+            self._progress("acceptance", 0.9)
+            result = accept(self, sample)
+            if not result.passed:
+                raise BackendUnavailableError(
+                    f"{self.name} {self.options.precision.value}: the engine just built failed acceptance: "
+                    f"{result.describe()}",
+                    found=result.mean_abs_hu,
+                    expected=f"mean |ΔHU| <= {result.tolerance_hu}",
+                )
+            build_s = time.perf_counter() - started
+            self.record = store.commit(
+                scratch, hashed=self.hashed, build_s=build_s, acceptance=result.to_dict()
+            )
+        finally:
+            if scratch.exists():
+                _remove(scratch)
+        self._after_commit(store.artefact_path)
+        self.origin, self.acceptance = "built", result
+        logger.info(
+            "%s: built engine %s in %.1f s, accepted: %s", self.name, store.folder, build_s, result.describe()
+        )
+        self._progress("ready", 1.0)
+
+    def _cached(self, store: EngineStore) -> EngineRecord | None:
+        try:
+            return store.check()
+        except EngineRefused as refused:
+            self._refuse(store, str(refused))
+            return None
+
+    def _refuse(self, store: EngineStore, message: str) -> None:
+        logger.warning("%s; building it again", message)
+        self.refusals.append(message)
+        store.clear()
+
+    def _progress(self, step: str, fraction: float) -> None:
+        if self.options.progress is not None:
+            self.options.progress(f"{self.name} {self.options.precision.value}: {step}", fraction)
+
+    def _details(self) -> dict[str, Any]:
+        details: dict[str, Any] = {"engine": self.origin, "refusals": list(self.refusals)}
+        if self.acceptance is not None:
+            details["acceptance"] = self.acceptance.to_dict()
+        if self.record is not None:
+            details["engine_build_s"] = self.record.build_s
+        return details
+
+    @abstractmethod
+    def _require(self) -> None:
+        """Raise :class:`BackendUnavailableError` (one line) when the libraries or the device are absent."""
+
+    @abstractmethod
+    def _build(self, path: Path) -> None:
+        """Compile the engine and save it at ``path``."""
+
+    @abstractmethod
+    def _load(self, path: Path) -> None:
+        """Load the engine saved at ``path`` so that ``_run`` uses it."""
+
+    def _after_commit(self, path: Path) -> None:
+        """The engine now lives at ``path`` (its scratch folder was moved into place)."""
+
+    def _compiler_version(self) -> str:
+        return ""
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
