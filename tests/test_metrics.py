@@ -90,8 +90,18 @@ def test_counters_histograms_and_gauges_come_through_http(
     metrics.heartbeat()
     beat_to = time.time()
     metrics.set_engine_info(
-        model_id="unet3d", model_version="1.2", backend="torch", precision="fp32", device="cpu"
+        model_id="unet3d",
+        model_version="1.2",
+        backend="torch",
+        precision="fp32",
+        device="cpu",
+        engine="cached",
     )
+    metrics.set_engine_acceptance(
+        mean_abs_hu=0.11, p999_abs_hu=1.1, max_abs_hu=3.1, passed=True, build_s=65.0, refusals=1
+    )
+    gpu_bytes = iter([1e9, 2e9])
+    metrics.watch_gpu_memory(lambda: 5e8, lambda: next(gpu_bytes))
 
     s = parse(fetch(server))
     assert value(s, "sct_agent_files_total", outcome="accepted") == 2
@@ -130,8 +140,24 @@ def test_counters_histograms_and_gauges_come_through_http(
     assert value(s, "sct_agent_acquisitions_open") == 2
     assert value(s, "sct_agent_ready") == 1
     assert beat_from <= value(s, "sct_agent_last_heartbeat_timestamp_seconds") <= beat_to
-    engine = dict(model_id="unet3d", model_version="1.2", backend="torch", precision="fp32", device="cpu")
+    engine = dict(
+        model_id="unet3d",
+        model_version="1.2",
+        backend="torch",
+        precision="fp32",
+        device="cpu",
+        engine="cached",
+    )
     assert value(s, "sct_agent_engine_info", **engine) == 1
+    assert value(s, "sct_agent_engine_acceptance_abs_hu", statistic="mean") == pytest.approx(0.11)
+    assert value(s, "sct_agent_engine_acceptance_abs_hu", statistic="max") == pytest.approx(3.1)
+    assert value(s, "sct_agent_engine_accepted") == 1
+    assert value(s, "sct_agent_engine_build_seconds") == 65.0
+    assert value(s, "sct_agent_engine_refusals") == 1
+    assert value(s, "sct_agent_gpu_memory_bytes", kind="allocated") == 5e8
+    # Read at each scrape, not when set.
+    assert value(s, "sct_agent_gpu_memory_bytes", kind="reserved") == 1e9
+    assert value(parse(fetch(server)), "sct_agent_gpu_memory_bytes", kind="reserved") == 2e9
     assert value(s, "sct_agent_build_info", version=__version__) == 1
 
     metrics.set_ready(False)

@@ -4,6 +4,9 @@ Why the agent does not use prometheus_client's global ``REGISTRY``: a second ``A
 (a test, the benchmark running two agents) would collide on metric names. Each ``AgentMetrics`` therefore holds
 its own ``CollectorRegistry`` and serves only that one.
 
+One module on purpose: every metric name, help text, bucket and label set the agent exposes is decided here, so
+hospital IT has one file to read for its dashboards and alerts, and cardinality is checked in one place.
+
 Why callers never see a prometheus object: stages report plain values (``file_seen("accepted")``,
 ``slab_inferred(read_s, inference_s)``) and this module decides names, buckets and labels in one place. Every
 label value is checked against a fixed set here, because one careless label (a UID, a path, a protocol name from

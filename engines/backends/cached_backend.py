@@ -75,7 +75,8 @@ class CachedEngineBackend(InferenceBackend):
                 return
             self._refuse(store, f"cached engine {store.folder} failed acceptance: {result.describe()}")
         started = time.perf_counter()
-        scratch = store.scratch()
+        scratch = store.scratch(in_place=not self.hashed)
+        committed = False
         try:
             self._progress("compiling", 0.1)
             self._build(scratch / self.artefact)
@@ -94,8 +95,9 @@ class CachedEngineBackend(InferenceBackend):
             self.record = store.commit(
                 scratch, hashed=self.hashed, build_s=build_s, acceptance=result.to_dict()
             )
+            committed = True
         finally:
-            if scratch.exists():
+            if not committed or scratch != store.folder:
                 _remove(scratch)
         self._after_commit(store.artefact_path)
         self.origin, self.acceptance = "built", result

@@ -198,9 +198,15 @@ class EngineStore:
         """Remove the folder (a refused or superseded engine)."""
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def scratch(self) -> Path:
-        """An empty folder beside the engine folder to build into; :meth:`commit` moves it into place."""
+    def scratch(self, *, in_place: bool = False) -> Path:
+        """An empty folder to build into: beside the engine folder, moved into place by :meth:`commit`, or (for a
+        compiler cache that records its own paths) the engine folder itself, emptied, with the record written
+        last so that an interrupted build leaves no record."""
         self.folder.parent.mkdir(parents=True, exist_ok=True)
+        if in_place:
+            self.clear()
+            self.folder.mkdir()
+            return self.folder
         return Path(tempfile.mkdtemp(prefix=f".{self.key.folder_name}-", dir=self.folder.parent))
 
     def commit(
@@ -218,8 +224,9 @@ class EngineStore:
             acceptance=acceptance,
         )
         (scratch / RECORD_NAME).write_text(record.to_json())
-        self.clear()
-        scratch.replace(self.folder)
+        if scratch != self.folder:
+            self.clear()
+            scratch.replace(self.folder)
         return record
 
 

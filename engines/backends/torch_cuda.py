@@ -56,8 +56,8 @@ class TorchCudaBackend(CachedEngineBackend):
         self._stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
 
     def _build(self, path: Path) -> None:
+        # The engine is inductor's cache, filled by the compile that ``_load`` (called next) runs.
         path.mkdir(parents=True, exist_ok=True)
-        self._load(path)
 
     def _load(self, path: Path) -> None:
         # Inductor reads its cache folder from the environment when it compiles; the FX graph and autotuning
