@@ -306,7 +306,11 @@ def test_environment_and_default_paths_are_relative_to_the_current_directory(
         ("assembly", "quiet_period_s = -1", r"assembly\.quiet_period_s .*found -1\.0.*greater than 0"),
         ("protocols", 'active = "a,b"', r"protocols\.active .*found 'a,b'.*expected a list of strings"),
         ("protocols", 'active = ["a", ""]', r"protocols\.active .*found \['a', ''\].*none of them empty"),
-        ("engine", 'backend = "tensorrt"', r"engine\.backend .*found 'tensorrt', expected one of 'auto'"),
+        (
+            "engine",
+            'backend = "tensorrt-fp8"',
+            r"engine\.backend .*found 'tensorrt-fp8', expected one of 'auto'",
+        ),
         ("engine", "threads = -1", r"engine\.threads .*found -1, expected an integer >= 0"),
         ("engine", "threads = 2.5", r"engine\.threads .*found 2\.5.*expected an integer"),
         ("engine", "slab_depth = 12", r"engine\.slab_depth .*found 12.*multiple of 8"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import queue
 import shutil
@@ -100,8 +101,8 @@ def test_counters_histograms_and_gauges_come_through_http(
     metrics.set_engine_acceptance(
         mean_abs_hu=0.11, p999_abs_hu=1.1, max_abs_hu=3.1, passed=True, build_s=65.0, refusals=1
     )
-    gpu_bytes = iter([1e9, 2e9])
-    metrics.watch_gpu_memory(lambda: 5e8, lambda: next(gpu_bytes))
+    scrapes = itertools.count(1)
+    metrics.watch_gpu_memory(lambda: 5e8, lambda: 1e9 * next(scrapes))
 
     s = parse(fetch(server))
     assert value(s, "sct_agent_files_total", outcome="accepted") == 2

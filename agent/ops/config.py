@@ -173,7 +173,7 @@ class EngineConfig:
     backend: str = "auto"
     #: Intra-op threads; 0 = all cores.
     threads: int = 0
-    #: Output slices per slab; 0 = the manifest's.
+    #: Output slices per slab; 0 = the manifest's on the CPU, ``GPU_SLAB_DEPTH`` (16) on a GPU.
     slab_depth: int = 0
     #: Compiled and exported engines; None = ``<state.folder>/engine-cache``.
     cache_dir: Path | None = None

@@ -28,11 +28,11 @@ class TorchAotBackend(CachedEngineBackend):
     _runner: Any = None
 
     def _require(self) -> None:
-        if self.options.precision is not Precision.FP32:
+        if self.precision is not Precision.FP32:
             raise BackendUnavailableError(
-                f"{self.name}: precision {self.options.precision.value} is not offered (autocast packages run "
+                f"{self.name}: precision {self.precision.value} is not offered (autocast packages run "
                 f"hundreds of times slower than eager on the CPU); use fp32 or torch-optimised",
-                found=self.options.precision.value,
+                found=self.precision.value,
                 expected="fp32",
             )
         if self.options.threads:

@@ -13,6 +13,7 @@ convenience for offline callers. A backend that computes elsewhere (ONNX Runtime
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -52,7 +53,8 @@ class BackendOptions:
 
     #: Intra-op threads for CPU backends; None = torch's default (all cores).
     threads: int | None = None
-    precision: Precision = Precision.FP32
+    #: None = the backend's own default (fp32 on the CPU, fp16 on a GPU); ``auto`` sets it explicitly.
+    precision: Precision | None = None
     #: Where exported/compiled artefacts are cached (ONNX files, inductor cache, TensorRT engines).
     cache_dir: Path | None = None
     #: Told ``(step, fraction done)`` while an engine is built (``sct-agent engine build`` draws a bar).
@@ -80,6 +82,8 @@ class InferenceBackend(ABC):
     name: ClassVar[str]
     #: True where ``_prepare`` already ran full windows (acceptance), so ``load`` skips the warm-up.
     warmed_by_prepare: ClassVar[bool] = False
+    #: Precision when the options name none.
+    default_precision: ClassVar[Precision] = Precision.FP32
 
     def __init__(
         self, manifest: ModelManifest, input_shape: tuple[int, int, int, int], options: BackendOptions
@@ -94,7 +98,7 @@ class InferenceBackend(ABC):
             raise ValueError(f"window shape {input_shape[1:]} must be multiples of {factor} on every axis")
         self.manifest = manifest
         self.input_shape = input_shape
-        self.options = options
+        self.options = dataclasses.replace(options, precision=options.precision or self.default_precision)
         #: Where ``run`` expects its window and leaves its output; GPU backends set their CUDA device.
         self.device = torch.device("cpu")
         #: Why ``auto`` passed over faster backends before this one, one line each (empty when chosen by name).
@@ -145,11 +149,17 @@ class InferenceBackend(ABC):
         """Wait for work queued on the backend's stream; CPU backends finish inside ``run``."""
 
     @property
+    def precision(self) -> Precision:
+        """The precision this backend runs at (the options', or its default)."""
+        assert self.options.precision is not None  # resolved in __init__
+        return self.options.precision
+
+    @property
     def info(self) -> BackendInfo:
         return BackendInfo(
             backend=self.name,
             device=self._device(),
-            precision=self.options.precision.value,
+            precision=self.precision.value,
             input_shape=self.input_shape,
             model_id=self.manifest.model_id,
             model_version=self.manifest.version,

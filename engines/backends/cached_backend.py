@@ -55,7 +55,7 @@ class CachedEngineBackend(InferenceBackend):
         cache_dir = self.options.cache_dir or default_cache_dir()
         key = EngineKey.current(
             backend=self.name,
-            precision=self.options.precision.value,
+            precision=self.precision.value,
             window=self.input_shape,
             manifest=self.manifest,
             device=self.device,
@@ -86,7 +86,7 @@ class CachedEngineBackend(InferenceBackend):
             result = accept(self, sample)
             if not result.passed:
                 raise BackendUnavailableError(
-                    f"{self.name} {self.options.precision.value}: the engine just built failed acceptance: "
+                    f"{self.name} {self.precision.value}: the engine just built failed acceptance: "
                     f"{result.describe()}",
                     found=result.mean_abs_hu,
                     expected=f"mean |ΔHU| <= {result.tolerance_hu}",
@@ -120,7 +120,7 @@ class CachedEngineBackend(InferenceBackend):
 
     def _progress(self, step: str, fraction: float) -> None:
         if self.options.progress is not None:
-            self.options.progress(f"{self.name} {self.options.precision.value}: {step}", fraction)
+            self.options.progress(f"{self.name} {self.precision.value}: {step}", fraction)
 
     def _details(self) -> dict[str, Any]:
         details: dict[str, Any] = {"engine": self.origin, "refusals": list(self.refusals)}

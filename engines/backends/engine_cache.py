@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 import time
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 
 from engines.model.manifest import ModelManifest
+from sct_core.errors import SctError
 
 RECORD_NAME = "engine.json"
 #: Version of the record format; a record of another version is refused like a key that differs.
@@ -54,11 +56,19 @@ def _cpu_model() -> str:
 
 
 def _driver_version() -> str:
-    getter = getattr(torch._C, "_cuda_getDriverVersion", None)
-    if getter is None:
-        return "unknown"
-    version = int(getter())
-    return f"{version // 1000}.{version % 1000 // 10}"
+    """The kernel driver's version (what a driver update changes) and the CUDA version it supports."""
+    parts = []
+    try:
+        match = re.search(r"Kernel Module\s+(\S+)", Path("/proc/driver/nvidia/version").read_text())
+        if match:
+            parts.append(match.group(1))
+    except OSError:
+        pass
+    getter = getattr(torch._C, "_cuda_getDriverVersion", None)  # CUDA builds of torch only
+    if getter is not None:
+        version = int(getter())
+        parts.append(f"CUDA {version // 1000}.{version % 1000 // 10}")
+    return " ".join(parts) or "unknown"
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,8 +156,11 @@ class EngineRecord:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
 
-class EngineRefused(Exception):  # noqa: N818 - a verdict on a cached engine, caught where the engine is rebuilt
+class EngineRefused(SctError):  # noqa: N818 - a verdict on a cached engine, caught where the engine is rebuilt
     """A cached engine is not used; the message says which check failed, with found and expected values."""
+
+    def __init__(self, message: str, *, found: object = None, expected: str = "") -> None:
+        super().__init__(message, attribute="engine cache", found=found, expected=expected)
 
 
 class EngineStore:

@@ -28,8 +28,8 @@ class OnnxRuntimeBackend(InferenceBackend):
     name = "onnxruntime"
 
     def _prepare(self) -> None:
-        if self.options.precision is not Precision.FP32:
-            raise ValueError(f"{self.name} runs fp32 only; found precision {self.options.precision.value}")
+        if self.precision is not Precision.FP32:
+            raise ValueError(f"{self.name} runs fp32 only; found precision {self.precision.value}")
         try:
             import onnxruntime as ort  # noqa: PLC0415 - optional dependency, imported when chosen
         except ImportError as exc:

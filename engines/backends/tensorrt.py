@@ -45,16 +45,17 @@ def import_torch_tensorrt() -> Any:
 class TensorRtBackend(CachedEngineBackend):
     name = "tensorrt"
     artefact = "engine.ep"
+    default_precision = Precision.FP16
 
     _trt: Any = None
     _module: Any = None
     _stream: Any = None
 
     def _require(self) -> None:
-        if self.options.precision not in _DTYPES:
+        if self.precision not in _DTYPES:
             raise BackendUnavailableError(
-                f"{self.name}: precision {self.options.precision.value} is not offered; use fp16 or fp32",
-                found=self.options.precision.value,
+                f"{self.name}: precision {self.precision.value} is not offered; use fp16 or fp32",
+                found=self.precision.value,
                 expected="fp16 or fp32",
             )
         self._trt = import_torch_tensorrt()
@@ -74,11 +75,11 @@ class TensorRtBackend(CachedEngineBackend):
             return f"torch-tensorrt {version}"
 
     def _example(self) -> torch.Tensor:
-        dtype = _DTYPES[self.options.precision]
+        dtype = _DTYPES[self.precision]
         return torch.zeros((1, *self.input_shape), dtype=dtype, device=self.device)
 
     def _build(self, path: Path) -> None:
-        dtype = _DTYPES[self.options.precision]
+        dtype = _DTYPES[self.precision]
         model = self.manifest.build_model().to(self.device, dtype=dtype)
         example = self._example()
         compiled = self._trt.compile(model, ir="dynamo", arg_inputs=[example])
@@ -88,7 +89,7 @@ class TensorRtBackend(CachedEngineBackend):
         self._module = self._trt.load(str(path)).module()
 
     def _run(self, window: torch.Tensor) -> torch.Tensor:
-        out = self._module(window[None].to(_DTYPES[self.options.precision]))
+        out = self._module(window[None].to(_DTYPES[self.precision]))
         result = out[0] if isinstance(out, list | tuple) else out
         return result[0, 0]  # type: ignore[no-any-return]
 

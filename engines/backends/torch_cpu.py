@@ -30,7 +30,7 @@ class _TorchCpuBackend(InferenceBackend):
         x = window[None]
         if channels_last:
             x = x.to(memory_format=torch.channels_last_3d)
-        precision = self.options.precision
+        precision = self.precision
         with torch.autocast(
             "cpu", dtype=_AUTOCAST.get(precision, torch.float32), enabled=precision in _AUTOCAST
         ):
@@ -48,8 +48,8 @@ class TorchEagerBackend(_TorchCpuBackend):
     name = "torch-eager"
 
     def _prepare(self) -> None:
-        if self.options.precision is not Precision.FP32:
-            raise ValueError(f"{self.name} runs fp32 only; found precision {self.options.precision.value}")
+        if self.precision is not Precision.FP32:
+            raise ValueError(f"{self.name} runs fp32 only; found precision {self.precision.value}")
         self._set_threads()
         self._model = self.manifest.build_model()
 
@@ -63,7 +63,7 @@ class TorchOptimisedBackend(_TorchCpuBackend):
     name = "torch-optimised"
 
     def _prepare(self) -> None:
-        precision = self.options.precision
+        precision = self.precision
         if precision not in native_precisions():
             raise BackendUnavailableError(
                 f"{self.name}: precision {precision.value} is not native on this CPU "

@@ -44,6 +44,7 @@ class TorchCudaBackend(CachedEngineBackend):
     name = "torch-cuda"
     artefact = "inductor"
     hashed = False
+    default_precision = Precision.FP16
 
     _stream: Any = None
     _compiled: Any = None
@@ -63,7 +64,7 @@ class TorchCudaBackend(CachedEngineBackend):
         # Inductor reads its cache folder from the environment when it compiles; the FX graph and autotuning
         # caches there are what make the second start fast.
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
-        dtype = _DTYPES[self.options.precision]
+        dtype = _DTYPES[self.precision]
         model = self.manifest.build_model().to(self.device, dtype=dtype)
         model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
         self._compiled = torch.compile(model, mode=COMPILE_MODE, dynamic=False)
@@ -75,7 +76,7 @@ class TorchCudaBackend(CachedEngineBackend):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
 
     def _run(self, window: torch.Tensor) -> torch.Tensor:
-        x = window[None].to(_DTYPES[self.options.precision]).contiguous(memory_format=torch.channels_last_3d)
+        x = window[None].to(_DTYPES[self.precision]).contiguous(memory_format=torch.channels_last_3d)
         return self._compiled(x)[0, 0]  # type: ignore[no-any-return]
 
     def stream_context(self) -> AbstractContextManager[object]:
