@@ -61,6 +61,17 @@ class AcceptanceResult:
         data["passed"] = self.passed
         return data
 
+    @classmethod
+    def from_record(cls, data: dict[str, Any], tolerance_hu: float) -> AcceptanceResult:
+        """Figures recorded when an engine was accepted, judged against ``tolerance_hu`` (the manifest's now)."""
+        return cls(
+            mean_abs_hu=float(data["mean_abs_hu"]),
+            p999_abs_hu=float(data["p999_abs_hu"]),
+            max_abs_hu=float(data["max_abs_hu"]),
+            tolerance_hu=tolerance_hu,
+            window=tuple(int(n) for n in data["window"]),
+        )
+
 
 @dataclass(frozen=True, slots=True, eq=False)
 class AcceptanceSample:

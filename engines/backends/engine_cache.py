@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 import platform
@@ -29,13 +28,14 @@ from typing import Any
 
 import torch
 
-from engines.model.manifest import ModelManifest
+from engines.model.manifest import ModelManifest, sha256_of
 from sct_core.errors import SctError
 
 RECORD_NAME = "engine.json"
 #: Version of the record format; a record of another version is refused like a key that differs.
 RECORD_FORMAT = 1
-_HASH_CHUNK = 1 << 20
+#: What a record's acceptance must hold for the engine to be judged without running it again.
+ACCEPTANCE_FIGURES = ("mean_abs_hu", "p999_abs_hu", "max_abs_hu")
 
 
 def default_cache_dir() -> Path:
@@ -197,7 +197,7 @@ class EngineStore:
         if not self.artefact_path.exists():
             raise EngineRefused(f"cached engine {self.folder}: {self.artefact_path.name} is missing")
         if record.sha256 is not None:
-            found = file_sha256(self.artefact_path)
+            found = sha256_of(self.artefact_path)
             if found != record.sha256:
                 raise EngineRefused(
                     f"cached engine {self.folder}: {self.artefact_path.name} sha256 found {found}, "
@@ -205,6 +205,13 @@ class EngineStore:
                 )
         if not record.acceptance.get("passed"):
             raise EngineRefused(f"cached engine {self.folder}: it never passed acceptance")
+        figures = {name: record.acceptance.get(name) for name in ACCEPTANCE_FIGURES}
+        if not all(isinstance(value, int | float) for value in figures.values()):
+            raise EngineRefused(
+                f"cached engine {self.folder}: acceptance figures found {figures}, expected numbers",
+                found=figures,
+                expected="numbers",
+            )
         return record
 
     def clear(self) -> None:
@@ -231,7 +238,7 @@ class EngineStore:
         record = EngineRecord(
             key=self.key.to_dict(),
             artefact=artefact.name,
-            sha256=file_sha256(artefact) if hashed else None,
+            sha256=sha256_of(artefact) if hashed else None,
             build_s=round(build_s, 2),
             built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             acceptance=acceptance,
@@ -241,11 +248,3 @@ class EngineStore:
             self.clear()
             scratch.replace(self.folder)
         return record
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -15,15 +15,13 @@ path has not run there; everything around it (key, cache, acceptance, fallback) 
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from engines.backends.base import BackendUnavailableError, Precision
-from engines.backends.cached_backend import CachedEngineBackend
-from engines.backends.torch_cuda import cuda_unavailable_reason
+from engines.backends.torch_cuda import OwnCudaStream
 
 _DTYPES = {Precision.FP32: torch.float32, Precision.FP16: torch.float16}
 
@@ -42,14 +40,13 @@ def import_torch_tensorrt() -> Any:
     return torch_tensorrt
 
 
-class TensorRtBackend(CachedEngineBackend):
+class TensorRtBackend(OwnCudaStream):
     name = "tensorrt"
     artefact = "engine.ep"
     default_precision = Precision.FP16
 
     _trt: Any = None
     _module: Any = None
-    _stream: Any = None
 
     def _require(self) -> None:
         if self.precision not in _DTYPES:
@@ -59,11 +56,7 @@ class TensorRtBackend(CachedEngineBackend):
                 expected="fp16 or fp32",
             )
         self._trt = import_torch_tensorrt()
-        reason = cuda_unavailable_reason()
-        if reason is not None:
-            raise BackendUnavailableError(f"{self.name}: {reason}", found="no GPU", expected="a CUDA GPU")
-        self.device = torch.device("cuda", torch.cuda.current_device())
-        self._stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+        self._claim_gpu()
 
     def _compiler_version(self) -> str:
         version = getattr(self._trt, "__version__", "?")
@@ -92,12 +85,6 @@ class TensorRtBackend(CachedEngineBackend):
         out = self._module(window[None].to(_DTYPES[self.precision]))
         result = out[0] if isinstance(out, list | tuple) else out
         return result[0, 0]  # type: ignore[no-any-return]
-
-    def stream_context(self) -> AbstractContextManager[object]:
-        return torch.cuda.stream(self._stream)
-
-    def synchronize(self) -> None:
-        self._stream.synchronize()
 
     def _details(self) -> dict[str, Any]:
         return {

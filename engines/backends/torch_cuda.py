@@ -40,21 +40,35 @@ def cuda_unavailable_reason() -> str | None:
     return None
 
 
-class TorchCudaBackend(CachedEngineBackend):
-    name = "torch-cuda"
-    artefact = "inductor"
-    hashed = False
-    default_precision = Precision.FP16
+class OwnCudaStream(CachedEngineBackend):
+    """A GPU backend on a CUDA stream of its own, so slice uploads on the volume's stream overlap its kernels."""
 
     _stream: Any = None
-    _compiled: Any = None
 
-    def _require(self) -> None:
+    def _claim_gpu(self) -> None:
         reason = cuda_unavailable_reason()
         if reason is not None:
             raise BackendUnavailableError(f"{self.name}: {reason}", found="no GPU", expected="a CUDA GPU")
         self.device = torch.device("cuda", torch.cuda.current_device())
         self._stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+
+    def stream_context(self) -> AbstractContextManager[object]:
+        return torch.cuda.stream(self._stream)
+
+    def synchronize(self) -> None:
+        self._stream.synchronize()
+
+
+class TorchCudaBackend(OwnCudaStream):
+    name = "torch-cuda"
+    artefact = "inductor"
+    hashed = False
+    default_precision = Precision.FP16
+
+    _compiled: Any = None
+
+    def _require(self) -> None:
+        self._claim_gpu()
 
     def _build(self, path: Path) -> None:
         # The engine is inductor's cache, filled by the compile that ``_load`` (called next) runs.
@@ -78,12 +92,6 @@ class TorchCudaBackend(CachedEngineBackend):
     def _run(self, window: torch.Tensor) -> torch.Tensor:
         x = window[None].to(_DTYPES[self.precision]).contiguous(memory_format=torch.channels_last_3d)
         return self._compiled(x)[0, 0]  # type: ignore[no-any-return]
-
-    def stream_context(self) -> AbstractContextManager[object]:
-        return torch.cuda.stream(self._stream)
-
-    def synchronize(self) -> None:
-        self._stream.synchronize()
 
     def _details(self) -> dict[str, Any]:
         return {
