@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# All GPU checks in one call (docs/gpu.md): the tests marked gpu, bench/engine.py on CUDA, bench/e2e.py with the
-# agent on the GPU. Figures and logs go to $OUT (the device tool's folder; ./gpu-out elsewhere).
+# All GPU checks in one call (docs/gpu.md): bench/engine.py on CUDA (it builds the engine), the tests marked gpu,
+# bench/e2e.py with the agent on the GPU, all on one engine cache.
+# Figures and logs go to $OUT (the device tool's folder; ./gpu-out elsewhere).
 #
 # On the lent machine, from the repository root, with .whl/ made by bench/gpu_wheels.sh carried along:
 #   bash bench/gpu.sh
@@ -27,17 +28,18 @@ log "machine"
   nproc
 } 2>&1 | tee -a "$OUT/summary.txt"
 
-log "tests marked gpu"
-timeout 170 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/pytest-gpu.txt" | tail -25
-echo "pytest exit ${PIPESTATUS[0]}" | tee -a "$OUT/summary.txt"
-
 log "bench/engine.py on CUDA (first start builds the engine, second start loads it)"
-timeout 230 python3 bench/engine.py --configs torch-cuda/fp16 --runs 5 --threads 16 --cache-dir "$CACHE" \
+timeout 220 python3 bench/engine.py --configs torch-cuda/fp16 --runs 3 --threads 16 --cache-dir "$CACHE" \
   --json "$OUT/engine.json" 2>&1 | tee "$OUT/engine.txt" | tail -20
 echo "engine exit ${PIPESTATUS[0]}" | tee -a "$OUT/summary.txt"
 
-log "bench/e2e.py, agent on the GPU"
-timeout 150 python3 bench/e2e.py --runs 2 --backend torch-cuda --engine-cache "$CACHE" \
+log "tests marked gpu (they load the engine just built; warnings are shown, not turned into errors there)"
+SCT_TEST_ENGINE_CACHE="$CACHE" timeout 140 python3 -m pytest -q -m gpu -p no:cacheprovider \
+  -o filterwarnings=default tests/test_gpu.py 2>&1 | tee "$OUT/pytest-gpu.txt" | tail -25
+echo "pytest exit ${PIPESTATUS[0]}" | tee -a "$OUT/summary.txt"
+
+log "bench/e2e.py, agent on the GPU (same engine cache)"
+timeout 180 python3 bench/e2e.py --runs 2 --backend torch-cuda --engine-cache "$CACHE" \
   --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.txt" | tail -25
 echo "e2e exit ${PIPESTATUS[0]}" | tee -a "$OUT/summary.txt"
 log "done"
