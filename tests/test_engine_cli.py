@@ -30,10 +30,10 @@ def build(config: Path, *extra: str) -> subprocess.CompletedProcess[str]:
 def test_engine_build_compiles_once_then_reuses_the_cached_engine(tmp_path: Path) -> None:
     config = tmp_path / "agent.toml"
     config.write_text(
-        f'[state]\nfolder = "{tmp_path / "var"}"\n\n'
-        f'[engine]\nbackend = "torch-aot"\nthreads = 2\nslab_depth = {SLAB_DEPTH}\n'
+        f'[state]\nfolder = "{tmp_path / "var"}"\n\n[engine]\nthreads = 2\nslab_depth = {SLAB_DEPTH}\n'
     )
-    first = build(config, "--in-plane", *IN_PLANE)
+    # torch-aot: a real compiled engine that builds in seconds on the CPU (the agent itself may not run it).
+    first = build(config, "--backend", "torch-aot", "--in-plane", *IN_PLANE)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "engine: torch-aot fp32 on cpu, window 2x40x64x64" in first.stdout
     assert "acceptance: mean |ΔHU|" in first.stdout and "vs fp32 eager: passed" in first.stdout
@@ -45,7 +45,7 @@ def test_engine_build_compiles_once_then_reuses_the_cached_engine(tmp_path: Path
     engines = tmp_path / "var" / "engine-cache" / "engines"
     assert [p.name for p in engines.iterdir()] == ["torch-aot-fp32-2x40x64x64"]
 
-    second = build(config, "--in-plane", *IN_PLANE, "--json")
+    second = build(config, "--backend", "torch-aot", "--in-plane", *IN_PLANE, "--json")
     assert second.returncode == 0, second.stderr[-3000:]
     result = json.loads(second.stdout)
     assert result["engine"] == "cached" and result["refusals"] == []

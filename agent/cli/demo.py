@@ -25,7 +25,7 @@ from agent.cli.montage import CT_WINDOW_HU, Panel, render_montage
 from agent.client import ReceivedVolume, SctClient
 from agent.ops.agent_process import AgentProcess, write_loopback_config
 from agent.publish.wire import StatusMessage
-from engines.backends.registry import AUTO, BACKENDS
+from engines.backends.registry import AGENT_BACKENDS, AUTO
 from engines.evaluation.metrics import compute_metrics, masks_from_ct
 from engines.phantom.case import PhantomCase
 from engines.phantom.generate import generate_case
@@ -286,7 +286,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help=f"export pace in files per second (default: {DEFAULT_RATE:g})",
     )
     parser.add_argument(
-        "--backend", default=AUTO, choices=[AUTO, *BACKENDS], help="inference backend (default: auto)"
+        "--backend", default=AUTO, choices=[AUTO, *AGENT_BACKENDS], help="inference backend (default: auto)"
     )
     parser.set_defaults(handler=_main)
 

@@ -5,6 +5,12 @@ Why: ``torch.compile`` redoes its work at every start (tens of seconds on our CP
 engine. fp32 only: packages built under fp16 or bf16 autocast compiled, but ran a 24×64×64 window in 30 s and
 more on our CPUs (against 0.05 s eager), so reduced precision stays with ``torch-optimised``. AOTInductor packages
 crashed on the lent GPU's stack, so the CUDA path keeps inductor's own on-disk cache instead (``torch_cuda``).
+
+Not for the agent: the package's runner holds Python's GIL for the whole inference. Measured on our 2 cores with
+the lumbar window, a thread ticking every 10 ms ticked once during an 11.5 s slab; in the demo the assembler then
+saw no file for longer than its quiet period and ended the acquisition early. So ``holds_gil`` is set, the
+agent's configuration refuses this backend, and it serves offline work (``sct-agent evaluate``, benchmarks) and
+proves the compiled-engine cache on the CPU.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ class TorchAotBackend(CachedEngineBackend):
 
     name = "torch-aot"
     artefact = "engine.pt2"
+    holds_gil = True
 
     _runner: Any = None
 

@@ -84,6 +84,9 @@ class InferenceBackend(ABC):
     warmed_by_prepare: ClassVar[bool] = False
     #: Precision when the options name none.
     default_precision: ClassVar[Precision] = Precision.FP32
+    #: True for a backend whose inference holds Python's GIL throughout: every other thread of the process
+    #: (watcher, validator, publisher heartbeats) stops for a whole slab, so the agent must not run it.
+    holds_gil: ClassVar[bool] = False
 
     def __init__(
         self, manifest: ModelManifest, input_shape: tuple[int, int, int, int], options: BackendOptions
