@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from engines.backends.aot_inductor import TorchAotBackend
 from engines.backends.base import BackendOptions, BackendUnavailableError, Precision
 from engines.backends.cpu_features import accelerated_precisions, native_precisions
 from engines.backends.onnx_runtime import OnnxRuntimeBackend
-from engines.backends.registry import AUTO, accuracy_key, load_backend, resolve_auto
+from engines.backends.registry import accuracy_key, load_backend, resolve_auto
 from engines.backends.torch_cpu import TorchEagerBackend, TorchOptimisedBackend
 from engines.inference.slabs import SlabPlan, pad_in_plane
 from engines.model.manifest import ModelManifest
@@ -44,9 +45,13 @@ def reference_hu(window: np.ndarray, shipped_manifest: ModelManifest) -> np.ndar
 def test_optimised_backend_agrees_with_eager(
     window: np.ndarray, reference_hu: np.ndarray, shipped_manifest: ModelManifest, tmp_path: Path
 ) -> None:
-    name, precision, _ = resolve_auto(shipped_manifest)
-    assert name == TorchOptimisedBackend.name
-    backend = load_backend(AUTO, shipped_manifest, window.shape, BackendOptions(cache_dir=tmp_path))
+    _, precision, _ = resolve_auto(shipped_manifest)
+    backend = load_backend(
+        TorchOptimisedBackend.name,
+        shipped_manifest,
+        window.shape,
+        BackendOptions(precision=precision, cache_dir=tmp_path),
+    )
     assert backend.info.precision == precision.value
     assert backend.info.warmup_s > 0
     delta = np.abs(backend.infer(window) * np.float32(shipped_manifest.hu_scale) - reference_hu)
@@ -100,7 +105,7 @@ def test_auto_picks_the_fastest_native_precision_within_tolerance(shipped_manife
     def with_accuracy(records: dict[str, dict[str, float]]) -> ModelManifest:
         return dataclasses.replace(shipped_manifest, backend_accuracy=records)
 
-    assert resolve_auto(with_accuracy({}))[:2] == (TorchOptimisedBackend.name, Precision.FP32)
+    assert resolve_auto(with_accuracy({}))[:2] == (TorchAotBackend.name, Precision.FP32)
     good = {
         accuracy_key(TorchOptimisedBackend.name, p): {"mean_abs_hu": 0.1}
         for p in (Precision.FP16, Precision.BF16)
@@ -108,7 +113,8 @@ def test_auto_picks_the_fastest_native_precision_within_tolerance(shipped_manife
     expected = next(
         (p for p in (Precision.FP16, Precision.BF16) if p in accelerated_precisions()), Precision.FP32
     )
-    assert resolve_auto(with_accuracy(good))[1] is expected
+    faster = TorchOptimisedBackend.name if expected is not Precision.FP32 else TorchAotBackend.name
+    assert resolve_auto(with_accuracy(good))[:2] == (faster, expected)
     too_far = shipped_manifest.backend_tolerance_hu + 1
     bad = {k: {"mean_abs_hu": too_far} for k in good}
     assert resolve_auto(with_accuracy(bad))[1] is Precision.FP32

@@ -311,8 +311,6 @@ def test_environment_and_default_paths_are_relative_to_the_current_directory(
             'backend = "tensorrt-fp8"',
             r"engine\.backend .*found 'tensorrt-fp8', expected one of 'auto'",
         ),
-        # Holds the GIL through a slab: the agent's other threads would stall (engines/backends/aot_inductor.py).
-        ("engine", 'backend = "torch-aot"', r"engine\.backend .*found 'torch-aot', expected one of 'auto'"),
         ("engine", "threads = -1", r"engine\.threads .*found -1, expected an integer >= 0"),
         ("engine", "threads = 2.5", r"engine\.threads .*found 2\.5.*expected an integer"),
         ("engine", "slab_depth = 12", r"engine\.slab_depth .*found 12.*multiple of 8"),

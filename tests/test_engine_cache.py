@@ -10,24 +10,46 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
 import shutil
+import signal
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from engines.backends.acceptance import acceptance_sample
+from engines.backends.acceptance import AcceptanceSample, acceptance_sample
 from engines.backends.aot_inductor import TorchAotBackend
+from engines.backends.aot_worker import EngineWorkerError
 from engines.backends.base import BackendOptions, BackendUnavailableError
 from engines.backends.engine_cache import RECORD_NAME
 from engines.backends.registry import AUTO, load_backend, resolve_auto
 from engines.backends.tensorrt import TensorRtBackend, import_torch_tensorrt
+from engines.backends.torch_cpu import TorchEagerBackend
 from engines.backends.torch_cuda import TorchCudaBackend
+from engines.inference.engine import SctEngine
 from engines.model.manifest import ModelManifest
+from engines.phantom.case import PhantomCase
 
-#: A window small enough to compile in well under a minute on two cores.
-WINDOW = (2, 24, 64, 64)
+#: A window small enough to compile in well under a minute on two cores: slabs of 8 with the model's 16-slice
+#: halos, so an engine on a 64 x 64 crop runs slabs through this cached package.
+SLAB_DEPTH = 8
+IN_PLANE = (64, 64)
+WINDOW = (2, 40, *IN_PLANE)
+#: The GIL test: a ticker's period, how many windows it watches, and how many ticks each window must allow
+#: (a window of WINDOW takes about 0.25 s on our 2 cores: over twenty periods).
+TICK_S = 0.01
+WINDOWS = 5
+MIN_TICKS_PER_WINDOW = 4
+#: fp32 package against fp32 eager, both rounded to whole HU.
+STREAMED_AGREEMENT_HU = 1.0
+#: Long enough for the request to reach the stopped worker before it is killed.
+KILL_AFTER_S = 0.5
 
 pytestmark = pytest.mark.slow
 
@@ -37,8 +59,22 @@ def built_cache(tmp_path_factory: pytest.TempPathFactory, shipped_manifest: Mode
     """A cache folder holding one accepted AOTInductor engine (and the stored acceptance sample)."""
     cache = tmp_path_factory.mktemp("engine-cache")
     backend = TorchAotBackend.load(shipped_manifest, WINDOW, BackendOptions(threads=2, cache_dir=cache))
+    backend.close()
     assert backend.origin == "built" and backend.refusals == []
     return cache
+
+
+@pytest.fixture
+def loaded(
+    built_cache: Path, shipped_manifest: ModelManifest, tmp_path: Path
+) -> Iterator[tuple[TorchAotBackend, AcceptanceSample]]:
+    """The cached engine loaded (its worker process running) and the stored sample with its fp32 reference."""
+    cache, _ = copy_of(built_cache, tmp_path)
+    backend = TorchAotBackend.load(shipped_manifest, WINDOW, BackendOptions(threads=2, cache_dir=cache))
+    try:
+        yield backend, acceptance_sample(shipped_manifest, WINDOW, cache)
+    finally:
+        backend.close()
 
 
 def copy_of(cache: Path, tmp_path: Path) -> tuple[Path, Path]:
@@ -50,7 +86,7 @@ def copy_of(cache: Path, tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_an_engine_is_built_once_then_loaded_from_the_cache_and_accepted(
-    built_cache: Path, shipped_manifest: ModelManifest, tmp_path: Path
+    built_cache: Path, shipped_manifest: ModelManifest, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     cache, folder = copy_of(built_cache, tmp_path)
     record = json.loads((folder / RECORD_NAME).read_text())
@@ -66,6 +102,7 @@ def test_an_engine_is_built_once_then_loaded_from_the_cache_and_accepted(
         WINDOW,
         BackendOptions(threads=2, cache_dir=cache, progress=lambda s, f: progress.append((s, f))),
     )
+    request.addfinalizer(backend.close)
     assert backend.origin == "cached" and backend.refusals == []
     assert backend.info.details["acceptance"]["passed"] is True
     assert progress[-1] == ("torch-aot fp32: ready", 1.0)
@@ -84,6 +121,7 @@ def test_an_altered_engine_file_is_refused_and_rebuilt(
     with (folder / TorchAotBackend.artefact).open("ab") as handle:
         handle.write(b"\0")
     backend = TorchAotBackend.load(shipped_manifest, WINDOW, BackendOptions(threads=2, cache_dir=cache))
+    backend.close()
     assert backend.origin == "built"
     (refusal,) = backend.refusals
     assert "engine.pt2 sha256 found" in refusal and "(the file was altered after it was built)" in refusal
@@ -100,6 +138,7 @@ def test_an_engine_built_for_another_machine_is_refused_and_rebuilt(
     record["key"].update(device="NVIDIA H200", compute_capability="9.0")
     (folder / RECORD_NAME).write_text(json.dumps(record))
     backend = TorchAotBackend.load(shipped_manifest, WINDOW, BackendOptions(threads=2, cache_dir=cache))
+    backend.close()
     assert backend.origin == "built"
     (refusal,) = backend.refusals
     assert "was built for another configuration" in refusal
@@ -123,12 +162,136 @@ def test_an_engine_that_fails_acceptance_is_refused_and_the_backend_is_unavailab
     assert not [p for p in (cache / "engines").iterdir() if p.name.startswith(".")]
 
 
-def test_auto_passes_over_the_gpu_backends_in_one_line_each(
-    shipped_manifest: ModelManifest, tmp_path: Path
+def test_a_slab_in_the_engine_worker_leaves_the_agent_threads_running(
+    loaded: tuple[TorchAotBackend, AcceptanceSample],
 ) -> None:
-    backend = load_backend(AUTO, shipped_manifest, WINDOW, BackendOptions(threads=2, cache_dir=tmp_path))
+    """The package's runner holds the GIL for a whole window; in its worker process it cannot stall ours.
+
+    In the agent's own process a thread ticking every 10 ms ticked once during an 11.5 s lumbar slab; here the
+    ticker must keep ticking while windows are computed (at least a few ticks per window, each window taking
+    well over 10 ms), and the worker must answer what the model computes.
+    """
+    backend, sample = loaded
+    ticks = 0
+    done = threading.Event()
+
+    def tick() -> None:
+        nonlocal ticks
+        while not done.wait(TICK_S):
+            ticks += 1
+
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    started = time.perf_counter()
+    try:
+        for _ in range(WINDOWS):
+            out = backend.infer(sample.window)
+    finally:
+        done.set()
+        ticker.join()
+    elapsed = time.perf_counter() - started
+    assert elapsed > WINDOWS * TICK_S  # the test means something only if windows outlast ticks
+    assert ticks >= MIN_TICKS_PER_WINDOW * WINDOWS, f"{ticks} ticks in {elapsed:.2f} s of {WINDOWS} windows"
+    assert float(np.abs(out - sample.reference).max()) * shipped_hu_scale(backend) < 0.5
+
+
+def test_a_worker_that_dies_fails_one_window_and_the_next_starts_a_new_one(
+    loaded: tuple[TorchAotBackend, AcceptanceSample], caplog: pytest.LogCaptureFixture
+) -> None:
+    backend, sample = loaded
+    pid = backend.info.details["worker"]["pid"]
+    # Stopped, the worker cannot answer before it is killed, mid-request (as the kernel's OOM killer would).
+    os.kill(pid, signal.SIGSTOP)
+    killer = threading.Timer(KILL_AFTER_S, os.kill, (pid, signal.SIGKILL))
+    killer.start()
+    with pytest.raises(
+        EngineWorkerError, match=rf"engine worker \(pid {pid}\) ended with signal SIGKILL"
+    ) as info:
+        backend.infer(sample.window)
+    killer.join()
+    assert info.value.attribute == "engine.worker"
+    out = backend.infer(sample.window)
+    worker = backend.info.details["worker"]
+    assert worker["starts"] == 2 and worker["pid"] != pid
+    assert float(np.abs(out - sample.reference).max()) * shipped_hu_scale(backend) < 0.5
+    # Killed between windows: noticed and replaced before the next window, which then succeeds.
+    os.kill(worker["pid"], signal.SIGKILL)
+    wait_until_ended(worker["pid"])
+    with caplog.at_level(logging.WARNING, logger="engines.backends.aot_worker"):
+        backend.infer(sample.window)
+    assert (
+        f"engine worker (pid {worker['pid']}) had ended with signal SIGKILL; starting a new one"
+        in caplog.text
+    )
+    assert backend.info.details["worker"]["starts"] == 3
+
+
+def test_the_engine_streams_a_volume_through_the_worker(
+    built_cache: Path,
+    shipped_manifest: ModelManifest,
+    held_out_case: PhantomCase,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    """The agent's slab path (device volume, halo gather, HU, int16) on the worker's shared output, slab after
+    slab, gives what the eager reference gives."""
+    cache, _ = copy_of(built_cache, tmp_path)
+    rows, cols = held_out_case.echoes.shape[2:]
+    top, left = (rows - IN_PLANE[0]) // 2, (cols - IN_PLANE[1]) // 2
+    echoes = held_out_case.echoes[:, :, top : top + IN_PLANE[0], left : left + IN_PLANE[1]]
+    options = BackendOptions(threads=2, cache_dir=cache)
+    aot = SctEngine.load(
+        shipped_manifest,
+        backend=TorchAotBackend.name,
+        options=options,
+        in_plane=IN_PLANE,
+        slab_depth=SLAB_DEPTH,
+    )
+    request.addfinalizer(aot.close)
+    assert aot.info.details["engine"] == "cached"
+    eager = SctEngine.load(
+        shipped_manifest, backend=TorchEagerBackend.name, in_plane=IN_PLANE, slab_depth=SLAB_DEPTH
+    )
+    request.addfinalizer(eager.close)
+    streamed, reference = aot.infer_volume(echoes), eager.infer_volume(echoes)
+    assert len(aot.plan(echoes.shape[1]).windows) > 10
+    assert float(np.abs(streamed - reference).max()) <= STREAMED_AGREEMENT_HU
+    # The centre crop holds vertebral bone and fat: not a vacuous comparison.
+    assert streamed.max() > 300 and streamed.min() < -100
+
+
+def test_closing_the_backend_ends_its_worker(loaded: tuple[TorchAotBackend, AcceptanceSample]) -> None:
+    backend, _ = loaded
+    pid = backend.info.details["worker"]["pid"]
+    backend.close()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def shipped_hu_scale(backend: TorchAotBackend) -> float:
+    return float(backend.manifest.hu_scale)
+
+
+def wait_until_ended(pid: int, timeout_s: float = 10.0) -> None:
+    """Until the killed child can be collected (without collecting it: that is the backend's job)."""
+    deadline = time.monotonic() + timeout_s
+    while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        assert time.monotonic() < deadline, f"pid {pid} still running"
+        time.sleep(0.01)
+
+
+def test_auto_passes_over_the_gpu_backends_in_one_line_each(
+    built_cache: Path, shipped_manifest: ModelManifest, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Without a GPU, auto says why in one line per GPU backend and takes the CPU rule's choice (on a CPU
+    without accelerated reduced precision, the cached fp32 AOTInductor engine)."""
+    cache, _ = copy_of(built_cache, tmp_path)
+    backend = load_backend(AUTO, shipped_manifest, WINDOW, BackendOptions(threads=2, cache_dir=cache))
+    request.addfinalizer(backend.close)
     name, precision, _ = resolve_auto(shipped_manifest)
     assert (backend.info.backend, backend.info.precision) == (name, precision.value)
+    if name == TorchAotBackend.name:
+        assert backend.info.details["engine"] == "cached"
     trt, cuda = backend.info.details["passed_over"]
     assert trt.startswith("tensorrt: torch-tensorrt is not importable (No module named 'torch_tensorrt')")
     assert cuda.startswith("torch-cuda: this torch (") and "CPU-only build" in cuda

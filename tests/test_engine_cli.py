@@ -32,7 +32,7 @@ def test_engine_build_compiles_once_then_reuses_the_cached_engine(tmp_path: Path
     config.write_text(
         f'[state]\nfolder = "{tmp_path / "var"}"\n\n[engine]\nthreads = 2\nslab_depth = {SLAB_DEPTH}\n'
     )
-    # torch-aot: a real compiled engine that builds in seconds on the CPU (the agent itself may not run it).
+    # torch-aot by name: the CPU default where reduced precision is not accelerated, a real compiled engine.
     first = build(config, "--backend", "torch-aot", "--in-plane", *IN_PLANE)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "engine: torch-aot fp32 on cpu, window 2x40x64x64" in first.stdout

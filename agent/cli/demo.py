@@ -25,7 +25,7 @@ from agent.cli.montage import CT_WINDOW_HU, Panel, render_montage
 from agent.client import ReceivedVolume, SctClient
 from agent.ops.agent_process import AgentProcess, write_loopback_config
 from agent.publish.wire import StatusMessage
-from engines.backends.registry import AGENT_BACKENDS, AUTO
+from engines.backends.registry import AUTO, BACKENDS
 from engines.evaluation.metrics import compute_metrics, masks_from_ct
 from engines.phantom.case import PhantomCase
 from engines.phantom.generate import generate_case
@@ -41,6 +41,8 @@ DEFAULT_RATE = 40.0
 START_TIMEOUT_S = 300.0
 RESULT_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 120.0
+#: Folder under ``--out`` for compiled engines, kept across runs (the first run builds, later ones load).
+ENGINE_CACHE = "engine-cache"
 
 
 @dataclass
@@ -168,10 +170,13 @@ def run_demo(
             print(text, flush=True)
 
     # The demo owns these folders: a second run replaces the first run's results instead of mixing with them.
+    # The engine cache stays, so a second run starts from the engine the first one built and accepted.
     out.mkdir(parents=True, exist_ok=True)
     for name in ("export", "var", "received", "dicom"):
         shutil.rmtree(out / name, ignore_errors=True)
-    config = write_loopback_config(out, backend=backend, extra='\n[dicom]\nfolder = "dicom"\n')
+    config = write_loopback_config(
+        out, backend=backend, extra='\n[dicom]\nfolder = "dicom"\n', engine_cache=out / ENGINE_CACHE
+    )
     endpoint, metrics_url = config.endpoint, config.metrics_url
     agent_log = out / "agent.log"
     say(f"starting the agent (log: {agent_log}); it warms up the sCT engine before it reports ready")
@@ -286,7 +291,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help=f"export pace in files per second (default: {DEFAULT_RATE:g})",
     )
     parser.add_argument(
-        "--backend", default=AUTO, choices=[AUTO, *AGENT_BACKENDS], help="inference backend (default: auto)"
+        "--backend", default=AUTO, choices=[AUTO, *BACKENDS], help="inference backend (default: auto)"
     )
     parser.set_defaults(handler=_main)
 

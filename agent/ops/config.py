@@ -377,12 +377,11 @@ class AgentConfig:
 
 
 def backend_names() -> tuple[str, ...]:
-    """``auto`` and the registered backends the agent may run, as ``engine.backend`` accepts them (a backend
-    that holds the GIL through a slab, such as ``torch-aot``, would stall the watcher and the verdicts).
+    """``auto`` and the registered backends, as ``engine.backend`` accepts them.
 
     Imported here rather than at module level because the registry imports torch (a second or more): the CLI's
     other subcommands and the tests that build configs only pay for it when an engine config is checked.
     """
-    from engines.backends.registry import AGENT_BACKENDS, AUTO  # noqa: PLC0415 - heavy import, see docstring
+    from engines.backends.registry import AUTO, BACKENDS  # noqa: PLC0415 - heavy import, see docstring
 
-    return (AUTO, *AGENT_BACKENDS)
+    return (AUTO, *BACKENDS)

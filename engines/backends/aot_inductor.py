@@ -1,38 +1,42 @@
 """An AOTInductor package on the CPU: the model compiled ahead of time into one file that loads in a second.
 
-Why: ``torch.compile`` redoes its work at every start (tens of seconds on our CPUs), while a package built once by
-``sct-agent engine build`` loads in well under a second and is then checked by acceptance like any compiled
-engine. fp32 only: packages built under fp16 or bf16 autocast compiled, but ran a 24×64×64 window in 30 s and
-more on our CPUs (against 0.05 s eager), so reduced precision stays with ``torch-optimised``. AOTInductor packages
-crashed on the lent GPU's stack, so the CUDA path keeps inductor's own on-disk cache instead (``torch_cuda``).
+Why: ``torch.compile`` redoes its work at every start (30 to 50 s for the lumbar window on our 2 cores), while a
+package built once by ``sct-agent engine build`` (or the first start) loads in about a second and is then trusted
+through acceptance like any compiled engine. Per slab it is as fast as ``torch-optimised`` fp32 (bench/engine.py).
+fp32 only: packages built under fp16 or bf16 autocast compiled, but ran a 24×64×64 window in 30 s and more on our
+CPUs (against 0.05 s eager), so reduced precision stays with ``torch-optimised``. AOTInductor packages crashed on
+the lent GPU's stack, so the CUDA path keeps inductor's own on-disk cache instead (``torch_cuda``).
 
-Not for the agent: the package's runner holds Python's GIL for the whole inference. Measured on our 2 cores with
-the lumbar window, a thread ticking every 10 ms ticked once during an 11.5 s slab; in the demo the assembler then
-saw no file for longer than its quiet period and ended the acquisition early. So ``holds_gil`` is set, the
-agent's configuration refuses this backend, and it serves offline work (``sct-agent evaluate``, benchmarks) and
-proves the compiled-engine cache on the CPU.
+The package is compiled in a child process and runs in a worker process (``aot_worker``): the compiler and the
+package's runner hold Python's GIL for seconds at a time (a whole slab, for the runner), which in the agent's
+process stopped the watcher and the verdicts. A build happens at the first start or for a new window shape
+while the agent serves other series, so it must not stall them either.
 """
 
 from __future__ import annotations
 
+import argparse
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from engines.backends.aot_worker import STDERR_FD, AotWorker, EngineWorkerError
 from engines.backends.base import BackendUnavailableError, Precision
 from engines.backends.cached_backend import CachedEngineBackend
+from engines.model.manifest import ModelManifest
 
 
 class TorchAotBackend(CachedEngineBackend):
-    """fp32, channels_last_3d, frozen weights, compiled by AOTInductor into ``engine.pt2``."""
+    """fp32, channels_last_3d, frozen weights, compiled by AOTInductor into ``engine.pt2``, run by a worker."""
 
     name = "torch-aot"
     artefact = "engine.pt2"
-    holds_gil = True
 
-    _runner: Any = None
+    _worker: AotWorker | None = None
 
     def _require(self) -> None:
         if self.precision is not Precision.FP32:
@@ -46,27 +50,102 @@ class TorchAotBackend(CachedEngineBackend):
             torch.set_num_threads(self.options.threads)
 
     def _build(self, path: Path) -> None:
-        model = self.manifest.build_model().to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
-        example = torch.zeros((1, *self.input_shape), dtype=torch.float32).to(
-            memory_format=torch.channels_last_3d
-        )
-        with warnings.catch_warnings():
-            # torch's own pytree code warns about its own deprecated LeafSpec while exporting.
-            warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated", category=FutureWarning)
-            program = torch.export.export(model, (example,))
-            torch._inductor.aoti_compile_and_package(
-                program, package_path=str(path), inductor_configs={"freezing": True}
+        command = [
+            sys.executable,
+            "-m",
+            __name__,
+            "--model",
+            str(self.manifest.folder),
+            "--weights-sha256",
+            self.manifest.weights_sha256,
+            "--window",
+            ",".join(str(n) for n in self.input_shape),
+            "--threads",
+            str(self.options.threads or 0),
+            "--out",
+            str(path),
+        ]
+        # The wait releases the GIL; the child's own messages go to the same stderr (the journal).
+        completed = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=STDERR_FD, check=False)
+        if completed.returncode != 0 or not path.is_file():
+            raise BackendUnavailableError(
+                f"{self.name}: compiling the package for window {self.input_shape} failed (compiler exit "
+                f"status {completed.returncode}; its messages are in the log above)",
+                found=completed.returncode,
+                expected="exit status 0 and a package file",
             )
 
     def _load(self, path: Path) -> None:
-        self._runner = torch._inductor.aoti_load_package(str(path))
+        self.close()
+        worker = AotWorker(path, self.input_shape, self.options.threads)
+        try:
+            worker.start()
+        except EngineWorkerError as error:
+            worker.close()
+            raise BackendUnavailableError(
+                f"{self.name}: {error}", attribute=error.attribute, found=error.found, expected=error.expected
+            ) from error
+        self._worker = worker
 
     def _run(self, window: torch.Tensor) -> torch.Tensor:
-        x = window[None].contiguous(memory_format=torch.channels_last_3d)
-        out = self._runner(x)
-        result = out[0] if isinstance(out, list | tuple) else out
-        hu: torch.Tensor = result[0, 0].float()
-        return hu
+        assert self._worker is not None, "run before load"
+        return self._worker.run(window)
+
+    def _after_commit(self, path: Path) -> None:
+        # The package moved from its scratch folder: a worker started again after a fault loads it from here.
+        if self._worker is not None:
+            self._worker.package = path
+
+    def close(self) -> None:
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.close()
 
     def _details(self) -> dict[str, Any]:
-        return {**super()._details(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+        details = {**super()._details(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+        if self._worker is not None:
+            details["worker"] = {
+                "pid": self._worker.pid,
+                "ready_s": round(self._worker.ready_s, 3),
+                "starts": self._worker.starts,
+            }
+        return details
+
+
+def compile_package(manifest: ModelManifest, input_shape: tuple[int, ...], path: Path) -> None:
+    """Export the model for one static window and compile it into an AOTInductor package at ``path``."""
+    model = manifest.build_model().to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+    example = torch.zeros((1, *input_shape), dtype=torch.float32).to(memory_format=torch.channels_last_3d)
+    with warnings.catch_warnings():
+        # torch's own pytree code warns about its own deprecated LeafSpec while exporting.
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated", category=FutureWarning)
+        program = torch.export.export(model, (example,))
+        torch._inductor.aoti_compile_and_package(
+            program, package_path=str(path), inductor_configs={"freezing": True}
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The compiler's child process: ``python -m engines.backends.aot_inductor`` (run by ``_build`` only)."""
+    parser = argparse.ArgumentParser(description="Compile a model folder into an AOTInductor package.")
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--weights-sha256", required=True)
+    parser.add_argument("--window", required=True)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    manifest = ModelManifest.load(args.model)
+    if manifest.weights_sha256 != args.weights_sha256:
+        print(
+            f"engine build: weights.sha256 found {manifest.weights_sha256}, expected {args.weights_sha256}",
+            file=sys.stderr,
+        )
+        return 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    compile_package(manifest, tuple(int(n) for n in args.window.split(",")), args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -84,9 +84,6 @@ class InferenceBackend(ABC):
     warmed_by_prepare: ClassVar[bool] = False
     #: Precision when the options name none.
     default_precision: ClassVar[Precision] = Precision.FP32
-    #: True for a backend whose inference holds Python's GIL throughout: every other thread of the process
-    #: (watcher, validator, publisher heartbeats) stops for a whole slab, so the agent must not run it.
-    holds_gil: ClassVar[bool] = False
 
     def __init__(
         self, manifest: ModelManifest, input_shape: tuple[int, int, int, int], options: BackendOptions
@@ -115,11 +112,15 @@ class InferenceBackend(ABC):
         """Build the backend and run one warm-up inference (compilation happens here, not on the first slab)."""
         backend = cls(manifest, input_shape, options)
         started = time.perf_counter()
-        backend._prepare()
-        if not backend.warmed_by_prepare:
-            with torch.inference_mode(), backend.stream_context():
-                backend.run(torch.zeros(input_shape, dtype=torch.float32, device=backend.device))
-            backend.synchronize()
+        try:
+            backend._prepare()
+            if not backend.warmed_by_prepare:
+                with torch.inference_mode(), backend.stream_context():
+                    backend.run(torch.zeros(input_shape, dtype=torch.float32, device=backend.device))
+                backend.synchronize()
+        except BaseException:
+            backend.close()  # a worker process or device memory taken before the failure
+            raise
         backend._warmup_s = time.perf_counter() - started
         return backend
 
