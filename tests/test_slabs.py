@@ -72,18 +72,21 @@ def test_in_plane_padding_repeats_the_edge() -> None:
 def test_stitched_slabs_equal_whole_volume_inference(
     held_out_case: PhantomCase, shipped_manifest: ModelManifest
 ) -> None:
-    whole = whole_volume_reference(shipped_manifest, held_out_case.echoes)
-    engine = SctEngine.load(shipped_manifest, backend=TorchEagerBackend.name)
-    stitched = engine.infer_volume(held_out_case.echoes)
-    assert stitched.shape == held_out_case.ct_hu.shape
-    assert len(engine.plan(held_out_case.echoes.shape[1]).windows) > 1
+    """Every slice of the lumbar volume, cropped in-plane: exactness is decided along the slab axis (halos,
+    edge repeats, the short last slab), which the crop keeps whole; the crop's odd size exercises padding."""
+    echoes = centre_crop(held_out_case.echoes)
+    whole = whole_volume_reference(shipped_manifest, echoes)
+    engine = SctEngine.load(shipped_manifest, backend=TorchEagerBackend.name, in_plane=(CROP, CROP))
+    stitched = engine.infer_volume(echoes)
+    assert stitched.shape == echoes.shape[1:]
+    assert len(engine.plan(echoes.shape[1]).windows) > 1
     diff = np.abs(stitched - whole)
     assert float(diff.max()) <= STITCH_TOLERANCE_HU, (
         f"max |ΔHU| {diff.max():.3f} at {np.unravel_index(diff.argmax(), diff.shape)}"
     )
-    # The comparison is not vacuous: the output spans bone to air.
+    # The comparison is not vacuous: the crop through the spine spans cortical bone to fat.
     assert stitched.max() > 500
-    assert stitched.min() < -900
+    assert stitched.min() < -100
 
 
 def test_a_slab_needs_only_its_own_slices(
