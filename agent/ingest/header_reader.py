@@ -39,6 +39,7 @@ from agent.ingest.header_values import (
     uid_value,
 )
 from agent.ingest.raw_header import HEADER_TAGS, FastHeader
+from agent.ingest.transfer_syntax import PixelEncoding, pixel_encoding
 from agent.ingest.vendor_conventions import SequenceInputs, image_kind, vendor_of
 from agent.vocabulary import ImageKind, Vendor
 
@@ -49,8 +50,9 @@ IMAGE_SOP_CLASSES: dict[str, str] = {
     EnhancedMRImageStorage: "Enhanced MR Image Storage",
 }
 
-#: Size of the PixelData element header in explicit VR little endian (tag, VR, reserved, 32-bit length).
+#: Size of the PixelData element header: explicit VR (tag, VR, reserved, 32-bit length), implicit VR (tag, length).
 _PIXEL_ELEMENT_HEADER_BYTES = 12
+_IMPLICIT_PIXEL_ELEMENT_HEADER_BYTES = 8
 #: Upper bound on rows, columns and frames: larger values are corrupt headers, not images (a 10^9-row header
 #: must not make the streamer allocate terabytes).
 MAX_MATRIX = 4096
@@ -193,7 +195,10 @@ def _parse(path: Path, ds: Dataset, pixel_offset: int, size: int) -> ParsedFile:
         name = UID(sop_class_uid).name
         found = sop_class_uid if name == sop_class_uid else f"{sop_class_uid} ({name})"
         raise NotAnImageError(path, "SOPClassUID", found, "MR Image or Enhanced MR Image")
-    if ended_early:
+    transfer_syntax = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
+    encoding = pixel_encoding(path, transfer_syntax)
+    # A deflated file is read whole and inflated in memory: where the reader stopped says nothing about it.
+    if ended_early and encoding is not PixelEncoding.DEFLATED:
         raise HeaderError(
             path,
             "PixelData",
@@ -203,7 +208,12 @@ def _parse(path: Path, ds: Dataset, pixel_offset: int, size: int) -> ParsedFile:
     enhanced = sop_class_uid == EnhancedMRImageStorage
     header = _object_header(path, ds, top, enhanced)
     frames = _enhanced_frames(path, ds, header) if enhanced else (_classic_frame(path, top, header),)
-    _check_pixel_bytes(path, header, len(frames), size - pixel_offset)
+    if encoding in (PixelEncoding.LITTLE_ENDIAN, PixelEncoding.BIG_ENDIAN):
+        # Raw values end the file, so a file cut short shows here; compressed and deflated data are checked
+        # by their decoders when the slab needs them.
+        implicit = not transfer_syntax or UID(transfer_syntax).is_implicit_VR
+        element_header = _IMPLICIT_PIXEL_ELEMENT_HEADER_BYTES if implicit else _PIXEL_ELEMENT_HEADER_BYTES
+        _check_pixel_bytes(path, header, len(frames), size - pixel_offset - element_header)
     return ParsedFile(path=path, header=header, frames=frames)
 
 
@@ -436,12 +446,11 @@ def _stack_positions(ds: Dataset) -> int | None:
     return highest or None
 
 
-def _check_pixel_bytes(path: Path, header: ObjectHeader, n_frames: int, remaining: int) -> None:
+def _check_pixel_bytes(path: Path, header: ObjectHeader, n_frames: int, available: int) -> None:
     """A file cut short in transfer still has a complete header; its pixel data is shorter than the header
     says. Catching it here keeps a broken file out of the acquisition before any pixel is read."""
     dtype = pixel_dtype(path, header.bits_allocated, header.pixel_representation)
     expected = n_frames * header.rows * header.columns * dtype.itemsize
-    available = remaining - _PIXEL_ELEMENT_HEADER_BYTES
     if available < expected:
         raise HeaderError(
             path, "PixelData", f"{max(available, 0)} bytes", f"{expected} bytes (file truncated?)"

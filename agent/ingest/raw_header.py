@@ -1,8 +1,8 @@
 """Which attributes the header reader reads, and reading them fast: straight from the raw bytes where it can.
 
 Grouping and judging need a few dozen attributes, most of them short strings and numbers; pydicom's element
-conversion costs more than parsing the file, so :class:`FastHeader` decodes text and little-endian binary values
-itself and leaves everything else (sequences, implicit VR, big endian) to pydicom. Vendor private attributes are
+conversion costs more than parsing the file, so :class:`FastHeader` decodes text and binary numbers (in either
+byte order) itself and leaves everything else (sequences, implicit VR) to pydicom. Vendor private attributes are
 read only from the block their creator owns (GE and Siemens both use group 0019 for different things).
 """
 
@@ -76,8 +76,8 @@ CREATOR_TAGS = sorted({Tag(p.tag.group, p.tag.element >> 8) for p in PRIVATE.val
 HEADER_TAGS = sorted({*TAGS.values(), *(p.tag for p in PRIVATE.values()), *CREATOR_TAGS})
 
 
-#: Value representations decoded here straight from the raw bytes (explicit VR): text, and little-endian
-#: binary numbers. Anything else (sequences, implicit VR, big endian) goes through pydicom's conversion.
+#: Value representations decoded here straight from the raw bytes: text, and binary numbers in the file's byte
+#: order. Anything else (sequences, and implicit VR outside private blocks) goes through pydicom's conversion.
 _TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "SH", "TM", "UI"})
 
 
@@ -147,11 +147,12 @@ def raw_value(element: RawDataElement, vr: str, *, little_endian: bool | None = 
         return parts[0] if len(parts) == 1 else parts
     code = _BINARY_VRS.get(vr)
     endian = element.is_little_endian if little_endian is None else little_endian
-    if code is not None and endian:
+    if code is not None:
         size = struct.calcsize(code)
         if len(raw) % size:
             return UNDECODED
-        values = struct.unpack(f"<{len(raw) // size}{code}", raw)
+        # Big endian: the retired explicit VR big endian syntax, which still carries vendors' private counts.
+        values = struct.unpack(f"{'<' if endian else '>'}{len(raw) // size}{code}", raw)
         if not values:
             return None
         return values[0] if len(values) == 1 else list(values)
