@@ -77,6 +77,15 @@ READABLE = {
 }
 
 
+def encoded(source: Path, folder: Path, syntax: str) -> Path:
+    """``source`` re-encoded in ``syntax`` (a key of READABLE), checked to carry that TransferSyntaxUID."""
+    uid, encode = READABLE[syntax]
+    target = folder / f"{source.stem}-{syntax}.dcm"
+    encode(source, target)
+    assert pydicom.dcmread(target, stop_before_pixels=True).file_meta.TransferSyntaxUID == uid
+    return target
+
+
 @pytest.fixture(scope="module")
 def classic(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One classic MR file of a simulated series (explicit VR little endian, as the simulator writes)."""
@@ -94,10 +103,7 @@ def enhanced(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_a_classic_image_in_each_syntax_reads_to_the_stored_values(
     classic: Path, tmp_path: Path, name: str
 ) -> None:
-    uid, encode = READABLE[name]
-    target = tmp_path / f"{name}.dcm"
-    encode(classic, target)
-    assert pydicom.dcmread(target, stop_before_pixels=True).file_meta.TransferSyntaxUID == uid
+    target = encoded(classic, tmp_path, name)
     original, recoded = read_header(classic), read_header(target)
     assert recoded.header == original.header and recoded.frames == original.frames
     expected = read_pixels(classic, [None])
@@ -111,10 +117,7 @@ def test_a_classic_image_in_each_syntax_reads_to_the_stored_values(
 def test_an_enhanced_file_decodes_only_the_frames_asked_for(
     enhanced: Path, tmp_path: Path, name: str
 ) -> None:
-    uid, encode = READABLE[name]
-    target = tmp_path / f"{name}.dcm"
-    encode(enhanced, target)
-    assert pydicom.dcmread(target, stop_before_pixels=True).file_meta.TransferSyntaxUID == uid
+    target = encoded(enhanced, tmp_path, name)
     assert len(read_header(target).frames) == len(read_header(enhanced).frames)
     wanted = [3, 0, 7]
     assert np.array_equal(read_pixels(target, wanted), read_pixels(enhanced, wanted))
@@ -136,10 +139,7 @@ REAL_FILES = {
 @pytest.mark.parametrize("vendor", list(REAL_FILES))
 def test_real_scanner_images_read_the_same_in_each_syntax(vendor: str, syntax: str, tmp_path: Path) -> None:
     source = series_files(REAL_FILES[vendor])[0]
-    uid, encode = READABLE[syntax]
-    target = tmp_path / f"{vendor}-{syntax}.dcm"
-    encode(source, target)
-    assert pydicom.dcmread(target, stop_before_pixels=True).file_meta.TransferSyntaxUID == uid
+    target = encoded(source, tmp_path, syntax)
     assert read_header(target).header == read_header(source).header
     expected = read_pixels(source, [None])
     assert np.array_equal(read_pixels(target, [None]), expected)
@@ -149,8 +149,7 @@ def test_real_scanner_images_read_the_same_in_each_syntax(vendor: str, syntax: s
 def test_a_real_enhanced_file_compressed_decodes_its_frames(tmp_path: Path) -> None:
     """Philips' Enhanced MR object: 212 frames, two echoes, JPEG-LS."""
     (source,) = (p for p in series_files(PHILIPS_ENHANCED) if p.suffix.lower() != ".txt")
-    target = tmp_path / "philips-enhanced-jpeg-ls.dcm"
-    READABLE["jpeg-ls"][1](source, target)
+    target = encoded(source, tmp_path, "jpeg-ls")
     parsed = read_header(target)
     assert len(parsed.frames) == len(read_header(source).frames) == 212
     wanted = [0, 105, 211]
@@ -174,8 +173,7 @@ def test_lossy_compression_is_refused_naming_the_transfer_syntax(classic: Path, 
 def test_a_compressed_file_cut_short_is_refused_when_its_pixels_are_read(
     classic: Path, tmp_path: Path
 ) -> None:
-    target = tmp_path / "jpeg-ls.dcm"
-    READABLE["jpeg-ls"][1](classic, target)
+    target = encoded(classic, tmp_path, "jpeg-ls")
     data = target.read_bytes()
     target.write_bytes(data[: len(data) - len(data) // 3])
     with pytest.raises(HeaderError) as info:
