@@ -23,23 +23,24 @@ from agent.ingest.header_reader import pixel_dtype
 from agent.ingest.header_values import HeaderError
 from agent.ingest.transfer_syntax import PixelEncoding, pixel_encoding
 
+#: pydicom's warning for encapsulated pixel data whose file ends before the closing delimiter.
+_ENDED_EARLY = r"End of file reached before delimiter"
+
 
 def read_pixels(path: Path, frames: Sequence[int | None]) -> npt.NDArray[Any]:
     """The pixel arrays ``[len(frames), rows, columns]`` of the given frames of one file (``None``: a classic
     file's only image), as stored (no rescale: MR magnitude images are stored values)."""
     try:
         with warnings.catch_warnings():
-            # pydicom only warns about a structure that ends early (a missing sequence delimiter after the last
-            # compressed fragment): for pixels that is a truncated file, refused like one.
-            warnings.simplefilter("error")
+            # pydicom only warns when compressed fragments end without their sequence delimiter: the file was
+            # cut short, so it is refused like a truncated one. Other warnings (a vendor's odd value) stay so.
+            warnings.filterwarnings("error", message=_ENDED_EARLY)
             ds = pydicom.dcmread(path)
     except (Exception, Warning) as error:
-        detail = str(error).replace(str(path), path.name)[
-            :200
-        ]  # the name only, as every HeaderError gives it
-        raise HeaderError(
-            path, "PixelData", f"unreadable ({type(error).__name__}: {detail})", "a complete file"
-        ) from error
+        # The file's name only, as every HeaderError gives it, never its folder.
+        detail = str(error).replace(str(path), path.name)[:200]
+        reason = f"unreadable ({type(error).__name__}: {detail})"
+        raise HeaderError(path, "PixelData", reason, "a complete file") from error
     rows, columns = int(ds.Rows), int(ds.Columns)
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     dtype = pixel_dtype(path, int(ds.BitsAllocated), int(ds.PixelRepresentation))
