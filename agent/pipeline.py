@@ -61,6 +61,7 @@ def compose(
             publish,
             on_written=services.metrics.dicom_series,
             on_stored=services.metrics.dicom_store,
+            on_series=services.dicom_written,
         )
         dicom = Stage("dicom", each(writer.handle), depth=DICOM_QUEUE_DEPTH, on_error=error, batch=False)
 
@@ -69,7 +70,14 @@ def compose(
         if dicom is not None:
             dicom.put(volume)
 
-    engine_stage = EngineStage(engine, publish, on_slab=services.slab_inferred, on_volume=volume_done)
+    engine_stage = EngineStage(
+        engine,
+        publish,
+        on_slab=services.slab_inferred,
+        on_volume=volume_done,
+        commit=services.commit_volume,
+        committed=services.committed_volume,
+    )
     inference = Stage(
         "engine", each(engine_stage.handle), depth=max(2, depth // 16), on_error=error, batch=False
     )
@@ -98,7 +106,7 @@ def compose(
         validating.put,
         quiet_period_s=config.assembly.quiet_period_s,
         on_file=services.file_done,
-        already_finished=services.journal.finished_acquisitions(),
+        already_finished=services.finished_acquisitions(),
     )
 
     def assemble(items: list[ArrivedFile]) -> None:

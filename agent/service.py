@@ -20,7 +20,7 @@ from agent.ops.config import AgentConfig
 from agent.ops.journal import Journal
 from agent.ops.metrics import AgentMetrics
 from agent.ops.metrics_server import MetricsServer, serve
-from agent.ops.side_services import SideServices
+from agent.ops.side_services import SideServices, model_key
 from agent.pipeline import Stages, compose
 from agent.publish.publisher import Publisher
 from agent.publish.security import publish_security
@@ -114,7 +114,14 @@ class AgentService:
             if engine.device.type == "cuda":
                 self.metrics.watch_gpu_memory(engine.gpu_memory_allocated, engine.gpu_memory_reserved)
             archive = VolumeArchive(config.state.folder / SNAPSHOT_ARCHIVE, config.publish.snapshot_volumes)
-            services = SideServices(self.metrics, self._journal, archive, self._submit)
+            services = SideServices(
+                self.metrics,
+                self._journal,
+                archive,
+                self._submit,
+                model=model_key(self.manifest.model_id, self.manifest.version),
+                dicom=config.dicom.folder is not None,
+            )
             self._publisher = Publisher(
                 config.publish.endpoint,
                 snapshot_endpoint=config.publish.snapshot,

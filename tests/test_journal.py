@@ -213,6 +213,56 @@ def test_a_volume_is_published_with_one_content_only(journal: Journal, queries: 
     assert queries.summary()["publications"] == 2
 
 
+MODEL = "sct-unet@1.0"
+
+
+def test_a_volume_is_committed_once_per_model_and_its_dicom_series_finishes_it(journal: Journal) -> None:
+    journal.record_acquisition(ACQ, "passed")
+    assert journal.commit_volume(ACQ, MODEL, sha("v")) is None
+    # A restart inferred it again: the first commit stands and is returned, whatever the new content.
+    assert journal.commit_volume(ACQ, MODEL, sha("v")) == sha("v")
+    assert journal.commit_volume(ACQ, MODEL, sha("other")) == sha("v")
+    assert journal.committed_volume(ACQ, MODEL) == sha("v")
+    assert journal.committed_volume(ACQ, "sct-unet@2.0") is None
+    assert journal.finished_acquisitions(MODEL) == {ACQ}
+    # With DICOM output on, the acquisition is finished only once its series is on disk.
+    assert journal.finished_acquisitions(MODEL, dicom=True) == set()
+    journal.record_dicom_series(ACQ, MODEL, "sct-aaaa-1001")
+    assert journal.finished_acquisitions(MODEL, dicom=True) == {ACQ}
+    with pytest.raises(JournalError, match="recorded before its volume"):
+        journal.record_dicom_series("b" * 16, MODEL, "sct-bbbb-1001")
+
+
+def test_finished_acquisitions_for_a_model(journal: Journal) -> None:
+    journal.record_acquisition("rejected", "rejected")
+    journal.record_acquisition("incomplete", "incomplete")
+    journal.record_acquisition("open", "passed")
+    # Published by another model version, or before volumes were journalled: a model upgrade leaves it alone.
+    journal.record_acquisition("old", "published")
+    # Published, committed by this model, DICOM not written yet: not finished while DICOM is on.
+    journal.record_acquisition("no-dicom", "published")
+    journal.commit_volume("no-dicom", MODEL, sha("n"))
+    assert journal.finished_acquisitions(MODEL) == {"rejected", "incomplete", "old", "no-dicom"}
+    assert journal.finished_acquisitions(MODEL, dicom=True) == {"rejected", "incomplete", "old"}
+
+
+def test_a_version_1_journal_is_migrated_keeping_its_rows(journal_path: Path) -> None:
+    journal_path.parent.mkdir()
+    with Journal(journal_path) as journal:
+        journal.record_acquisition(ACQ, "published")
+    conn = raw(journal_path)
+    conn.execute("DROP TABLE volumes")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    with Journal(journal_path) as journal:
+        assert journal.finished_acquisitions(MODEL, dicom=True) == {ACQ}
+        assert journal.commit_volume("b" * 16, MODEL, sha("b")) is None
+    conn = raw(journal_path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    conn.close()
+
+
 @pytest.mark.parametrize(
     ("call", "match"),
     [

@@ -34,7 +34,7 @@ from agent.dicom_out.sct_series import (
     WrittenSeries,
     write_sct_series,
 )
-from agent.records import SctVolume
+from agent.records import SctVolume, payload_sha256
 from engines.phantom.case import PhantomCase
 from engines.scanner.export import ExportSummary, OutputFormat
 from sct_core.geometry import VolumeGeometry
@@ -382,13 +382,44 @@ def test_no_temporary_folder_remains(written: Written) -> None:
     assert [p.name for p in written.out_folder.iterdir()] == [written.series.folder.name]
 
 
-def test_writing_the_same_volume_twice_keeps_both_series(written: Written, tmp_path: Path) -> None:
+def test_the_same_volume_written_again_reuses_its_complete_series(written: Written, tmp_path: Path) -> None:
+    """A restart after a crash that came between writing and journalling writes the same volume again: the
+    series on disk is that series (same derived UIDs), so it is returned, not written twice."""
     first = write_sct_series(written.volume, tmp_path)
+    mtimes = [f.stat().st_mtime_ns for f in first.files]
     second = write_sct_series(written.volume, tmp_path)
+    assert (first.reused, second.reused) == (False, True)
+    assert second.folder == first.folder
+    assert (second.series_instance_uid, second.sop_instance_uids) == (
+        first.series_instance_uid,
+        first.sop_instance_uids,
+    )
+    assert [f.stat().st_mtime_ns for f in second.files] == mtimes
+    assert [p.name for p in tmp_path.iterdir()] == [first.folder.name]
+
+
+def test_another_volume_of_the_same_acquisition_gets_its_own_series(written: Written, tmp_path: Path) -> None:
+    first = write_sct_series(written.volume, tmp_path)
+    hu = written.volume.hu.copy()
+    hu[0, 0, 0] += 1
+    other = replace(written.volume, hu=hu, sha256=payload_sha256(hu))
+    second = write_sct_series(other, tmp_path)
     assert second.folder.name == f"{first.folder.name}-2"
     assert second.series_instance_uid != first.series_instance_uid
+    assert not set(second.sop_instance_uids) & set(first.sop_instance_uids)
     assert len(list(first.folder.iterdir())) == len(list(second.folder.iterdir())) == len(first.files)
     assert leftovers(tmp_path) == []
+
+
+def test_a_half_copied_series_with_the_same_uid_is_not_taken_for_the_written_one(
+    written: Written, tmp_path: Path
+) -> None:
+    first = write_sct_series(written.volume, tmp_path)
+    first.files[-1].unlink()
+    second = write_sct_series(written.volume, tmp_path)
+    assert not second.reused
+    assert second.folder.name == f"{first.folder.name}-2"
+    assert all(f.is_file() for f in second.files)
 
 
 # ------------------------------------------------------------------------------------ refusals, failures

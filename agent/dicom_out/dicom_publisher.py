@@ -14,12 +14,15 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-from agent.dicom_out.sct_series import SctSeriesError, write_sct_series
+from agent.dicom_out.sct_series import SctSeriesError, WrittenSeries, write_sct_series
 from agent.ops.config import DicomConfig
 from agent.records import SctVolume, StatusEvent
 from agent.vocabulary import StatusKind
+
+if TYPE_CHECKING:
+    from agent.dicom_out.c_store import StorePeer
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +44,7 @@ class DicomPublisher:
         *,
         on_written: Callable[[str], None] | None = None,
         on_stored: Callable[[str], None] | None = None,
+        on_series: Callable[[SctVolume, str], None] | None = None,
     ) -> None:
         if config.folder is None:
             raise ValueError("DicomPublisher needs dicom.folder")
@@ -49,6 +53,8 @@ class DicomPublisher:
         self._publish = publish
         self._on_written = on_written
         self._on_stored = on_stored
+        #: Told the folder of each series complete on disk (the journal: the acquisition is then finished).
+        self._on_series = on_series
         self._remove_partial_series()
         self._peer = None
         if config.store_peer:
@@ -83,6 +89,31 @@ class DicomPublisher:
             )
             self._count(self._on_written, "failed")
             return
+        if self._on_series is not None:
+            self._on_series(volume, written.folder.name)
+        if written.reused:
+            logger.info(
+                "acquisition %s: sCT DICOM series %s was complete before the restart",
+                key,
+                written.folder.name,
+            )
+            self._report(
+                key,
+                ok=True,
+                step="write",
+                message=f"{len(written.files)} files in {written.folder.name} (written before a restart)",
+                series_folder=written.folder.name,
+                clipped_voxels=written.clipped_voxels,
+            )
+        else:
+            self._written(key, written)
+        if self._peer is None:
+            return
+        # A reused series is sent again: whether it reached the peer before the restart is not known, and a peer
+        # receiving instances it holds (same SOP Instance UIDs, derived) keeps one copy.
+        self._store(key, written, self._peer)
+
+    def _written(self, key: str, written: WrittenSeries) -> None:
         self._count(self._on_written, "written")
         if written.clipped_voxels:
             logger.warning("acquisition %s: %d voxels clipped to the CT range", key, written.clipped_voxels)
@@ -101,14 +132,14 @@ class DicomPublisher:
             series_folder=written.folder.name,
             clipped_voxels=written.clipped_voxels,
         )
-        if self._peer is None:
-            return
+
+    def _store(self, key: str, written: WrittenSeries, peer: StorePeer) -> None:
         from agent.dicom_out.c_store import StoreError, store_series  # noqa: PLC0415 - see __init__
 
         try:
             result = store_series(
                 written.files,
-                self._peer,
+                peer,
                 calling_ae=self._config.calling_ae,
                 attempts=self._config.store_attempts,
                 backoff_s=self._config.store_backoff_s,
@@ -124,7 +155,7 @@ class DicomPublisher:
             key,
             ok=True,
             step="store",
-            message=f"{result.stored} instances stored at {self._peer} in {result.attempts} attempt(s)",
+            message=f"{result.stored} instances stored at {peer} in {result.attempts} attempt(s)",
             series_folder=written.folder.name,
         )
 

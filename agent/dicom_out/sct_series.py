@@ -26,11 +26,13 @@ written series impossible.
 from __future__ import annotations
 
 import errno
+import hashlib
 import importlib.metadata
 import logging
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -42,8 +44,9 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian
 from pydicom.valuerep import format_number_as_ds
 
 from agent.records import ImageRef, SctVolume
@@ -68,6 +71,8 @@ MANUFACTURER: Final = "sct-edge-agent"
 #: Identifies the software that wrote the files (PS3.7 Annex D.3.3.2). A ``2.25.<UUID>`` UID (PS3.5 §B.2),
 #: which needs no registered organisation root; generated once for this writer and fixed forever.
 IMPLEMENTATION_CLASS_UID: Final = "2.25.266879474893671165165777676910901426548"
+#: A series folder name and its numbered variants ``-2`` ... ``-9999``.
+_MAX_NAME_VARIANTS: Final = 10_000
 
 #: DCM 121322, CID 7202: why each SourceImageSequence item is referenced.
 SOURCE_IMAGE_PURPOSE: Final = ("121322", "DCM", "Source image for image processing operation")
@@ -154,6 +159,8 @@ class WrittenSeries:
     #: Voxels whose HU lay outside [HU_MIN, HU_MAX] and were clipped (should be 0).
     clipped_voxels: int
     seconds: float
+    #: The series was already complete on disk (written before a restart) and was not written again.
+    reused: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,9 +187,13 @@ def write_sct_series(
 ) -> WrittenSeries:
     """Write ``volume`` as a CT Image Storage series in a new folder inside ``out_folder``.
 
-    The folder is named ``sct-<acquisition id (16 characters)>-<SeriesNumber>``. If that name is taken (the
-    same volume written twice), the new series is not written over it: it gets the first free name among
-    ``...-2``, ``...-3``, ..., so both series stay complete (they have different Series Instance UIDs).
+    The folder is named ``sct-<acquisition id (16 characters)>-<SeriesNumber>``. The Series and SOP Instance
+    UIDs are derived from the acquisition, the model and the volume's sha256 (:func:`derived_uid`), so the same
+    volume always makes the same series: if a complete series with this Series Instance UID is already in the
+    folder (written before a crash that came before the journal heard of it), it is returned as it is
+    (``reused``) instead of being written twice. If the name is taken by another series (another volume of the
+    same acquisition), the new one is not written over it: it gets the first free name among ``...-2``,
+    ``...-3``, ..., so both series stay complete.
     SeriesNumber is the MR's SeriesNumber plus ``series_number_offset``; ``institution``, if given, is written
     as InstitutionName of the agent's equipment.
 
@@ -197,8 +208,26 @@ def write_sct_series(
 
     mr_series_number = _int_or_none(template.get("SeriesNumber"))
     series_number = (mr_series_number or 0) + series_number_offset
-    series_uid = generate_uid()
-    sop_uids = tuple(generate_uid() for _ in range(geometry.shape[0]))
+    series_uid = derived_uid(volume, "series")
+    sop_uids = tuple(derived_uid(volume, f"instance {k}") for k in range(geometry.shape[0]))
+    names = [f"CT{k + 1:04d}.dcm" for k in range(geometry.shape[0])]
+    base = f"sct-{volume.acquisition_id[:16]}-{series_number}"
+    existing = _written_before(out_folder, base, series_uid, names)
+    if existing is not None:
+        logger.info(
+            "sCT series for acquisition %s already complete in %s (written before a restart); not written again",
+            volume.acquisition_id,
+            existing.name,
+        )
+        return WrittenSeries(
+            folder=existing,
+            files=tuple(existing / name for name in names),
+            series_instance_uid=series_uid,
+            sop_instance_uids=sop_uids,
+            clipped_voxels=clipped,
+            seconds=time.perf_counter() - started,
+            reused=True,
+        )
     produced = datetime.fromtimestamp(volume.produced_at or time.time()).astimezone()
     shared = _series_dataset(volume, template, series_uid, series_number, produced, institution)
 
@@ -208,7 +237,6 @@ def write_sct_series(
         temp.mkdir()
     except OSError as error:
         raise SctSeriesError("out_folder", _os_error(error, None), "a writable folder") from error
-    names = [f"CT{k + 1:04d}.dcm" for k in range(geometry.shape[0])]
     current = temp.name
     try:
         for k, name in enumerate(names):
@@ -223,7 +251,7 @@ def write_sct_series(
                 os.fsync(handle.fileno())
         current = temp.name
         _fsync_directory(temp)
-        final = _rename_free(temp, out_folder, f"sct-{volume.acquisition_id[:16]}-{series_number}")
+        final = _rename_free(temp, out_folder, base)
         _fsync_directory(out_folder)
     except BaseException as error:
         shutil.rmtree(temp, ignore_errors=True)
@@ -554,6 +582,43 @@ def _int_or_none(value: Any) -> int | None:
 # ---------------------------------------------------------------------------------------------- atomic
 
 
+def derived_uid(volume: SctVolume, role: str) -> str:
+    """A UID that the same volume of the same acquisition by the same model always gets (``2.25.<UUID>``).
+
+    Why not a random UID: a crash after the series is on disk but before the journal recorded it makes the agent
+    write the series again after the restart; with random UIDs a PACS that received both would hold two
+    different series of one sCT. Derived from the acquisition id (itself a digest: no UID of the patient's study
+    can be recovered from it), the model and the sha256 of the HU, so another volume never shares them.
+    """
+    text = "|".join(
+        ("sct-edge-agent", volume.acquisition_id, volume.model_id, volume.model_version, volume.sha256, role)
+    )
+    digest = hashlib.sha256(text.encode()).digest()
+    return f"2.25.{uuid.UUID(bytes=digest[:16], version=5).int}"
+
+
+def _written_before(out_folder: Path, base: str, series_uid: str, names: Sequence[str]) -> Path | None:
+    """The complete series folder holding ``series_uid`` under ``base`` or a numbered variant, if any.
+
+    Only renamed folders are candidates, and a folder is renamed only once every file is fsynced, so a folder
+    with every expected file is complete; its first file's SeriesInstanceUID tells whose it is.
+    """
+    for n in range(1, _MAX_NAME_VARIANTS):
+        folder = out_folder / (base if n == 1 else f"{base}-{n}")
+        if not folder.is_dir():
+            return None
+        first = folder / names[0]
+        try:
+            found = pydicom.dcmread(first, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+        except (OSError, InvalidDicomError):
+            continue
+        if str(found.get("SeriesInstanceUID", "")) == series_uid and all(
+            (folder / n).is_file() for n in names
+        ):
+            return folder
+    return None
+
+
 def _rename_free(temp: Path, out_folder: Path, base: str) -> Path:
     """Rename ``temp`` to ``base``, or ``base-2``, ``base-3``, ... whichever is free first.
 
@@ -561,7 +626,7 @@ def _rename_free(temp: Path, out_folder: Path, base: str) -> Path:
     replaced even if another writer takes the name between the check and the rename; an empty folder of that
     name holds no series and is checked for first.
     """
-    for n in range(1, 10_000):
+    for n in range(1, _MAX_NAME_VARIANTS):
         final = out_folder / (base if n == 1 else f"{base}-{n}")
         if final.exists():
             continue
@@ -572,7 +637,9 @@ def _rename_free(temp: Path, out_folder: Path, base: str) -> Path:
                 continue
             raise
         return final
-    raise SctSeriesError("out_folder", f"{base} and 9998 numbered variants taken", "a free folder name")
+    raise SctSeriesError(
+        "out_folder", f"{base} and {_MAX_NAME_VARIANTS - 2} numbered variants taken", "a free folder name"
+    )
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -4,6 +4,12 @@ HU leave this stage as int16 (the CT convention; the model's range -1024..3071 H
 here, where the slab is made, so the checksum a subscriber verifies covers every hop after the engine. The
 finished volume is published only when the streamer says the final verdict passed (FINALIZE) and every slab
 is done, whichever comes last.
+
+Exactly once per model, across crashes: before a volume is sent it is committed (``commit``: the volume archive,
+then the journal), so a crash after the commit leaves it to the archive to republish at the next start. An
+acquisition whose volume was committed before a restart but whose work is not finished (its DICOM series was not
+written) is inferred again from the export folder; its slabs and volume are then not sent a second time
+(``committed`` says so at its first slab), and only the stages after the wire (DICOM) get the volume.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from agent.records import (
     StreamControl,
     payload_sha256,
 )
-from agent.status_events import progress_event
+from agent.status_events import error_event, progress_event
 from agent.vocabulary import StatusKind, StreamAction
 from engines.inference.engine import SctEngine
 from sct_core.geometry import VolumeGeometry
@@ -41,6 +47,8 @@ class _Volume:
     hu: npt.NDArray[np.int16]
     done: set[int] = field(default_factory=set)
     finalize: StreamControl | None = None
+    #: sha256 of this acquisition's volume committed before a restart; its slabs and volume are not sent again.
+    committed: str | None = None
 
 
 class EngineStage:
@@ -53,11 +61,15 @@ class EngineStage:
         *,
         on_slab: Callable[[SlabRequest, SctSlab], None] | None = None,
         on_volume: Callable[[SctVolume, float], None] | None = None,
+        commit: Callable[[SctVolume], str | None] | None = None,
+        committed: Callable[[str], str | None] | None = None,
     ) -> None:
         self._engine = engine
         self._publish = publish
         self._on_slab = on_slab
         self._on_volume = on_volume
+        self._commit = commit
+        self._committed = committed
         self._volumes: dict[str, _Volume] = {}
 
     @property
@@ -79,8 +91,15 @@ class EngineStage:
                 protocol_id=request.protocol_id,
                 slab_count=request.slab_count,
                 hu=self._engine.new_output(grid.shape),
+                committed=self._committed(request.acquisition_id) if self._committed else None,
             )
             self._volumes[request.acquisition_id] = volume
+            if volume.committed is not None:
+                logger.info(
+                    "acquisition %s: its sCT volume was published before a restart; inferring it again for the "
+                    "outputs still missing, without sending it again",
+                    request.acquisition_id,
+                )
         plan = self._engine.plan(grid.shape[0])
         window = plan.windows[request.slab_index]
         started = time.perf_counter()
@@ -106,18 +125,22 @@ class EngineStage:
             inputs_complete_at=request.inputs_complete_at,
             produced_at=time.time(),
         )
-        self._publish(slab)
-        progress = progress_event(
-            request.acquisition_id, slabs_done=len(volume.done), slab_count=request.slab_count, at=time.time()
-        )
-        self._publish(
-            StatusEvent(
-                progress.kind,
-                progress.acquisition_id,
-                {**progress.body, "inference_s": round(inference_s, 3)},
-                progress.at,
+        if volume.committed is None:
+            self._publish(slab)
+            progress = progress_event(
+                request.acquisition_id,
+                slabs_done=len(volume.done),
+                slab_count=request.slab_count,
+                at=time.time(),
             )
-        )
+            self._publish(
+                StatusEvent(
+                    progress.kind,
+                    progress.acquisition_id,
+                    {**progress.body, "inference_s": round(inference_s, 3)},
+                    progress.at,
+                )
+            )
         if self._on_slab is not None:
             self._on_slab(request, slab)
         self._maybe_finish(request.acquisition_id, volume)
@@ -156,6 +179,29 @@ class EngineStage:
             last_image_at=volume.finalize.last_image_at,
             sources=volume.finalize.sources,
         )
-        self._publish(finished)
+        prior = self._commit(finished) if self._commit is not None else volume.committed
+        if prior is None:
+            self._publish(finished)
+        elif prior != finished.sha256:
+            # Inference is deterministic on one backend; a difference means the backend or its engine changed
+            # under the same model version. What the robots got stays the published volume.
+            logger.error(
+                "acquisition %s: the sCT volume inferred again has sha256 %s…, the one published before the "
+                "restart %s…; not sent again",
+                acquisition_id,
+                finished.sha256[:12],
+                prior[:12],
+            )
+            self._publish(
+                error_event(
+                    acquisition_id,
+                    stage="engine",
+                    message=(
+                        f"volume inferred again after a restart differs from the published one (sha256 "
+                        f"{finished.sha256[:12]}…, published {prior[:12]}…); the published one stands"
+                    ),
+                    at=time.time(),
+                )
+            )
         if self._on_volume is not None:
             self._on_volume(finished, volume.finalize.last_image_at)

@@ -2,7 +2,10 @@
 
 The rule: after a crash or restart nothing is lost and nothing is published twice with different content. The
 journal records each file, acquisition, verdict, slab and publication as it happens, one transaction per call, and
-answers the question the agent asks when it starts again: which acquisitions are finished. The rest of what it holds
+answers the question the agent asks when it starts again: which acquisitions are finished (rejected, incomplete, or
+their volume committed by the running model and, with DICOM output on, their series written). A volume is committed
+here before it is sent (``commit_volume``), which is what makes "sent as new at most once" hold across a SIGKILL.
+The rest of what it holds
 (which files were handled and how, which slabs went out with what content) is for the record, read by an operator's
 ``sqlite3`` shell; the journal itself refuses a slab or volume published again with other content.
 
@@ -50,7 +53,7 @@ from sct_core.errors import SctError
 logger = logging.getLogger(__name__)
 
 #: The schema this code writes, kept in ``PRAGMA user_version``. Bump it with a step in ``_MIGRATIONS``.
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 #: How long a write waits for another process's lock (an operator's shell mid-transaction) before failing.
 BUSY_TIMEOUT_S: Final = 5.0
 #: New journal files are readable by their owner only: paths may name patients (module docstring).
@@ -158,9 +161,23 @@ _SCHEMA_V1: Final = (
     )""",
     "CREATE INDEX publications_by_acquisition ON publications (acquisition_id, kind)",
 )
-_TABLES: Final = frozenset({"files", "acquisitions", "verdicts", "slabs", "publications"})
-#: Statements that take a journal from version N (the key) to N + 1. None yet.
-_MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {}
+#: Version 2: the sCT volume of each acquisition, per model, committed before it is sent, and its DICOM series.
+#: One row per (acquisition, model) is what makes "published exactly once per model version" checkable: a
+#: restart that infers the acquisition again finds the row and does not send it a second time.
+_VOLUMES_V2: Final = (
+    """CREATE TABLE volumes (
+        acquisition_id TEXT NOT NULL,
+        model TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        committed_at REAL NOT NULL,
+        dicom_series TEXT,
+        dicom_at REAL,
+        PRIMARY KEY (acquisition_id, model)
+    )""",
+)
+_TABLES: Final = frozenset({"files", "acquisitions", "verdicts", "slabs", "publications", "volumes"})
+#: Statements that take a journal from version N (the key) to N + 1.
+_MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {1: _VOLUMES_V2}
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -527,16 +544,90 @@ class Journal:
                 (acquisition_id, kind, seq, sha256, _now(at)),
             )
 
+    def commit_volume(
+        self, acquisition_id: str, model: str, sha256: str, *, at: float | None = None
+    ) -> str | None:
+        """Commit the sCT volume of ``acquisition_id`` made by ``model`` before it is sent; returns the sha256
+        committed earlier (a restart inferred the acquisition again), or None if this is the first.
+
+        Called before the volume goes on the wire, never after: a crash between the commit and the send leaves a
+        committed volume that the volume archive republishes at the next start, whereas a commit after the send
+        could leave a sent volume the journal does not know, which a restart would send again. A different
+        sha256 for the same acquisition and model is not recorded (the first stays) and is returned for the
+        caller to report.
+        """
+        _check_sha256(sha256)
+        if not model:
+            raise ValueError("model must name the model and its version; got ''")
+        with self._transaction() as conn:
+            row = conn.execute(
+                "SELECT sha256 FROM volumes WHERE acquisition_id = ? AND model = ?", (acquisition_id, model)
+            ).fetchone()
+            if row is not None:
+                return str(row[0])
+            conn.execute(
+                "INSERT INTO volumes (acquisition_id, model, sha256, committed_at) VALUES (?, ?, ?, ?)",
+                (acquisition_id, model, sha256, _now(at)),
+            )
+            return None
+
+    def record_dicom_series(
+        self, acquisition_id: str, model: str, series_folder: str, *, at: float | None = None
+    ) -> None:
+        """Record that the committed volume's DICOM series is complete on disk in ``series_folder``."""
+        with self._transaction() as conn:
+            changed = conn.execute(
+                "UPDATE volumes SET dicom_series = ?, dicom_at = ? WHERE acquisition_id = ? AND model = ?",
+                (series_folder, _now(at), acquisition_id, model),
+            ).rowcount
+            if changed != 1:
+                raise JournalError(
+                    self._path,
+                    f"DICOM series of acquisition {acquisition_id} ({model}) recorded before its volume",
+                    found="no committed volume",
+                    expected="commit_volume first",
+                )
+
     # ------------------------------------------------------------------------------------------- queries
 
-    def finished_acquisitions(self) -> set[str]:
-        """Acquisitions in a finished state (rejected, incomplete, published): nothing left to do."""
+    def finished_acquisitions(self, model: str | None = None, *, dicom: bool = False) -> set[str]:
+        """Acquisitions with nothing left to do, whose files a restart leaves alone.
+
+        Without ``model``: every acquisition in a finished state (rejected, incomplete, published). With it:
+        rejected and incomplete ones; those whose volume ``model`` committed (and, with ``dicom``, whose DICOM
+        series is written: otherwise the restart infers it again for the series, without sending it twice);
+        and those published without a volume row for ``model`` (by another model version, or journalled before
+        schema 2): a model upgrade does not reprocess every series still in the export folder.
+        """
         marks = ", ".join("?" * len(FINISHED_STATES))
+        if model is None:
+            rows = self._read(
+                f"SELECT acquisition_id FROM acquisitions WHERE state IN ({marks})",
+                tuple(s.value for s in FINISHED_STATES),
+            )
+            return {row[0] for row in rows}
         rows = self._read(
-            f"SELECT acquisition_id FROM acquisitions WHERE state IN ({marks})",
-            tuple(s.value for s in FINISHED_STATES),
+            """SELECT a.acquisition_id FROM acquisitions a
+            LEFT JOIN volumes v ON v.acquisition_id = a.acquisition_id AND v.model = ?
+            WHERE a.state IN (?, ?) OR (a.state = ? AND v.acquisition_id IS NULL)
+            UNION SELECT acquisition_id FROM volumes WHERE model = ?"""
+            + (" AND dicom_series IS NOT NULL" if dicom else ""),
+            (
+                model,
+                AcquisitionState.REJECTED.value,
+                AcquisitionState.INCOMPLETE.value,
+                AcquisitionState.PUBLISHED.value,
+                model,
+            ),
         )
         return {row[0] for row in rows}
+
+    def committed_volume(self, acquisition_id: str, model: str) -> str | None:
+        """The sha256 of the volume committed for ``acquisition_id`` by ``model``, or None."""
+        rows = self._read(
+            "SELECT sha256 FROM volumes WHERE acquisition_id = ? AND model = ?", (acquisition_id, model)
+        )
+        return str(rows[0][0]) if rows else None
 
     # ------------------------------------------------------------------------------------------ lifetime
 

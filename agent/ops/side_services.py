@@ -42,11 +42,22 @@ class SideServices:
         journal: Journal,
         archive: VolumeArchive,
         publish: Callable[[Publication], None],
+        *,
+        model: str = "",
+        dicom: bool = False,
     ) -> None:
         self.metrics = metrics
         self.journal = journal
         self.archive = archive
         self._publish = publish
+        #: "<model id>@<version>" of the running model: the journal keeps one volume per acquisition and model.
+        self.model = model
+        #: A DICOM series is written for each volume: an acquisition is finished only once it is.
+        self.dicom = dicom
+
+    def finished_acquisitions(self) -> set[str]:
+        """Acquisitions a restart must leave alone (their files are not processed again)."""
+        return self.journal.finished_acquisitions(self.model, dicom=self.dicom)
 
     # ---------------------------------------------------------------------------------------------- ingest
 
@@ -96,13 +107,29 @@ class SideServices:
             slab.acquisition_id, slab.slab_index, slab.start, slab.size, slab.sha256, None
         )
 
-    def volume_done(self, volume: SctVolume, last_image_at: float) -> None:
+    def committed_volume(self, acquisition_id: str) -> str | None:
+        """The sha256 of the volume committed for ``acquisition_id`` by the running model before, if any."""
+        return self.journal.committed_volume(acquisition_id, self.model)
+
+    def commit_volume(self, volume: SctVolume) -> str | None:
+        """Make ``volume`` durable before it is sent: archive first (so that the next start can republish it),
+        then the journal. Returns the sha256 committed before a restart, or None for a first commit."""
+        model = volume_model(volume)
+        prior = self.journal.committed_volume(volume.acquisition_id, model)
+        if prior is not None:
+            return prior
         try:
             self.archive.save(volume)
         except (OSError, ValueError) as error:
-            # The volume is published; only a restart's late joiners would miss it. Say so, carry on.
+            # Only a restart's late joiners would miss it: the volume still goes out. Say so, carry on.
             logger.error("acquisition %s: volume not archived for restarts: %s", volume.acquisition_id, error)
             self.metrics.error("publisher")
+        return self.journal.commit_volume(volume.acquisition_id, model, volume.sha256)
+
+    def dicom_written(self, volume: SctVolume, series_folder: str) -> None:
+        self.journal.record_dicom_series(volume.acquisition_id, volume_model(volume), series_folder)
+
+    def volume_done(self, volume: SctVolume, last_image_at: float) -> None:
         logger.info(
             "acquisition %s: sCT volume %s done %.2f s after the last image",
             volume.acquisition_id,
@@ -157,3 +184,12 @@ class SideServices:
         self._publish(
             error_event(None, stage=stage, message=f"{type(error).__name__}: {error}", at=time.time())
         )
+
+
+def model_key(model_id: str, version: str) -> str:
+    """The journal's name of a model: ``<model id>@<version>`` (a new version publishes every series anew)."""
+    return f"{model_id}@{version}"
+
+
+def volume_model(volume: SctVolume) -> str:
+    return model_key(volume.model_id, volume.model_version)

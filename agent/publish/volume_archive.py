@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 ARRAY_SUFFIX: Final = ".npy"
 META_SUFFIX: Final = ".json"
+#: Suffix of the hidden file a volume is written to before it is renamed into place.
+TEMP_SUFFIX: Final = ".tmp"
 #: Version of the description file's layout; a file of another version is ignored (and removed).
 ARCHIVE_FORMAT: Final = 1
 
@@ -68,6 +70,10 @@ class VolumeArchive:
         """The stored volumes, oldest first, each checked against its sha256; and the ones that failed."""
         volumes: list[SctVolume] = []
         problems: list[ArchiveProblem] = []
+        for temp in self._folder.glob(f".*{TEMP_SUFFIX}"):
+            # A write a crash interrupted: never renamed, so never part of the archive.
+            logger.warning("removing %s, a volume file left half-written by an earlier run", temp.name)
+            temp.unlink(missing_ok=True)
         for meta_path in sorted(self._folder.glob(f"*{META_SUFFIX}")):
             key = meta_path.stem
             try:
@@ -175,7 +181,7 @@ def _safe_key(acquisition_id: str) -> str:
 
 
 def _write_atomically(path: Path, write: Any) -> None:
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     temp = Path(temp_name)
     try:
         with os.fdopen(handle, "wb") as f:
