@@ -53,10 +53,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{sorted(Counter(reference.states.values()).items())}",
             flush=True,
         )
-        results = []
+        results: list[dict[str, object]] = []
+        seconds: list[float] = []
         for n, kill_at in enumerate(random_kill_times(args.runs, reference.seconds, args.seed)):
             run = run_once(staged, root / f"run-{n:02d}", kill_at_s=kill_at)
             problems = compare(reference, run)
+            seconds.append(run.seconds)
             results.append(
                 {
                     "run": n,
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         "passed": passed,
         "phases": dict(sorted(phases.items())),
         "reference_s": round(reference.seconds, 2),
-        "median_run_s": round(statistics.median(r["seconds"] for r in results), 2) if results else None,
+        "median_run_s": round(statistics.median(seconds), 2) if seconds else None,
         "wall_s": round(time.monotonic() - started, 1),
         "results": results,
     }
