@@ -12,7 +12,9 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,7 +191,7 @@ def test_a_healthy_site_passes_with_every_check_on_its_own_line(site: Site) -> N
     # Nothing is built here: the engine is only looked for, and a fresh site has none.
     (engine,) = [line for line in lines if "engine.backend:" in line]
     assert engine.startswith("WARN") and "none cached; the first start builds the engine" in engine
-    assert "sct-agent engine build --config FILE" in engine
+    assert f"run `sct-agent engine build --config {site.folder / 'agent.toml'}` as the service user" in engine
     assert not (site.folder / "var").exists()
 
 
@@ -253,12 +255,47 @@ def test_an_empty_allow_list_fails(site: Site) -> None:
 
 
 def test_a_port_in_use_fails_and_says_no_agent_holds_it(site: Site) -> None:
+    metrics = f"127.0.0.1:{free_port()}"
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", site.publish_port))
         holder.listen()
-        report = site.doctor()
+        report = site.set("metrics", listen=metrics).doctor()
     line = assert_fails_only(report, "publish.endpoint", f"tcp://127.0.0.1:{site.publish_port} is in use")
-    assert "the agent seems to be running" not in line.message
+    assert f"No sct-agent answers at http://{metrics}/metrics, so another program holds it" in line.message
+
+
+@contextmanager
+def not_http(port: int) -> Iterator[None]:
+    """A program on ``port`` that answers every connection with bytes that are not HTTP (ZeroMQ's greeting)."""
+    listener = socket.create_server(("127.0.0.1", port))
+    listener.settimeout(0.1)
+    done = threading.Event()
+
+    def answer() -> None:
+        while not done.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with connection:
+                connection.sendall(b"\xff\x00\x00\x00\x00\x00\x00\x00\x01\x7f\r\n\r\n")
+
+    thread = threading.Thread(target=answer)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        listener.close()
+
+
+def test_a_port_held_by_a_program_that_does_not_speak_http_is_told_from_an_agent(site: Site) -> None:
+    port = free_port()
+    with not_http(port):
+        report = site.set("metrics", listen=f"127.0.0.1:{port}").doctor()
+    line = assert_fails_only(report, "metrics.listen", "is in use")
+    assert f"No sct-agent answers at http://127.0.0.1:{port}/metrics" in line.message
 
 
 def test_a_port_held_by_a_running_agent_says_so(site: Site) -> None:

@@ -50,7 +50,7 @@ def run_checks(config_path: Path | None) -> list[Check]:
         *preflight.check_protocols(config, manifest),
         model_check,
         preflight.check_engine_cache_dir(config),
-        preflight.check_engine(config, manifest),
+        preflight.check_engine(config, manifest, config_path),
         *preflight.check_keys(config),
         *preflight_host.check_ports(config),
         *preflight_host.check_export_folder(config.watch),

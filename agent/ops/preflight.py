@@ -268,7 +268,9 @@ def check_engine_cache_dir(config: AgentConfig) -> Check:
     )
 
 
-def check_engine(config: AgentConfig, manifest: ModelManifest | None) -> Check:
+def check_engine(
+    config: AgentConfig, manifest: ModelManifest | None, config_path: Path | None = None
+) -> Check:
     """Whether the engine the start would use is cached and accepted on this machine; nothing is built."""
     attribute = "engine.backend"
     if manifest is None:
@@ -304,8 +306,8 @@ def check_engine(config: AgentConfig, manifest: ModelManifest | None) -> Check:
         Status.WARN,
         attribute,
         f"{chosen}: {why}; the first start builds the engine for window {shape}, {build_estimate(cache)}, before "
-        f"the agent is ready; expected a cached engine: run `sct-agent engine build --config FILE` as the "
-        f"service user now",
+        f"the agent is ready; expected a cached engine: run `sct-agent engine build"
+        f"{f' --config {config_path}' if config_path is not None else ''}` as the service user now",
     )
 
 

@@ -11,13 +11,13 @@ Access checks hold for the user who runs the doctor, so IT runs it as the servic
 from __future__ import annotations
 
 import errno
+import http.client
 import os
 import re
 import shutil
 import socket
 import stat
 import subprocess
-import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -241,7 +241,7 @@ class _AgentProbe:
         try:
             with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S) as response:
                 body = response.read(1 << 20).decode("utf-8", "replace")
-        except (OSError, urllib.error.URLError, ValueError):
+        except (OSError, http.client.HTTPException, ValueError):  # whatever holds it may not speak HTTP
             body = ""
         ready = _READY_LINE.search(body)
         if ready is None:
