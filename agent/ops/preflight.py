@@ -102,7 +102,7 @@ def check_config(
         config = load_config(path, environ)
     except ConfigError as error:
         return Check("config", Status.FAIL, attribute, str(error)), None
-    overrides = sorted(name for name in environ if _is_setting(name))
+    overrides = sorted(name for name in environ if name in _SETTING_VARIABLES)
     tail = f"; overridden by {', '.join(overrides)}" if overrides else ""
     if path is not None:
         return Check("config", Status.OK, attribute, f"loads{tail}"), config
@@ -115,10 +115,6 @@ def check_config(
             f"expected --config {PRODUCTION_CONFIG}",
         ), config
     return Check("config", Status.OK, attribute, f"none given: the built-in defaults are used{tail}"), config
-
-
-def _is_setting(name: str) -> bool:
-    return name in _SETTING_VARIABLES
 
 
 def check_model(config: AgentConfig) -> tuple[Check, ModelManifest | None]:
