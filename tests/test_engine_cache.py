@@ -27,8 +27,9 @@ from engines.backends.acceptance import AcceptanceSample, acceptance_sample
 from engines.backends.aot_inductor import TorchAotBackend
 from engines.backends.aot_worker import EngineWorkerError
 from engines.backends.base import BackendOptions, BackendUnavailableError
+from engines.backends.cached_backend import ACCEPTED, MISSING, REFUSED
 from engines.backends.engine_cache import RECORD_NAME
-from engines.backends.registry import AUTO, load_backend, resolve_auto
+from engines.backends.registry import AUTO, inspect_engine, load_backend, resolve_auto
 from engines.backends.tensorrt import TensorRtBackend, import_torch_tensorrt
 from engines.backends.torch_cpu import TorchEagerBackend
 from engines.backends.torch_cuda import TorchCudaBackend
@@ -160,6 +161,44 @@ def test_an_engine_that_fails_acceptance_is_refused_and_the_backend_is_unavailab
     assert info.value.attribute == "engine.backend"
     assert not folder.exists()  # the refused engine is gone, none half-written took its place
     assert not [p for p in (cache / "engines").iterdir() if p.name.startswith(".")]
+
+
+def test_inspecting_the_cache_tells_what_a_start_would_do_and_changes_nothing(
+    built_cache: Path, shipped_manifest: ModelManifest, tmp_path: Path
+) -> None:
+    """``inspect_cache`` (sct-agent doctor) reaches the verdicts ``load`` reaches, without loading or removing."""
+    options = BackendOptions(threads=2, cache_dir=tmp_path / "empty")
+    missing = TorchAotBackend.inspect_cache(shipped_manifest, WINDOW, options)
+    assert (missing.state, missing.ready, missing.previous_build_s) == (MISSING, False, None)
+    assert not (tmp_path / "empty").exists()
+
+    cache, folder = copy_of(built_cache, tmp_path)
+    options = BackendOptions(threads=2, cache_dir=cache)
+    accepted = TorchAotBackend.inspect_cache(shipped_manifest, WINDOW, options)
+    assert (accepted.state, accepted.ready, accepted.folder) == (ACCEPTED, True, folder)
+    assert accepted.reason.startswith("mean |ΔHU|") and accepted.record is not None
+
+    strict = dataclasses.replace(shipped_manifest, backend_tolerance_hu=-1.0)
+    failed = TorchAotBackend.inspect_cache(strict, WINDOW, options)
+    assert failed.state == REFUSED and "failed acceptance: recorded mean |ΔHU|" in failed.reason
+
+    record = json.loads((folder / RECORD_NAME).read_text())
+    record["key"]["device"] = "NVIDIA H200"
+    (folder / RECORD_NAME).write_text(json.dumps(record))
+    other = TorchAotBackend.inspect_cache(shipped_manifest, WINDOW, options)
+    assert other.state == REFUSED and "device: found 'NVIDIA H200'" in other.reason
+    # The refused engine's build time is this machine's best estimate of the rebuild; the engine stays.
+    assert other.previous_build_s == record["build_s"]
+    assert (folder / TorchAotBackend.artefact).exists() and (folder / RECORD_NAME).exists()
+
+
+def test_inspecting_a_backend_without_a_gpu_says_why_as_load_does(shipped_manifest: ModelManifest) -> None:
+    with pytest.raises(BackendUnavailableError, match=r"torch-cuda: this torch .* is a CPU-only build"):
+        inspect_engine(TorchCudaBackend.name, shipped_manifest, WINDOW)
+    choice = inspect_engine(AUTO, shipped_manifest, WINDOW, BackendOptions(cache_dir=Path("/nonexistent")))
+    name, precision, _ = resolve_auto(shipped_manifest)
+    assert (choice.backend, choice.precision) == (name, precision.value)
+    assert [line.split(":")[0] for line in choice.passed_over] == ["tensorrt", "torch-cuda"]
 
 
 def test_a_slab_in_the_engine_worker_leaves_the_agent_threads_running(

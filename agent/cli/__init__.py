@@ -2,8 +2,9 @@
 
 Subcommands are the tools of the people who use the product: the agent itself (`run`), the protocol check IT
 and the MRI technologist run on a test export before the first patient (`check`), the subscriber (`listen`),
-CURVE keys for both (`keys`), the inference engine IT builds once per machine (`engine build`), sending sCT DICOM series again (`resend`), and, for developers and evaluators,
-the simulated scanner (`simulate`), the demo, training and evaluation of the model.
+CURVE keys for both (`keys`), the inference engine IT builds once per machine (`engine build`), the preflight IT
+runs before the service starts or when it will not (`doctor`), sending sCT DICOM series again (`resend`), and,
+for developers and evaluators, the simulated scanner (`simulate`), the demo, training and evaluation of the model.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "engine": (
         "agent.cli.engine",
         "build, cache and accept the inference engine (TensorRT, CUDA or CPU) before the first patient",
+    ),
+    "doctor": (
+        "agent.cli.doctor",
+        "check the configuration, model, engine cache, keys, ports and folders before the service starts",
     ),
     "keys": ("agent.cli.keys", "create CURVE key pairs for the publisher and its subscribers"),
     "resend": (

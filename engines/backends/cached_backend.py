@@ -18,15 +18,17 @@ A start with a valid cached engine therefore costs loading it (plus, for a compi
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
 from abc import abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from engines.backends.acceptance import AcceptanceResult, accept, acceptance_sample
-from engines.backends.base import BackendUnavailableError, InferenceBackend
+from engines.backends.base import BackendOptions, BackendUnavailableError, InferenceBackend
 from engines.backends.engine_cache import (
     EngineKey,
     EngineRecord,
@@ -34,8 +36,40 @@ from engines.backends.engine_cache import (
     EngineStore,
     default_cache_dir,
 )
+from engines.model.manifest import ModelManifest
 
 logger = logging.getLogger(__name__)
+
+#: ``CachedEngineState.state``: a valid engine whose recorded acceptance holds (the start loads it in seconds).
+ACCEPTED = "accepted"
+#: A valid compiler cache (no single file to hash): the start loads it and runs acceptance on it.
+RUN_AT_START = "accepted at start"
+#: No engine for this key: the start builds one.
+MISSING = "missing"
+#: An engine the start would refuse, remove and build again.
+REFUSED = "refused"
+
+
+@dataclass(frozen=True, slots=True)
+class CachedEngineState:
+    """What the engine cache holds for one backend, precision and window on this machine (``inspect_cache``)."""
+
+    backend: str
+    precision: str
+    window: tuple[int, ...]
+    folder: Path
+    #: ACCEPTED, RUN_AT_START, MISSING or REFUSED.
+    state: str
+    #: The acceptance figures when accepted; why not otherwise.
+    reason: str
+    record: EngineRecord | None
+    #: ``build_s`` of whatever record the folder holds, refused or not; None without one.
+    previous_build_s: float | None
+
+    @property
+    def ready(self) -> bool:
+        """The start loads this engine instead of building one."""
+        return self.state in (ACCEPTED, RUN_AT_START)
 
 
 class CachedEngineBackend(InferenceBackend):
@@ -56,15 +90,7 @@ class CachedEngineBackend(InferenceBackend):
         self.refusals = []
         self._require()
         cache_dir = self.options.cache_dir or default_cache_dir()
-        key = EngineKey.current(
-            backend=self.name,
-            precision=self.precision.value,
-            window=self.input_shape,
-            manifest=self.manifest,
-            device=self.device,
-            compiler=self._compiler_version(),
-        )
-        store = EngineStore(cache_dir, key, self.artefact)
+        store = self._store(cache_dir)
         record = self._cached(store)
         if record is not None and self.hashed:
             # The very bytes that passed acceptance on this machine compute the very numbers they computed then;
@@ -120,6 +146,67 @@ class CachedEngineBackend(InferenceBackend):
         )
         self._progress("ready", 1.0)
 
+    @classmethod
+    def inspect_cache(
+        cls, manifest: ModelManifest, input_shape: tuple[int, int, int, int], options: BackendOptions
+    ) -> CachedEngineState:
+        """What ``load`` would find in the cache, found without building, loading or removing anything.
+
+        For ``sct-agent doctor``: the same key and the same checks as ``_prepare`` (record, key fields, file hash,
+        recorded acceptance against the manifest's tolerance now), stopping where ``_prepare`` would load or
+        build. Raises :class:`BackendUnavailableError` where ``load`` would (no GPU, no compiler library).
+        """
+        backend = cls(manifest, input_shape, options)
+        try:
+            backend._require()
+            store = backend._store(options.cache_dir or default_cache_dir())
+        finally:
+            backend.close()
+
+        def state(verdict: str, reason: str = "", record: EngineRecord | None = None) -> CachedEngineState:
+            return CachedEngineState(
+                backend=cls.name,
+                precision=backend.precision.value,
+                window=input_shape,
+                folder=store.folder,
+                state=verdict,
+                reason=reason,
+                record=record,
+                previous_build_s=_recorded_build_s(store),
+            )
+
+        try:
+            record = store.check()
+        except EngineRefused as refused:
+            return state(REFUSED, str(refused))
+        if record is None:
+            return state(MISSING, f"no engine in {store.folder}")
+        if not cls.hashed:
+            return state(
+                RUN_AT_START, "a compiler cache: acceptance runs on the stored window at start", record
+            )
+        try:
+            recorded = AcceptanceResult.from_record(record.acceptance, manifest.backend_tolerance_hu)
+        except (KeyError, TypeError, ValueError) as error:
+            return state(REFUSED, f"cached engine {store.folder}: acceptance record unreadable ({error})")
+        if not recorded.passed:
+            return state(
+                REFUSED, f"cached engine {store.folder} failed acceptance: recorded {recorded.describe()}"
+            )
+        return state(ACCEPTED, recorded.describe(), record)
+
+    def _store(self, cache_dir: Path) -> EngineStore:
+        """The engine folder for this machine's key; ``_require`` has run (it sets the device and the compiler)."""
+        key = EngineKey.current(
+            backend=self.name,
+            precision=self.precision.value,
+            window=self.input_shape,
+            manifest=self.manifest,
+            device=self.device,
+            compiler=self._compiler_version(),
+        )
+        return EngineStore(cache_dir, key, self.artefact)
+
     def _use_cached(self, store: EngineStore, record: EngineRecord, result: AcceptanceResult) -> None:
         self.origin, self.record, self.acceptance = "cached", record, result
         logger.info("%s: cached engine %s accepted: %s", self.name, store.folder, result.describe())
@@ -170,3 +257,12 @@ class CachedEngineBackend(InferenceBackend):
 
 def _remove(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _recorded_build_s(store: EngineStore) -> float | None:
+    """How long the engine in ``store``'s folder took to build, from its record, even when that engine is refused
+    (built for another driver, say): the best estimate of how long this machine takes to build it again."""
+    try:
+        return float(json.loads(store.record_path.read_text())["build_s"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 
 from engines.backends.aot_inductor import TorchAotBackend
 from engines.backends.base import BackendOptions, BackendUnavailableError, InferenceBackend, Precision
+from engines.backends.cached_backend import CachedEngineBackend, CachedEngineState
 from engines.backends.cpu_features import accelerated_precisions
 from engines.backends.onnx_runtime import OnnxRuntimeBackend
 from engines.backends.tensorrt import TensorRtBackend
@@ -121,6 +123,70 @@ def load_backend(
         backend = TorchOptimisedBackend.load(manifest, input_shape, cpu_options)
     backend.passed_over = passed_over
     return backend
+
+
+@dataclass(frozen=True, slots=True)
+class EngineChoice:
+    """The backend ``load_backend`` would start with, and what the engine cache holds for it."""
+
+    backend: str
+    precision: str
+    #: None where the backend keeps no compiled engine in the cache (it runs eagerly, or compiles at each start).
+    cache: CachedEngineState | None
+    #: Why ``auto`` passed over faster backends, one line each.
+    passed_over: tuple[str, ...]
+    #: Why this backend: "configured", or the ``auto`` rule's reason.
+    why: str
+
+
+def inspect_engine(
+    name: str,
+    manifest: ModelManifest,
+    input_shape: tuple[int, int, int, int],
+    options: BackendOptions = BackendOptions(),
+) -> EngineChoice:
+    """Follow :func:`load_backend`'s choice for ``name`` without building or loading an engine (``sct-agent
+    doctor``). Raises :class:`BackendUnavailableError` where ``load_backend`` would for a backend named
+    explicitly. ``auto`` may still move on at start if the candidate's engine fails acceptance when built."""
+    if name != AUTO:
+        return _inspect(_backend_class(name), manifest, input_shape, options, (), "configured")
+    passed_over: list[str] = []
+    for gpu_name, precision in GPU_AUTO_ORDER:
+        try:
+            return _inspect(
+                _backend_class(gpu_name),
+                manifest,
+                input_shape,
+                dataclasses.replace(options, precision=precision),
+                passed_over,
+                "the first GPU backend available here",
+            )
+        except BackendUnavailableError as exc:
+            passed_over.append(str(exc))
+    cpu_name, precision, why = resolve_auto(manifest)
+    return _inspect(
+        _backend_class(cpu_name),
+        manifest,
+        input_shape,
+        dataclasses.replace(options, precision=precision),
+        passed_over,
+        why,
+    )
+
+
+def _inspect(
+    cls: type[InferenceBackend],
+    manifest: ModelManifest,
+    input_shape: tuple[int, int, int, int],
+    options: BackendOptions,
+    passed_over: list[str] | tuple[str, ...],
+    why: str,
+) -> EngineChoice:
+    if issubclass(cls, CachedEngineBackend):
+        state = cls.inspect_cache(manifest, input_shape, options)
+        return EngineChoice(cls.name, state.precision, state, tuple(passed_over), why)
+    precision = options.precision or cls.default_precision
+    return EngineChoice(cls.name, precision.value, None, tuple(passed_over), why)
 
 
 def _backend_class(name: str) -> type[InferenceBackend]:

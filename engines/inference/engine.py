@@ -39,6 +39,15 @@ F32 = npt.NDArray[np.float32]
 I16 = npt.NDArray[np.int16]
 
 
+def default_slab_depth(backend: str, slab_depth: int | None) -> int | None:
+    """The slab depth :meth:`SctEngine.load` uses: the configured one, else ``GPU_SLAB_DEPTH`` where the backend
+    may run on a GPU and one is present, else None (the manifest's)."""
+    if slab_depth is None and backend in GPU_BACKENDS and cuda_unavailable_reason() is None:
+        # On a GPU a shorter slab brings the last slab sooner (the halo, which decides exactness, stays).
+        return GPU_SLAB_DEPTH
+    return slab_depth
+
+
 class SctEngine:
     def __init__(
         self,
@@ -73,10 +82,9 @@ class SctEngine:
         slab_depth: int | None = None,
     ) -> SctEngine:
         """Load and warm up for the manifest's matrix (or ``in_plane``), so the first slab is not slow."""
-        if slab_depth is None and backend in GPU_BACKENDS and cuda_unavailable_reason() is None:
-            # On a GPU a shorter slab brings the last slab sooner (the halo, which decides exactness, stays).
-            slab_depth = GPU_SLAB_DEPTH
-        engine = cls(manifest or default_manifest(), backend, options, slab_depth)
+        engine = cls(
+            manifest or default_manifest(), backend, options, default_slab_depth(backend, slab_depth)
+        )
         engine.backend_for(in_plane or engine.manifest.matrix)
         return engine
 
