@@ -219,6 +219,7 @@ MODEL = "sct-unet@1.0"
 def test_a_volume_is_committed_once_per_model_and_its_dicom_series_finishes_it(journal: Journal) -> None:
     journal.record_acquisition(ACQ, "passed")
     assert journal.commit_volume(ACQ, MODEL, sha("v")) is None
+    assert journal.finished_acquisitions() == {ACQ}  # committed is published, in the same transaction
     # A restart inferred it again: the first commit stands and is returned, whatever the new content.
     assert journal.commit_volume(ACQ, MODEL, sha("v")) == sha("v")
     assert journal.commit_volume(ACQ, MODEL, sha("other")) == sha("v")

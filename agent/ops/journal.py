@@ -565,9 +565,16 @@ class Journal:
             ).fetchone()
             if row is not None:
                 return str(row[0])
+            now = _now(at)
             conn.execute(
                 "INSERT INTO volumes (acquisition_id, model, sha256, committed_at) VALUES (?, ?, ?, ?)",
-                (acquisition_id, model, sha256, _now(at)),
+                (acquisition_id, model, sha256, now),
+            )
+            # In the same transaction: a committed volume is a published one, whether or not the send that
+            # follows happens before a crash (the archive sends it at the next start).
+            conn.execute(
+                "UPDATE acquisitions SET state = ?, updated_at = ? WHERE acquisition_id = ?",
+                (AcquisitionState.PUBLISHED.value, now, acquisition_id),
             )
             return None
 
