@@ -8,8 +8,9 @@ every instance UID a sentinel root, and every file and folder name the sentinel 
 agent says is then searched for the sentinels, case-insensitively: every line on its stderr, the /metrics
 page, every message a real SUB socket received and the reply to a snapshot request. Nothing may be found.
 
-The search is shown to work where the sentinels must be: in the exported files and their paths, and in the sCT
-series the C-STORE peer received (the sCT belongs in the patient's record, so it carries the patient).
+The search is shown to work where the sentinels must be: in the exported files and their paths, in the sCT series
+the C-STORE peer received (the sCT belongs in the patient's record, so it carries the patient), and in the
+agent's journal, which records file paths.
 """
 
 from __future__ import annotations
@@ -281,6 +282,9 @@ def test_no_patient_data_in_logs_metrics_or_messages(
     sct_files = sorted(received.rglob("*"))
     assert sct_files, "storescp received nothing"
     assert SENTINEL.family_name.lower() in found_sentinels(sct_files[0].read_bytes().decode("latin-1"))
+    # And in what the agent itself wrote where it may: its journal (service user only) records every path.
+    journal = b"".join(p.read_bytes() for p in (tmp_path / "var").glob("journal.sqlite*"))
+    assert SENTINEL.patient_id.lower() in found_sentinels(journal.decode("latin-1"))
 
     # What the log does say: DEBUG lines were written (so DEBUG-only leaks would have been caught), the bad file
     # by its label, and one canonical line per acquisition.
