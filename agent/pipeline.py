@@ -23,7 +23,7 @@ from agent.ingest.assembler import Assembler
 from agent.ingest.pixel_reader import read_pixels
 from agent.ops.config import AgentConfig
 from agent.ops.side_services import SideServices
-from agent.records import ArrivedFile, Publication, SctVolume
+from agent.records import ArrivedFile, Publication, SctVolume, StatusEvent
 from agent.stage_thread import Stage, each
 from agent.validation.protocols import SequenceProtocol
 from agent.validation.validator import ValidatorStage
@@ -56,9 +56,14 @@ def compose(
 
     dicom: Stage[SctVolume] | None = None
     if config.dicom.folder is not None:
+
+        def publish_dicom(event: StatusEvent) -> None:
+            services.dicom_reported(event)
+            publish(event)
+
         writer = DicomPublisher(
             config.dicom,
-            publish,
+            publish_dicom,
             on_written=services.metrics.dicom_series,
             on_stored=services.metrics.dicom_store,
             on_series=services.dicom_written,

@@ -167,6 +167,10 @@ class AcquisitionUpdate:
     #: Echo times (ms) whose first image is among ``new_images``: each triggers a provisional verdict.
     first_of_echo: tuple[float, ...]
 
+    @property
+    def acquisition_id(self) -> str:
+        return self.view.acquisition_id
+
 
 # ------------------------------------------------------------------------------------------------- validator
 
@@ -214,6 +218,10 @@ class ValidatedUpdate:
     verdict: Verdict
     #: True when the verdict passes, nothing is pending, and the model's manifest lists the protocol.
     infer: bool
+
+    @property
+    def acquisition_id(self) -> str:
+        return self.update.view.acquisition_id
 
 
 # -------------------------------------------------------------------------------------- streamer and engine

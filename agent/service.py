@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from agent.ingest.watcher import Watcher
 from agent.ops import sd_notify
+from agent.ops.acquisition_summary import AcquisitionSummaries
 from agent.ops.config import AgentConfig
 from agent.ops.journal import Journal
 from agent.ops.metrics import AgentMetrics
@@ -114,11 +115,15 @@ class AgentService:
             if engine.device.type == "cuda":
                 self.metrics.watch_gpu_memory(engine.gpu_memory_allocated, engine.gpu_memory_reserved)
             archive = VolumeArchive(config.state.folder / SNAPSHOT_ARCHIVE, config.publish.snapshot_volumes)
+            summaries = AcquisitionSummaries(
+                backend=info.backend, precision=info.precision, dicom_enabled=config.dicom.folder is not None
+            )
             services = SideServices(
                 self.metrics,
                 self._journal,
                 archive,
                 self._submit,
+                summaries,
                 model=model_key(self.manifest.model_id, self.manifest.version),
                 dicom=config.dicom.folder is not None,
             )

@@ -4,7 +4,9 @@ Bounded inboxes are the pipeline's back-pressure (docs/architecture.md): a slow 
 outbox, the streamer then blocks, and so on up to the watcher, instead of memory growing with the backlog.
 Items already waiting in an inbox are handled in one batch, so a burst (the start-up scan of a full folder)
 costs one update per acquisition rather than one per file. A handler's exception is logged and counted; it
-never ends the stage, because one bad series must not stop the agent for the next patient.
+never ends the stage, because one bad series must not stop the agent for the next patient. The error hook is
+told which acquisition the item in hand belonged to (its ``acquisition_id``), when the stage knows: the item
+of a one-item batch, or the item :func:`each` was handing on.
 """
 
 from __future__ import annotations
@@ -15,9 +17,14 @@ import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from agent.vocabulary import LogEvent
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: The item a stage thread is handling, for the error hook (each stage thread sets its own).
+_in_hand = threading.local()
 
 #: Most items handled in one batch: bounds the latency a burst adds to the first item of the next burst.
 MAX_BATCH = 256
@@ -30,6 +37,7 @@ def each(handle_one: Callable[[T], None]) -> Callable[[list[T]], None]:
 
     def handle(items: list[T]) -> None:
         for item in items:
+            _in_hand.item = item
             handle_one(item)
 
     return handle
@@ -43,7 +51,7 @@ class Stage(Generic[T]):
         *,
         depth: int,
         idle: Callable[[], None] | None = None,
-        on_error: Callable[[str, BaseException], None] | None = None,
+        on_error: Callable[[str, BaseException, str | None], None] | None = None,
         batch: bool = True,
     ) -> None:
         self.name = name
@@ -93,12 +101,14 @@ class Stage(Generic[T]):
                 except queue.Empty:
                     break
             self.busy = True
+            _in_hand.item = first if len(items) == 1 else None
             try:
                 self._handle(items)
             except Exception as error:
-                self._report(error)
+                self._report(error, getattr(_in_hand, "item", None))
             finally:
                 self.busy = False
+                _in_hand.item = None
             self._call_idle()
 
     def _call_idle(self) -> None:
@@ -107,9 +117,16 @@ class Stage(Generic[T]):
         try:
             self._idle()
         except Exception as error:
-            self._report(error)
+            self._report(error, None)
 
-    def _report(self, error: BaseException) -> None:
-        logger.exception("stage %s: %s", self.name, error)
+    def _report(self, error: BaseException, item: object) -> None:
+        acquisition_id = getattr(item, "acquisition_id", None)
+        acquisition_id = acquisition_id if isinstance(acquisition_id, str) else None
+        logger.exception(
+            "stage %s: %s",
+            self.name,
+            error,
+            extra={"event": LogEvent.STAGE_ERROR, "stage": self.name, "acquisition_id": acquisition_id},
+        )
         if self._on_error is not None:
-            self._on_error(self.name, error)
+            self._on_error(self.name, error, acquisition_id)

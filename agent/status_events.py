@@ -7,6 +7,7 @@ them to the publisher, which only encodes them: no stage needs the wire format t
 
 from __future__ import annotations
 
+from agent.file_labels import redact
 from agent.records import StatusEvent, Verdict
 from agent.vocabulary import StatusKind
 
@@ -49,7 +50,12 @@ def progress_event(acquisition_id: str, *, slabs_done: int, slab_count: int, at:
 
 
 def error_event(acquisition_id: str | None, *, stage: str, message: str, at: float) -> StatusEvent:
-    """The status event for an error in a stage. ``message`` must not quote DICOM values that identify people."""
+    """The status event for an error in a stage. ``message`` must not quote DICOM values that identify people
+    nor name a file (use :func:`agent.file_labels.file_label`); paths under the export folder and instance UIDs
+    are redacted here as a safety net."""
     return StatusEvent(
-        kind=StatusKind.ERROR, acquisition_id=acquisition_id, body={"stage": stage, "message": message}, at=at
+        kind=StatusKind.ERROR,
+        acquisition_id=acquisition_id,
+        body={"stage": stage, "message": redact(message)},
+        at=at,
     )

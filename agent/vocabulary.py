@@ -151,3 +151,46 @@ class StatusKind(StrEnum):
     CANCELLED = "cancelled"
     #: The sCT DICOM series was written, stored or failed.
     DICOM = "dicom"
+
+
+# ---------------------------------------------------------------------------------------------- operations
+
+
+class LogFormat(StrEnum):
+    """``logging.format``: how log lines are written to stderr."""
+
+    AUTO = "auto"  # journal when stderr is the systemd journal (JOURNAL_STREAM), text otherwise
+    TEXT = "text"  # timestamp, level, logger, thread, message: for a terminal
+    JSON = "json"  # one JSON object per line with structured fields: for log shippers
+    JOURNAL = "journal"  # sd-daemon <N> priority prefix, no timestamp (journald adds one)
+
+
+class FileNames(StrEnum):
+    """``logging.file_names``: how log lines and messages name a file of the export folder."""
+
+    HASH = "hash"  # file:<first 10 hex digits of the SHA-256 of the path relative to the export folder>
+    RELATIVE = "relative"  # the path relative to the export folder (file names often carry patient names)
+
+
+class AcquisitionEnd(StrEnum):
+    """The ``outcome`` of an acquisition's one canonical log line (``event`` "acquisition_end")."""
+
+    PUBLISHED = "published"  # the sCT volume went out (and the DICOM series was written, when configured)
+    REJECTED = "rejected"  # the final verdict failed a protocol rule
+    INCOMPLETE = "incomplete"  # the acquisition ended without every image it announced
+    NOT_INFERRED = "not_inferred"  # it passed, but the model may not run on it (protocol not the model's)
+    FAILED = "failed"  # a stage failed on it (the engine, a pixel read); the error is logged and published
+
+
+class LogEvent(StrEnum):
+    """The ``event`` field of structured log lines about an acquisition or a file (JSON format)."""
+
+    FILE = "file"  # a file was skipped or bad
+    VERDICT = "verdict"  # an acquisition's final verdict
+    STREAM_CANCELLED = "stream_cancelled"  # slabs already streamed were dropped
+    VOLUME = "volume"  # the sCT volume was stitched
+    ARCHIVE = "archive"  # the volume could not be kept for restarts
+    DICOM = "dicom"  # the sCT DICOM series was written, stored or failed
+    STAGE_ERROR = "stage_error"  # a stage's handler raised
+    ACQUISITION_END = "acquisition_end"  # the one canonical line per acquisition
+    SUMMARY_DROPPED = "summary_dropped"  # more acquisitions open than the summaries keep

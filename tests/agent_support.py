@@ -42,16 +42,16 @@ def small_acquisition(**changes: object) -> Acquisition:
     return SEED_PROTOCOL.with_changes(fov_mm=SMALL_FOV_MM, **changes)
 
 
-def write_test_protocol(folder: Path) -> Path:
+def write_test_protocol(folder: Path, fov_mm: tuple[float, float, float] = SMALL_FOV_MM) -> Path:
     """The seed protocol with the small FOV and its own id (text edit, so every other rule stays as shipped)."""
     folder.mkdir(parents=True, exist_ok=True)
     text = (SHIPPED_PROTOCOLS_DIR / f"{SEED_PROTOCOL_ID}.toml").read_text()
     text = text.replace(f'id = "{SEED_PROTOCOL_ID}"', f'id = "{TEST_PROTOCOL_ID}"')
-    text = text.replace("value = [250.0, 250.0, 90.0]", f"value = {list(SMALL_FOV_MM)}")
+    text = text.replace("value = [250.0, 250.0, 90.0]", f"value = {list(fov_mm)}")
     path = folder / f"{TEST_PROTOCOL_ID}.toml"
     path.write_text(text)
     loaded = tomllib.loads(text)
-    assert loaded["id"] == TEST_PROTOCOL_ID and loaded["rules"]["FieldOfView"]["value"] == list(SMALL_FOV_MM)
+    assert loaded["id"] == TEST_PROTOCOL_ID and loaded["rules"]["FieldOfView"]["value"] == list(fov_mm)
     shutil.copy(SHIPPED_PROTOCOLS_DIR / f"{SEED_PROTOCOL_ID}.toml", folder)
     return folder
 

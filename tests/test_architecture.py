@@ -20,13 +20,15 @@ ROOT = Path(__file__).resolve().parents[1]
 #: The packages that are pipeline stages: each may use the shared modules but never another stage.
 STAGES = ("ingest", "validation", "inference", "publish", "dicom_out")
 #: Shared by every stage: records and vocabularies passed between them, the status events they publish, the
-#: stage thread, and the frozen configuration sections a stage is built from (read-only data, no service).
+#: stage thread, the frozen configuration sections a stage is built from (read-only data, no service), and how
+#: a file is named in logs and messages (never by its name).
 SHARED = (
     "agent.records",
     "agent.vocabulary",
     "agent.status_events",
     "agent.stage_thread",
     "agent.ops.config",
+    "agent.file_labels",
 )
 #: What the subscriber library may import of the product (the wire format, key files, endpoints, geometry).
 CLIENT_ALLOWED = (

@@ -96,7 +96,7 @@ def toml_literal(value: object) -> str:
         ),
         (MetricsConfig(), {"listen": "127.0.0.1:9108"}),
         (PipelineConfig(), {"queue_depth": 64}),
-        (LoggingConfig(), {"level": "INFO", "json": False}),
+        (LoggingConfig(), {"level": "INFO", "format": "auto", "loggers": (), "file_names": "hash"}),
     ],
 )
 def test_section_defaults(config: Any, expected: dict[str, object]) -> None:
@@ -175,7 +175,9 @@ queue_depth = 3
 
 [logging]
 level = "DEBUG"
-json = true
+format = "json"
+loggers = ["watchdog=INFO", "agent.ingest.watcher=WARNING"]
+file_names = "relative"
 """
 
 
@@ -189,7 +191,10 @@ def test_file_values(tmp_path: Path) -> None:
     assert config.publish == PublishConfig("ipc:///run/sct-agent/pub", heartbeat_s=0.5, send_hwm=100)
     assert config.metrics.enabled is False
     assert config.pipeline.queue_depth == 3
-    assert config.logging == LoggingConfig("DEBUG", True)
+    assert config.logging == LoggingConfig(
+        "DEBUG", "json", ("watchdog=INFO", "agent.ingest.watcher=WARNING"), "relative"
+    )
+    assert config.logging.logger_levels() == {"watchdog": "INFO", "agent.ingest.watcher": "WARNING"}
 
 
 def test_a_partial_file_keeps_the_other_defaults(tmp_path: Path) -> None:
@@ -210,7 +215,8 @@ def test_environment_wins_over_the_file(tmp_path: Path) -> None:
         "SCT_AGENT_ENGINE_MODEL": "",
         "SCT_AGENT_ENGINE_THREADS": "4",
         "SCT_AGENT_METRICS_LISTEN": "[::1]:0",
-        "SCT_AGENT_LOGGING_JSON": "0",
+        "SCT_AGENT_LOGGING_FORMAT": "journal",
+        "SCT_AGENT_LOGGING_LOGGERS": "pynetdicom=DEBUG, watchdog=info",
         "UNRELATED": "x",
     }
     config = load_config(path, environ=environ)
@@ -223,7 +229,9 @@ def test_environment_wins_over_the_file(tmp_path: Path) -> None:
     assert config.engine.model is None, "'' means the default for an optional path"
     assert config.engine.threads == 4
     assert (config.metrics.host, config.metrics.port) == ("::1", 0)
-    assert config.logging.json is False
+    assert config.logging.format == "journal"
+    assert config.logging.logger_levels() == {"pynetdicom": "DEBUG", "watchdog": "INFO"}
+    assert config.logging.file_names == "relative", "keys the environment leaves alone keep the file's value"
 
 
 @pytest.mark.parametrize(
@@ -231,7 +239,7 @@ def test_environment_wins_over_the_file(tmp_path: Path) -> None:
     [("true", True), ("1", True), ("YES", True), ("false", False), ("0", False), ("no", False)],
 )
 def test_environment_booleans(text: str, expected: bool) -> None:
-    assert load_config(environ={"SCT_AGENT_LOGGING_JSON": text}).logging.json is expected
+    assert load_config(environ={"SCT_AGENT_WATCH_RECURSIVE": text}).watch.recursive is expected
 
 
 def test_empty_list_from_the_environment(tmp_path: Path) -> None:
@@ -332,6 +340,15 @@ def test_environment_and_default_paths_are_relative_to_the_current_directory(
         ("metrics", 'listen = "::1:80"', r"metrics\.listen .*found '::1:80'.*IPv6 host in brackets"),
         ("pipeline", "queue_depth = 0", r"pipeline\.queue_depth .*found 0, expected an integer > 0"),
         ("logging", 'level = "VERBOSE"', r"logging\.level .*found 'VERBOSE', expected one of DEBUG, INFO"),
+        ("logging", 'format = "syslog"', r"logging\.format .*found 'syslog', expected 'auto' or 'text'"),
+        ("logging", 'loggers = ["watchdog"]', r"logging\.loggers .*found 'watchdog'.*logger\.name=LEVEL"),
+        ("logging", 'loggers = ["=DEBUG"]', r"logging\.loggers .*found '=DEBUG'"),
+        ("logging", 'loggers = ["x=LOUD"]', r"logging\.loggers .*found 'x=LOUD'.*one of DEBUG"),
+        (
+            "logging",
+            'file_names = "name"',
+            r"logging\.file_names .*found 'name', expected 'hash' or 'relative'",
+        ),
     ],
 )
 def test_bad_file_value_names_key_file_value_and_expectation(

@@ -24,6 +24,7 @@ from sct_dicom_support import (
 from agent.cli import main as cli_main
 from agent.dicom_out.dicom_publisher import DicomPublisher
 from agent.dicom_out.sct_series import write_sct_series
+from agent.file_labels import file_label
 from agent.ops.config import DicomConfig
 from agent.records import SctVolume, StatusEvent
 from agent.vocabulary import StatusKind
@@ -182,7 +183,7 @@ def test_a_volume_that_cannot_be_written_is_reported_and_the_stage_carries_on(
     assert (failed.kind, failed.acquisition_id) == (StatusKind.DICOM, doomed.acquisition_id)
     assert failed.body["ok"] is False
     assert failed.body["step"] == "write"
-    assert paths[4].name in failed.body["message"]
+    assert file_label(paths[4]) in failed.body["message"] and paths[4].name not in failed.body["message"]
     assert "series_folder" not in failed.body
     assert recorder.written == ["failed"]
 

@@ -32,6 +32,7 @@ from real_dicom_support import (
 )
 
 from agent.cli import check
+from agent.file_labels import file_label
 from agent.ingest.assembler import Assembler
 from agent.records import AcquisitionUpdate, AcquisitionView, ArrivedFile
 from agent.validation.protocol_files import SHIPPED_PROTOCOLS_DIR, load_protocol, load_protocols
@@ -231,10 +232,11 @@ def test_raw_data_and_non_dicom_files_are_skipped_with_their_reason() -> None:
     raw = next(iter(series_files(PHILIPS_RAW))).name
     assert reasons[raw][0] == FileOutcome.SKIPPED
     assert "Raw Data Storage" in reasons[raw][1]
-    assert reasons["PROTOCOL_fcMRI_Field_Mapping_examcard.txt"] == (
+    examcard = root / "dcm_qa_philips_enh" / "PROTOCOL_fcMRI_Field_Mapping_examcard.txt"
+    # The reason names the file by its label, never by its name (which a console may make of the patient's).
+    assert reasons[examcard.name] == (
         FileOutcome.SKIPPED,
-        "PROTOCOL_fcMRI_Field_Mapping_examcard.txt: file: found no DICOM preamble (DICM at byte 128); "
-        "expected a DICOM Part 10 file",
+        f"{file_label(examcard)}: file: found no DICOM preamble (DICM at byte 128); expected a DICOM Part 10 file",
     )
 
 

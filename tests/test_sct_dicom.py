@@ -34,6 +34,7 @@ from agent.dicom_out.sct_series import (
     WrittenSeries,
     write_sct_series,
 )
+from agent.file_labels import file_label
 from agent.records import SctVolume, payload_sha256
 from engines.phantom.case import PhantomCase
 from engines.scanner.export import ExportSummary, OutputFormat
@@ -456,7 +457,7 @@ def test_a_missing_source_file_is_refused_and_nothing_is_written(
     volume = sct_volume(case, paths)
     paths[7].unlink()
     out = tmp_path / "out"
-    with pytest.raises(SctSeriesError, match=rf"{paths[7].name}: file: found \(missing\)"):
+    with pytest.raises(SctSeriesError, match=rf"{file_label(paths[7])}: file: found \(missing\)"):
         write_sct_series(volume, out)
     assert not out.exists() or list(out.iterdir()) == []
 
@@ -473,12 +474,13 @@ def test_a_source_from_another_study_or_frame_of_reference_is_refused(
     ds.save_as(odd)
     out = tmp_path / "out"
     with pytest.raises(
-        SctSeriesError, match=rf"{odd.name}: {keyword}: found 1\.2\.3\.4\.5; expected"
+        SctSeriesError,
+        match=rf"{file_label(odd)}: {keyword}: found a different UID; expected the {keyword} of",
     ) as caught:
         write_sct_series(volume, out)
-    assert caught.value.attribute == keyword and caught.value.found == "1.2.3.4.5"
-    # The patient's identity never appears in an error message.
-    for identity in (str(ds.PatientName), str(ds.PatientID), str(ds.PatientBirthDate)):
+    assert caught.value.attribute == keyword
+    # Neither the patient's identity, nor a UID, nor a file name appears in an error message.
+    for identity in (str(ds.PatientName), str(ds.PatientID), str(ds.PatientBirthDate), "1.2.3.4.5", odd.name):
         assert identity not in str(caught.value)
     assert not out.exists() or list(out.iterdir()) == []
 
@@ -487,7 +489,9 @@ def test_a_replaced_source_file_is_refused(case: PhantomCase, classic: ExportSum
     paths = copy_export(classic, tmp_path / "mr")
     volume = sct_volume(case, paths)
     shutil.copy(paths[2], paths[3])  # another image under a referenced name
-    with pytest.raises(SctSeriesError, match=rf"{paths[3].name}: SOPInstanceUID: found .*file replaced"):
+    with pytest.raises(
+        SctSeriesError, match=rf"{file_label(paths[3])}: SOPInstanceUID: found .*file replaced"
+    ):
         write_sct_series(volume, tmp_path / "out")
 
 

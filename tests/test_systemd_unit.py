@@ -115,6 +115,10 @@ def test_every_directive_is_commented() -> None:
         ("SystemCallArchitectures", "native"),
         ("CapabilityBoundingSet", ""),
         ("UMask", "0077"),
+        # The agent's journal format: its <N> prefixes are read as priorities (journalctl -p warning).
+        ("StandardError", "journal"),
+        ("SyslogLevelPrefix", "yes"),
+        ("SyslogIdentifier", "sct-agent"),
     ],
 )
 def test_required_directive(key: str, expected: str) -> None:

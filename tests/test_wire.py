@@ -283,7 +283,16 @@ def test_no_patient_identifiers_on_the_wire() -> None:
 
     assert "acquisition_id" in keys  # the walk does reach into the headers
     assert keys.isdisjoint(FORBIDDEN_KEYS)
-    assert sorted(FORBIDDEN_KEYS) == ["PatientBirthDate", "PatientID", "PatientName"]
+    assert sorted(FORBIDDEN_KEYS) == [
+        "AccessionNumber",
+        "FrameOfReferenceUID",
+        "PatientBirthDate",
+        "PatientID",
+        "PatientName",
+        "SOPInstanceUID",
+        "SeriesInstanceUID",
+        "StudyInstanceUID",
+    ]
 
 
 @pytest.mark.parametrize("key", sorted(FORBIDDEN_KEYS))

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Final, TextIO
 
 from agent.cli.view_text import describe_view, orientation_text
+from agent.file_labels import file_label
 from agent.ingest.assembler import Assembler
 from agent.ingest.watcher import name_skip_reason
 from agent.records import AcquisitionUpdate, AcquisitionView, ArrivedFile, Verdict
@@ -247,6 +248,13 @@ def _title(index: int, total: int, acquisition: CheckedAcquisition) -> str:
     )
 
 
+def _note_reason(note: _FileNote) -> str:
+    """The reason without the file: the agent's reasons name it by its label (its logs must not carry file
+    names, which may be the patient's); this command is run by the technologist on files they chose and shows
+    the path beside it instead."""
+    return note.reason.removeprefix(f"{file_label(note.path)}: ").removeprefix(f"{note.path.name}: ")
+
+
 def _print_text(out: TextIO, report: CheckReport) -> None:
     path, acquisitions, model_protocols = report.path, report.acquisitions, report.model_protocols
     names = ", ".join(f"{p.id} {p.version}" for p in report.protocols)
@@ -262,8 +270,7 @@ def _print_text(out: TextIO, report: CheckReport) -> None:
         print(f"{len(items)} file{'s' if len(items) != 1 else ''} {outcome}:", file=out)
         for note in items:
             shown = note.path.relative_to(root) if note.path.is_relative_to(root) else note.path
-            reason = note.reason.removeprefix(f"{note.path.name}: ")
-            print(f"  {shown}: {reason}", file=out)
+            print(f"  {shown}: {_note_reason(note)}", file=out)
     for index, acquisition in enumerate(acquisitions, start=1):
         print(file=out)
         print(_title(index, len(acquisitions), acquisition), file=out)
@@ -375,7 +382,7 @@ def _document(report: CheckReport) -> dict[str, Any]:
         "files": {
             "read": report.files_read,
             "not_used": [
-                {"path": str(n.path), "outcome": n.outcome, "reason": n.reason} for n in report.notes
+                {"path": str(n.path), "outcome": n.outcome, "reason": _note_reason(n)} for n in report.notes
             ],
         },
         "acquisitions": [

@@ -20,7 +20,7 @@ from typing import Any
 from agent.ops import sd_notify
 from agent.ops.config import AgentConfig, ConfigError
 from agent.ops.config_loader import describe_config, load_config
-from agent.ops.log_format import configure_logging
+from agent.ops.log_format import configure_logging, priority, stderr_is_journal
 from agent.service import AgentService
 from agent.validation.protocols import ProtocolError
 from engines.model.manifest import ManifestError, WeightsIntegrityError
@@ -51,7 +51,9 @@ def _main(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as error:
-        print(f"sct-agent run: configuration error: {error}", file=sys.stderr)
+        # Before logging is configured; under systemd the journal still files it as an error.
+        prefix = f"<{priority(logging.ERROR)}>" if stderr_is_journal() else ""
+        print(f"{prefix}sct-agent run: configuration error: {error}", file=sys.stderr)
         return EXIT_CONFIG
     if args.print_config:
         print(describe_config(config))
@@ -85,12 +87,12 @@ def _serve(config: AgentConfig, stop: threading.Event) -> int:
     try:
         endpoints = pipeline.start()
     except (ConfigError, ProtocolError, ManifestError, WeightsIntegrityError, ValueError) as error:
+        # Logged only (stderr either way): a second, unformatted line would lose its priority in the journal
+        # and break the one-JSON-object-per-line format.
         logger.error("cannot start: %s", error)
-        print(f"sct-agent run: cannot start: {error}", file=sys.stderr)
         return EXIT_CONFIG
     except OSError as error:
         logger.error("cannot start: %s", error)
-        print(f"sct-agent run: cannot start: {error}", file=sys.stderr)
         return 1
     sd_notify.ready(f"publishing on {endpoints.publish}")
     print(

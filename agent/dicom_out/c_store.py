@@ -28,6 +28,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
 
+from agent.file_labels import error_text
 from sct_core.errors import SctError
 
 logger = logging.getLogger(__name__)
@@ -188,7 +189,7 @@ def _attempt(
             evt_handlers=[(evt.EVT_PDU_RECV, _note_refusal, [replies])],
         )
     except (OSError, RuntimeError, ValueError) as error:
-        return list(pending), 0, f"association failed ({type(error).__name__}: {error})"
+        return list(pending), 0, f"association failed ({error_text(error)})"
     if not assoc.is_established:
         if replies:
             what = replies[0]
@@ -265,7 +266,8 @@ def _send(assoc: Association, dataset: Dataset) -> int | None:
     try:
         response = assoc.send_c_store(dataset)
     except (OSError, RuntimeError, ValueError, AttributeError) as error:
-        logger.warning("C-STORE send failed: %s: %s", type(error).__name__, error)
+        # error_text: an encoder's message may quote the value it refused (a patient's name, a UID).
+        logger.warning("C-STORE send failed: %s", error_text(error))
         return None
     status = response.get("Status") if response is not None else None
     return int(status) if status is not None else None

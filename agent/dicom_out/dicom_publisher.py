@@ -5,7 +5,8 @@ is down never delays the robots' stream. A failure costs that series only: it is
 the status topic (``kind`` "dicom", ``ok`` false, with the reason) and the agent carries on. A series that was
 written but could not be stored stays in the folder, complete, for a person or a resend to pick up.
 
-Status bodies name the series folder, never a UID or anything about the patient.
+Status bodies and log lines name the series folder (``sct-<acquisition id>-<series number>``) and source files
+by their label, never a UID, a source file name or anything about the patient.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 from agent.dicom_out.sct_series import SctSeriesError, WrittenSeries, write_sct_series
+from agent.file_labels import redact
 from agent.ops.config import DicomConfig
 from agent.records import SctVolume, StatusEvent
-from agent.vocabulary import StatusKind
+from agent.vocabulary import LogEvent, StatusKind
 
 if TYPE_CHECKING:
     from agent.dicom_out.c_store import StorePeer
@@ -67,7 +69,8 @@ class DicomPublisher:
         were never renamed to a series, so nobody may use them."""
         for partial in self._folder.glob(PARTIAL_GLOB):
             if partial.is_dir():
-                logger.warning("removing %s, a series left half-written by an earlier run", partial.name)
+                # An earlier version named these after the series UID: the name is not logged.
+                logger.warning("removing a series left half-written by an earlier run")
                 shutil.rmtree(partial, ignore_errors=True)
 
     def handle(self, volume: SctVolume) -> None:
@@ -77,7 +80,12 @@ class DicomPublisher:
                 volume, self._folder, series_number_offset=self._config.series_number_offset
             )
         except SctSeriesError as error:
-            logger.error("acquisition %s: sCT DICOM series not written: %s", key, error)
+            logger.error(
+                "acquisition %s: sCT DICOM series not written: %s",
+                key,
+                error,
+                extra=_fields(key, "write", "failed"),
+            )
             # The wire gets the attribute and the file, not the values: a found/expected pair may be a UID.
             where = f" of {error.file}" if error.file else ""
             found = f" {error.found}" if error.attribute in _SAFE_TO_QUOTE else ""
@@ -96,6 +104,7 @@ class DicomPublisher:
                 "acquisition %s: sCT DICOM series %s was complete before the restart",
                 key,
                 written.folder.name,
+                extra=_fields(key, "write", "reused"),
             )
             self._report(
                 key,
@@ -116,13 +125,19 @@ class DicomPublisher:
     def _written(self, key: str, written: WrittenSeries) -> None:
         self._count(self._on_written, "written")
         if written.clipped_voxels:
-            logger.warning("acquisition %s: %d voxels clipped to the CT range", key, written.clipped_voxels)
+            logger.warning(
+                "acquisition %s: %d voxels clipped to the CT range",
+                key,
+                written.clipped_voxels,
+                extra=_fields(key, "write", "clipped"),
+            )
         logger.info(
             "acquisition %s: sCT DICOM series %s written (%d files, %.2f s)",
             key,
             written.folder.name,
             len(written.files),
             written.seconds,
+            extra=_fields(key, "write", "written"),
         )
         self._report(
             key,
@@ -146,11 +161,24 @@ class DicomPublisher:
                 timeout_s=STORE_TIMEOUT_S,
             )
         except StoreError as error:
-            logger.error("acquisition %s: C-STORE of %s failed: %s", key, written.folder.name, error)
+            logger.error(
+                "acquisition %s: C-STORE of %s failed: %s",
+                key,
+                written.folder.name,
+                error,
+                extra=_fields(key, "store", "failed"),
+            )
             self._report(key, ok=False, step="store", message=str(error), series_folder=written.folder.name)
             self._count(self._on_stored, "failed")
             return
         self._count(self._on_stored, "stored")
+        logger.info(
+            "acquisition %s: sCT DICOM series %s stored at %s",
+            key,
+            written.folder.name,
+            peer,
+            extra=_fields(key, "store", "stored"),
+        )
         self._report(
             key,
             ok=True,
@@ -162,7 +190,10 @@ class DicomPublisher:
     def _report(self, key: str, *, ok: bool, step: str, message: str, **extra: object) -> None:
         self._publish(
             StatusEvent(
-                StatusKind.DICOM, key, {"ok": ok, "step": step, "message": message, **extra}, time.time()
+                StatusKind.DICOM,
+                key,
+                {"ok": ok, "step": step, "message": redact(message), **extra},
+                time.time(),
             )
         )
 
@@ -170,3 +201,14 @@ class DicomPublisher:
     def _count(callback: Callable[[str], None] | None, outcome: str) -> None:
         if callback is not None:
             callback(outcome)
+
+
+def _fields(acquisition_id: str, step: str, outcome: str) -> dict[str, object]:
+    """Structured fields of this stage's log lines (JSON format)."""
+    return {
+        "event": LogEvent.DICOM,
+        "stage": "dicom",
+        "acquisition_id": acquisition_id,
+        "step": step,
+        "outcome": outcome,
+    }

@@ -10,8 +10,9 @@ SourceImageSequence naming every MR image each slice was computed from, and a Co
 naming the model as the processing equipment.
 
 The patient, study and frame-of-reference attributes are copied from one source MR header, after checking that
-every source file belongs to the same study and frame of reference. Patient identity goes into the files only:
-log lines and exception messages name files by their base name, UIDs and the acquisition id, never a patient.
+every source file belongs to the same study and frame of reference. Patient identity and UIDs go into the files
+only: log lines and exception messages name the acquisition by its id and a source file by its label
+(:func:`agent.file_labels.file_label`), never by a UID, a file name or anything about the patient.
 
 A series is written into a hidden temporary folder inside ``out_folder``, every file and the folder are
 fsynced, and only then is the folder renamed to its final name in one step, so that a reader (a DICOM sender,
@@ -30,6 +31,7 @@ import hashlib
 import importlib.metadata
 import logging
 import os
+import secrets
 import shutil
 import time
 import uuid
@@ -49,7 +51,9 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian
 from pydicom.valuerep import format_number_as_ds
 
+from agent.file_labels import file_label
 from agent.records import ImageRef, SctVolume
+from agent.vocabulary import LogEvent
 from sct_core.errors import SctError
 from sct_core.geometry import VolumeGeometry
 
@@ -131,8 +135,9 @@ class SctSeriesError(SctError):
     """The sCT series could not be written; nothing was left behind.
 
     ``attribute`` names the DICOM attribute (or "file", "hu", "sources", "out_folder"), ``found`` the value
-    found and ``expected`` what was expected; ``file`` is the base name of the file concerned, if any. No
-    patient identity is ever part of the message.
+    found and ``expected`` what was expected; ``file`` is the label of the source file concerned, or the
+    name of the file being written, if any. No patient identity, UID or source file name is ever part of the
+    message.
     """
 
     def __init__(self, attribute: str, found: str, expected: str, *, file: str | None = None) -> None:
@@ -233,7 +238,8 @@ def write_sct_series(
 
     try:
         out_folder.mkdir(parents=True, exist_ok=True)
-        temp = out_folder / f".sct-{series_uid}.partial"
+        # Named by the acquisition, not the series UID: the name shows up in error messages and log lines.
+        temp = out_folder / f".sct-{volume.acquisition_id[:16]}-{secrets.token_hex(4)}.partial"
         temp.mkdir()
     except OSError as error:
         raise SctSeriesError("out_folder", _os_error(error, None), "a writable folder") from error
@@ -260,8 +266,9 @@ def write_sct_series(
         if isinstance(error, OSError):
             raise SctSeriesError("file", _os_error(error, current), "the series written to disk") from error
         if isinstance(error, Exception):
+            # Only the type: an encoder's message may quote the value it refused, a patient's name or a UID.
             raise SctSeriesError(
-                "file", f"{type(error).__name__}: {error}", "the series written to disk"
+                "file", f"{type(error).__name__} while encoding", "the series written to disk"
             ) from error
         raise
 
@@ -273,15 +280,16 @@ def write_sct_series(
             clipped,
             HU_MIN,
             HU_MAX,
+            extra={"event": LogEvent.DICOM, "stage": "dicom", "acquisition_id": volume.acquisition_id},
         )
     logger.info(
-        "sCT series written: acquisition %s, folder %s, %d slices, series number %d, series %s, %.2f s",
+        "sCT series written: acquisition %s, folder %s, %d slices, series number %d, %.2f s",
         volume.acquisition_id,
         final.name,
         len(names),
         series_number,
-        series_uid,
         seconds,
+        extra={"event": LogEvent.DICOM, "stage": "dicom", "acquisition_id": volume.acquisition_id},
     )
     return WrittenSeries(
         folder=final,
@@ -333,8 +341,8 @@ def _read_sources(volume: SctVolume) -> tuple[Dataset, dict[Path, _SourceFile]]:
         for keyword, expected in (("StudyInstanceUID", study_uid), ("FrameOfReferenceUID", for_uid)):
             found = _required_uid(ds, keyword, path)
             if found != expected:
-                wanted = f"{expected} as in {template_path.name} (one study and frame of reference)"
-                raise SctSeriesError(keyword, found, wanted, file=path.name)
+                wanted = f"the {keyword} of {file_label(template_path)} (one study and frame of reference)"
+                raise SctSeriesError(keyword, "a different UID", wanted, file=file_label(path))
         files[path] = _SourceFile(
             sop_class_uid=_required_uid(ds, "SOPClassUID", path),
             sop_instance_uid=_required_uid(ds, "SOPInstanceUID", path),
@@ -348,9 +356,9 @@ def _read_sources(volume: SctVolume) -> tuple[Dataset, dict[Path, _SourceFile]]:
         if key_uid != source.sop_instance_uid:
             raise SctSeriesError(
                 "SOPInstanceUID",
-                source.sop_instance_uid,
-                f"{key_uid}, the instance the image reference names (file replaced?)",
-                file=ref.path.name,
+                "another instance's UID",
+                "the instance the image reference names (file replaced?)",
+                file=file_label(ref.path),
             )
         n_frames = frames[ref.path]
         if ref.frame is not None and not (n_frames is not None and 0 <= ref.frame < n_frames):
@@ -358,7 +366,7 @@ def _read_sources(volume: SctVolume) -> tuple[Dataset, dict[Path, _SourceFile]]:
                 "NumberOfFrames",
                 "(absent)" if n_frames is None else str(n_frames),
                 f"a multi-frame object holding frame index {ref.frame}",
-                file=ref.path.name,
+                file=file_label(ref.path),
             )
     return template, files
 
@@ -367,17 +375,19 @@ def _read(path: Path, tags: Sequence[str]) -> Dataset:
     try:
         return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(tags))
     except FileNotFoundError as error:
-        raise SctSeriesError("file", "(missing)", "the source MR image file", file=path.name) from error
+        raise SctSeriesError(
+            "file", "(missing)", "the source MR image file", file=file_label(path)
+        ) from error
     except Exception as error:  # pydicom fails in many ways on a damaged file (warnings too, under "error")
         raise SctSeriesError(
-            "file", f"unreadable ({type(error).__name__})", "a readable DICOM file", file=path.name
+            "file", f"unreadable ({type(error).__name__})", "a readable DICOM file", file=file_label(path)
         ) from error
 
 
 def _required_uid(ds: Dataset, keyword: str, path: Path) -> str:
     value = str(ds.get(keyword, "") or "").strip()
     if not value:
-        raise SctSeriesError(keyword, "(absent)", "a UID", file=path.name)
+        raise SctSeriesError(keyword, "(absent)", "a UID", file=file_label(path))
     return value
 
 

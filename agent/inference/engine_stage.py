@@ -32,7 +32,7 @@ from agent.records import (
     payload_sha256,
 )
 from agent.status_events import error_event, progress_event
-from agent.vocabulary import StatusKind, StreamAction
+from agent.vocabulary import LogEvent, StatusKind, StreamAction
 from engines.inference.engine import SctEngine
 from sct_core.geometry import VolumeGeometry
 
@@ -156,7 +156,11 @@ class EngineStage:
             )
             return
         if volume is None:
-            logger.warning("acquisition %s: finalize without slabs", control.acquisition_id)
+            logger.warning(
+                "acquisition %s: finalize without slabs",
+                control.acquisition_id,
+                extra={"event": LogEvent.VOLUME, "stage": "engine", "acquisition_id": control.acquisition_id},
+            )
             return
         volume.finalize = control
         self._maybe_finish(control.acquisition_id, volume)

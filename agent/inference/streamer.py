@@ -31,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.records import ImageRef, SlabRequest, SourceImages, StatusEvent, StreamControl, ValidatedUpdate
-from agent.vocabulary import StreamAction, UpdateKind
+from agent.vocabulary import LogEvent, StreamAction, UpdateKind
 from engines.inference.device_volume import DeviceVolume
 from engines.inference.slabs import SlabPlan, SlabWindow
 from sct_core.geometry import VolumeGeometry
@@ -225,7 +225,12 @@ class Streamer:
         return volume
 
     def _cancel(self, key: str, stream: _Stream, reason: str) -> None:
-        logger.info("acquisition %s: cancelling streamed slabs (%s)", key, reason)
+        logger.info(
+            "acquisition %s: cancelling streamed slabs (%s)",
+            key,
+            reason,
+            extra={"event": LogEvent.STREAM_CANCELLED, "stage": "streamer", "acquisition_id": key},
+        )
         self._emit(StreamControl(key, StreamAction.CANCEL, reason=reason))
         stream.sent = False
         stream.next_slab = 0

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from agent.file_labels import error_text, file_label
 from agent.ingest.acquisition_facts import LENGTH_DECIMALS, TIME_DECIMALS, AcquisitionFacts, facts_for
 from agent.ingest.grouping import acquisition_id_for
 from agent.ingest.header_reader import (
@@ -40,7 +41,7 @@ from agent.ingest.header_values import HeaderError
 from agent.ingest.siemens_protocol import read_siemens_protocol
 from agent.ingest.vendor_conventions import image_flags
 from agent.records import AcquisitionUpdate, AcquisitionView, ArrivedFile, ImageRef
-from agent.vocabulary import EndedBy, FileOutcome, ImageKind, UpdateKind, Vendor
+from agent.vocabulary import EndedBy, FileOutcome, ImageKind, LogEvent, UpdateKind, Vendor
 from sct_core.geometry import VolumeGeometry
 
 logger = logging.getLogger(__name__)
@@ -191,19 +192,28 @@ class Assembler:
         except HeaderError as error:
             if not retry:
                 self._retries.append((self._clock() + RETRY_DELAY_S, arrived))
-                logger.info("%s; reading it again in %.1f s", error, RETRY_DELAY_S)
+                logger.info(
+                    "%s; reading it again in %.1f s",
+                    error,
+                    RETRY_DELAY_S,
+                    extra={"event": LogEvent.FILE, "stage": "assembler", "file": file_label(arrived.path)},
+                )
                 return
             self._file(arrived, FileOutcome.BAD, str(error), None)
             return
         except Exception as error:  # one file must never stop the stage
-            logger.exception("file %s: unexpected error reading its header", arrived.path.name)
-            self._file(arrived, FileOutcome.BAD, f"{arrived.path.name}: unreadable header ({error!r})", None)
+            label = file_label(arrived.path)
+            logger.exception("file %s: unexpected error reading its header", label)
+            reason = f"{label}: unreadable header ({error_text(error, arrived.path)})"
+            self._file(arrived, FileOutcome.BAD, reason, None)
             return
         try:
             self._add_parsed(arrived, parsed)
         except Exception as error:  # a defect here must cost one file, not the stage
-            logger.exception("file %s: unexpected error adding its images", arrived.path.name)
-            self._file(arrived, FileOutcome.BAD, f"{arrived.path.name}: images not added ({error!r})", None)
+            label = file_label(arrived.path)
+            logger.exception("file %s: unexpected error adding its images", label)
+            reason = f"{label}: images not added ({error_text(error, arrived.path)})"
+            self._file(arrived, FileOutcome.BAD, reason, None)
 
     def flush(self) -> None:
         """Emit one update for each acquisition that changed since the last flush."""
@@ -527,7 +537,22 @@ class Assembler:
         quiet: bool = False,
     ) -> None:
         if outcome in (FileOutcome.BAD, FileOutcome.SKIPPED):
-            logger.log(logging.DEBUG if quiet else logging.WARNING, "file %s: %s", outcome, reason)
+            label = file_label(arrived.path)
+            # A HeaderError's reason starts with the label already; other reasons get it in front.
+            named = reason if reason.startswith(f"{label}: ") else f"{label}: {reason}"
+            logger.log(
+                logging.DEBUG if quiet else logging.WARNING,
+                "file %s: %s",
+                outcome,
+                named,
+                extra={
+                    "event": LogEvent.FILE,
+                    "stage": "assembler",
+                    "outcome": str(outcome),
+                    "file": label,
+                    "acquisition_id": acquisition_id,
+                },
+            )
         if self._on_file is not None:
             self._on_file(arrived, outcome, reason, acquisition_id)
 

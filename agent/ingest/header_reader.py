@@ -25,6 +25,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.uid import UID, EnhancedMRImageStorage, MRImageStorage
 
+from agent.file_labels import error_text
 from agent.ingest.header_values import (
     HeaderError,
     first_item,
@@ -160,7 +161,7 @@ def read_header(path: Path) -> ParsedFile:
         # Warning: pydicom warns about a structure it cannot finish (a delimiter past the end of the file);
         # where warnings are errors that arrives as an exception, and it means the same as EOFError.
         raise HeaderError(
-            path, "file", f"unreadable header ({_describe(error)})", "a complete DICOM file"
+            path, "file", f"unreadable header ({error_text(error, path)})", "a complete DICOM file"
         ) from error
     try:
         return _parse(path, ds, pixel_offset, size)
@@ -168,13 +169,8 @@ def read_header(path: Path) -> ParsedFile:
         raise
     except (Exception, Warning) as error:
         raise HeaderError(
-            path, "file", f"a corrupt element ({_describe(error)})", "a well-formed DICOM header"
+            path, "file", f"a corrupt element ({error_text(error, path)})", "a well-formed DICOM header"
         ) from error
-
-
-def _describe(error: BaseException) -> str:
-    text = str(error).strip() or "no detail"
-    return f"{type(error).__name__}: {text[:200]}"
 
 
 def _parse(path: Path, ds: Dataset, pixel_offset: int, size: int) -> ParsedFile:

@@ -15,19 +15,24 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
+from agent.file_labels import file_label
 from agent.ingest.raw_header import FastHeader
 from sct_core.errors import SctError
 
 
 class HeaderError(SctError, ValueError):
-    """A file the agent cannot use, with the attribute, the value found and what was expected."""
+    """A file the agent cannot use, with the attribute, the value found and what was expected.
+
+    The message names the file by its label (:func:`agent.file_labels.file_label`), never by its name, which a
+    console may have made of the patient's; ``path`` is the file itself, for a caller that may show it (the
+    ``check`` command, run by the technologist on files they chose)."""
 
     found: str
 
     def __init__(self, path: Path, attribute: str, found: str, expected: str) -> None:
         self.path = path
         super().__init__(
-            f"{path.name}: {attribute}: found {found}; expected {expected}",
+            f"{file_label(path)}: {attribute}: found {found}; expected {expected}",
             attribute=attribute,
             found=found,
             expected=expected,

@@ -19,6 +19,7 @@ import numpy.typing as npt
 import pydicom
 from pydicom.pixels.utils import pixel_array
 
+from agent.file_labels import error_text
 from agent.ingest.header_reader import pixel_dtype
 from agent.ingest.header_values import HeaderError
 from agent.ingest.transfer_syntax import PixelEncoding, pixel_encoding
@@ -37,10 +38,10 @@ def read_pixels(path: Path, frames: Sequence[int | None]) -> npt.NDArray[Any]:
             warnings.filterwarnings("error", message=_ENDED_EARLY)
             ds = pydicom.dcmread(path)
     except (Exception, Warning) as error:
-        # The file's name only, as every HeaderError gives it, never its folder.
-        detail = str(error).replace(str(path), path.name)[:200]
-        reason = f"unreadable ({type(error).__name__}: {detail})"
-        raise HeaderError(path, "PixelData", reason, "a complete file") from error
+        # pydicom and the OS quote the path: the label replaces it, as in every HeaderError.
+        raise HeaderError(
+            path, "PixelData", f"unreadable ({error_text(error, path)})", "a complete file"
+        ) from error
     rows, columns = int(ds.Rows), int(ds.Columns)
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     dtype = pixel_dtype(path, int(ds.BitsAllocated), int(ds.PixelRepresentation))
@@ -70,7 +71,7 @@ def _decoded(
             raise HeaderError(
                 path,
                 "PixelData",
-                f"frame {index} could not be decoded ({type(error).__name__}: {str(error)[:200]})",
+                f"frame {index} could not be decoded ({error_text(error, path)})",
                 f"a complete {ds.file_meta.TransferSyntaxUID.name} stream",
             ) from error
         if frame.shape != shape:

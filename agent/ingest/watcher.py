@@ -45,6 +45,7 @@ from watchdog import events as fs
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
+from agent.file_labels import error_text, file_label
 from agent.records import ArrivedFile
 from agent.vocabulary import ArrivalSource, ObserverKind, SkipReason
 
@@ -143,6 +144,11 @@ def prepare_folder(folder: Path) -> Path:
     return folder.resolve()
 
 
+def _event_path(event: fs.FileSystemEvent) -> str:
+    """The event's path as text ("" when it has none), for naming it by its label."""
+    return os.fsdecode(event.src_path) if event.src_path else ""
+
+
 class _Handler(fs.FileSystemEventHandler):
     """Forwards every event to the watcher; an exception here would end watchdog's dispatch thread."""
 
@@ -154,7 +160,12 @@ class _Handler(fs.FileSystemEventHandler):
         try:
             self._watcher._on_event(event)
         except Exception:
-            logger.exception("watcher could not handle %r", event)
+            path = _event_path(event)
+            logger.exception(
+                "watcher could not handle a %s event for %s",
+                event.event_type,
+                file_label(Path(path)) if path else "(no path)",
+            )
 
 
 class Watcher:
@@ -440,7 +451,7 @@ class Watcher:
         except FileNotFoundError:
             return  # renamed or deleted since; its own events follow
         except OSError as exc:
-            logger.debug("cannot stat %s (%s); checking it again later", path, exc)
+            logger.debug("cannot stat %s (%s); checking it again later", file_label(path), error_text(exc))
             self._add_candidate(path, ArrivalSource.STABLE)
             return
         if not stat.S_ISREG(st.st_mode):
@@ -469,7 +480,9 @@ class Watcher:
                 self._drop_candidate(path, candidate)
                 continue
             except OSError as exc:
-                logger.debug("cannot stat %s (%s); checking it again later", path, exc)
+                logger.debug(
+                    "cannot stat %s (%s); checking it again later", file_label(path), error_text(exc)
+                )
                 continue
             if not stat.S_ISREG(st.st_mode):
                 self._drop_candidate(path, candidate)
@@ -511,7 +524,9 @@ class Watcher:
         try:
             self._sink(arrived)
         except Exception:
-            logger.exception("sink failed for %s; the file is not retried unless it changes", path)
+            logger.exception(
+                "sink failed for %s; the file is not retried unless it changes", file_label(path)
+            )
             with self._cond:
                 self._sink_errors += 1
             return
@@ -521,13 +536,13 @@ class Watcher:
     def _report_skip(self, path: Path, reason: SkipReason) -> None:
         with self._cond:
             self._skipped += 1
-        logger.debug("skipped %s: %s", path, reason)
+        logger.debug("skipped %s: %s", file_label(path), reason)
         if self._on_skipped is None:
             return
         try:
             self._on_skipped(path, reason)
         except Exception:
-            logger.exception("on_skipped failed for %s", path)
+            logger.exception("on_skipped failed for %s", file_label(path))
 
 
 def _walk(root: Path, *, recursive: bool) -> Iterator[tuple[Path, bool]]:
@@ -542,7 +557,11 @@ def _walk(root: Path, *, recursive: bool) -> Iterator[tuple[Path, bool]]:
             with os.scandir(folder) as listing:
                 entries = sorted(listing, key=lambda entry: entry.name)
         except OSError as exc:
-            logger.warning("cannot list %s during the start-up scan: %s", folder, exc)
+            logger.warning(
+                "cannot list %s during the start-up scan: %s",
+                "the watch folder" if folder == root else file_label(folder),
+                error_text(exc),
+            )
             continue
         subfolders = []
         for entry in entries:

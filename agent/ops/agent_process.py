@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,16 +64,19 @@ def write_loopback_config(
 class AgentProcess:
     """One ``sct-agent run --config FILE`` child, its stderr in a log file."""
 
-    def __init__(self, config: Path, log: Path) -> None:
+    def __init__(self, config: Path, log: Path, *, env: Mapping[str, str] | None = None) -> None:
+        """``env``: variables set (or, mapped to "", removed) on top of this process's environment."""
         self.log = log
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        changes = dict(env or {})
+        merged = {**os.environ, "PYTHONUNBUFFERED": "1", **changes}
+        child_env = {key: value for key, value in merged.items() if value != "" or key not in changes}
         with log.open("w") as log_file:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
                 stdout=subprocess.PIPE,
                 stderr=log_file,
                 text=True,
-                env=env,
+                env=child_env,
             )
 
     @property

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from agent.publish.endpoints import default_snapshot_endpoint
+from agent.vocabulary import FileNames, LogFormat
 from sct_core.errors import SctError
 
 #: Prefix of the environment overrides: ``SCT_AGENT_<SECTION>_<KEY>``.
@@ -340,14 +341,44 @@ class PipelineConfig:
 
 @dataclass(frozen=True, slots=True)
 class LoggingConfig:
-    """Log level and format; JSON lines suit journald and log shippers, text suits a terminal."""
+    """What is logged and how: the journal's priorities under systemd, JSON lines for log shippers, text for a
+    terminal; files named by a hash, never by a name a console may have made of the patient's."""
 
+    #: Least severe level of the agent's own loggers (``agent``, ``engines``, ``sct_core``).
     level: str = "INFO"
-    json: bool = False
+    #: "auto" (journal when stderr is the systemd journal, else text), "text", "json" or "journal".
+    format: str = "auto"
+    #: Per-logger levels, "name=LEVEL" (e.g. "agent.ingest.watcher=DEBUG", "pynetdicom=INFO"). Loggers of
+    #: other libraries stay at WARNING unless listed: watchdog logs paths and pynetdicom UIDs at DEBUG.
+    loggers: tuple[str, ...] = ()
+    #: How a file of the export folder is named: "hash" (file:<10 hex digits>) or "relative" (its path there).
+    file_names: str = "hash"
 
     def __post_init__(self) -> None:
         if self.level not in LOG_LEVELS:
             raise ConfigError("logging.level", self.level, "one of " + ", ".join(LOG_LEVELS))
+        formats = [str(f) for f in LogFormat]
+        if self.format not in formats:
+            raise ConfigError("logging.format", self.format, " or ".join(map(repr, formats)))
+        self.logger_levels()
+        names = [str(n) for n in FileNames]
+        if self.file_names not in names:
+            raise ConfigError("logging.file_names", self.file_names, " or ".join(map(repr, names)))
+
+    def logger_levels(self) -> dict[str, str]:
+        """``loggers`` as logger name -> level; ConfigError naming the entry that is not "name=LEVEL"."""
+        levels: dict[str, str] = {}
+        for entry in self.loggers:
+            name, sep, level = entry.partition("=")
+            name, level = name.strip(), level.strip().upper()
+            if not sep or not name or level not in LOG_LEVELS:
+                raise ConfigError(
+                    "logging.loggers",
+                    entry,
+                    "entries 'logger.name=LEVEL' with LEVEL one of " + ", ".join(LOG_LEVELS),
+                )
+            levels[name] = level
+        return levels
 
 
 @dataclass(frozen=True, slots=True)

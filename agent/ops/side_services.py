@@ -12,13 +12,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from agent.file_labels import error_text, file_label
+from agent.ops.acquisition_summary import AcquisitionSummaries
 from agent.ops.journal import Journal
 from agent.ops.metrics import AgentMetrics
 from agent.publish.volume_archive import VolumeArchive
 from agent.records import ArrivedFile, Publication, SctSlab, SctVolume, SlabRequest, StatusEvent
 from agent.status_events import error_event
 from agent.validation.validator import VerdictReport
-from agent.vocabulary import AcquisitionState, EndedBy, Outcome, SkipReason
+from agent.vocabulary import AcquisitionState, EndedBy, LogEvent, Outcome, SkipReason, StatusKind
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +36,8 @@ _FINAL_STATES = {
 
 
 class SideServices:
-    """The hooks of every stage, bound to one journal, one metrics registry and one volume archive."""
+    """The hooks of every stage, bound to one journal, one metrics registry, one volume archive and the
+    acquisitions' canonical log lines (:mod:`agent.ops.acquisition_summary`)."""
 
     def __init__(
         self,
@@ -42,6 +45,7 @@ class SideServices:
         journal: Journal,
         archive: VolumeArchive,
         publish: Callable[[Publication], None],
+        summaries: AcquisitionSummaries | None = None,
         *,
         model: str = "",
         dicom: bool = False,
@@ -50,6 +54,7 @@ class SideServices:
         self.journal = journal
         self.archive = archive
         self._publish = publish
+        self.summaries = summaries
         #: "<model id>@<version>" of the running model: the journal keeps one volume per acquisition and model.
         self.model = model
         #: A DICOM series is written for each volume: an acquisition is finished only once it is.
@@ -64,7 +69,12 @@ class SideServices:
     def file_skipped(self, path: Path, reason: str) -> None:
         if reason in _COUNTED_SKIPS:
             self.metrics.file_seen("skipped")
-            logger.info("skipped %s: %s", path.name, reason)
+            logger.info(
+                "skipped %s: %s",
+                file_label(path),
+                reason,
+                extra={"event": LogEvent.FILE, "outcome": "skipped", "file": file_label(path)},
+            )
 
     def file_done(self, arrived: ArrivedFile, outcome: str, reason: str, acquisition_id: str | None) -> None:
         self.metrics.file_seen(outcome)
@@ -85,19 +95,28 @@ class SideServices:
         if report.completion_delay_s is not None and report.ended_by == EndedBy.COUNT:
             self.metrics.completion_detected(report.completion_delay_s)
         self.journal.record_verdict(verdict)
-        if not verdict.final:
-            return
-        self.journal.record_acquisition(
-            verdict.acquisition_id, _FINAL_STATES[verdict.outcome], protocol_id=verdict.protocol_id
-        )
-        logger.info(
-            "acquisition %s ended (%s): %s against %s%s",
-            verdict.acquisition_id,
-            report.ended_by,
-            verdict.outcome.value,
-            verdict.protocol_id,
-            "".join(f"; {r.text()}" for r in verdict.reasons),
-        )
+        if verdict.final:
+            self.journal.record_acquisition(
+                verdict.acquisition_id, _FINAL_STATES[verdict.outcome], protocol_id=verdict.protocol_id
+            )
+            # The canonical acquisition_end line says it all at the end; this one marks the verdict.
+            logger.debug(
+                "acquisition %s: final verdict (%s) %s against %s%s",
+                verdict.acquisition_id,
+                report.ended_by,
+                verdict.outcome.value,
+                verdict.protocol_id,
+                "".join(f"; {r.text()}" for r in verdict.reasons),
+                extra={
+                    "event": LogEvent.VERDICT,
+                    "stage": "validator",
+                    "acquisition_id": verdict.acquisition_id,
+                    "outcome": verdict.outcome.value,
+                    "protocol_id": verdict.protocol_id,
+                },
+            )
+        if self.summaries is not None:
+            self.summaries.verdict(report)
 
     # ------------------------------------------------------------------------------------------- inference
 
@@ -106,6 +125,8 @@ class SideServices:
         self.journal.record_slab(
             slab.acquisition_id, slab.slab_index, slab.start, slab.size, slab.sha256, None
         )
+        if self.summaries is not None:
+            self.summaries.slab(slab.acquisition_id, request.read_s, slab.inference_s)
 
     def committed_volume(self, acquisition_id: str) -> str | None:
         """The sha256 of the volume committed for ``acquisition_id`` by the running model before, if any."""
@@ -122,7 +143,12 @@ class SideServices:
             self.archive.save(volume)
         except (OSError, ValueError) as error:
             # Only a restart's late joiners would miss it: the volume still goes out. Say so, carry on.
-            logger.error("acquisition %s: volume not archived for restarts: %s", volume.acquisition_id, error)
+            logger.error(
+                "acquisition %s: volume not archived for restarts: %s",
+                volume.acquisition_id,
+                error_text(error),
+                extra={"event": LogEvent.ARCHIVE, "stage": "engine", "acquisition_id": volume.acquisition_id},
+            )
             self.metrics.error("publisher")
         return self.journal.commit_volume(volume.acquisition_id, model, volume.sha256)
 
@@ -135,6 +161,12 @@ class SideServices:
             volume.acquisition_id,
             "x".join(map(str, volume.geometry.shape)),
             volume.produced_at - last_image_at,
+            extra={
+                "event": LogEvent.VOLUME,
+                "stage": "engine",
+                "acquisition_id": volume.acquisition_id,
+                "protocol_id": volume.protocol_id,
+            },
         )
 
     # ----------------------------------------------------------------------------------------- publishing
@@ -151,11 +183,14 @@ class SideServices:
             self.metrics.published("sct.volume", int(item.hu.nbytes))
             if item.republished:
                 return  # counted and journalled when it was first published, before the restart
-            self.metrics.volume_published(max(0.0, sent_at - item.last_image_at))
+            latency = max(0.0, sent_at - item.last_image_at)
+            self.metrics.volume_published(latency)
             self.journal.record_publication(item.acquisition_id, "volume", seq, item.sha256)
             self.journal.record_acquisition(
                 item.acquisition_id, AcquisitionState.PUBLISHED, protocol_id=item.protocol_id
             )
+            if self.summaries is not None:
+                self.summaries.volume_sent(item.acquisition_id, latency)
         elif isinstance(item, StatusEvent):
             self.metrics.published("status", 0)
 
@@ -179,15 +214,26 @@ class SideServices:
 
     # ---------------------------------------------------------------------------------------------- errors
 
-    def stage_error(self, stage: str, error: BaseException) -> None:
+    def dicom_reported(self, event: StatusEvent) -> None:
+        """A status event of the dicom stage (its thread), seen before it is published: a written or failed
+        series ends a published acquisition's summary."""
+        if event.kind != StatusKind.DICOM or event.acquisition_id is None or self.summaries is None:
+            return
+        if event.body.get("step") == "write":
+            self.summaries.dicom_written(event.acquisition_id, bool(event.body.get("ok")))
+
+    def stage_error(self, stage: str, error: BaseException, acquisition_id: str | None = None) -> None:
+        """A stage's handler raised (already logged with its traceback by the stage). ``acquisition_id`` is
+        the acquisition of the item in hand, when the stage knows it; the error ends that acquisition."""
         self.metrics.error(stage)
-        self._publish(
-            error_event(None, stage=stage, message=f"{type(error).__name__}: {error}", at=time.time())
-        )
+        text = error_text(error)
+        self._publish(error_event(acquisition_id, stage=stage, message=text, at=time.time()))
+        if acquisition_id is not None and self.summaries is not None:
+            self.summaries.failed(acquisition_id, stage, text)
 
 
 def model_key(model_id: str, version: str) -> str:
-    """The journal's name of a model: ``<model id>@<version>`` (a new version publishes every series anew)."""
+    """The journal's name of a model: ``<model id>@<version>``; volumes are committed once per acquisition and model."""
     return f"{model_id}@{version}"
 
 

@@ -23,8 +23,9 @@ second socket: a subscriber sends ``snapshot.request``; the publisher answers wi
 ``snapshot.end`` whose ``seq`` is the last sequence number the snapshot reflects, or ``snapshot.error``.
 ``docs/protocol.md`` is the specification; this module is its implementation.
 
-Nothing here carries a patient name, ID or birth date: the records have none, and :func:`encode` refuses a
-status body that tries to smuggle one in.
+Nothing here carries a patient name, ID, birth date, accession number or DICOM instance UID: the records have
+none (an acquisition is named by its opaque ``acquisition_id``), and :func:`encode` refuses a status body that
+tries to smuggle one in under its DICOM keyword.
 
 One module on purpose: the encoder and the decoder of every message sit side by side, so a field cannot be
 written one way and read another, and docs/protocol.md has a single module to be checked against.
@@ -82,8 +83,19 @@ MAX_HEADER_BYTES: Final = 256 * 1024
 #: to this tolerance (JSON carries floats exactly, so only the sender's own rounding is allowed for).
 AFFINE_TOLERANCE: Final = 1e-6
 
-#: Keys that would carry a patient identifier; refused anywhere in a header.
-FORBIDDEN_KEYS: Final = frozenset({"PatientName", "PatientID", "PatientBirthDate"})
+#: Keys that would carry a patient identifier or a DICOM instance UID; refused anywhere in a header.
+FORBIDDEN_KEYS: Final = frozenset(
+    {
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "AccessionNumber",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "SOPInstanceUID",
+        "FrameOfReferenceUID",
+    }
+)
 
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -360,7 +372,11 @@ def _refuse_identifiers(value: object, path: str) -> None:
     if isinstance(value, Mapping):
         for key, item in value.items():
             if key in FORBIDDEN_KEYS:
-                raise WireError(f"{path}.{key}", "a patient identifier", "no patient name, ID or birth date")
+                raise WireError(
+                    f"{path}.{key}",
+                    "a patient identifier",
+                    "no patient name, ID, birth date, accession number or instance UID",
+                )
             _refuse_identifiers(item, f"{path}.{key}")
     elif isinstance(value, list | tuple):
         for i, item in enumerate(value):

@@ -37,6 +37,12 @@ class VerdictReport:
     #: Seconds from the last image to the detection that the acquisition ended (final verdicts only).
     completion_delay_s: float | None
     ended_by: EndedBy
+    #: Whether the model may run on the acquisition, and why not (``inference_gate.decide``).
+    infer: bool
+    refusal: str
+    #: Slices present per echo (ascending echo time) and the slices per echo the acquisition announced.
+    slices_per_echo: tuple[int, ...]
+    expected_slices: int | None
 
 
 class ValidatorStage:
@@ -81,6 +87,10 @@ class ValidatorStage:
                 first_image_to_verdict_s=(now - view.first_image_at) if first else None,
                 completion_delay_s=(now - view.last_image_at) if final else None,
                 ended_by=view.ended_by,
+                infer=infer,
+                refusal=decision.reason,
+                slices_per_echo=tuple(view.slices_per_echo),
+                expected_slices=view.expected_slices,
             )
             self._publish(self._status(update, chosen, verdicts, report))
             if self._on_verdict is not None:
