@@ -126,12 +126,16 @@ class SctSeriesError(SctError):
     """The sCT series could not be written; nothing was left behind.
 
     ``attribute`` names the DICOM attribute (or "file", "hu", "sources", "out_folder"), ``found`` the value
-    found and ``expected`` what was expected; ``file`` is the base name of the file concerned, if any. No
-    patient identity is ever part of the message.
+    found and ``expected`` what was expected; ``file`` is the base name of the file concerned, if any; ``errno``
+    the operating system's error number when writing failed (``errno.ENOSPC``: the disk is full). No patient
+    identity is ever part of the message.
     """
 
-    def __init__(self, attribute: str, found: str, expected: str, *, file: str | None = None) -> None:
+    def __init__(
+        self, attribute: str, found: str, expected: str, *, file: str | None = None, errno: int | None = None
+    ) -> None:
         self.file = file
+        self.errno = errno
         where = f"{file}: " if file else ""
         super().__init__(
             f"{where}{attribute}: found {found}; expected {expected}",
@@ -207,7 +211,9 @@ def write_sct_series(
         temp = out_folder / f".sct-{series_uid}.partial"
         temp.mkdir()
     except OSError as error:
-        raise SctSeriesError("out_folder", _os_error(error, None), "a writable folder") from error
+        raise SctSeriesError(
+            "out_folder", _os_error(error, None), "a writable folder", errno=error.errno
+        ) from error
     names = [f"CT{k + 1:04d}.dcm" for k in range(geometry.shape[0])]
     current = temp.name
     try:
@@ -230,7 +236,9 @@ def write_sct_series(
         if isinstance(error, SctSeriesError):
             raise
         if isinstance(error, OSError):
-            raise SctSeriesError("file", _os_error(error, current), "the series written to disk") from error
+            raise SctSeriesError(
+                "file", _os_error(error, current), "the series written to disk", errno=error.errno
+            ) from error
         if isinstance(error, Exception):
             raise SctSeriesError(
                 "file", f"{type(error).__name__}: {error}", "the series written to disk"

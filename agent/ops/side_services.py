@@ -3,16 +3,22 @@
 Stages know nothing of SQLite, Prometheus or the state folder; they call the small hooks they were built with,
 and :class:`SideServices` is what the pipeline passes as those hooks. Every hook runs on the thread of the stage
 that calls it (the journal serialises its own writes), so none of them may block for long.
+
+Journal writes go through :class:`~agent.ops.journal_disk_full.JournalWrites`, so a full disk costs records, not
+the stage (that module says what is kept). A write that finds its disk full (journal, archive, DICOM series) is
+counted in ``sct_agent_disk_full_total{store}`` and calls ``on_disk_full`` (the agent wakes retention).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from agent.ops.journal import Journal
+from agent.ops.journal_disk_full import JournalWrites
 from agent.ops.metrics import AgentMetrics
 from agent.publish.volume_archive import VolumeArchive
 from agent.records import ArrivedFile, Publication, SctSlab, SctVolume, SlabRequest, StatusEvent
@@ -42,11 +48,15 @@ class SideServices:
         journal: Journal,
         archive: VolumeArchive,
         publish: Callable[[Publication], None],
+        *,
+        on_disk_full: Callable[[], None] | None = None,
     ) -> None:
         self.metrics = metrics
         self.journal = journal
         self.archive = archive
         self._publish = publish
+        self._on_disk_full = on_disk_full
+        self.journal_writes = JournalWrites(journal, metrics, publish, on_full=on_disk_full)
 
     # ---------------------------------------------------------------------------------------------- ingest
 
@@ -57,8 +67,11 @@ class SideServices:
 
     def file_done(self, arrived: ArrivedFile, outcome: str, reason: str, acquisition_id: str | None) -> None:
         self.metrics.file_seen(outcome)
-        self.journal.record_file(
-            arrived.path, arrived.size, arrived.mtime_ns, outcome, reason, acquisition_id
+        self.journal_writes.write(
+            "files",
+            lambda: self.journal.record_file(
+                arrived.path, arrived.size, arrived.mtime_ns, outcome, reason, acquisition_id
+            ),
         )
 
     # ------------------------------------------------------------------------------------------ validation
@@ -73,10 +86,10 @@ class SideServices:
         )
         if report.completion_delay_s is not None and report.ended_by == EndedBy.COUNT:
             self.metrics.completion_detected(report.completion_delay_s)
-        self.journal.record_verdict(verdict)
+        self.journal_writes.write("verdicts", lambda: self.journal.record_verdict(verdict))
         if not verdict.final:
             return
-        self.journal.record_acquisition(
+        self.journal_writes.acquisition(
             verdict.acquisition_id, _FINAL_STATES[verdict.outcome], protocol_id=verdict.protocol_id
         )
         logger.info(
@@ -92,8 +105,11 @@ class SideServices:
 
     def slab_inferred(self, request: SlabRequest, slab: SctSlab) -> None:
         self.metrics.slab_inferred(request.read_s, slab.inference_s)
-        self.journal.record_slab(
-            slab.acquisition_id, slab.slab_index, slab.start, slab.size, slab.sha256, None
+        self.journal_writes.write(
+            "slabs",
+            lambda: self.journal.record_slab(
+                slab.acquisition_id, slab.slab_index, slab.start, slab.size, slab.sha256, None
+            ),
         )
 
     def volume_done(self, volume: SctVolume, last_image_at: float) -> None:
@@ -103,6 +119,8 @@ class SideServices:
             # The volume is published; only a restart's late joiners would miss it. Say so, carry on.
             logger.error("acquisition %s: volume not archived for restarts: %s", volume.acquisition_id, error)
             self.metrics.error("publisher")
+            if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+                self._disk_full("snapshot")
         logger.info(
             "acquisition %s: sCT volume %s done %.2f s after the last image",
             volume.acquisition_id,
@@ -117,16 +135,22 @@ class SideServices:
             self.metrics.published("sct.slab", int(item.hu.nbytes))
             last = item.slab_index == item.slab_count - 1
             self.metrics.slab_published(sent_at - item.inputs_complete_at if last else None)
-            self.journal.record_publication(
-                item.acquisition_id, "slab", seq, item.sha256, slab_index=item.slab_index
+            self.journal_writes.write(
+                "publications",
+                lambda: self.journal.record_publication(
+                    item.acquisition_id, "slab", seq, item.sha256, slab_index=item.slab_index
+                ),
             )
         elif isinstance(item, SctVolume):
             self.metrics.published("sct.volume", int(item.hu.nbytes))
             if item.republished:
                 return  # counted and journalled when it was first published, before the restart
             self.metrics.volume_published(max(0.0, sent_at - item.last_image_at))
-            self.journal.record_publication(item.acquisition_id, "volume", seq, item.sha256)
-            self.journal.record_acquisition(
+            self.journal_writes.write(
+                "publications",
+                lambda: self.journal.record_publication(item.acquisition_id, "volume", seq, item.sha256),
+            )
+            self.journal_writes.acquisition(
                 item.acquisition_id, AcquisitionState.PUBLISHED, protocol_id=item.protocol_id
             )
         elif isinstance(item, StatusEvent):
@@ -149,6 +173,17 @@ class SideServices:
             self._publish(volume)
         if volumes:
             logger.info("republished %d sCT volume(s) kept from before the restart", len(volumes))
+
+    # ------------------------------------------------------------------------------------------ full disks
+
+    def dicom_disk_full(self) -> None:
+        """The dicom stage could not write a series for want of space."""
+        self._disk_full("dicom")
+
+    def _disk_full(self, store: str) -> None:
+        self.metrics.disk_full(store)
+        if self._on_disk_full is not None:
+            self._on_disk_full()
 
     # ---------------------------------------------------------------------------------------------- errors
 
