@@ -8,9 +8,11 @@ its refusal says which folder is short, how much is free and how much the agent 
 again at every idle tick). Acquisitions already open are never refused: a series in flight finishes if it can.
 The folders are the state folder (journal, volume archive) and the DICOM folder.
 
-Why a cached ``statvfs``: the assembler asks for every new acquisition and, while one waits, at every idle tick
-(twenty times a second); the filesystems are read at most once per ``CHECK_INTERVAL_S``. Free space is what an
-unprivileged writer may use (``f_bavail``), the agent's own view: it never runs as root.
+When ``statvfs`` is read: afresh for each new acquisition (one call per series is nothing, and a disk that
+filled a moment ago must not let a series in); from a cache at most ``CHECK_INTERVAL_S`` old for the questions
+asked often: an acquisition already waiting (asked at every idle tick of the assembler, twenty times a second),
+the retention thread's poll and the metrics. Free space is what an unprivileged writer may use (``f_bavail``),
+the agent's own view: it never runs as root.
 
 Retention first: when free space drops below the watermark, retention runs at once (``prune_now``; it may free
 enough). A refusal is announced (status event, counter, log line) only once that run has finished and space is
@@ -81,6 +83,8 @@ class DiskGuard:
         self._short: Shortage | None = None
         self._short_since = 0.0
         self._prune_mark = 0
+        #: Acquisitions told to wait, and those of them whose refusal was announced.
+        self._waiting: set[str] = set()
         self._refused: set[str] = set()
         self._unreadable: set[str] = set()
         metrics.set_min_free(self._min_free)
@@ -95,12 +99,13 @@ class DiskGuard:
     def _free_or_zero(self, store: str) -> float:
         return float(self.free_bytes(store) or 0)
 
-    def free_bytes(self, store: str) -> int | None:
-        """Free bytes on ``store``'s filesystem, at most ``CHECK_INTERVAL_S`` old; None when it cannot be read."""
+    def free_bytes(self, store: str, *, fresh: bool = False) -> int | None:
+        """Free bytes on ``store``'s filesystem, read now or at most ``CHECK_INTERVAL_S`` ago (``fresh``: now);
+        None when it cannot be read."""
         now = self._clock()
         with self._lock:
             cached = self._free.get(store)
-            if cached is not None and now - cached[0] < CHECK_INTERVAL_S:
+            if not fresh and cached is not None and now - cached[0] < CHECK_INTERVAL_S:
                 return cached[1]
         folder = self._folders[store]
         try:
@@ -118,12 +123,12 @@ class DiskGuard:
                 self._unreadable.discard(store)
         return free
 
-    def shortage(self) -> Shortage | None:
+    def shortage(self, *, fresh: bool = False) -> Shortage | None:
         """The first written folder short of space now, if any; starts a retention run when space runs short."""
         found = None
         if self._min_free > 0:
             for store, folder in self._folders.items():
-                free = self.free_bytes(store)
+                free = self.free_bytes(store, fresh=fresh)
                 if free is not None and free < self._min_free:
                     found = Shortage(store, folder, free, self._min_free)
                     break
@@ -137,6 +142,7 @@ class DiskGuard:
                 start_prune = True
             if found is None:
                 self._refused.clear()
+                self._waiting.clear()
         if found is not None and was is None:
             logger.warning(
                 "%s has %.1f MB free, less than retention.min_free_mb (%.1f MB): retention runs now; new "
@@ -153,10 +159,16 @@ class DiskGuard:
 
     def admit(self, acquisition_id: str) -> bool:
         """May a new acquisition start now? If not, announce it once (see the module docstring)."""
-        found = self.shortage()
+        with self._lock:
+            waiting = acquisition_id in self._waiting
+        found = self.shortage(fresh=not waiting)
         if found is None:
+            with self._lock:
+                self._waiting.discard(acquisition_id)
+                self._refused.discard(acquisition_id)
             return True
         with self._lock:
+            self._waiting.add(acquisition_id)
             if acquisition_id in self._refused or not self._prune_done():
                 return False
             self._refused.add(acquisition_id)
