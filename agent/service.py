@@ -18,7 +18,7 @@ from agent.ingest.watcher import Watcher
 from agent.ops import sd_notify
 from agent.ops.config import MB, AgentConfig
 from agent.ops.disk_space import DiskGuard
-from agent.ops.journal import Journal, JournalFullError
+from agent.ops.journal import Journal, JournalError
 from agent.ops.metrics import AgentMetrics
 from agent.ops.metrics_server import MetricsServer, serve
 from agent.ops.retention import Retention
@@ -80,7 +80,7 @@ class AgentService:
             try:
                 if self._journal.enable_space_reclaim():
                     logger.info("state journal converted to incremental vacuum (once), so pruning shrinks it")
-            except JournalFullError as error:
+            except JournalError as error:  # no room, or another process holds the write lock: not fatal
                 logger.warning("%s; the journal is converted at a later start", error)
             self.protocols = load_protocols(
                 config.protocols.folder or SHIPPED_PROTOCOLS_DIR, config.protocols.active

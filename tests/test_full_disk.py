@@ -123,8 +123,8 @@ def test_a_series_that_meets_a_full_disk_leaves_nothing_and_says_where_and_why(
     (event,) = events
     assert (event.kind, event.body["ok"], event.body["step"]) == (StatusKind.DICOM, False, "write")
     assert (event.body["errno"], event.body["folder"]) == ("ENOSPC", str(dicom))
-    assert event.body["message"].startswith(
-        f"series not written to {dicom}: ENOSPC, No space left on device (CT"
+    assert event.body["message"] == (
+        f"series not written to {dicom}: ENOSPC (No space left on device); nothing of it was kept (the disk is full)"
     )
     assert outcomes == ["failed"] and full == [True]
 

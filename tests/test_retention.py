@@ -6,6 +6,7 @@ an export folder; ages are set with ``os.utime`` and the records' own ``at`` sta
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from sct_dicom_support import export_mr, sct_volume, small_case
-from test_volume_archive import volume as archived_volume
+from wire_support import random_hu, sample_volume
 
 from agent.dicom_out.dicom_publisher import DicomPublisher
 from agent.dicom_out.sct_series import write_sct_series
@@ -29,6 +30,7 @@ from agent.publish.volume_archive import VolumeArchive
 from agent.records import SctVolume, StatusEvent, Verdict
 from agent.vocabulary import AcquisitionState, Outcome
 from engines.scanner.export import OutputFormat
+from sct_core.geometry import Orientation, VolumeGeometry
 
 DAY = 86_400.0
 NOW = 2_000_000_000.0
@@ -39,6 +41,18 @@ def sct(tmp_path_factory: pytest.TempPathFactory) -> SctVolume:
     case = small_case()
     mr = export_mr(case, tmp_path_factory.mktemp("retention") / "mr", OutputFormat.CLASSIC)
     return sct_volume(case, mr.paths)
+
+
+def archived_volume(k: int, produced_at: float) -> SctVolume:
+    """A small volume for the archive, produced at ``produced_at``."""
+    grid = VolumeGeometry.from_fov(
+        center=(0.0, 0.0, 0.0),
+        fov_mm=(8.0, 10.0, 15.0),
+        voxel_mm=(1.0, 1.0, 2.5),
+        orientation=Orientation.SAGITTAL,
+    )
+    made = sample_volume(grid, random_hu(grid.shape, seed=k), slab_count=1, acquisition_id=f"acq{k:04d}")
+    return dataclasses.replace(made, produced_at=produced_at)
 
 
 def series_bytes(folder: Path) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import shutil
 import threading
 import time
@@ -174,7 +175,9 @@ class DicomPublisher:
         )
 
     def _report_os_error(self, key: str, error: SctSeriesError, number: int) -> None:
-        """The operating system refused a write: name the folder and the error, and say when the disk is full."""
+        """The operating system refused a write: name the folder and the error, and say when the disk is full.
+
+        Not the file: the temporary folder's name holds the new series' UID."""
         name = errno.errorcode.get(number, str(number))
         full = number in DISK_FULL_ERRNOS
         self._report(
@@ -182,7 +185,7 @@ class DicomPublisher:
             ok=False,
             step="write",
             message=(
-                f"series not written to {self._folder}: {name}, {error.found}"
+                f"series not written to {self._folder}: {name} ({os.strerror(number)})"
                 + ("; nothing of it was kept (the disk is full)" if full else "")
             ),
             folder=str(self._folder),
