@@ -42,6 +42,8 @@ class Stages:
     all: tuple[Stage[Any], ...]
     entry: Stage[ArrivedFile]
     assembler: Assembler
+    #: The sCT DICOM writer (None when ``dicom.enabled`` is false); retention asks it which series are in use.
+    dicom_writer: DicomPublisher | None = None
 
 
 def compose(
@@ -51,11 +53,15 @@ def compose(
     protocols: Sequence[SequenceProtocol],
     publish: Callable[[Publication], None],
     services: SideServices,
+    *,
+    admit: Callable[[str], bool] | None = None,
 ) -> Stages:
+    """``admit`` decides whether a new acquisition may start now (the free-space check, agent.ops.disk_space)."""
     depth, error = config.pipeline.queue_depth, services.stage_error
 
     dicom: Stage[SctVolume] | None = None
-    if config.dicom.folder is not None:
+    writer: DicomPublisher | None = None
+    if config.dicom_folder is not None:
 
         def publish_dicom(event: StatusEvent) -> None:
             services.dicom_reported(event)
@@ -67,6 +73,8 @@ def compose(
             on_written=services.metrics.dicom_series,
             on_stored=services.metrics.dicom_store,
             on_series=services.dicom_written,
+            on_disk_full=services.dicom_disk_full,
+            folder=config.dicom_folder,
         )
         dicom = Stage("dicom", each(writer.handle), depth=DICOM_QUEUE_DEPTH, on_error=error, batch=False)
 
@@ -112,6 +120,7 @@ def compose(
         quiet_period_s=config.assembly.quiet_period_s,
         on_file=services.file_done,
         already_finished=services.finished_acquisitions(),
+        admit=admit,
     )
 
     def assemble(items: list[ArrivedFile]) -> None:
@@ -122,8 +131,9 @@ def compose(
     def idle() -> None:
         assembler.tick()
         services.metrics.set_acquisitions_open(assembler.open_count)
+        services.metrics.set_files_held(assembler.held_count)
 
     assembling = Stage("assembler", assemble, depth=depth * 4, idle=idle, on_error=error)
 
     stages = (assembling, validating, streaming, inference, *((dicom,) if dicom is not None else ()))
-    return Stages(all=stages, entry=assembling, assembler=assembler)
+    return Stages(all=stages, entry=assembling, assembler=assembler, dicom_writer=writer)

@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from agent.ingest.watcher import Watcher
 from agent.ops import sd_notify
 from agent.ops.acquisition_summary import AcquisitionSummaries
-from agent.ops.config import AgentConfig
-from agent.ops.journal import Journal
+from agent.ops.config import MB, AgentConfig
+from agent.ops.disk_space import DiskGuard
+from agent.ops.journal import Journal, JournalError
 from agent.ops.metrics import AgentMetrics
 from agent.ops.metrics_server import MetricsServer, serve
+from agent.ops.retention import Retention
 from agent.ops.side_services import SideServices, model_key
 from agent.pipeline import Stages, compose
 from agent.publish.publisher import Publisher
@@ -62,6 +64,7 @@ class AgentService:
         self._engine: SctEngine | None = None
         self._watcher: Watcher | None = None
         self._stages: Stages | None = None
+        self._retention: Retention | None = None
         self._started = False
         self._lock = threading.Lock()
         self.protocols: tuple[SequenceProtocol, ...] = ()
@@ -75,6 +78,11 @@ class AgentService:
             self.metrics.set_curve(curve is not None)
             config.state.folder.mkdir(parents=True, exist_ok=True)
             self._journal = Journal(config.state.folder / JOURNAL_FILE)
+            try:
+                if self._journal.enable_space_reclaim():
+                    logger.info("state journal converted to incremental vacuum (once), so pruning shrinks it")
+            except JournalError as error:  # no room, or another process holds the write lock: not fatal
+                logger.warning("%s; the journal is converted at a later start", error)
             self.protocols = load_protocols(
                 config.protocols.folder or SHIPPED_PROTOCOLS_DIR, config.protocols.active
             )
@@ -115,8 +123,18 @@ class AgentService:
             if engine.device.type == "cuda":
                 self.metrics.watch_gpu_memory(engine.gpu_memory_allocated, engine.gpu_memory_reserved)
             archive = VolumeArchive(config.state.folder / SNAPSHOT_ARCHIVE, config.publish.snapshot_volumes)
+            dicom_folder = config.dicom_folder
+            retention = self._retention = Retention(
+                config.retention,
+                journal=self._journal,
+                archive=archive,
+                dicom_folder=dicom_folder,
+                export_folder=config.watch.folder,
+                metrics=self.metrics,
+            )
+            retention.run(("snapshot",))  # volumes past their age are not republished below
             summaries = AcquisitionSummaries(
-                backend=info.backend, precision=info.precision, dicom_enabled=config.dicom.folder is not None
+                backend=info.backend, precision=info.precision, dicom_enabled=dicom_folder is not None
             )
             services = SideServices(
                 self.metrics,
@@ -125,7 +143,8 @@ class AgentService:
                 self._submit,
                 summaries,
                 model=model_key(self.manifest.model_id, self.manifest.version),
-                dicom=config.dicom.folder is not None,
+                dicom=dicom_folder is not None,
+                on_disk_full=retention.wake,
             )
             self._publisher = Publisher(
                 config.publish.endpoint,
@@ -143,12 +162,30 @@ class AgentService:
             )
             self._publisher.start()
             services.republish_archive()
-            if config.dicom.folder is not None:
-                config.dicom.folder.mkdir(parents=True, exist_ok=True)
-            self._stages = compose(config, engine, self.manifest, self.protocols, self._submit, services)
+            if dicom_folder is not None:
+                dicom_folder.mkdir(parents=True, exist_ok=True)
+            guard = DiskGuard(
+                {
+                    "state": config.state.folder,
+                    **({"dicom": dicom_folder} if dicom_folder is not None else {}),
+                },
+                int(config.retention.min_free_mb * MB),
+                publish=self._submit,
+                metrics=self.metrics,
+                prune_now=retention.wake,
+                prune_runs=lambda: retention.runs,
+            )
+            self._stages = compose(
+                config, engine, self.manifest, self.protocols, self._submit, services, admit=guard.admit
+            )
             for stage in self._stages.all:
                 self.metrics.watch_queue(stage.name, stage.inbox)
                 stage.start()
+            if self._stages.dicom_writer is not None:
+                retention.set_in_use(self._stages.dicom_writer.in_use)
+            retention.add_tick(services.journal_writes.retry)
+            retention.add_tick(guard.shortage)
+            retention.start()
             self._watcher = Watcher(
                 config.watch.folder,
                 self._stages.entry.put,
@@ -172,7 +209,7 @@ class AgentService:
             endpoints.publish,
             endpoints.snapshot,
             "CURVE" if endpoints.curve else "plain",
-            config.dicom.folder or "off",
+            config.dicom_folder or "off",
             endpoints.metrics_url or "off",
             self.manifest.label,
             info.backend,
@@ -192,6 +229,9 @@ class AgentService:
                 for stage in self._stages.all:
                     stage.stop(STOP_TIMEOUT_S)
                 self._stages = None
+            if self._retention is not None:
+                self._retention.stop()
+                self._retention = None
             if self._publisher is not None:
                 self._publisher.stop()
                 self._publisher = None

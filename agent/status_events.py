@@ -59,3 +59,28 @@ def error_event(acquisition_id: str | None, *, stage: str, message: str, at: flo
         body={"stage": stage, "message": redact(message)},
         at=at,
     )
+
+
+def refused_event(
+    acquisition_id: str, *, folder: str, free_bytes: int, min_free_bytes: int, at: float
+) -> StatusEvent:
+    """A new acquisition not taken because ``folder``'s filesystem has less than ``min_free_bytes`` free.
+
+    Its files stay in the export folder and it is taken as soon as there is room again, so the body says what to
+    free and where, not that anything was lost."""
+    return StatusEvent(
+        kind=StatusKind.REFUSED,
+        acquisition_id=acquisition_id,
+        body={
+            "reason": "disk_full",
+            "folder": folder,
+            "free_bytes": free_bytes,
+            "min_free_bytes": min_free_bytes,
+            "message": (
+                f"not taken: {folder} has {free_bytes / 1e6:.1f} MB free, less than the {min_free_bytes / 1e6:.1f} MB "
+                "the agent keeps free (retention.min_free_mb); the series stays in the export folder and is "
+                "processed as soon as there is room"
+            ),
+        },
+        at=at,
+    )

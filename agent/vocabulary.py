@@ -151,6 +151,8 @@ class StatusKind(StrEnum):
     CANCELLED = "cancelled"
     #: The sCT DICOM series was written, stored or failed.
     DICOM = "dicom"
+    #: A new acquisition was not taken (too little free disk space); it is taken when space returns.
+    REFUSED = "refused"
 
 
 # ---------------------------------------------------------------------------------------------- operations

@@ -22,6 +22,7 @@ from agent.ops.config import (
     PipelineConfig,
     ProtocolsConfig,
     PublishConfig,
+    RetentionConfig,
     StateConfig,
     TomlSyntaxError,
     WatchConfig,
@@ -86,12 +87,26 @@ def toml_literal(value: object) -> str:
         (
             DicomConfig(),
             {
+                "enabled": True,
                 "folder": None,
                 "store_peer": "",
                 "calling_ae": "SCT-EDGE",
                 "store_attempts": 3,
                 "store_backoff_s": 2.0,
                 "series_number_offset": 1000,
+            },
+        ),
+        (
+            RetentionConfig(),
+            {
+                "interval_s": 600.0,
+                "dicom_max_age_days": 30.0,
+                "dicom_max_size_gb": 50.0,
+                "snapshot_max_age_days": 7.0,
+                "snapshot_max_size_gb": 2.0,
+                "journal_max_age_days": 90.0,
+                "journal_max_size_mb": 512.0,
+                "min_free_mb": 1024.0,
             },
         ),
         (MetricsConfig(), {"listen": "127.0.0.1:9108"}),
@@ -136,6 +151,33 @@ def test_engine_cache_dir_defaults_under_the_state_folder(tmp_path: Path) -> Non
     assert config.engine_cache_dir == tmp_path / "engine-cache"
     elsewhere = dataclasses.replace(config, engine=EngineConfig(cache_dir=tmp_path / "c"))
     assert elsewhere.engine_cache_dir == tmp_path / "c"
+
+
+def test_dicom_series_are_written_by_default_under_the_state_folder(tmp_path: Path) -> None:
+    config = AgentConfig(state=StateConfig(folder=tmp_path))
+    assert config.dicom_folder == tmp_path / "dicom"
+    elsewhere = dataclasses.replace(config, dicom=DicomConfig(folder=tmp_path / "out"))
+    assert elsewhere.dicom_folder == tmp_path / "out"
+    off = dataclasses.replace(config, dicom=DicomConfig(enabled=False, folder=tmp_path / "out"))
+    assert off.dicom_folder is None
+
+
+def test_dicom_off_from_the_file_and_the_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, '[state]\nfolder = "var"\n[dicom]\nfolder = ""\n')
+    assert load_config(path, environ={}).dicom_folder == tmp_path / "var" / "dicom"
+    assert load_config(path, environ={"SCT_AGENT_DICOM_ENABLED": "false"}).dicom_folder is None
+
+
+def test_c_store_needs_the_dicom_series_written() -> None:
+    with pytest.raises(ConfigError, match=r"^dicom\.enabled: found False, expected true: C-STORE sends"):
+        DicomConfig(enabled=False, store_peer="PACS@127.0.0.1:104")
+
+
+def test_retention_bounds_in_bytes_and_seconds() -> None:
+    assert RetentionConfig.age_seconds(0.0) is None
+    assert RetentionConfig.age_seconds(1.5) == 1.5 * 86_400
+    assert RetentionConfig.size_bytes(0.0, 1_000_000) is None
+    assert RetentionConfig.size_bytes(2.5, 1_000_000_000) == 2_500_000_000
 
 
 # --- file values and environment overrides --------------------------------------------------------------------
@@ -339,6 +381,14 @@ def test_environment_and_default_paths_are_relative_to_the_current_directory(
         ("metrics", 'listen = ":9108"', r"metrics\.listen .*found ':9108'.*host:port"),
         ("metrics", 'listen = "::1:80"', r"metrics\.listen .*found '::1:80'.*IPv6 host in brackets"),
         ("pipeline", "queue_depth = 0", r"pipeline\.queue_depth .*found 0, expected an integer > 0"),
+        ("retention", "interval_s = 0", r"retention\.interval_s .*found 0\.0.*greater than 0"),
+        (
+            "retention",
+            "dicom_max_size_gb = -1",
+            r"retention\.dicom_max_size_gb .*found -1\.0.*>= 0 \(0 = unbounded\)",
+        ),
+        ("retention", "min_free_mb = inf", r"retention\.min_free_mb .*found inf.*finite number >= 0"),
+        ("dicom", 'enabled = "no"', r"dicom\.enabled .*found 'no'.*expected true or false"),
         ("logging", 'level = "VERBOSE"', r"logging\.level .*found 'VERBOSE', expected one of DEBUG, INFO"),
         ("logging", 'format = "syslog"', r"logging\.format .*found 'syslog', expected 'auto' or 'text'"),
         ("logging", 'loggers = ["watchdog"]', r"logging\.loggers .*found 'watchdog'.*logger\.name=LEVEL"),

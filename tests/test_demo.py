@@ -60,7 +60,7 @@ def test_demo_runs_the_agent_end_to_end_and_stops_it(
     # The agent also wrote the sCT as a DICOM CT series, one file per slice.
     dicom_line = next(line for line in text.splitlines() if line.startswith("sCT DICOM CT series:"))
     series = Path(dicom_line.split(": ", 1)[1])
-    assert series.parent == out / "dicom" and len(list(series.glob("*.dcm"))) == 100
+    assert series.parent == out / "var" / "dicom" and len(list(series.glob("*.dcm"))) == 100
     picture = Image.open(out / "scan.png")
     assert picture.width > 700 and picture.height > 600
     assert np.asarray(picture).std() > 20  # an image, not a blank canvas

@@ -172,11 +172,10 @@ def run_demo(
     # The demo owns these folders: a second run replaces the first run's results instead of mixing with them.
     # The engine cache stays, so a second run starts from the engine the first one built and accepted.
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("export", "var", "received", "dicom"):
+    for name in ("export", "var", "received"):
         shutil.rmtree(out / name, ignore_errors=True)
-    config = write_loopback_config(
-        out, backend=backend, extra='\n[dicom]\nfolder = "dicom"\n', engine_cache=out / ENGINE_CACHE
-    )
+    # The sCT DICOM series go where they go by default: <state folder>/dicom, here var/dicom.
+    config = write_loopback_config(out, backend=backend, engine_cache=out / ENGINE_CACHE)
     endpoint, metrics_url = config.endpoint, config.metrics_url
     agent_log = out / "agent.log"
     say(f"starting the agent (log: {agent_log}); it warms up the sCT engine before it reports ready")
@@ -266,7 +265,7 @@ def run_demo(
         mae_hu=scores.mae_hu,
         bone_dice_200=scores.bone_dice["200"],
         gaps=listener.gaps,
-        dicom_series=None if (dicom := listener.dicom_series()) is None else out / "dicom" / dicom,
+        dicom_series=None if (dicom := listener.dicom_series()) is None else out / "var" / "dicom" / dicom,
         agent_exit_status=exit_status,
         metrics=metrics,
     )

@@ -256,13 +256,23 @@ def describe_status(message: StatusMessage) -> str:
         return f"progress {subject}: stream restarted ({body.get('reason', '?')})"
     if message.kind == StatusKind.PROGRESS:
         return f"progress {subject}: slabs {body.get('slabs_done', '?')}/{body.get('slab_count', '?')}"
-    if message.kind == StatusKind.DICOM:
-        state = "" if body.get("ok") else "FAILED "
-        return f"DICOM {subject}: {state}{body.get('step', '?')}: {body.get('message', '')}"
-    if message.kind == StatusKind.ERROR:
-        return f"ERROR {subject}: {body.get('stage', '?')}: {body.get('message', '')}"
+    labelled = _outcome_line(message.kind, body)
+    if labelled is not None:
+        return f"{labelled[0]} {subject}: {labelled[1]}"
     details = ", ".join(f"{k}={v}" for k, v in body.items())
     return f"{message.kind} {subject}" + (f": {details}" if details else "")
+
+
+def _outcome_line(kind: str, body: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(label, text) for the DICOM, error and refused kinds; None for others."""
+    if kind == StatusKind.DICOM:
+        state = "" if body.get("ok") else "FAILED "
+        return "DICOM", f"{state}{body.get('step', '?')}: {body.get('message', '')}"
+    if kind == StatusKind.ERROR:
+        return "ERROR", f"{body.get('stage', '?')}: {body.get('message', '')}"
+    if kind == StatusKind.REFUSED:
+        return "REFUSED", str(body.get("message", ""))
+    return None
 
 
 def _reason_text(reason: object) -> str:

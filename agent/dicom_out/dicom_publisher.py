@@ -7,14 +7,25 @@ written but could not be stored stays in the folder, complete, for a person or a
 
 Status bodies and log lines name the series folder (``sct-<acquisition id>-<series number>``) and source files
 by their label, never a UID, a source file name or anything about the patient.
+
+A write that the operating system refused (a full disk above all) names the output folder and the error number
+(``ENOSPC``), so that whoever reads the status knows which disk to free; the half-written series is removed by the
+writer, so nothing partial is ever visible.
+
+Retention (agent.ops.retention) prunes old series on another thread; ``in_use`` tells it which series this stage
+is writing or sending, and those are never removed.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from agent.dicom_out.sct_series import SctSeriesError, WrittenSeries, write_sct_series
@@ -34,6 +45,12 @@ PARTIAL_GLOB: Final = ".sct-*.partial"
 _SAFE_TO_QUOTE: Final = frozenset({"file", "out_folder"})
 #: Seconds a C-STORE association waits for the peer (connect, negotiate, each response).
 STORE_TIMEOUT_S: Final = 30.0
+#: Error numbers that mean the output folder's filesystem has no room (the disk, or the user's quota).
+DISK_FULL_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
+#: Every series folder of an acquisition starts with this and the acquisition id's first 16 characters
+#: (agent.dicom_out.sct_series names them).
+SERIES_PREFIX: Final = "sct-"
+_SERIES_KEY_LENGTH: Final = 16
 
 
 class DicomPublisher:
@@ -47,16 +64,24 @@ class DicomPublisher:
         on_written: Callable[[str], None] | None = None,
         on_stored: Callable[[str], None] | None = None,
         on_series: Callable[[SctVolume, str], None] | None = None,
+        on_disk_full: Callable[[], None] | None = None,
+        folder: Path | None = None,
     ) -> None:
-        if config.folder is None:
-            raise ValueError("DicomPublisher needs dicom.folder")
+        """``folder`` overrides ``config.folder`` (the pipeline passes ``AgentConfig.dicom_folder``, which fills
+        in the default); ``on_disk_full`` is called when a write failed for want of space."""
+        out = folder if folder is not None else config.folder
+        if out is None:
+            raise ValueError("DicomPublisher needs a folder (dicom.folder)")
         self._config = config
-        self._folder = config.folder
+        self._folder = out
         self._publish = publish
         self._on_written = on_written
         self._on_stored = on_stored
         #: Told the folder of each series complete on disk (the journal: the acquisition is then finished).
         self._on_series = on_series
+        self._on_disk_full = on_disk_full
+        self._in_use_lock = threading.Lock()
+        self._in_use: frozenset[str] = frozenset()
         self._remove_partial_series()
         self._peer = None
         if config.store_peer:
@@ -73,7 +98,26 @@ class DicomPublisher:
                 logger.warning("removing a series left half-written by an earlier run")
                 shutil.rmtree(partial, ignore_errors=True)
 
+    @property
+    def folder(self) -> Path:
+        return self._folder
+
+    def in_use(self) -> frozenset[str]:
+        """Name prefixes of the series being written or sent now (thread-safe: the retention thread asks)."""
+        with self._in_use_lock:
+            return self._in_use
+
     def handle(self, volume: SctVolume) -> None:
+        prefix = f"{SERIES_PREFIX}{volume.acquisition_id[:_SERIES_KEY_LENGTH]}-"
+        with self._in_use_lock:
+            self._in_use = frozenset({prefix})
+        try:
+            self._handle(volume)
+        finally:
+            with self._in_use_lock:
+                self._in_use = frozenset()
+
+    def _handle(self, volume: SctVolume) -> None:
         key = volume.acquisition_id
         try:
             written = write_sct_series(
@@ -86,6 +130,10 @@ class DicomPublisher:
                 error,
                 extra=_fields(key, "write", "failed"),
             )
+            self._count(self._on_written, "failed")
+            if error.errno is not None:
+                self._report_os_error(key, error, error.errno)
+                return
             # The wire gets the attribute and the file, not the values: a found/expected pair may be a UID.
             where = f" of {error.file}" if error.file else ""
             found = f" {error.found}" if error.attribute in _SAFE_TO_QUOTE else ""
@@ -95,7 +143,6 @@ class DicomPublisher:
                 step="write",
                 message=f"series not written: {error.attribute}{where}{found} (details in the agent log)",
             )
-            self._count(self._on_written, "failed")
             return
         if self._on_series is not None:
             self._on_series(volume, written.folder.name)
@@ -186,6 +233,26 @@ class DicomPublisher:
             message=f"{result.stored} instances stored at {peer} in {result.attempts} attempt(s)",
             series_folder=written.folder.name,
         )
+
+    def _report_os_error(self, key: str, error: SctSeriesError, number: int) -> None:
+        """The operating system refused a write: name the folder and the error, and say when the disk is full.
+
+        Not the file: the temporary folder's name holds the new series' UID."""
+        name = errno.errorcode.get(number, str(number))
+        full = number in DISK_FULL_ERRNOS
+        self._report(
+            key,
+            ok=False,
+            step="write",
+            message=(
+                f"series not written to {self._folder}: {name} ({os.strerror(number)})"
+                + ("; nothing of it was kept (the disk is full)" if full else "")
+            ),
+            folder=str(self._folder),
+            errno=name,
+        )
+        if full and self._on_disk_full is not None:
+            self._on_disk_full()
 
     def _report(self, key: str, *, ok: bool, step: str, message: str, **extra: object) -> None:
         self._publish(

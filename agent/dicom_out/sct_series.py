@@ -136,12 +136,16 @@ class SctSeriesError(SctError):
 
     ``attribute`` names the DICOM attribute (or "file", "hu", "sources", "out_folder"), ``found`` the value
     found and ``expected`` what was expected; ``file`` is the label of the source file concerned, or the
-    name of the file being written, if any. No patient identity, UID or source file name is ever part of the
+    name of the file being written, if any; ``errno`` the operating system's error number when writing failed
+    (``errno.ENOSPC``: the disk is full). No patient identity, UID or source file name is ever part of the
     message.
     """
 
-    def __init__(self, attribute: str, found: str, expected: str, *, file: str | None = None) -> None:
+    def __init__(
+        self, attribute: str, found: str, expected: str, *, file: str | None = None, errno: int | None = None
+    ) -> None:
         self.file = file
+        self.errno = errno
         where = f"{file}: " if file else ""
         super().__init__(
             f"{where}{attribute}: found {found}; expected {expected}",
@@ -242,7 +246,9 @@ def write_sct_series(
         temp = out_folder / f".sct-{volume.acquisition_id[:16]}-{secrets.token_hex(4)}.partial"
         temp.mkdir()
     except OSError as error:
-        raise SctSeriesError("out_folder", _os_error(error, None), "a writable folder") from error
+        raise SctSeriesError(
+            "out_folder", _os_error(error, None), "a writable folder", errno=error.errno
+        ) from error
     current = temp.name
     try:
         for k, name in enumerate(names):
@@ -264,7 +270,9 @@ def write_sct_series(
         if isinstance(error, SctSeriesError):
             raise
         if isinstance(error, OSError):
-            raise SctSeriesError("file", _os_error(error, current), "the series written to disk") from error
+            raise SctSeriesError(
+                "file", _os_error(error, current), "the series written to disk", errno=error.errno
+            ) from error
         if isinstance(error, Exception):
             # Only the type: an encoder's message may quote the value it refused, a patient's name or a UID.
             raise SctSeriesError(

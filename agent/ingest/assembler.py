@@ -11,6 +11,13 @@ reconstructor emits slices (every vendor we know emits a 3D slab in slice order 
 image falls outside the grid so placed, the anchor was wrong: the grid is withdrawn until the acquisition
 ends and then placed from the extreme positions, and the streamer restarts (see streamer).
 
+Admission: when the pipeline passes ``admit``, a new acquisition starts only if ``admit(acquisition_id)`` says
+so (the agent checks free disk space there: agent.ops.disk_space). The files of one refused are held, not
+recorded as handled, and read again from ``tick`` once ``admit`` agrees; acquisitions already open are never
+refused, so a series in flight finishes. Held files are bounded (``MAX_HELD_FILES``): an acquisition that would
+pass the bound is left whole for the next start of the agent, which finds its files still in the export folder,
+rather than processed with files missing.
+
 One module on purpose: grouping, grid placement and completion are one state machine per acquisition; each
 decision (a new echo, a grid placed again, the last image) changes what the others must do next.
 """
@@ -62,6 +69,8 @@ ENDED_MEMORY = 1024
 MAX_INCONSISTENCIES = 20
 #: Positions in a view are rounded to POSITION_RESOLUTION_MM.
 POSITION_DECIMALS = 3
+#: Files of refused acquisitions held for a later read (a path and a few numbers each: about 20 MB at most).
+MAX_HELD_FILES = 50_000
 
 
 #: (file, outcome, reason, acquisition id) for each file the assembler finishes with.
@@ -165,6 +174,7 @@ class Assembler:
         quiet_period_s: float,
         on_file: FileCallback | None = None,
         already_finished: set[str] | frozenset[str] = frozenset(),
+        admit: Callable[[str], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._emit = emit
@@ -177,10 +187,21 @@ class Assembler:
         #: Acquisitions the journal says were finished before a restart: their files are not processed again,
         #: so nothing is published twice.
         self._finished_before = frozenset(already_finished)
+        self._admit = admit
+        #: Files of acquisitions ``admit`` refused, in arrival order, to be read again when it agrees.
+        self._held: dict[str, list[ArrivedFile]] = {}
+        self._held_count = 0
+        #: Acquisitions whose held files passed MAX_HELD_FILES: left for the next start (module docstring).
+        self._left_for_restart: OrderedDict[str, None] = OrderedDict()
 
     @property
     def open_count(self) -> int:
         return len(self._open)
+
+    @property
+    def held_count(self) -> int:
+        """Files waiting for their acquisition to be admitted."""
+        return self._held_count
 
     def add_file(self, arrived: ArrivedFile, *, retry: bool = False) -> None:
         """Parse one complete file and add its images; updates are emitted by :meth:`flush`."""
@@ -229,7 +250,10 @@ class Assembler:
                 self._send(acquisition, UpdateKind.IMAGES, view)
 
     def tick(self) -> None:
-        """Retry files due for a second read and end acquisitions quiet for the quiet period."""
+        """Retry files due for a second read, take held acquisitions now admitted, and end acquisitions quiet
+        for the quiet period."""
+        if self._held:
+            self._release_held()
         now = self._clock()
         due = [item for item in self._retries if item[0] <= now]
         if due:
@@ -281,6 +305,8 @@ class Assembler:
             return
         acquisition = self._open.get(acquisition_id)
         if acquisition is None:
+            if self._hold(arrived, acquisition_id):
+                return
             siemens = None
             if header.vendor is Vendor.SIEMENS and not header.sequence.enhanced:
                 siemens = read_siemens_protocol(arrived.path)
@@ -308,6 +334,48 @@ class Assembler:
         acquisition.last_activity = self._clock()
         acquisition.touched = True
         self._file(arrived, FileOutcome.ACCEPTED, "", acquisition_id)
+
+    def _hold(self, arrived: ArrivedFile, acquisition_id: str) -> bool:
+        """Hold ``arrived`` when its (new) acquisition may not start now; True when held or left for restart."""
+        if self._admit is None:
+            return False
+        if acquisition_id in self._left_for_restart:
+            return True
+        if acquisition_id not in self._held and self._admit(acquisition_id):
+            return False
+        if self._held_count >= MAX_HELD_FILES:
+            self._held_count -= len(self._held.pop(acquisition_id, []))
+            self._left_for_restart[acquisition_id] = None
+            while len(self._left_for_restart) > ENDED_MEMORY:
+                self._left_for_restart.popitem(last=False)
+            logger.error(
+                "acquisition %s: more than %d files wait for disk space; it is left whole for the next start of "
+                "the agent (its files stay in the export folder)",
+                acquisition_id,
+                MAX_HELD_FILES,
+            )
+            return True
+        self._held.setdefault(acquisition_id, []).append(arrived)
+        self._held_count += 1
+        return True
+
+    def _release_held(self) -> None:
+        """Read again the files of held acquisitions that ``admit`` now takes, in their arrival order."""
+        assert self._admit is not None
+        released = False
+        for acquisition_id in list(self._held):
+            if not self._admit(acquisition_id):
+                continue
+            files = self._held.pop(acquisition_id)
+            self._held_count -= len(files)
+            logger.info(
+                "acquisition %s: taken now, %d files waited for disk space", acquisition_id, len(files)
+            )
+            for arrived in files:
+                self.add_file(arrived)
+            released = True
+        if released:
+            self.flush()
 
     def _add_frame(self, acquisition: _Acquisition, path: Path, frame: FrameHeader) -> int:
         if frame.instance_key in acquisition.instance_keys:

@@ -38,6 +38,10 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 #: The shipped model halves the slab depth three times; the engine re-checks against the loaded manifest.
 SLAB_DEPTH_MULTIPLE = 8
 MAX_PORT = 65535
+SECONDS_PER_DAY = 86_400
+#: Units of the ``retention`` sizes (decimal, as disks are sold and ``df -H`` counts).
+MB = 1_000_000
+GB = 1_000_000_000
 
 
 class ConfigError(SctError, ValueError):
@@ -255,7 +259,11 @@ def _check_endpoint(key: str, endpoint: str) -> None:
 class DicomConfig:
     """The sCT DICOM CT series written for each finished volume, and its optional C-STORE."""
 
-    #: Folder the series are written to (one sub-folder per series, appearing whole); "" = none written.
+    #: Write the series at all; false = no DICOM output (the only way to turn it off: an empty ``folder`` means
+    #: the default folder, as every optional path does).
+    enabled: bool = True
+    #: Folder the series are written to (one sub-folder per series, appearing whole); None = ``<state>/dicom``
+    #: (:attr:`AgentConfig.dicom_folder`).
     folder: Path | None = None
     #: DICOM peer the series are sent to, as "AE_TITLE@host:port"; "" = none.
     store_peer: str = ""
@@ -276,11 +284,11 @@ class DicomConfig:
                 StorePeer.parse(self.store_peer)
             except ValueError as error:
                 raise ConfigError("dicom.store_peer", self.store_peer, str(error)) from None
-            if self.folder is None:
+            if not self.enabled:
                 raise ConfigError(
-                    "dicom.folder",
-                    "",
-                    "a folder: C-STORE sends the series written there (dicom.store_peer is set)",
+                    "dicom.enabled",
+                    False,
+                    "true: C-STORE sends the series written to dicom.folder (dicom.store_peer is set)",
                 )
         if not (0 < len(self.calling_ae) <= AE_TITLE_MAX and self.calling_ae.isascii()):
             raise ConfigError("dicom.calling_ae", self.calling_ae, f"1 to {AE_TITLE_MAX} ASCII characters")
@@ -293,6 +301,51 @@ class DicomConfig:
                 self.series_number_offset,
                 f"an integer from 1 to {SERIES_NUMBER_MAX - 1}",
             )
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionConfig:
+    """How much and how long the agent keeps of what it writes, and the free space it keeps for a new series.
+
+    Sizes and ages bound the sCT DICOM folder, the volume archive (``<state>/snapshot``) and the journal's
+    detail rows; 0 = unbounded. Below ``min_free_mb`` free on the state or the DICOM folder's filesystem the
+    agent takes no new acquisition (agent.ops.disk_space); 0 = no check.
+    """
+
+    #: Seconds between pruning runs (one also runs at start and whenever free space drops below min_free_mb).
+    interval_s: float = 600.0
+    dicom_max_age_days: float = 30.0
+    dicom_max_size_gb: float = 50.0
+    snapshot_max_age_days: float = 7.0
+    snapshot_max_size_gb: float = 2.0
+    journal_max_age_days: float = 90.0
+    journal_max_size_mb: float = 512.0
+    min_free_mb: float = 1024.0
+
+    def __post_init__(self) -> None:
+        _positive("retention.interval_s", self.interval_s, "seconds")
+        for key in (
+            "dicom_max_age_days",
+            "dicom_max_size_gb",
+            "snapshot_max_age_days",
+            "snapshot_max_size_gb",
+            "journal_max_age_days",
+            "journal_max_size_mb",
+            "min_free_mb",
+        ):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"retention.{key}", value, "a finite number >= 0 (0 = unbounded)")
+
+    @staticmethod
+    def age_seconds(days: float) -> float | None:
+        """An age bound in seconds; None when unbounded (0)."""
+        return days * SECONDS_PER_DAY if days > 0 else None
+
+    @staticmethod
+    def size_bytes(size: float, unit: int) -> int | None:
+        """A size bound in bytes (``unit``: MB or GB); None when unbounded (0)."""
+        return int(size * unit) if size > 0 else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,6 +445,7 @@ class AgentConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
     dicom: DicomConfig = field(default_factory=DicomConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -405,6 +459,19 @@ class AgentConfig:
         if self.engine.cache_dir is not None:
             return self.engine.cache_dir
         return self.state.folder / self.ENGINE_CACHE_NAME
+
+    #: Name of the folder under ``state.folder`` that holds the sCT DICOM series when ``dicom.folder`` is unset.
+    DICOM_FOLDER_NAME: ClassVar[str] = "dicom"
+
+    @property
+    def dicom_folder(self) -> Path | None:
+        """Where the sCT DICOM series go: ``dicom.folder``, or its default under the state folder; None when
+        ``dicom.enabled`` is false."""
+        if not self.dicom.enabled:
+            return None
+        if self.dicom.folder is not None:
+            return self.dicom.folder
+        return self.state.folder / self.DICOM_FOLDER_NAME
 
 
 def backend_names() -> tuple[str, ...]:

@@ -28,6 +28,34 @@ patient, so the journal is as sensitive as the export folder itself and is creat
 A file at the path that is not a journal (not SQLite, corrupt, another program's database, or written by a newer
 agent) is refused with an error naming the path; it is never deleted or rewritten.
 
+Retention (``prune_details``, ``forgettable_acquisitions``, ``forget_acquisitions``, ``reclaim_space``; run by
+agent.ops.retention): the journal must stay bounded on a box that runs for years, but its ``acquisitions`` table is
+what a restart reads to skip what is finished (``finished_acquisitions``). Forgetting an acquisition whose files
+are still in the export folder would make a restart process and publish it again. So the two kinds of rows are
+pruned differently:
+
+- the detail rows (``files``, ``verdicts``, ``slabs``, ``publications``), which are the bulk (a row per file and per
+  slab) and are only for the record, are deleted by age (``retention.journal_max_age_days``) and, beyond
+  ``retention.journal_max_size_mb``, oldest first; except one ``files`` row per acquisition, its *anchor*: the path
+  of the first file recorded for it;
+- an ``acquisitions`` row (one small row per acquisition) is forgotten only when it is older than the age bound
+  *and* its anchor file is gone from the export folder: then no file of it can come back at a restart (exports
+  are removed whole). An acquisition without an anchor is kept: nothing says its files are gone. The caller
+  checks the anchors and skips this while the export folder is missing or empty, which is how an unmounted share
+  looks.
+
+Deleted rows only become free pages inside the file. The journal therefore runs with ``auto_vacuum =
+INCREMENTAL`` (``enable_space_reclaim`` converts an older file once with ``VACUUM`` at start, when nothing else
+writes) and each prune ends with ``PRAGMA incremental_vacuum`` and a ``wal_checkpoint(TRUNCATE)``, so the file
+and its WAL really shrink; ``journal_size_limit`` caps what a checkpoint leaves of the WAL. Deletes run in
+batches of ``PRUNE_BATCH_ROWS``, each its own short transaction, so stage threads never wait for a whole prune.
+Incremental rather than full auto-vacuum: full would move pages on every commit, on the stage threads' writes.
+
+A full disk: SQLite answers a write with ``SQLITE_FULL`` ("database or disk is full") and rolls the transaction
+back; the journal raises :class:`JournalFullError` for it, a :class:`JournalError` like the others, and stays
+usable: the next write succeeds once there is space. What the agent does meanwhile is decided by its caller
+(agent.ops.journal_disk_full).
+
 One module on purpose: the schema, its migration and every statement that writes it share one connection and
 one lock; a write's SQL sits next to the table it writes and the transaction that guards it.
 """
@@ -41,7 +69,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
@@ -105,6 +133,10 @@ class JournalSchemaError(JournalError):
 
 class JournalConflictError(JournalError):
     """A record would contradict what the journal says was already published (same slab, other content)."""
+
+
+class JournalFullError(JournalError):
+    """A write failed because the journal's filesystem is full (SQLITE_FULL); nothing of it was kept."""
 
 
 # One list of statements per schema version; version N's list builds the whole schema from nothing.
@@ -179,6 +211,18 @@ _TABLES: Final = frozenset({"files", "acquisitions", "verdicts", "slabs", "publi
 #: Statements that take a journal from version N (the key) to N + 1.
 _MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {1: _VOLUMES_V2}
 
+#: Tables of detail rows, pruned by age (module docstring); each has an ``at`` column.
+DETAIL_TABLES: Final = ("files", "verdicts", "slabs", "publications")
+#: Rows deleted per transaction while pruning: the lock is free between batches.
+PRUNE_BATCH_ROWS: Final = 2000
+#: Bytes of WAL a checkpoint leaves behind (``PRAGMA journal_size_limit``): a burst of deletes must not leave a
+#: large WAL on a disk that is short of space.
+WAL_SIZE_LIMIT_BYTES: Final = 4 * 1024 * 1024
+#: ``PRAGMA auto_vacuum`` value of INCREMENTAL.
+_AUTO_VACUUM_INCREMENTAL: Final = 2
+#: SQLite's primary result code for "database or disk is full".
+_SQLITE_FULL: Final = 13
+
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
     text = str(value)
@@ -199,6 +243,23 @@ def _state(value: str) -> AcquisitionState:
     except ValueError:
         allowed = ", ".join(s.value for s in AcquisitionState)
         raise ValueError(f"acquisition state must be one of {allowed}; got {value!r}") from None
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Roll back the open transaction, if any: SQLite ends one itself on some errors (SQLITE_FULL among them),
+    and a ROLLBACK then would fail and hide the error that matters."""
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            logger.exception("state journal: ROLLBACK failed")
+
+
+def _disk_full(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code & 0xFF == _SQLITE_FULL
+    return "disk is full" in str(exc)
 
 
 def _now(at: float | None) -> float:
@@ -328,11 +389,22 @@ class Journal:
                 try:
                     yield conn
                 except BaseException:
-                    conn.execute("ROLLBACK")
+                    _rollback(conn)
                     raise
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
-                raise JournalError(self._path, f"write failed: {exc}") from exc
+                _rollback(conn)  # a failed COMMIT can leave the transaction open
+                raise self._write_error(exc) from exc
+
+    def _write_error(self, exc: sqlite3.Error) -> JournalError:
+        if _disk_full(exc):
+            return JournalFullError(
+                self._path,
+                f"write failed, the disk is full ({exc})",
+                found="SQLITE_FULL",
+                expected="free space on the state folder's filesystem",
+            )
+        return JournalError(self._path, f"write failed: {exc}")
 
     def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -563,20 +635,20 @@ class Journal:
             row = conn.execute(
                 "SELECT sha256 FROM volumes WHERE acquisition_id = ? AND model = ?", (acquisition_id, model)
             ).fetchone()
-            if row is not None:
-                return str(row[0])
             now = _now(at)
-            conn.execute(
-                "INSERT INTO volumes (acquisition_id, model, sha256, committed_at) VALUES (?, ?, ?, ?)",
-                (acquisition_id, model, sha256, now),
-            )
+            if row is None:
+                conn.execute(
+                    "INSERT INTO volumes (acquisition_id, model, sha256, committed_at) VALUES (?, ?, ?, ?)",
+                    (acquisition_id, model, sha256, now),
+                )
             # In the same transaction: a committed volume is a published one, whether or not the send that
-            # follows happens before a crash (the archive sends it at the next start).
+            # follows happens before a crash (the archive sends it at the next start); and a restart's final
+            # verdict, which said "passed" again, is corrected.
             conn.execute(
-                "UPDATE acquisitions SET state = ?, updated_at = ? WHERE acquisition_id = ?",
-                (AcquisitionState.PUBLISHED.value, now, acquisition_id),
+                "UPDATE acquisitions SET state = ?, updated_at = ? WHERE acquisition_id = ? AND state != ?",
+                (AcquisitionState.PUBLISHED.value, now, acquisition_id, AcquisitionState.PUBLISHED.value),
             )
-            return None
+            return None if row is None else str(row[0])
 
     def record_dicom_series(
         self, acquisition_id: str, model: str, series_folder: str, *, at: float | None = None
@@ -635,6 +707,126 @@ class Journal:
             "SELECT sha256 FROM volumes WHERE acquisition_id = ? AND model = ?", (acquisition_id, model)
         )
         return str(rows[0][0]) if rows else None
+
+    # ----------------------------------------------------------------------------------------- retention
+
+    def enable_space_reclaim(self) -> bool:
+        """Make deleted rows give their space back (module docstring); call at start, before stages write.
+
+        Sets ``journal_size_limit`` on this connection and, for a journal without ``auto_vacuum = INCREMENTAL``,
+        converts it once with ``VACUUM`` (it rewrites the file: about its size in free space and a second per
+        hundred MB). True when it converted. Raises :class:`JournalFullError` when there is no room to convert;
+        the journal stays as it was and usable.
+        """
+        with self._lock:
+            self._ensure_open()
+            conn = self._conn
+            try:
+                conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES:d}")
+                if int(conn.execute("PRAGMA auto_vacuum").fetchone()[0]) == _AUTO_VACUUM_INCREMENTAL:
+                    return False
+                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+                conn.execute("VACUUM")
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:
+                raise self._write_error(exc) from exc
+            return True
+
+    def prune_details(self, before: float) -> int:
+        """Delete detail rows recorded before ``before`` (epoch seconds), keeping each recorded acquisition's
+        anchor file row; returns the rows deleted. Batches of ``PRUNE_BATCH_ROWS``, one transaction each."""
+        anchors = {
+            row[0]
+            for row in self._read(
+                """SELECT MIN(rowid) FROM files WHERE acquisition_id IN (SELECT acquisition_id FROM acquisitions)
+                GROUP BY acquisition_id"""
+            )
+        }
+        deleted = 0
+        for table in DETAIL_TABLES:
+            last = 0
+            while True:
+                with self._transaction() as conn:
+                    rowids = [
+                        row[0]
+                        for row in conn.execute(
+                            f"SELECT rowid FROM {table} WHERE rowid > ? AND at < ? ORDER BY rowid LIMIT ?",
+                            (last, before, PRUNE_BATCH_ROWS),
+                        )
+                    ]
+                    if rowids:
+                        last = rowids[-1]
+                        doomed = [(r,) for r in rowids if table != "files" or r not in anchors]
+                        conn.executemany(f"DELETE FROM {table} WHERE rowid = ?", doomed)
+                        deleted += len(doomed)
+                if len(rowids) < PRUNE_BATCH_ROWS:
+                    break
+        return deleted
+
+    def oldest_detail_at(self) -> float | None:
+        """When the oldest detail row was recorded (None when there is none)."""
+        oldest = [
+            row[0]
+            for table in DETAIL_TABLES
+            for row in self._read(f"SELECT MIN(at) FROM {table}")
+            if row[0] is not None
+        ]
+        return min(oldest) if oldest else None
+
+    def forgettable_acquisitions(self, before: float) -> list[tuple[str, Path | None]]:
+        """Acquisitions last updated before ``before``, each with its anchor file (None: no file recorded)."""
+        rows = self._read(
+            """SELECT a.acquisition_id,
+                (SELECT f.path FROM files f WHERE f.acquisition_id = a.acquisition_id ORDER BY f.rowid LIMIT 1)
+            FROM acquisitions a WHERE a.updated_at < ?""",
+            (before,),
+        )
+        return [(row[0], None if row[1] is None else Path(row[1])) for row in rows]
+
+    def forget_acquisitions(self, acquisition_ids: list[str]) -> int:
+        """Delete every row of these acquisitions (their files are gone: module docstring); returns rows deleted."""
+        deleted = 0
+        for start in range(0, len(acquisition_ids), PRUNE_BATCH_ROWS):
+            batch = [(aid,) for aid in acquisition_ids[start : start + PRUNE_BATCH_ROWS]]
+            with self._transaction() as conn:
+                for table in ("acquisitions", "volumes", *DETAIL_TABLES):
+                    changes = conn.total_changes
+                    conn.executemany(f"DELETE FROM {table} WHERE acquisition_id = ?", batch)
+                    deleted += conn.total_changes - changes
+        return deleted
+
+    def reclaim_space(self) -> None:
+        """Give free pages back to the filesystem and truncate the WAL (module docstring)."""
+        with self._lock:
+            self._ensure_open()
+            try:
+                # executescript steps the pragma to the end; execute() would free a single page.
+                self._conn.executescript("PRAGMA incremental_vacuum;")
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            except sqlite3.Error as exc:
+                _rollback(self._conn)
+                raise self._write_error(exc) from exc
+
+    def used_bytes(self) -> int:
+        """Bytes of the file that hold data (pages in use), whatever free pages it still holds."""
+        page_size, pages, free = (
+            self._read("PRAGMA page_size")[0][0],
+            self._read("PRAGMA page_count")[0][0],
+            self._read("PRAGMA freelist_count")[0][0],
+        )
+        return int(page_size) * (int(pages) - int(free))
+
+    def file_bytes(self) -> int:
+        """Bytes the journal takes on disk: the database file and its WAL."""
+        total = 0
+        for path in (self._path, self._path.with_name(self._path.name + "-wal")):
+            with suppress(FileNotFoundError):
+                total += path.stat().st_size
+        return total
+
+    def row_count(self) -> int:
+        """Rows in every table (the journal's items, for the retention metrics)."""
+        return sum(int(self._read(f"SELECT COUNT(*) FROM {table}")[0][0]) for table in sorted(_TABLES))
 
     # ------------------------------------------------------------------------------------------ lifetime
 

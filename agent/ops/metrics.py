@@ -54,7 +54,17 @@ REASON_CATEGORIES: Final = (
 #: ZeroMQ topics the publisher sends on.
 TOPICS: Final = ("status", "sct.slab", "sct.volume", "heartbeat")
 #: Pipeline stages that can report an error.
-STAGES: Final = ("watcher", "assembler", "validator", "streamer", "engine", "publisher", "dicom", "journal")
+STAGES: Final = (
+    "watcher",
+    "assembler",
+    "validator",
+    "streamer",
+    "engine",
+    "publisher",
+    "dicom",
+    "journal",
+    "retention",
+)
 #: The publisher's sockets, and why a peer failed the security handshake (agent.publish.publisher).
 PUBLISH_SOCKETS: Final = ("publish", "snapshot")
 REJECT_REASONS: Final = ("auth", "protocol", "handshake")
@@ -63,6 +73,12 @@ DICOM_OUTCOMES: Final = ("written", "failed")
 STORE_OUTCOMES: Final = ("stored", "failed")
 #: Whether a verdict is the provisional one from the first images or the final one.
 VERDICT_KINDS: Final = ("provisional", "final")
+#: What retention bounds (agent.ops.retention), and where a write can find its filesystem full.
+RETENTION_STORES: Final = ("dicom", "snapshot", "journal")
+#: Folders whose filesystems keep ``retention.min_free_mb`` free (agent.ops.disk_space).
+DISK_FOLDERS: Final = ("state", "dicom")
+#: The journal's tables: what a write that found the disk full was for.
+JOURNAL_TABLES: Final = ("files", "acquisitions", "verdicts", "slabs", "publications", "volumes")
 
 #: Queue names are chosen by the composing module, not listed here; they must be short identifiers and there
 #: may be at most ``MAX_QUEUES`` of them, which bounds the queue-depth series just as a fixed set would.
@@ -322,6 +338,7 @@ class AgentMetrics:
         )
         self._build = Info("build", "The agent's version.", namespace=ns, registry=reg)
         self._build.info({"version": __version__})
+        self._init_storage(reg)
 
         self._queue_lock = threading.Lock()
         self._queues: set[str] = set()
@@ -529,3 +546,163 @@ class AgentMetrics:
                 )
             self._queues.add(label)
         self._queue_depth.labels(queue=label).set_function(q.qsize)
+
+    # ---------------------------------------------------------------------- disk space, retention, full disks
+
+    def _init_storage(self, reg: CollectorRegistry) -> None:
+        ns = NAMESPACE
+        self._disk_free = Gauge(
+            "disk_free_bytes",
+            "Bytes free for the agent on the filesystem of a folder it writes, read at each scrape.",
+            ["folder"],
+            namespace=ns,
+            registry=reg,
+        )
+        self._min_free = Gauge(
+            "disk_min_free_bytes",
+            "Free bytes each written folder's filesystem must keep for a new acquisition to be taken "
+            "(retention.min_free_mb; 0 = no check).",
+            namespace=ns,
+            registry=reg,
+        )
+        self._accepting = Gauge(
+            "accepting",
+            "1 while new acquisitions are taken, 0 while they wait for free disk space; read at each scrape.",
+            namespace=ns,
+            registry=reg,
+        )
+        self._refused = Counter(
+            "acquisitions_refused",
+            "New acquisitions not taken for want of free disk space, by the folder that was short (each once "
+            "until it is taken).",
+            ["folder"],
+            namespace=ns,
+            registry=reg,
+        )
+        self._held = Gauge(
+            "files_held",
+            "Files of refused acquisitions waiting in the export folder to be read when there is room.",
+            namespace=ns,
+            registry=reg,
+        )
+        self._disk_full = Counter(
+            "disk_full",
+            "Writes that failed because their filesystem was full, by store.",
+            ["store"],
+            namespace=ns,
+            registry=reg,
+        )
+        self._journal_failures = Counter(
+            "journal_write_failures",
+            "Journal writes lost because the state folder's disk was full, by table (acquisition states are "
+            "kept and written again when there is room).",
+            ["table"],
+            namespace=ns,
+            registry=reg,
+        )
+        self._journal_pending = Gauge(
+            "journal_pending_states",
+            "Acquisition states waiting for room in the journal.",
+            namespace=ns,
+            registry=reg,
+        )
+        self._retention_bytes = Gauge(
+            "retention_bytes",
+            "Bytes a store holds after the last retention run.",
+            ["store"],
+            namespace=ns,
+            registry=reg,
+        )
+        self._retention_items = Gauge(
+            "retention_items",
+            "Items a store holds after the last retention run (series, volumes, journal rows).",
+            ["store"],
+            namespace=ns,
+            registry=reg,
+        )
+        self._pruned_items = Counter(
+            "retention_pruned_items",
+            "Items removed by retention (series, volumes, journal rows), by store.",
+            ["store"],
+            namespace=ns,
+            registry=reg,
+        )
+        self._pruned_bytes = Counter(
+            "retention_pruned_bytes",
+            "Bytes freed by retention, by store.",
+            ["store"],
+            namespace=ns,
+            registry=reg,
+        )
+        self._retention_runs = Counter(
+            "retention_runs", "Retention runs completed.", namespace=ns, registry=reg
+        )
+        self._retention_last = Gauge(
+            "retention_last_run_timestamp_seconds",
+            "Wall-clock time the last retention run ended.",
+            namespace=ns,
+            registry=reg,
+        )
+        for folder in DISK_FOLDERS:
+            self._refused.labels(folder=folder)
+        for store in RETENTION_STORES:
+            self._disk_full.labels(store=store)
+            self._pruned_items.labels(store=store)
+            self._pruned_bytes.labels(store=store)
+        for table in JOURNAL_TABLES:
+            self._journal_failures.labels(table=table)
+        self._accepting.set(1)
+
+    def watch_disk_free(self, folder: str, free_bytes: Callable[[], float]) -> None:
+        """Expose ``free_bytes()`` as ``disk_free_bytes{folder}`` ("state" or "dicom"), read at each scrape."""
+        self._disk_free.labels(folder=_check_label("folder", folder, DISK_FOLDERS)).set_function(free_bytes)
+
+    def watch_accepting(self, accepting: Callable[[], bool]) -> None:
+        """Expose ``accepting()`` as the ``accepting`` gauge (1 or 0), read at each scrape."""
+        self._accepting.set_function(lambda: 1.0 if accepting() else 0.0)
+
+    def set_min_free(self, nbytes: int) -> None:
+        if nbytes < 0:
+            raise ValueError(f"min free bytes must be >= 0; got {nbytes}")
+        self._min_free.set(nbytes)
+
+    def acquisition_refused(self, folder: str) -> None:
+        """Count one acquisition not taken because ``folder``'s filesystem was short of space."""
+        self._refused.labels(folder=_check_label("folder", folder, DISK_FOLDERS)).inc()
+
+    def set_files_held(self, n: int) -> None:
+        if n < 0:
+            raise ValueError(f"files held must be >= 0; got {n}")
+        self._held.set(n)
+
+    def disk_full(self, store: str) -> None:
+        """Count one write to ``store`` that failed because its filesystem was full."""
+        self._disk_full.labels(store=_check_label("store", store, RETENTION_STORES)).inc()
+
+    def journal_write_failed(self, table: str) -> None:
+        """Count one journal write to ``table`` lost to a full disk."""
+        self._journal_failures.labels(table=_check_label("table", table, JOURNAL_TABLES)).inc()
+
+    def set_journal_pending(self, n: int) -> None:
+        if n < 0:
+            raise ValueError(f"pending journal states must be >= 0; got {n}")
+        self._journal_pending.set(n)
+
+    def retention_pruned(
+        self, store: str, *, removed: int, removed_bytes: int, kept: int, kept_bytes: int
+    ) -> None:
+        """Record one store's part of a retention run: what it removed and what it holds now."""
+        label = _check_label("store", store, RETENTION_STORES)
+        if min(removed, removed_bytes, kept, kept_bytes) < 0:
+            raise ValueError(
+                f"retention figures must be >= 0; got {removed}, {removed_bytes}, {kept}, {kept_bytes}"
+            )
+        self._pruned_items.labels(store=label).inc(removed)
+        self._pruned_bytes.labels(store=label).inc(removed_bytes)
+        self._retention_items.labels(store=label).set(kept)
+        self._retention_bytes.labels(store=label).set(kept_bytes)
+
+    def retention_ran(self) -> None:
+        """Count one retention run and stamp when it ended."""
+        self._retention_runs.inc()
+        self._retention_last.set_to_current_time()

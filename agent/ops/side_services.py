@@ -3,10 +3,15 @@
 Stages know nothing of SQLite, Prometheus or the state folder; they call the small hooks they were built with,
 and :class:`SideServices` is what the pipeline passes as those hooks. Every hook runs on the thread of the stage
 that calls it (the journal serialises its own writes), so none of them may block for long.
+
+Journal writes go through :class:`~agent.ops.journal_disk_full.JournalWrites`, so a full disk costs records, not
+the stage (that module says what is kept). A write that finds its disk full (journal, archive, DICOM series) is
+counted in ``sct_agent_disk_full_total{store}`` and calls ``on_disk_full`` (the agent wakes retention).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import Callable
@@ -15,6 +20,7 @@ from pathlib import Path
 from agent.file_labels import error_text, file_label
 from agent.ops.acquisition_summary import AcquisitionSummaries
 from agent.ops.journal import Journal
+from agent.ops.journal_disk_full import JournalWrites
 from agent.ops.metrics import AgentMetrics
 from agent.publish.volume_archive import VolumeArchive
 from agent.records import ArrivedFile, Publication, SctSlab, SctVolume, SlabRequest, StatusEvent
@@ -49,6 +55,7 @@ class SideServices:
         *,
         model: str = "",
         dicom: bool = False,
+        on_disk_full: Callable[[], None] | None = None,
     ) -> None:
         self.metrics = metrics
         self.journal = journal
@@ -59,6 +66,8 @@ class SideServices:
         self.model = model
         #: A DICOM series is written for each volume: an acquisition is finished only once it is.
         self.dicom = dicom
+        self._on_disk_full = on_disk_full
+        self.journal_writes = JournalWrites(journal, metrics, publish, on_full=on_disk_full)
 
     def finished_acquisitions(self) -> set[str]:
         """Acquisitions a restart must leave alone (their files are not processed again)."""
@@ -78,8 +87,11 @@ class SideServices:
 
     def file_done(self, arrived: ArrivedFile, outcome: str, reason: str, acquisition_id: str | None) -> None:
         self.metrics.file_seen(outcome)
-        self.journal.record_file(
-            arrived.path, arrived.size, arrived.mtime_ns, outcome, reason, acquisition_id
+        self.journal_writes.write(
+            "files",
+            lambda: self.journal.record_file(
+                arrived.path, arrived.size, arrived.mtime_ns, outcome, reason, acquisition_id
+            ),
         )
 
     # ------------------------------------------------------------------------------------------ validation
@@ -94,9 +106,9 @@ class SideServices:
         )
         if report.completion_delay_s is not None and report.ended_by == EndedBy.COUNT:
             self.metrics.completion_detected(report.completion_delay_s)
-        self.journal.record_verdict(verdict)
+        self.journal_writes.write("verdicts", lambda: self.journal.record_verdict(verdict))
         if verdict.final:
-            self.journal.record_acquisition(
+            self.journal_writes.acquisition(
                 verdict.acquisition_id, _FINAL_STATES[verdict.outcome], protocol_id=verdict.protocol_id
             )
             # The canonical acquisition_end line says it all at the end; this one marks the verdict.
@@ -122,8 +134,11 @@ class SideServices:
 
     def slab_inferred(self, request: SlabRequest, slab: SctSlab) -> None:
         self.metrics.slab_inferred(request.read_s, slab.inference_s)
-        self.journal.record_slab(
-            slab.acquisition_id, slab.slab_index, slab.start, slab.size, slab.sha256, None
+        self.journal_writes.write(
+            "slabs",
+            lambda: self.journal.record_slab(
+                slab.acquisition_id, slab.slab_index, slab.start, slab.size, slab.sha256, None
+            ),
         )
         if self.summaries is not None:
             self.summaries.slab(slab.acquisition_id, request.read_s, slab.inference_s)
@@ -136,9 +151,20 @@ class SideServices:
         """Make ``volume`` durable before it is sent: archive first (so that the next start can republish it),
         then the journal. Returns the sha256 committed before a restart, or None for a first commit."""
         model = volume_model(volume)
-        prior = self.journal.committed_volume(volume.acquisition_id, model)
-        if prior is not None:
-            return prior
+        if self.journal.committed_volume(volume.acquisition_id, model) is None:
+            self._archive(volume)
+        prior: list[str | None] = [None]
+
+        def commit() -> None:
+            prior[0] = self.journal.commit_volume(volume.acquisition_id, model, volume.sha256)
+
+        # A journal that cannot take the commit (disk full) must not cost the surgery its volume: it is sent
+        # uncommitted (counted and reported by journal_writes); a restart before the disk has room may send it
+        # a second time, with the same content.
+        self.journal_writes.write("volumes", commit)
+        return prior[0]
+
+    def _archive(self, volume: SctVolume) -> None:
         try:
             self.archive.save(volume)
         except (OSError, ValueError) as error:
@@ -150,10 +176,16 @@ class SideServices:
                 extra={"event": LogEvent.ARCHIVE, "stage": "engine", "acquisition_id": volume.acquisition_id},
             )
             self.metrics.error("publisher")
-        return self.journal.commit_volume(volume.acquisition_id, model, volume.sha256)
+            if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+                self._disk_full("snapshot")
 
     def dicom_written(self, volume: SctVolume, series_folder: str) -> None:
-        self.journal.record_dicom_series(volume.acquisition_id, volume_model(volume), series_folder)
+        self.journal_writes.write(
+            "volumes",
+            lambda: self.journal.record_dicom_series(
+                volume.acquisition_id, volume_model(volume), series_folder
+            ),
+        )
 
     def volume_done(self, volume: SctVolume, last_image_at: float) -> None:
         logger.info(
@@ -176,8 +208,11 @@ class SideServices:
             self.metrics.published("sct.slab", int(item.hu.nbytes))
             last = item.slab_index == item.slab_count - 1
             self.metrics.slab_published(sent_at - item.inputs_complete_at if last else None)
-            self.journal.record_publication(
-                item.acquisition_id, "slab", seq, item.sha256, slab_index=item.slab_index
+            self.journal_writes.write(
+                "publications",
+                lambda: self.journal.record_publication(
+                    item.acquisition_id, "slab", seq, item.sha256, slab_index=item.slab_index
+                ),
             )
         elif isinstance(item, SctVolume):
             self.metrics.published("sct.volume", int(item.hu.nbytes))
@@ -185,8 +220,11 @@ class SideServices:
                 return  # counted and journalled when it was first published, before the restart
             latency = max(0.0, sent_at - item.last_image_at)
             self.metrics.volume_published(latency)
-            self.journal.record_publication(item.acquisition_id, "volume", seq, item.sha256)
-            self.journal.record_acquisition(
+            self.journal_writes.write(
+                "publications",
+                lambda: self.journal.record_publication(item.acquisition_id, "volume", seq, item.sha256),
+            )
+            self.journal_writes.acquisition(
                 item.acquisition_id, AcquisitionState.PUBLISHED, protocol_id=item.protocol_id
             )
             if self.summaries is not None:
@@ -211,6 +249,17 @@ class SideServices:
             self._publish(volume)
         if volumes:
             logger.info("republished %d sCT volume(s) kept from before the restart", len(volumes))
+
+    # ------------------------------------------------------------------------------------------ full disks
+
+    def dicom_disk_full(self) -> None:
+        """The dicom stage could not write a series for want of space."""
+        self._disk_full("dicom")
+
+    def _disk_full(self, store: str) -> None:
+        self.metrics.disk_full(store)
+        if self._on_disk_full is not None:
+            self._on_disk_full()
 
     # ---------------------------------------------------------------------------------------------- errors
 

@@ -7,6 +7,10 @@ array (``<acquisition id>.npy``) and its description (``<acquisition id>.json``:
 sha256; nothing about the patient), written atomically; only the newest ``keep`` are kept. At start the agent
 loads them, checks every sha256, and publishes them again marked ``republished`` (docs/protocol.md §3.3), which
 puts them back into the snapshot store. A file that fails its check is reported and removed, never sent.
+
+Retention (``prune``, run by agent.ops.retention on its own thread) also bounds the archive by age and size,
+oldest first; the size bound never removes the newest volume, the one a restart during a surgical list needs.
+A lock keeps ``save`` and ``prune`` apart, so a volume is never pruned half-written.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ import json
 import logging
 import os
 import tempfile
+import threading
+import time
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -42,14 +49,26 @@ class ArchiveProblem:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class ArchivePrune:
+    """What one ``prune`` removed and what the archive holds afterwards (volumes and bytes)."""
+
+    removed: int
+    removed_bytes: int
+    kept: int
+    kept_bytes: int
+
+
 class VolumeArchive:
-    """Not thread-safe: ``save`` runs on the engine stage's thread, ``load`` once at start-up before it."""
+    """``save`` runs on the engine stage's thread, ``load`` once at start-up before it, ``prune`` on the retention
+    thread: ``save`` and ``prune`` take the archive's lock."""
 
     def __init__(self, folder: Path, keep: int) -> None:
         if keep < 1:
             raise ValueError(f"VolumeArchive keep: found {keep}; expected >= 1")
         self._folder = folder
         self._keep = keep
+        self._lock = threading.Lock()
 
     @property
     def folder(self) -> Path:
@@ -57,14 +76,63 @@ class VolumeArchive:
 
     def save(self, volume: SctVolume) -> None:
         """Store ``volume`` (array first, description last: a description only ever names a whole array)."""
-        self._folder.mkdir(parents=True, exist_ok=True)
         key = _safe_key(volume.acquisition_id)
-        _write_atomically(self._folder / f"{key}{ARRAY_SUFFIX}", lambda f: np.save(f, volume.hu))
         meta = _describe(volume)
-        _write_atomically(
-            self._folder / f"{key}{META_SUFFIX}", lambda f: f.write(json.dumps(meta, indent=1).encode())
-        )
-        self._prune()
+        with self._lock:
+            self._folder.mkdir(parents=True, exist_ok=True)
+            _write_atomically(self._folder / f"{key}{ARRAY_SUFFIX}", lambda f: np.save(f, volume.hu))
+            try:
+                _write_atomically(
+                    self._folder / f"{key}{META_SUFFIX}",
+                    lambda f: f.write(json.dumps(meta, indent=1).encode()),
+                )
+            except BaseException:
+                self._remove(key)  # the new array with an older description (or none) must not stay
+                raise
+            self._prune()
+
+    def prune(
+        self, max_age_s: float | None, max_bytes: int | None, *, now: float | None = None
+    ) -> ArchivePrune:
+        """Remove volumes produced more than ``max_age_s`` ago, then the oldest until at most ``max_bytes`` are
+        kept (never the newest); None = no bound. Unreadable descriptions go first."""
+        now = time.time() if now is None else now
+        with self._lock:
+            entries = sorted(self._entries())
+            removed = removed_bytes = 0
+            kept_bytes = sum(size for _, _, size in entries)
+            for index, (produced_at, key, size) in enumerate(entries):
+                newest = index == len(entries) - 1
+                too_old = max_age_s is not None and now - produced_at > max_age_s
+                too_big = max_bytes is not None and kept_bytes > max_bytes and not newest
+                if not (too_old or too_big):
+                    continue
+                self._remove(key)
+                removed += 1
+                removed_bytes += size
+                kept_bytes -= size
+            return ArchivePrune(removed, removed_bytes, len(entries) - removed, kept_bytes)
+
+    def _entries(self) -> list[tuple[float, str, int]]:
+        """(produced_at, key, bytes of its two files) of every stored volume; -inf for an unreadable one."""
+        if not self._folder.is_dir():
+            return []
+        entries = []
+        keys = {path.stem for path in self._folder.glob(f"*{META_SUFFIX}")}
+        keys |= {path.stem for path in self._folder.glob(f"*{ARRAY_SUFFIX}")}  # an array a crash left alone
+        for key in keys:
+            try:
+                produced_at = float(
+                    json.loads((self._folder / f"{key}{META_SUFFIX}").read_text())["produced_at"]
+                )
+            except (OSError, ValueError, KeyError, TypeError):
+                produced_at = float("-inf")
+            size = 0
+            for suffix in (META_SUFFIX, ARRAY_SUFFIX):
+                with suppress(FileNotFoundError):
+                    size += (self._folder / f"{key}{suffix}").stat().st_size
+            entries.append((produced_at, key, size))
+        return entries
 
     def load(self) -> tuple[list[SctVolume], list[ArchiveProblem]]:
         """The stored volumes, oldest first, each checked against its sha256; and the ones that failed."""
