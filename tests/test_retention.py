@@ -27,7 +27,7 @@ from agent.ops.journal import Journal
 from agent.ops.metrics import AgentMetrics
 from agent.ops.retention import Retention, prune_journal, prune_series
 from agent.publish.volume_archive import VolumeArchive
-from agent.records import SctVolume, StatusEvent, Verdict
+from agent.records import SctVolume, StatusEvent, Verdict, payload_sha256
 from agent.vocabulary import AcquisitionState, Outcome
 from engines.scanner.export import OutputFormat
 from sct_core.geometry import Orientation, VolumeGeometry
@@ -55,6 +55,13 @@ def archived_volume(k: int, produced_at: float) -> SctVolume:
     return dataclasses.replace(made, produced_at=produced_at)
 
 
+def variant(volume: SctVolume, k: int) -> SctVolume:
+    """Another volume of the same acquisition (one voxel differs): a series of its own, not the same one again."""
+    hu = volume.hu.copy()
+    hu.flat[0] += k
+    return dataclasses.replace(volume, hu=hu, sha256=payload_sha256(hu))
+
+
 def series_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir())
 
@@ -76,7 +83,7 @@ def test_old_and_excess_series_go_oldest_first_and_nothing_else_is_touched(
     sct: SctVolume, tmp_path: Path
 ) -> None:
     folder = tmp_path / "dicom"
-    written = [write_sct_series(sct, folder).folder for _ in range(3)]
+    written = [write_sct_series(variant(sct, k), folder).folder for k in range(3)]
     for series, days in zip(written, (40, 20, 1), strict=True):
         age(series, days)
     partial = folder / ".sct-2.25.1.partial"  # a series being written: hidden, never a candidate
@@ -92,8 +99,9 @@ def test_old_and_excess_series_go_oldest_first_and_nothing_else_is_touched(
     assert (by_age.removed, by_age.removed_bytes, by_age.kept) == (1, one, 2)
     assert not written[0].exists() and written[1].is_dir() and written[2].is_dir()
 
-    by_size = prune_series(folder, max_age_s=None, max_bytes=one + 1, now=NOW)
-    assert (by_size.removed, by_size.kept, by_size.kept_bytes) == (1, 1, one)
+    last = series_bytes(written[2])
+    by_size = prune_series(folder, max_age_s=None, max_bytes=max(one, last) + 1, now=NOW)
+    assert (by_size.removed, by_size.kept, by_size.kept_bytes) == (1, 1, last)
     assert not written[1].exists() and written[2].is_dir()
     assert len(list(written[2].iterdir())) == sct.geometry.shape[0]
     assert (partial / "CT0001.dcm").read_bytes() == b"half" and foreign.is_dir()
@@ -118,7 +126,7 @@ def test_a_series_being_written_or_sent_is_never_removed(sct: SctVolume, tmp_pat
 
     events: list[StatusEvent] = []
     publisher = DicomPublisher(DicomConfig(folder=folder), events.append, on_written=prune_while_in_hand)
-    publisher.handle(sct)
+    publisher.handle(variant(sct, 1))
 
     (report,) = reports
     # The other acquisition's series went; this acquisition's series (the one in hand and the older one with
@@ -322,7 +330,7 @@ def test_a_run_prunes_every_store_logs_one_line_and_counts(
     dicom = tmp_path / "dicom"
     old = write_sct_series(sct, dicom).folder
     age(old, 40, time.time())
-    new = write_sct_series(sct, dicom).folder
+    new = write_sct_series(variant(sct, 1), dicom).folder
     archive = VolumeArchive(tmp_path / "snapshot", keep=5)
     archive.save(archived_volume(1, time.time() - 10 * DAY))
     archive.save(archived_volume(2, time.time()))
