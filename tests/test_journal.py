@@ -228,10 +228,14 @@ def test_a_volume_is_committed_once_per_model_and_its_dicom_series_finishes_it(j
     assert journal.finished_acquisitions(MODEL) == {ACQ}
     # With DICOM output on, the acquisition is finished only once its series is on disk.
     assert journal.finished_acquisitions(MODEL, dicom=True) == set()
-    journal.record_dicom_series(ACQ, MODEL, "sct-aaaa-1001")
+    journal.record_dicom_series(ACQ, MODEL, sha("v"), "sct-aaaa-1001")
     assert journal.finished_acquisitions(MODEL, dicom=True) == {ACQ}
-    with pytest.raises(JournalError, match="recorded before its volume"):
-        journal.record_dicom_series("b" * 16, MODEL, "sct-bbbb-1001")
+    # A commit lost to a full disk: the series on disk records its volume, and the acquisition is published.
+    journal.record_acquisition("b" * 16, "passed")
+    journal.record_dicom_series("b" * 16, MODEL, sha("b"), "sct-bbbb-1001")
+    assert journal.committed_volume("b" * 16, MODEL) == sha("b")
+    assert journal.finished_acquisitions(MODEL, dicom=True) == {ACQ, "b" * 16}
+    assert "b" * 16 in journal.finished_acquisitions()
 
 
 def test_finished_acquisitions_for_a_model(journal: Journal) -> None:

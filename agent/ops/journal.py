@@ -651,21 +651,28 @@ class Journal:
             return None if row is None else str(row[0])
 
     def record_dicom_series(
-        self, acquisition_id: str, model: str, series_folder: str, *, at: float | None = None
+        self, acquisition_id: str, model: str, sha256: str, series_folder: str, *, at: float | None = None
     ) -> None:
-        """Record that the committed volume's DICOM series is complete on disk in ``series_folder``."""
+        """Record that the DICOM series of the volume (``sha256``) is complete on disk in ``series_folder``.
+
+        The volume's commit is normally there already; where it was lost (its write met a full disk, and the
+        volume went out uncommitted) this records it too, with the acquisition published: the series on disk is
+        of that volume, and a restart must not make it again.
+        """
+        _check_sha256(sha256)
+        now = _now(at)
         with self._transaction() as conn:
-            changed = conn.execute(
-                "UPDATE volumes SET dicom_series = ?, dicom_at = ? WHERE acquisition_id = ? AND model = ?",
-                (series_folder, _now(at), acquisition_id, model),
-            ).rowcount
-            if changed != 1:
-                raise JournalError(
-                    self._path,
-                    f"DICOM series of acquisition {acquisition_id} ({model}) recorded before its volume",
-                    found="no committed volume",
-                    expected="commit_volume first",
-                )
+            conn.execute(
+                """INSERT INTO volumes (acquisition_id, model, sha256, committed_at, dicom_series, dicom_at)
+                VALUES (?, ?, ?, ?, ?, ?)
+                ON CONFLICT (acquisition_id, model) DO UPDATE SET
+                    dicom_series = excluded.dicom_series, dicom_at = excluded.dicom_at""",
+                (acquisition_id, model, sha256, now, series_folder, now),
+            )
+            conn.execute(
+                "UPDATE acquisitions SET state = ?, updated_at = ? WHERE acquisition_id = ? AND state != ?",
+                (AcquisitionState.PUBLISHED.value, now, acquisition_id, AcquisitionState.PUBLISHED.value),
+            )
 
     # ------------------------------------------------------------------------------------------- queries
 

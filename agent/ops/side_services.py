@@ -183,7 +183,7 @@ class SideServices:
         self.journal_writes.write(
             "volumes",
             lambda: self.journal.record_dicom_series(
-                volume.acquisition_id, volume_model(volume), series_folder
+                volume.acquisition_id, volume_model(volume), volume.sha256, series_folder
             ),
         )
 
