@@ -5,8 +5,8 @@ Usage: .venv/bin/python bench/soak.py [--series 50] [--backend torch-eager] [--j
 The agent runs as its own process (``sct-agent run``, as systemd starts it) with DICOM output on. This script
 plays the scanner, exporting one small lumbar series (162 x 162 x 40, two echoes: the test suite's field of view)
 after another, each a new acquisition with new UIDs, and waits for its volume; every fifth series a new robot
-subscribes and the oldest one leaves (at most three connected), so connection set-up and tear-down are exercised
-too. After series 10 and after the last it samples the agent process:
+subscribes and the oldest one leaves (three connected besides the one that waits for volumes), so connection set-up
+and tear-down are exercised too. After series 10 and after the last it samples the agent process:
 
 - resident memory (VmRSS) and its peak (VmHWM),
 - open file descriptors (``/proc/<pid>/fd``),
@@ -40,7 +40,7 @@ from agent_support import SMALL_FOV_MM, SMALL_SLAB_DEPTH, write_test_model, writ
 SEED = 920001
 BASELINE_SERIES = 10
 SUBSCRIBER_EVERY = 5
-MAX_SUBSCRIBERS = 3
+SUBSCRIBERS = 3
 START_TIMEOUT_S = 300.0
 SERIES_TIMEOUT_S = 300.0
 #: Growth allowed from the baseline to the last series (fraction).
@@ -110,11 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             agent.wait_ready(START_TIMEOUT_S)
             watcher = SctClient(endpoint, snapshot_endpoint=snapshot)
+            clients = [SctClient(endpoint, snapshot_endpoint=snapshot) for _ in range(SUBSCRIBERS)]
             for n in range(1, args.series + 1):
-                if n % SUBSCRIBER_EVERY == 1:
+                if n % SUBSCRIBER_EVERY == 0:
+                    # One robot leaves, another joins: as many connected at every sample, so descriptors compare.
+                    clients.pop(0).close()
                     clients.append(SctClient(endpoint, snapshot_endpoint=snapshot))
-                    if len(clients) > MAX_SUBSCRIBERS:
-                        clients.pop(0).close()
                 # A new export of the same case: new UIDs, so a new acquisition each time.
                 export_case(case, ExportOptions(out_dir=root / "export" / f"series-{n:03d}"))
                 deadline = time.monotonic() + SERIES_TIMEOUT_S
