@@ -49,7 +49,19 @@ def progress_event(acquisition_id: str, *, slabs_done: int, slab_count: int, at:
 
 
 def error_event(acquisition_id: str | None, *, stage: str, message: str, at: float) -> StatusEvent:
-    """The status event for an error in a stage. ``message`` must not quote DICOM values that identify people."""
+    """The status event for an error in a stage; ``acquisition_id`` names the series it cost, if one.
+    ``message`` must not quote DICOM values that identify people."""
     return StatusEvent(
         kind=StatusKind.ERROR, acquisition_id=acquisition_id, body={"stage": stage, "message": message}, at=at
+    )
+
+
+def watch_event(*, available: bool, folder: str, message: str, at: float) -> StatusEvent:
+    """The status event for the export folder becoming unavailable, or being watched again. ``folder`` is the
+    configured path (a site setting, never derived from a patient's data)."""
+    return StatusEvent(
+        kind=StatusKind.WATCH,
+        acquisition_id=None,
+        body={"available": available, "folder": folder, "message": message},
+        at=at,
     )

@@ -151,3 +151,5 @@ class StatusKind(StrEnum):
     CANCELLED = "cancelled"
     #: The sCT DICOM series was written, stored or failed.
     DICOM = "dicom"
+    #: The export folder became unavailable (deleted, unreadable, unmounted) or was watched again.
+    WATCH = "watch"

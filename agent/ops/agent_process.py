@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,14 +62,18 @@ def write_loopback_config(
 
 
 class AgentProcess:
-    """One ``sct-agent run --config FILE`` child, its stderr in a log file."""
+    """One ``sct-agent run --config FILE`` child, its stderr in a log file.
 
-    def __init__(self, config: Path, log: Path) -> None:
+    ``prefix`` runs the agent through another command that ends by exec'ing it (``unshare``, ``nsenter``), so
+    that ``pid`` is the agent's process all the same.
+    """
+
+    def __init__(self, config: Path, log: Path, *, prefix: Sequence[str] = ()) -> None:
         self.log = log
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with log.open("w") as log_file:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+                [*prefix, sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
                 stdout=subprocess.PIPE,
                 stderr=log_file,
                 text=True,
