@@ -128,8 +128,10 @@ class AgentService:
                 on_dropped=self.metrics.dropped,
                 on_rejected=self.metrics.subscriber_rejected,
                 on_snapshot=self.metrics.snapshot_served,
+                on_snapshot_failed=self.metrics.snapshot_not_served,
             )
             self._publisher.start()
+            services.engine_refusals(info.details.get("refusals", []))
             services.republish_archive()
             if config.dicom.folder is not None:
                 config.dicom.folder.mkdir(parents=True, exist_ok=True)
@@ -144,8 +146,12 @@ class AgentService:
                 poll_interval_s=config.watch.poll_interval_s,
                 recursive=config.watch.recursive,
                 on_skipped=services.file_skipped,
+                on_folder=lambda available, message: services.watch_folder(
+                    config.watch.folder, available, message
+                ),
             )
             self._watcher.start()
+            self.metrics.set_watch_folder(True)
         except BaseException:
             self.stop()
             raise

@@ -180,12 +180,16 @@ def _attempt(
     ae.dimse_timeout = timeout_s
     ae.network_timeout = timeout_s
     replies: list[str] = []
+    connected: list[bool] = []
     try:
         assoc = ae.associate(
             peer.host,
             peer.port,
             ae_title=peer.ae_title,
-            evt_handlers=[(evt.EVT_PDU_RECV, _note_refusal, [replies])],
+            evt_handlers=[
+                (evt.EVT_PDU_RECV, _note_refusal, [replies]),
+                (evt.EVT_CONN_OPEN, _note_connected, [connected]),
+            ],
         )
     except (OSError, RuntimeError, ValueError) as error:
         return list(pending), 0, f"association failed ({type(error).__name__}: {error})"
@@ -194,9 +198,12 @@ def _attempt(
             what = replies[0]
         elif assoc.is_rejected:
             what = "association rejected"
+        elif connected:
+            # A peer that is stopped or hung: the kernel still accepts the connection for it.
+            what = f"the peer accepted the connection but did not answer the association request within {timeout_s:g} s"
         else:
             # pynetdicom reports a refused or timed-out connection as an abort too.
-            what = "association not established (peer unreachable or not answering)"
+            what = f"no connection (refused, unreachable, or no answer within {timeout_s:g} s)"
         return list(pending), 0, what
 
     remaining: list[Path] = []
@@ -220,7 +227,7 @@ def _attempt(
                 # No response: the peer aborted or the DIMSE timeout passed. Either way the association is
                 # finished (pynetdicom may not have noticed yet); the rest waits for the next attempt.
                 remaining.extend(pending[index:])
-                why = replies[-1] if replies else "timeout or abort"
+                why = replies[-1] if replies else f"no answer within {timeout_s:g} s, or the link dropped"
                 failures.append(f"{path.name}: no C-STORE response ({why})")
                 if _established(assoc):
                     assoc.abort()
@@ -253,6 +260,11 @@ def _note_refusal(event: evt.Event, replies: list[str]) -> None:
     elif isinstance(pdu, A_ABORT_RQ):
         reason = f": {pdu.reason_str}" if pdu.source == 2 else ""  # only the provider states a reason
         replies.append(f"association aborted by the peer ({pdu.source_str}{reason})")
+
+
+def _note_connected(_event: evt.Event, connected: list[bool]) -> None:
+    """Records that the TCP connection opened, which tells a hung peer from one that is not there."""
+    connected.append(True)
 
 
 def _established(assoc: Association) -> bool:

@@ -54,7 +54,17 @@ REASON_CATEGORIES: Final = (
 #: ZeroMQ topics the publisher sends on.
 TOPICS: Final = ("status", "sct.slab", "sct.volume", "heartbeat")
 #: Pipeline stages that can report an error.
-STAGES: Final = ("watcher", "assembler", "validator", "streamer", "engine", "publisher", "dicom", "journal")
+STAGES: Final = (
+    "watcher",
+    "assembler",
+    "validator",
+    "streamer",
+    "engine",
+    "publisher",
+    "dicom",
+    "dicom_store",
+    "journal",
+)
 #: The publisher's sockets, and why a peer failed the security handshake (agent.publish.publisher).
 PUBLISH_SOCKETS: Final = ("publish", "snapshot")
 REJECT_REASONS: Final = ("auth", "protocol", "handshake")
@@ -63,6 +73,12 @@ DICOM_OUTCOMES: Final = ("written", "failed")
 STORE_OUTCOMES: Final = ("stored", "failed")
 #: Whether a verdict is the provisional one from the first images or the final one.
 VERDICT_KINDS: Final = ("provisional", "final")
+#: Why the engine failed a series (agent.inference.engine_stage): its worker process ended (killed by the
+#: kernel's OOM killer, a crash), the GPU ran out of memory, or anything else the engine raised.
+ENGINE_FAILURE_CAUSES: Final = ("worker_ended", "out_of_memory", "error")
+#: Why a snapshot request got no snapshot: refused (too many in progress, a malformed request), or the reply was
+#: abandoned (the peer took nothing for the stall limit, or went away).
+SNAPSHOT_FAILURES: Final = ("busy", "malformed", "stalled", "gone")
 
 #: Queue names are chosen by the composing module, not listed here; they must be short identifiers and there
 #: may be at most ``MAX_QUEUES`` of them, which bounds the queue-depth series just as a fixed set would.
@@ -206,6 +222,32 @@ class AgentMetrics:
         self._snapshot_bytes = Counter(
             "snapshot_payload_bytes", "Payload bytes sent in snapshots.", namespace=ns, registry=reg
         )
+        self._snapshot_failures = Counter(
+            "snapshots_not_served",
+            "Snapshot requests that got no complete snapshot, by reason (busy, malformed, stalled, gone).",
+            ["reason"],
+            namespace=ns,
+            registry=reg,
+        )
+        self._engine_failures = Counter(
+            "engine_failures",
+            "Series the engine failed (nothing of them published as a volume), by cause.",
+            ["cause"],
+            namespace=ns,
+            registry=reg,
+        )
+        self._watch_folder = Gauge(
+            "watch_folder_available",
+            "1 while the export folder is watched; 0 while it is missing, unreadable or unmounted.",
+            namespace=ns,
+            registry=reg,
+        )
+        self._watch_folder_losses = Counter(
+            "watch_folder_losses",
+            "Times the export folder became unavailable (deleted, unreadable, unmounted, replaced).",
+            namespace=ns,
+            registry=reg,
+        )
         self._security = Gauge(
             "publish_curve",
             "1 when the publisher encrypts and authenticates with CURVE, 0 when it publishes in plain.",
@@ -347,6 +389,10 @@ class AgentMetrics:
             self._dicom.labels(outcome=outcome)
         for outcome in STORE_OUTCOMES:
             self._store.labels(outcome=outcome)
+        for cause in ENGINE_FAILURE_CAUSES:
+            self._engine_failures.labels(cause=cause)
+        for reason in SNAPSHOT_FAILURES:
+            self._snapshot_failures.labels(reason=reason)
 
     # ------------------------------------------------------------------------------------------------ ingest
 
@@ -357,6 +403,12 @@ class AgentMetrics:
     def completion_detected(self, delay_s: float) -> None:
         """Record how long after its last file an acquisition was known to be complete."""
         self._completion_latency.observe(_seconds("delay_s", delay_s))
+
+    def set_watch_folder(self, available: bool) -> None:
+        """Say whether the export folder is watched (1) or unavailable (0); a loss also counts once."""
+        if not available:
+            self._watch_folder_losses.inc()
+        self._watch_folder.set(1 if available else 0)
 
     def set_acquisitions_open(self, n: int) -> None:
         """Set how many acquisitions are still receiving images."""
@@ -442,6 +494,14 @@ class AgentMetrics:
             raise ValueError(f"items and nbytes must be >= 0; got {items}, {nbytes}")
         self._snapshots.inc()
         self._snapshot_bytes.inc(nbytes)
+
+    def snapshot_not_served(self, reason: str) -> None:
+        """Count one snapshot request refused (busy, malformed) or whose reply was abandoned (stalled, gone)."""
+        self._snapshot_failures.labels(reason=_check_label("reason", reason, SNAPSHOT_FAILURES)).inc()
+
+    def engine_failure(self, cause: str) -> None:
+        """Count one series the engine failed, by cause (see ``ENGINE_FAILURE_CAUSES``)."""
+        self._engine_failures.labels(cause=_check_label("cause", cause, ENGINE_FAILURE_CAUSES)).inc()
 
     def set_curve(self, on: bool) -> None:
         self._security.set(1 if on else 0)

@@ -16,7 +16,7 @@ from agent.ops.journal import Journal
 from agent.ops.metrics import AgentMetrics
 from agent.publish.volume_archive import VolumeArchive
 from agent.records import ArrivedFile, Publication, SctSlab, SctVolume, SlabRequest, StatusEvent
-from agent.status_events import error_event
+from agent.status_events import error_event, watch_event
 from agent.validation.validator import VerdictReport
 from agent.vocabulary import AcquisitionState, EndedBy, Outcome, SkipReason
 
@@ -54,6 +54,13 @@ class SideServices:
         if reason in _COUNTED_SKIPS:
             self.metrics.file_seen("skipped")
             logger.info("skipped %s: %s", path.name, reason)
+
+    def watch_folder(self, folder: Path, available: bool, message: str) -> None:
+        """The export folder went away or came back (agent.ingest.watcher): gauge, count, status event."""
+        self.metrics.set_watch_folder(available)
+        if not available:
+            self.metrics.error("watcher")
+        self._publish(watch_event(available=available, folder=str(folder), message=message, at=time.time()))
 
     def file_done(self, arrived: ArrivedFile, outcome: str, reason: str, acquisition_id: str | None) -> None:
         self.metrics.file_seen(outcome)
@@ -95,6 +102,19 @@ class SideServices:
         self.journal.record_slab(
             slab.acquisition_id, slab.slab_index, slab.start, slab.size, slab.sha256, None
         )
+
+    def engine_refusals(self, refusals: list[str]) -> None:
+        """Cached engines refused at start (altered file, another machine's, failed acceptance) and built again:
+        already logged and in ``engine_refusals``; said on the status topic too, for whoever listens."""
+        for refusal in refusals:
+            self._publish(
+                error_event(None, stage="engine", message=f"{refusal}; it was built again", at=time.time())
+            )
+
+    def engine_failed(self, acquisition_id: str, cause: str) -> None:
+        """The engine failed a series (it published the error and the cancellation itself): count it."""
+        self.metrics.engine_failure(cause)
+        self.metrics.error("engine")
 
     def volume_done(self, volume: SctVolume, last_image_at: float) -> None:
         try:

@@ -101,8 +101,8 @@ class Publisher:
     """Publishes status events, sCT slabs and volumes on a PUB socket, with heartbeats when idle, and serves
     snapshots on a ROUTER socket.
 
-    ``on_sent(item, seq, sent_at)``, ``on_subscribers(count)``, ``on_rejected(socket, reason)`` and
-    ``on_snapshot(items, nbytes)`` run on the publisher thread; they must be quick and must not call back into
+    ``on_sent(item, seq, sent_at)``, ``on_subscribers(count)``, ``on_rejected(socket, reason)``,
+    ``on_snapshot(items, nbytes)`` and ``on_snapshot_failed(reason)`` run on the publisher thread; they must be quick and must not call back into
     the publisher. Their exceptions are logged and counted in ``errors``.
     """
 
@@ -122,6 +122,7 @@ class Publisher:
         on_dropped: Callable[[str], None] | None = None,
         on_rejected: Callable[[str, str], None] | None = None,
         on_snapshot: Callable[[int, int], None] | None = None,
+        on_snapshot_failed: Callable[[str], None] | None = None,
     ) -> None:
         if not heartbeat_s > 0:
             raise ValueError(
@@ -143,6 +144,7 @@ class Publisher:
         self._on_dropped = on_dropped
         self._on_rejected = on_rejected
         self._on_snapshot = on_snapshot
+        self._on_snapshot_failed = on_snapshot_failed
         self._queue: queue.Queue[Publication | _Stop] = queue.Queue(maxsize=queue_depth)
         self._submit_lock = threading.Lock()
         self._accepting = False
@@ -165,6 +167,7 @@ class Publisher:
             self.publisher_id,
             heartbeat_s,
             on_served=self._snapshot_served,
+            on_refused=self._snapshot_failed,
         )
         self._rejected = 0
         self._seq = 0
@@ -441,6 +444,14 @@ class Publisher:
             except Exception as error:
                 self._errors += 1
                 logger.exception("publisher on_snapshot callback failed: %s", error)
+
+    def _snapshot_failed(self, reason: str) -> None:
+        if self._on_snapshot_failed is not None:
+            try:
+                self._on_snapshot_failed(reason)
+            except Exception as error:
+                self._errors += 1
+                logger.exception("publisher on_snapshot_failed callback failed: %s", error)
 
     def _publish(self, socket: zmq.Socket[bytes], item: Publication) -> None:
         seq = self._seq + 1
