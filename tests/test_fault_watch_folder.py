@@ -129,7 +129,7 @@ def test_a_deleted_folder_is_reported_then_watched_and_scanned_again_when_restor
     available, message = seen.change()
     assert not available
     assert message.startswith(f"watch folder {root} is missing (ENOENT")
-    assert not started.available and started.folder_losses == 1
+    assert (started.available, started.folder_losses) == (False, 1)
     assert seen.files.empty()
 
     # The folder comes back whole, holding what was exported meanwhile (a restore, a share remounted).
@@ -142,7 +142,7 @@ def test_a_deleted_folder_is_reported_then_watched_and_scanned_again_when_restor
         available
         and message == f"watch folder {root} is available again; watching it and scanning what is there"
     )
-    assert started.available
+    assert (started.available, started.folder_losses) == (True, 1)
     meanwhile = seen.file()
     assert meanwhile.path == root / "meanwhile.dcm"
 
