@@ -129,6 +129,7 @@ class AgentService:
                 on_rejected=self.metrics.subscriber_rejected,
                 on_snapshot=self.metrics.snapshot_served,
                 on_snapshot_failed=self.metrics.snapshot_not_served,
+                on_snapshot_request=self.metrics.snapshot_requested,
             )
             self._publisher.start()
             services.engine_refusals(info.details.get("refusals", []))

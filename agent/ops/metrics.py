@@ -79,6 +79,18 @@ ENGINE_FAILURE_CAUSES: Final = ("worker_ended", "out_of_memory", "error")
 #: Why a snapshot request got no snapshot: refused (too many in progress, a malformed request), or the reply was
 #: abandoned (the peer took nothing for the stall limit, or went away).
 SNAPSHOT_FAILURES: Final = ("busy", "malformed", "stalled", "gone")
+#: Why a subscriber asked for a snapshot, as the wire spells it (agent.publish.wire.SNAPSHOT_REASONS; a test
+#: checks the two agree).
+STATED_SNAPSHOT_REASONS: Final = (
+    "join",
+    "reconnect",
+    "gap",
+    "publisher_changed",
+    "incomplete",
+    "application",
+)
+#: Those, "unstated" from a client that does not say (schema 1.1), "other" for a reason this agent does not know.
+SNAPSHOT_REQUEST_REASONS: Final = (*STATED_SNAPSHOT_REASONS, "unstated", "other")
 
 #: Queue names are chosen by the composing module, not listed here; they must be short identifiers and there
 #: may be at most ``MAX_QUEUES`` of them, which bounds the queue-depth series just as a fixed set would.
@@ -226,6 +238,20 @@ class AgentMetrics:
             "snapshots_not_served",
             "Snapshot requests that got no complete snapshot, by reason (busy, malformed, stalled, gone).",
             ["reason"],
+            namespace=ns,
+            registry=reg,
+        )
+        self._snapshot_requests = Counter(
+            "snapshot_requests",
+            "Snapshot requests, by the reason the subscriber gave (gap: it lost messages).",
+            ["reason"],
+            namespace=ns,
+            registry=reg,
+        )
+        self._subscriber_missed = Counter(
+            "subscriber_missed_messages",
+            "Broadcast messages subscribers lost (dropped for a full subscriber), as they reported when they "
+            "resynchronised.",
             namespace=ns,
             registry=reg,
         )
@@ -393,6 +419,8 @@ class AgentMetrics:
             self._engine_failures.labels(cause=cause)
         for reason in SNAPSHOT_FAILURES:
             self._snapshot_failures.labels(reason=reason)
+        for reason in SNAPSHOT_REQUEST_REASONS:
+            self._snapshot_requests.labels(reason=reason)
 
     # ------------------------------------------------------------------------------------------------ ingest
 
@@ -498,6 +526,15 @@ class AgentMetrics:
     def snapshot_not_served(self, reason: str) -> None:
         """Count one snapshot request refused (busy, malformed) or whose reply was abandoned (stalled, gone)."""
         self._snapshot_failures.labels(reason=_check_label("reason", reason, SNAPSHOT_FAILURES)).inc()
+
+    def snapshot_requested(self, reason: str, missed: int) -> None:
+        """Count one snapshot request by the subscriber's reason ("" = unstated; unknown ones as "other") and the
+        messages it says it lost. ``reason`` comes off the wire, so it is mapped, never trusted as a label."""
+        if missed < 0:
+            raise ValueError(f"missed must be >= 0; got {missed}")
+        label = "unstated" if not reason else reason if reason in STATED_SNAPSHOT_REASONS else "other"
+        self._snapshot_requests.labels(reason=label).inc()
+        self._subscriber_missed.inc(missed)
 
     def engine_failure(self, cause: str) -> None:
         """Count one series the engine failed, by cause (see ``ENGINE_FAILURE_CAUSES``)."""

@@ -60,7 +60,10 @@ class SnapshotServer:
         stall_s: float = STALL_S,
         on_served: Callable[[int, int], None] | None = None,
         on_refused: Callable[[str], None] | None = None,
+        on_requested: Callable[[str, int], None] | None = None,
     ) -> None:
+        """``on_requested(reason, missed)`` is told why each well-formed request came (the subscriber's word:
+        "" when it did not say), and for a gap how many broadcast messages it lost."""
         self._store = store
         self._publisher_id = publisher_id
         self._heartbeat_s = heartbeat_s
@@ -68,6 +71,7 @@ class SnapshotServer:
         self._stall_s = stall_s
         self._on_served = on_served
         self._on_refused = on_refused
+        self._on_requested = on_requested
         self._sessions: OrderedDict[bytes, _Session] = OrderedDict()
 
     @property
@@ -80,10 +84,12 @@ class SnapshotServer:
         identity, body = frames[0], frames[1:]
         now = time.time()
         try:
-            decode_snapshot_request(body)
+            request = decode_snapshot_request(body)
         except WireError as error:
             self._refuse(identity, current_seq, f"bad snapshot request: {error}", "malformed")
             return
+        if self._on_requested is not None:
+            self._on_requested(request.reason, request.missed)
         if identity not in self._sessions and len(self._sessions) >= self._max_sessions:
             self._refuse(identity, current_seq, f"busy: {self._max_sessions} snapshots in progress", "busy")
             return
