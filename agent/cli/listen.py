@@ -252,17 +252,28 @@ def describe_status(message: StatusMessage) -> str:
         if pending:
             line += f"; pending {', '.join(str(p) for p in pending)}"
         return line
-    if message.kind == StatusKind.PROGRESS and body.get("restarted"):
-        return f"progress {subject}: stream restarted ({body.get('reason', '?')})"
-    if message.kind == StatusKind.PROGRESS:
-        return f"progress {subject}: slabs {body.get('slabs_done', '?')}/{body.get('slab_count', '?')}"
-    if message.kind == StatusKind.DICOM:
-        state = "" if body.get("ok") else "FAILED "
-        return f"DICOM {subject}: {state}{body.get('step', '?')}: {body.get('message', '')}"
-    if message.kind == StatusKind.ERROR:
-        return f"ERROR {subject}: {body.get('stage', '?')}: {body.get('message', '')}"
+    plain = _plain_status(message.kind, subject, body)
+    if plain is not None:
+        return plain
     details = ", ".join(f"{k}={v}" for k, v in body.items())
     return f"{message.kind} {subject}" + (f": {details}" if details else "")
+
+
+def _plain_status(kind: str, subject: str, body: Mapping[str, Any]) -> str | None:
+    """The line for the kinds that need no more than their body's fields; None for the others."""
+    if kind == StatusKind.PROGRESS and body.get("restarted"):
+        return f"progress {subject}: stream restarted ({body.get('reason', '?')})"
+    if kind == StatusKind.PROGRESS:
+        return f"progress {subject}: slabs {body.get('slabs_done', '?')}/{body.get('slab_count', '?')}"
+    if kind == StatusKind.DICOM:
+        state = "" if body.get("ok") else "FAILED "
+        return f"DICOM {subject}: {state}{body.get('step', '?')}: {body.get('message', '')}"
+    if kind == StatusKind.ERROR:
+        return f"ERROR {subject}: {body.get('stage', '?')}: {body.get('message', '')}"
+    if kind == StatusKind.WATCH:
+        state = "available" if body.get("available") else "UNAVAILABLE"
+        return f"WATCH FOLDER {state}: {body.get('message', '')}"
+    return None
 
 
 def _reason_text(reason: object) -> str:
