@@ -16,14 +16,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent.dicom_out.dicom_publisher import DicomPublisher
+from agent.dicom_out.dicom_publisher import STORE_BACKLOG, DicomPublisher
 from agent.inference.engine_stage import EngineStage
 from agent.inference.streamer import Streamer
 from agent.ingest.assembler import Assembler
 from agent.ingest.pixel_reader import read_pixels
 from agent.ops.config import AgentConfig
 from agent.ops.side_services import SideServices
-from agent.records import ArrivedFile, Publication, SctVolume, StatusEvent
+from agent.records import ArrivedFile, DicomStoreRequest, Publication, SctVolume, StatusEvent
 from agent.stage_thread import Stage, each
 from agent.validation.protocols import SequenceProtocol
 from agent.validation.validator import ValidatorStage
@@ -61,6 +61,11 @@ def compose(
 
     dicom: Stage[SctVolume] | None = None
     writer: DicomPublisher | None = None
+    store: Stage[DicomStoreRequest] | None = None
+
+    def offer_store(request: DicomStoreRequest) -> bool:
+        return store is not None and store.offer(request)
+
     if config.dicom_folder is not None:
 
         def publish_dicom(event: StatusEvent) -> None:
@@ -75,8 +80,12 @@ def compose(
             on_series=services.dicom_written,
             on_disk_full=services.dicom_disk_full,
             folder=config.dicom_folder,
+            forward_store=offer_store if config.dicom.store_peer else None,
         )
         dicom = Stage("dicom", each(writer.handle), depth=DICOM_QUEUE_DEPTH, on_error=error, batch=False)
+        if config.dicom.store_peer:
+            # Its own thread: a peer that hangs costs its timeouts there, never the next series' write.
+            store = Stage("dicom_store", each(writer.store), depth=STORE_BACKLOG, on_error=error, batch=False)
 
     def volume_done(volume: SctVolume, last_image_at: float) -> None:
         services.volume_done(volume, last_image_at)
@@ -90,6 +99,7 @@ def compose(
         on_volume=volume_done,
         commit=services.commit_volume,
         committed=services.committed_volume,
+        on_failure=services.engine_failed,
     )
     inference = Stage(
         "engine", each(engine_stage.handle), depth=max(2, depth // 16), on_error=error, batch=False
@@ -135,5 +145,6 @@ def compose(
 
     assembling = Stage("assembler", assemble, depth=depth * 4, idle=idle, on_error=error)
 
-    stages = (assembling, validating, streaming, inference, *((dicom,) if dicom is not None else ()))
+    outputs = tuple(stage for stage in (dicom, store) if stage is not None)
+    stages = (assembling, validating, streaming, inference, *outputs)
     return Stages(all=stages, entry=assembling, assembler=assembler, dicom_writer=writer)

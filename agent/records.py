@@ -308,6 +308,16 @@ class SctVolume:
 
 
 @dataclass(frozen=True, slots=True)
+class DicomStoreRequest:
+    """A written sCT series for the C-STORE stage (dicom writer -> dicom store): its folder's name (what
+    status events quote) and its files, in slice order."""
+
+    acquisition_id: str
+    series_folder: str
+    files: tuple[Path, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class StatusEvent:
     """A message for the status topic: verdicts, progress and errors, for technologists and IT."""
 

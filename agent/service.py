@@ -159,8 +159,11 @@ class AgentService:
                 on_dropped=self.metrics.dropped,
                 on_rejected=self.metrics.subscriber_rejected,
                 on_snapshot=self.metrics.snapshot_served,
+                on_snapshot_failed=self.metrics.snapshot_not_served,
+                on_snapshot_request=self.metrics.snapshot_requested,
             )
             self._publisher.start()
+            services.engine_refusals(info.details.get("refusals", []))
             services.republish_archive()
             if dicom_folder is not None:
                 dicom_folder.mkdir(parents=True, exist_ok=True)
@@ -193,8 +196,12 @@ class AgentService:
                 poll_interval_s=config.watch.poll_interval_s,
                 recursive=config.watch.recursive,
                 on_skipped=services.file_skipped,
+                on_folder=lambda available, message: services.watch_folder(
+                    config.watch.folder, available, message
+                ),
             )
             self._watcher.start()
+            self.metrics.set_watch_folder(True)
         except BaseException:
             self.stop()
             raise

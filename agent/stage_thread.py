@@ -77,6 +77,17 @@ class Stage(Generic[T]):
                 continue
         return False
 
+    def offer(self, item: T) -> bool:
+        """Queue an item only if the inbox has room now; False if it is full or the stage stopped. For a
+        producer that must not be held back by this stage (the C-STORE stage behind the engine)."""
+        if self._stop.is_set():
+            return False
+        try:
+            self.inbox.put_nowait(item)
+        except queue.Full:
+            return False
+        return True
+
     def stop(self, timeout: float | None = None) -> None:
         """Finish the item in hand, leave the rest, and join (callers stop stages upstream first)."""
         self._stop.set()

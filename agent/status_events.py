@@ -50,9 +50,10 @@ def progress_event(acquisition_id: str, *, slabs_done: int, slab_count: int, at:
 
 
 def error_event(acquisition_id: str | None, *, stage: str, message: str, at: float) -> StatusEvent:
-    """The status event for an error in a stage. ``message`` must not quote DICOM values that identify people
-    nor name a file (use :func:`agent.file_labels.file_label`); paths under the export folder and instance UIDs
-    are redacted here as a safety net."""
+    """The status event for an error in a stage; ``acquisition_id`` names the series it cost, if one.
+    ``message`` must not quote DICOM values that identify people nor name a file (use
+    :func:`agent.file_labels.file_label`); paths under the export folder and instance UIDs are redacted here as
+    a safety net."""
     return StatusEvent(
         kind=StatusKind.ERROR,
         acquisition_id=acquisition_id,
@@ -82,5 +83,16 @@ def refused_event(
                 "processed as soon as there is room"
             ),
         },
+        at=at,
+    )
+
+
+def watch_event(*, available: bool, folder: str, message: str, at: float) -> StatusEvent:
+    """The status event for the export folder becoming unavailable, or being watched again. ``folder`` is the
+    configured path (a site setting, never derived from a patient's data)."""
+    return StatusEvent(
+        kind=StatusKind.WATCH,
+        acquisition_id=None,
+        body={"available": available, "folder": folder, "message": message},
         at=at,
     )

@@ -153,6 +153,8 @@ class StatusKind(StrEnum):
     DICOM = "dicom"
     #: A new acquisition was not taken (too little free disk space); it is taken when space returns.
     REFUSED = "refused"
+    #: The export folder became unavailable (deleted, unreadable, unmounted) or was watched again.
+    WATCH = "watch"
 
 
 # ---------------------------------------------------------------------------------------------- operations

@@ -93,6 +93,7 @@ def toml_literal(value: object) -> str:
                 "calling_ae": "SCT-EDGE",
                 "store_attempts": 3,
                 "store_backoff_s": 2.0,
+                "store_timeout_s": 30.0,
                 "series_number_offset": 1000,
             },
         ),

@@ -159,7 +159,7 @@ def test_a_peer_that_never_appears_gives_store_error_after_the_attempts(series: 
     assert error.peer == peer
     assert str(peer) in str(error)
     assert f"{len(series.files)} of {len(series.files)} instances not stored after 3 attempts" in str(error)
-    assert "attempt 3: association" in str(error)
+    assert "attempt 3: no connection (refused" in str(error)
 
 
 @needs_storescp

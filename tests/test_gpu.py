@@ -14,7 +14,7 @@ import torch
 from engines.backends.base import BackendOptions, Precision
 from engines.backends.tensorrt import TensorRtBackend, import_torch_tensorrt
 from engines.backends.torch_cuda import TorchCudaBackend, cuda_unavailable_reason
-from engines.inference.engine import GPU_SLAB_DEPTH, SctEngine, whole_volume_reference
+from engines.inference.engine import GPU_SLAB_DEPTH, EngineOutOfMemoryError, SctEngine, whole_volume_reference
 from engines.model.manifest import ModelManifest
 from engines.phantom.case import PhantomCase
 
@@ -92,6 +92,47 @@ def test_device_resident_volume_matches_the_fp32_cpu_reference(
     core = out[window.core_start : window.core_stop].astype(np.float32)
     assert float(np.abs(core - np.rint(stitched[window.core_start : window.core_stop])).max()) <= 1.0
     assert engine.gpu_memory_allocated() > 0
+    engine.close()
+
+
+def test_out_of_memory_on_a_slab_frees_the_cache_fails_that_slab_and_the_next_one_runs(
+    held_out_case: PhantomCase, shipped_manifest: ModelManifest, engine_cache: Path
+) -> None:
+    """The CUDA caching allocator capped just above what the engine holds: the next slab cannot get memory for
+    its activations. The engine says so (device, window, memory held after freeing the cache) and frees the
+    cache; with the cap lifted the next slab runs. agent/inference/engine_stage.py turns the error into a failed
+    series (tests/test_fault_engine.py has the same path with the CPU worker killed)."""
+    engine = SctEngine.load(
+        shipped_manifest,
+        backend="torch-cuda",
+        options=BackendOptions(precision=Precision.FP16, cache_dir=engine_cache),
+    )
+    device = engine.device
+    volume = engine.new_volume(2, held_out_case.echoes.shape[1:])
+    for echo in range(2):
+        for k in range(held_out_case.echoes.shape[1]):
+            volume.put(echo, k, held_out_case.echoes[echo, k])
+    plan = engine.plan(held_out_case.echoes.shape[1])
+    scale = engine.scale(held_out_case.echoes)
+    window = plan.windows[0]
+    engine.run_slab(volume, plan, window, scale)  # warm: whatever the slab path keeps is allocated now
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(device).total_memory
+    cap = (torch.cuda.memory_allocated(device) + 2**20) / total
+    torch.cuda.set_per_process_memory_fraction(cap, device)
+    try:
+        with pytest.raises(EngineOutOfMemoryError) as caught:
+            engine.run_slab(volume, plan, window, scale)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+    message = str(caught.value)
+    assert message.startswith(f"engine torch-cuda fp16 on {device} ran out of memory for a slab window 2x")
+    assert "after freeing the cache" in message and "MiB reserved" in message
+    assert caught.value.attribute == "engine.device_memory"
+    assert torch.cuda.memory_reserved(device) <= torch.cuda.memory_allocated(device) + 64 * 2**20
+    out = engine.run_slab(volume, plan, window, scale)
+    assert out.shape == (window.core_stop - window.core_start, *held_out_case.echoes.shape[2:])
     engine.close()
 
 

@@ -38,7 +38,7 @@ from agent.publish.curve_keys import create_key_pair
 from agent.publish.publisher import Publisher
 from agent.publish.wire import StatusMessage, decode, encode
 from agent.records import Reason, SctSlab, SctVolume, StatusEvent, Verdict, payload_sha256
-from agent.status_events import error_event, progress_event, verdict_event
+from agent.status_events import error_event, progress_event, verdict_event, watch_event
 from agent.vocabulary import Outcome
 from sct_core.geometry import Orientation, VolumeGeometry
 
@@ -241,6 +241,14 @@ def test_status_lines() -> None:
     assert describe_status(
         as_status(error_event("acq-42", stage="engine", message="CUDA out of memory", at=0.0))
     ) == ("ERROR acq-42: engine: CUDA out of memory")
+    lost = watch_event(
+        available=False, folder="/srv/export", message="watch folder /srv/export is missing", at=0.0
+    )
+    assert describe_status(as_status(lost)) == "WATCH FOLDER UNAVAILABLE: watch folder /srv/export is missing"
+    back = watch_event(
+        available=True, folder="/srv/export", message="watch folder /srv/export is back", at=0.0
+    )
+    assert describe_status(as_status(back)) == "WATCH FOLDER available: watch folder /srv/export is back"
     assert describe_status(as_status(StatusEvent("skipped", None, {"why": "phase images"}))) == (
         "skipped -: why=phase images"
     )

@@ -147,7 +147,7 @@ def test_slab_header_layout() -> None:
     hu = make_hu(geometry.shape)
     header = header_of(encode(make_slab(geometry, hu, 0, 4, 0), 3, PUBLISHER, 5.0))
 
-    assert header["schema"] == "sct-edge/1.1"
+    assert header["schema"] == "sct-edge/1.2"
     assert header["topic"] == "sct.slab"
     assert header["volume"]["shape"] == [6, 8, 10]
     assert header["volume"]["spacing_mm"] == [2.0, 0.9, 0.8]

@@ -252,27 +252,32 @@ def describe_status(message: StatusMessage) -> str:
         if pending:
             line += f"; pending {', '.join(str(p) for p in pending)}"
         return line
-    if message.kind == StatusKind.PROGRESS and body.get("restarted"):
-        return f"progress {subject}: stream restarted ({body.get('reason', '?')})"
-    if message.kind == StatusKind.PROGRESS:
-        return f"progress {subject}: slabs {body.get('slabs_done', '?')}/{body.get('slab_count', '?')}"
-    labelled = _outcome_line(message.kind, body)
-    if labelled is not None:
-        return f"{labelled[0]} {subject}: {labelled[1]}"
+    plain = _plain_status(message.kind, subject, body)
+    if plain is not None:
+        return plain
     details = ", ".join(f"{k}={v}" for k, v in body.items())
     return f"{message.kind} {subject}" + (f": {details}" if details else "")
 
 
-def _outcome_line(kind: str, body: Mapping[str, Any]) -> tuple[str, str] | None:
-    """(label, text) for the DICOM, error and refused kinds; None for others."""
-    if kind == StatusKind.DICOM:
-        state = "" if body.get("ok") else "FAILED "
-        return "DICOM", f"{state}{body.get('step', '?')}: {body.get('message', '')}"
-    if kind == StatusKind.ERROR:
-        return "ERROR", f"{body.get('stage', '?')}: {body.get('message', '')}"
-    if kind == StatusKind.REFUSED:
-        return "REFUSED", str(body.get("message", ""))
-    return None
+def _plain_status(kind: str, subject: str, body: Mapping[str, Any]) -> str | None:
+    """The line for the kinds that need no more than their body's fields; None for the others."""
+    if kind == StatusKind.PROGRESS:
+        if body.get("restarted"):
+            return f"progress {subject}: stream restarted ({body.get('reason', '?')})"
+        return f"progress {subject}: slabs {body.get('slabs_done', '?')}/{body.get('slab_count', '?')}"
+    lines: dict[str, Callable[[], str]] = {
+        StatusKind.DICOM: lambda: (
+            f"DICOM {subject}: {'' if body.get('ok') else 'FAILED '}{body.get('step', '?')}: "
+            f"{body.get('message', '')}"
+        ),
+        StatusKind.ERROR: lambda: f"ERROR {subject}: {body.get('stage', '?')}: {body.get('message', '')}",
+        StatusKind.REFUSED: lambda: f"REFUSED {subject}: {body.get('message', '')}",
+        StatusKind.WATCH: lambda: (
+            f"WATCH FOLDER {'available' if body.get('available') else 'UNAVAILABLE'}: {body.get('message', '')}"
+        ),
+    }
+    line = lines.get(kind)
+    return line() if line is not None else None
 
 
 def _reason_text(reason: object) -> str:

@@ -204,6 +204,8 @@ class SctClient:
         #: Sequence gaps seen (the most recent ``MAX_GAPS_KEPT``).
         self.gaps: list[Gap] = []
         self.gap_count = 0
+        #: Broadcast messages lost in gaps, all told (what the publisher dropped for this subscriber).
+        self.missed = 0
         #: The publisher being followed and the last sequence number seen from it.
         self.publisher_id: str | None = None
         self.last_seq: int | None = None
@@ -217,7 +219,7 @@ class SctClient:
         self.reconnects = 0
         self._last_received: float | None = None
         try:
-            self._connect()
+            self._connect("join")
         except BaseException:
             self.close()
             raise
@@ -304,7 +306,7 @@ class SctClient:
 
     # ----------------------------------------------------------------------------------- connection state
 
-    def _connect(self) -> None:
+    def _connect(self, reason: str) -> None:
         """SUB first, so nothing published from here on is missed; then ask for the state so far."""
         socket = self._context.socket(zmq.SUB)
         self._socket = socket
@@ -318,9 +320,11 @@ class SctClient:
         self._last_received = None
         self._live_since = time.monotonic()
         if self._snapshot_endpoint is not None:
-            self._request_snapshot()
+            self._request_snapshot(reason)
 
-    def _request_snapshot(self) -> None:
+    def _request_snapshot(self, reason: str, missed: int = 0) -> None:
+        """Ask for a snapshot, saying why (``wire.SNAPSHOT_REASONS``): the agent counts the reasons, and for a
+        gap the messages lost, which is how IT sees a subscriber that cannot keep up."""
         if self._dealer is not None:
             # A fresh DEALER per request: a late reply to an abandoned request can never be mistaken for this one.
             self._dealer.close(linger=0)
@@ -332,25 +336,28 @@ class SctClient:
         if self._curve is not None:
             apply_client(dealer, self._curve)
         dealer.connect(self._snapshot_endpoint)
-        dealer.send_multipart(encode_snapshot_request(time.time()))
+        dealer.send_multipart(encode_snapshot_request(time.time(), reason=reason, missed=missed))
         self._syncing = True
         self._sync_items = 0
         self._sync_deadline = time.monotonic() + self._snapshot_timeout_s
         self._assemblies.clear()
 
-    def resync(self, why: str = "asked by the application") -> None:
-        """Throw away half-built volumes and ask for a fresh snapshot (what a gap does); no-op without one."""
+    def resync(
+        self, why: str = "asked by the application", *, reason: str = "application", missed: int = 0
+    ) -> None:
+        """Throw away half-built volumes and ask for a fresh snapshot (what a gap does); no-op without one.
+        ``reason`` and ``missed`` go to the agent with the request (see :meth:`_request_snapshot`)."""
         if self._snapshot_endpoint is None:
             return
         self.resyncs += 1
         logger.warning("resynchronising from %s: %s", self._snapshot_endpoint, why)
-        self._request_snapshot()
+        self._request_snapshot(reason, missed)
 
     def _reconnect(self, why: str) -> None:
         self.reconnects += 1
         logger.warning("reconnecting to %s: %s", self._endpoint, why)
         self._close_sockets()
-        self._connect()
+        self._connect("reconnect")
 
     def _close_sockets(self) -> None:
         for socket in (self._socket, self._dealer):
@@ -380,7 +387,7 @@ class SctClient:
             self._refuse(error, "snapshot")
             if isinstance(error, SchemaVersionError):
                 raise
-            self.resync(f"unusable snapshot message ({error.attribute})")
+            self.resync(f"unusable snapshot message ({error.attribute})", reason="incomplete")
             return
         if isinstance(reply, SnapshotError):
             # Busy or refused: connect afresh after a pause that grows with each refusal in a row (capped), so
@@ -395,7 +402,10 @@ class SctClient:
         if isinstance(reply, SnapshotEnd):
             if reply.items != self._sync_items:
                 # A message of the reply was lost or refused: this state has a hole in it.
-                self.resync(f"snapshot announced {reply.items} message(s), {self._sync_items} arrived intact")
+                self.resync(
+                    f"snapshot announced {reply.items} message(s), {self._sync_items} arrived intact",
+                    reason="incomplete",
+                )
                 return
             self._syncing = False
             self._refusals = 0
@@ -444,14 +454,22 @@ class SctClient:
     def _in_sequence(self, message: Message) -> bool:
         """True for the next message after the snapshot's number; anything else is dropped or resyncs."""
         if message.publisher_id != self.publisher_id:
-            self.resync(f"publisher changed from {self.publisher_id} to {message.publisher_id}")
+            self.resync(
+                f"publisher changed from {self.publisher_id} to {message.publisher_id}",
+                reason="publisher_changed",
+            )
             return False
         assert self.last_seq is not None
         if message.seq <= self.last_seq:
             return False  # the snapshot already reflected it
         if message.seq != self.last_seq + 1:
-            self._record_gap(Gap(expected=self.last_seq + 1, got=message.seq))
-            self.resync(f"sequence gap: expected {self.last_seq + 1}, got {message.seq}")
+            gap = Gap(expected=self.last_seq + 1, got=message.seq)
+            self._record_gap(gap)
+            self.resync(
+                f"sequence gap: expected {gap.expected}, got {gap.got}",
+                reason="gap",
+                missed=gap.got - gap.expected,
+            )
             return False
         self.last_seq = message.seq
         return True
@@ -475,6 +493,7 @@ class SctClient:
 
     def _record_gap(self, gap: Gap) -> None:
         self.gap_count += 1
+        self.missed += max(0, gap.got - gap.expected)
         self.gaps.append(gap)
         del self.gaps[:-MAX_GAPS_KEPT]
         logger.warning("sequence gap from %s: expected %d, got %d", self.publisher_id, *gap)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -181,23 +182,34 @@ def _attempt(
     ae.dimse_timeout = timeout_s
     ae.network_timeout = timeout_s
     replies: list[str] = []
+    connected: list[bool] = []
+    asked = time.monotonic()
     try:
         assoc = ae.associate(
             peer.host,
             peer.port,
             ae_title=peer.ae_title,
-            evt_handlers=[(evt.EVT_PDU_RECV, _note_refusal, [replies])],
+            evt_handlers=[
+                (evt.EVT_PDU_RECV, _note_refusal, [replies]),
+                (evt.EVT_CONN_OPEN, _note_connected, [connected]),
+            ],
         )
     except (OSError, RuntimeError, ValueError) as error:
         return list(pending), 0, f"association failed ({error_text(error)})"
     if not assoc.is_established:
+        _close_transport(assoc)
         if replies:
             what = replies[0]
         elif assoc.is_rejected:
             what = "association rejected"
+        elif connected and time.monotonic() - asked >= timeout_s:
+            # A peer that is stopped or hung: the kernel still accepts the connection for it.
+            what = f"the peer accepted the connection but did not answer the association request within {timeout_s:g} s"
+        elif connected:
+            what = "the peer closed the connection without answering the association request"
         else:
             # pynetdicom reports a refused or timed-out connection as an abort too.
-            what = "association not established (peer unreachable or not answering)"
+            what = f"no connection (refused, unreachable, or no answer within {timeout_s:g} s)"
         return list(pending), 0, what
 
     remaining: list[Path] = []
@@ -221,7 +233,7 @@ def _attempt(
                 # No response: the peer aborted or the DIMSE timeout passed. Either way the association is
                 # finished (pynetdicom may not have noticed yet); the rest waits for the next attempt.
                 remaining.extend(pending[index:])
-                why = replies[-1] if replies else "timeout or abort"
+                why = replies[-1] if replies else f"no answer within {timeout_s:g} s, or the link dropped"
                 failures.append(f"{path.name}: no C-STORE response ({why})")
                 if _established(assoc):
                     assoc.abort()
@@ -254,6 +266,20 @@ def _note_refusal(event: evt.Event, replies: list[str]) -> None:
     elif isinstance(pdu, A_ABORT_RQ):
         reason = f": {pdu.reason_str}" if pdu.source == 2 else ""  # only the provider states a reason
         replies.append(f"association aborted by the peer ({pdu.source_str}{reason})")
+
+
+def _close_transport(assoc: Association) -> None:
+    """Close the socket of an association that was never established: pynetdicom 3.0.4 leaves a refused
+    connection's socket open (its issue #979) until garbage collection, an open file per failed attempt."""
+    transport = getattr(assoc.dul, "socket", None)
+    raw = getattr(transport, "socket", None)
+    if isinstance(raw, socket.socket):
+        raw.close()
+
+
+def _note_connected(_event: evt.Event, connected: list[bool]) -> None:
+    """Records that the TCP connection opened, which tells a hung peer from one that is not there."""
+    connected.append(True)
 
 
 def _established(assoc: Association) -> bool:

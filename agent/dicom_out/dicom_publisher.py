@@ -1,9 +1,13 @@
 """The DICOM publisher: each finished sCT volume becomes a CT series on disk, then optionally goes to a peer.
 
-It runs on its own stage thread beside the ZeroMQ publisher, so writing 200 files or waiting out a PACS that
-is down never delays the robots' stream. A failure costs that series only: it is logged, counted, reported on
-the status topic (``kind`` "dicom", ``ok`` false, with the reason) and the agent carries on. A series that was
-written but could not be stored stays in the folder, complete, for a person or a resend to pick up.
+It runs on its own stage thread beside the ZeroMQ publisher, so writing 200 files never delays the robots'
+stream. C-STORE runs on a stage of its own (``forward_store``), so a PACS that is down or hangs, which costs up
+to ``store_attempts`` times the timeouts per series, never delays the next series' files on disk; and that
+stage's inbox is offered to, never waited on: when ``STORE_BACKLOG`` series are already waiting for the peer,
+the new one is reported as not sent instead of holding the engine back. A failure costs that series only: it
+is logged, counted, reported on the status topic (``kind`` "dicom", ``ok`` false, with the reason) and the
+agent carries on. A series that was written but could not be stored stays in the folder, complete, for a
+person or ``sct-agent resend`` to pick up.
 
 Status bodies and log lines name the series folder (``sct-<acquisition id>-<series number>``) and source files
 by their label, never a UID, a source file name or anything about the patient.
@@ -24,18 +28,16 @@ import os
 import shutil
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from agent.dicom_out.sct_series import SctSeriesError, WrittenSeries, write_sct_series
 from agent.file_labels import redact
 from agent.ops.config import DicomConfig
-from agent.records import SctVolume, StatusEvent
+from agent.records import DicomStoreRequest, SctVolume, StatusEvent
 from agent.vocabulary import LogEvent, StatusKind
-
-if TYPE_CHECKING:
-    from agent.dicom_out.c_store import StorePeer
 
 logger = logging.getLogger(__name__)
 
@@ -43,18 +45,19 @@ logger = logging.getLogger(__name__)
 PARTIAL_GLOB: Final = ".sct-*.partial"
 #: SctSeriesError attributes whose found value is an OS or file state, never a UID: quoted on the wire.
 _SAFE_TO_QUOTE: Final = frozenset({"file", "out_folder"})
-#: Seconds a C-STORE association waits for the peer (connect, negotiate, each response).
-STORE_TIMEOUT_S: Final = 30.0
 #: Error numbers that mean the output folder's filesystem has no room (the disk, or the user's quota).
 DISK_FULL_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
 #: Every series folder of an acquisition starts with this and the acquisition id's first 16 characters
 #: (agent.dicom_out.sct_series names them).
 SERIES_PREFIX: Final = "sct-"
 _SERIES_KEY_LENGTH: Final = 16
+#: Written series waiting for the C-STORE stage at most; beyond this a series is reported as not sent.
+STORE_BACKLOG: Final = 8
 
 
 class DicomPublisher:
-    """Not thread-safe: the dicom stage thread owns it."""
+    """:meth:`handle` runs on the dicom stage thread and :meth:`store` on the C-STORE stage's; they share only
+    settings fixed at construction and callbacks that are thread-safe (the publisher's submit, the metrics)."""
 
     def __init__(
         self,
@@ -66,9 +69,12 @@ class DicomPublisher:
         on_series: Callable[[SctVolume, str], None] | None = None,
         on_disk_full: Callable[[], None] | None = None,
         folder: Path | None = None,
+        forward_store: Callable[[DicomStoreRequest], bool] | None = None,
     ) -> None:
         """``folder`` overrides ``config.folder`` (the pipeline passes ``AgentConfig.dicom_folder``, which fills
-        in the default); ``on_disk_full`` is called when a write failed for want of space."""
+        in the default); ``on_disk_full`` is called when a write failed for want of space; ``forward_store``
+        hands a written series to the C-STORE stage without waiting (False: its inbox is full); without it,
+        :meth:`handle` sends the series itself before returning."""
         out = folder if folder is not None else config.folder
         if out is None:
             raise ValueError("DicomPublisher needs a folder (dicom.folder)")
@@ -82,6 +88,9 @@ class DicomPublisher:
         self._on_disk_full = on_disk_full
         self._in_use_lock = threading.Lock()
         self._in_use: frozenset[str] = frozenset()
+        #: Series folders waiting for, or in, the C-STORE stage: retention must leave them too.
+        self._storing: Counter[str] = Counter()
+        self._forward_store = forward_store
         self._remove_partial_series()
         self._peer = None
         if config.store_peer:
@@ -105,7 +114,7 @@ class DicomPublisher:
     def in_use(self) -> frozenset[str]:
         """Name prefixes of the series being written or sent now (thread-safe: the retention thread asks)."""
         with self._in_use_lock:
-            return self._in_use
+            return self._in_use | frozenset(self._storing)
 
     def handle(self, volume: SctVolume) -> None:
         prefix = f"{SERIES_PREFIX}{volume.acquisition_id[:_SERIES_KEY_LENGTH]}-"
@@ -163,11 +172,9 @@ class DicomPublisher:
             )
         else:
             self._written(key, written)
-        if self._peer is None:
-            return
         # A reused series is sent again: whether it reached the peer before the restart is not known, and a peer
         # receiving instances it holds (same SOP Instance UIDs, derived) keeps one copy.
-        self._store(key, written, self._peer)
+        self._forward(key, written)
 
     def _written(self, key: str, written: WrittenSeries) -> None:
         self._count(self._on_written, "written")
@@ -195,43 +202,82 @@ class DicomPublisher:
             clipped_voxels=written.clipped_voxels,
         )
 
-    def _store(self, key: str, written: WrittenSeries, peer: StorePeer) -> None:
+    def _forward(self, key: str, written: WrittenSeries) -> None:
+        if self._peer is None:
+            return
+        request = DicomStoreRequest(key, written.folder.name, tuple(written.files))
+        self._hold(request.series_folder, +1)
+        if self._forward_store is None:
+            self.store(request)
+        elif not self._forward_store(request):
+            self._hold(request.series_folder, -1)
+            message = (
+                f"C-STORE to {self._peer}: not sent, {STORE_BACKLOG} series already waiting for the peer; the "
+                f"series stays in {written.folder.name} (sct-agent resend sends it later)"
+            )
+            logger.error("acquisition %s: %s", key, message, extra=_fields(key, "store", "failed"))
+            self._report(key, ok=False, step="store", message=message, series_folder=written.folder.name)
+            self._count(self._on_stored, "failed")
+
+    def _hold(self, series_folder: str, change: int) -> None:
+        with self._in_use_lock:
+            self._storing[series_folder] += change
+            if self._storing[series_folder] <= 0:
+                del self._storing[series_folder]
+
+    def store(self, request: DicomStoreRequest) -> None:
+        """Send one written series to the peer, with the configured attempts, backoff and timeouts."""
+        try:
+            self._send(request)
+        finally:
+            self._hold(request.series_folder, -1)
+
+    def _send(self, request: DicomStoreRequest) -> None:
+        if self._peer is None:
+            raise ValueError("DicomPublisher.store needs dicom.store_peer")
         from agent.dicom_out.c_store import StoreError, store_series  # noqa: PLC0415 - see __init__
 
+        key, folder = request.acquisition_id, request.series_folder
         try:
             result = store_series(
-                written.files,
-                peer,
+                request.files,
+                self._peer,
                 calling_ae=self._config.calling_ae,
                 attempts=self._config.store_attempts,
                 backoff_s=self._config.store_backoff_s,
-                timeout_s=STORE_TIMEOUT_S,
+                timeout_s=self._config.store_timeout_s,
             )
         except StoreError as error:
             logger.error(
                 "acquisition %s: C-STORE of %s failed: %s",
                 key,
-                written.folder.name,
+                folder,
                 error,
                 extra=_fields(key, "store", "failed"),
             )
-            self._report(key, ok=False, step="store", message=str(error), series_folder=written.folder.name)
+            self._report(
+                key,
+                ok=False,
+                step="store",
+                message=f"{error}; the series stays in {folder}",
+                series_folder=folder,
+            )
             self._count(self._on_stored, "failed")
             return
         self._count(self._on_stored, "stored")
         logger.info(
             "acquisition %s: sCT DICOM series %s stored at %s",
             key,
-            written.folder.name,
-            peer,
+            folder,
+            self._peer,
             extra=_fields(key, "store", "stored"),
         )
         self._report(
             key,
             ok=True,
             step="store",
-            message=f"{result.stored} instances stored at {peer} in {result.attempts} attempt(s)",
-            series_folder=written.folder.name,
+            message=f"{result.stored} instances stored at {self._peer} in {result.attempts} attempt(s)",
+            series_folder=folder,
         )
 
     def _report_os_error(self, key: str, error: SctSeriesError, number: int) -> None:

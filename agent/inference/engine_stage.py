@@ -10,14 +10,24 @@ then the journal), so a crash after the commit leaves it to the archive to repub
 acquisition whose volume was committed before a restart but whose work is not finished (its DICOM series was not
 written) is inferred again from the export folder; its slabs and volume are then not sent a second time
 (``committed`` says so at its first slab), and only the stages after the wire (DICOM) get the volume.
+
+A slab the engine cannot compute (its worker process killed by the kernel's OOM killer, the GPU out of
+memory, anything the backend raises) fails its series, not the agent: what was computed of the volume is
+dropped, the series is reported (an ``error`` status naming the acquisition, the engine and the cause, then
+``cancelled``, so subscribers and snapshots drop its slabs) and counted, its remaining slabs are passed over,
+and the next series runs as usual (the worker is started again for it). Nothing partial is ever published as
+a volume. It is not retried here: a slab that exhausted memory once would do it again; a restart of the agent
+infers the series again (the journal does not count it as finished).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
@@ -33,10 +43,24 @@ from agent.records import (
 )
 from agent.status_events import error_event, progress_event
 from agent.vocabulary import LogEvent, StatusKind, StreamAction
-from engines.inference.engine import SctEngine
+from engines.backends.aot_worker import EngineWorkerEndedError
+from engines.inference.engine import EngineOutOfMemoryError, SctEngine
 from sct_core.geometry import VolumeGeometry
 
 logger = logging.getLogger(__name__)
+
+#: Failed acquisitions remembered so that their remaining slabs are passed over; slabs of one acquisition
+#: arrive together, so a few dozen is plenty, and the bound keeps a long run's memory flat.
+MAX_FAILED_KEPT: Final = 64
+
+
+def failure_cause(error: BaseException) -> str:
+    """The bounded cause of an engine failure, for the metric (``agent.ops.metrics.ENGINE_FAILURE_CAUSES``)."""
+    if isinstance(error, EngineWorkerEndedError):
+        return "worker_ended"
+    if isinstance(error, EngineOutOfMemoryError):
+        return "out_of_memory"
+    return "error"
 
 
 @dataclass(slots=True)
@@ -63,14 +87,20 @@ class EngineStage:
         on_volume: Callable[[SctVolume, float], None] | None = None,
         commit: Callable[[SctVolume], str | None] | None = None,
         committed: Callable[[str], str | None] | None = None,
+        on_failure: Callable[[str, str], None] | None = None,
     ) -> None:
+        """``on_failure(acquisition_id, cause)`` is told each series the engine failed (cause: see
+        :func:`failure_cause`)."""
         self._engine = engine
         self._publish = publish
         self._on_slab = on_slab
         self._on_volume = on_volume
         self._commit = commit
         self._committed = committed
+        self._on_failure = on_failure
         self._volumes: dict[str, _Volume] = {}
+        #: Acquisitions the engine failed: their later slabs and their finalize are passed over.
+        self._failed: OrderedDict[str, None] = OrderedDict()
 
     @property
     def open_count(self) -> int:
@@ -83,6 +113,13 @@ class EngineStage:
             self._slab(item)
 
     def _slab(self, request: SlabRequest) -> None:
+        if request.acquisition_id in self._failed:
+            logger.debug(
+                "acquisition %s: slab %d passed over (the engine failed this series)",
+                request.acquisition_id,
+                request.slab_index,
+            )
+            return
         grid = request.geometry
         volume = self._volumes.get(request.acquisition_id)
         if volume is None or volume.geometry != grid:
@@ -103,9 +140,17 @@ class EngineStage:
         plan = self._engine.plan(grid.shape[0])
         window = plan.windows[request.slab_index]
         started = time.perf_counter()
-        hu = self._engine.run_slab(
-            request.volume, plan, window, request.scale, out=volume.hu[window.core_start : window.core_stop]
-        )
+        try:
+            hu = self._engine.run_slab(
+                request.volume,
+                plan,
+                window,
+                request.scale,
+                out=volume.hu[window.core_start : window.core_stop],
+            )
+        except Exception as error:  # one series lost, never the stage: see the module's docstring
+            self._fail(request, error)
+            return
         inference_s = time.perf_counter() - started
         volume.done.add(request.slab_index)
         manifest = self._engine.manifest
@@ -145,10 +190,32 @@ class EngineStage:
             self._on_slab(request, slab)
         self._maybe_finish(request.acquisition_id, volume)
 
+    def _fail(self, request: SlabRequest, error: Exception) -> None:
+        key = request.acquisition_id
+        self._volumes.pop(key, None)
+        self._failed[key] = None
+        while len(self._failed) > MAX_FAILED_KEPT:
+            self._failed.popitem(last=False)
+        info = self._engine.info
+        cause = failure_cause(error)
+        message = (
+            f"engine {info.backend} {info.precision} on {info.device} failed on slab {request.slab_index + 1} of "
+            f"{request.slab_count}: {type(error).__name__}: {error}; this series gets no sCT, the next one "
+            f"runs as usual"
+        )
+        logger.error("acquisition %s: %s", key, message, exc_info=cause == "error")
+        now = time.time()
+        self._publish(error_event(key, stage="engine", message=message, at=now))
+        self._publish(StatusEvent(StatusKind.CANCELLED, key, {"reason": f"engine failed ({cause})"}, now))
+        if self._on_failure is not None:
+            self._on_failure(key, cause)
+
     def _control(self, control: StreamControl) -> None:
         volume = self._volumes.get(control.acquisition_id)
         if control.action is StreamAction.CANCEL:
             self._volumes.pop(control.acquisition_id, None)
+            # A stream started again after a cancel (a new slice grid) is new work: the engine tries it.
+            self._failed.pop(control.acquisition_id, None)
             self._publish(
                 StatusEvent(
                     StatusKind.CANCELLED, control.acquisition_id, {"reason": control.reason}, time.time()
@@ -156,11 +223,16 @@ class EngineStage:
             )
             return
         if volume is None:
-            logger.warning(
-                "acquisition %s: finalize without slabs",
-                control.acquisition_id,
-                extra={"event": LogEvent.VOLUME, "stage": "engine", "acquisition_id": control.acquisition_id},
-            )
+            if control.acquisition_id not in self._failed:
+                logger.warning(
+                    "acquisition %s: finalize without slabs",
+                    control.acquisition_id,
+                    extra={
+                        "event": LogEvent.VOLUME,
+                        "stage": "engine",
+                        "acquisition_id": control.acquisition_id,
+                    },
+                )
             return
         volume.finalize = control
         self._maybe_finish(control.acquisition_id, volume)

@@ -17,6 +17,15 @@ looks stable to two polls, and a CIFS client caches attributes for ``actimeo`` (
 stats within that window agree while the server's file is still growing. ``stable_s = 0`` gives the bare
 two-poll rule.
 
+The folder itself can go away: a share unmounted or unreachable, the folder deleted or replaced. Deleting a
+watched folder ends its inotify watch and the polling emitter alike, and an unmounted share leaves an empty
+mount point that no event will ever come from, so the worker checks the folder every ``folder_check_s``: it
+must be a readable directory, the same one it started watching (device and inode), and still a mount point
+if it was one at start. When a check fails it reports the folder unavailable (``on_folder``), stops the
+observer and keeps checking; it never creates the folder again, because a missing share's mount point is a
+local folder the scanner does not write to. When the folder is back it starts a new observer and rescans
+what is there: files already handed over with the same size and mtime are not handed over again.
+
 Threads: watchdog's observer threads only call :meth:`Watcher._on_event`, which records the path in a
 dict under a lock and returns; one worker thread of ours stats files, checks stability and calls ``sink``
 and ``on_skipped``, never under a lock. ``sink`` may therefore block (a bounded queue: back-pressure)
@@ -57,6 +66,8 @@ logger = logging.getLogger(__name__)
 SETTLE_S = 2.0
 #: How often (s) the polling observer rescans the folder and the stability checker stats its candidates.
 DEFAULT_POLL_INTERVAL_S = 0.25
+#: How often (s) the worker checks that the watched folder is still there and still the one being watched.
+FOLDER_CHECK_S = 1.0
 #: How long (s) ``stop()`` waits for each thread; only a ``sink`` that never returns makes it wait that long.
 STOP_TIMEOUT_S = 10.0
 #: Suffixes of names that exporters and copy tools write before renaming into place (case-insensitive).
@@ -78,6 +89,8 @@ WATCHED_EVENTS: tuple[type[fs.FileSystemEvent], ...] = (
     fs.DirCreatedEvent,
     fs.DirMovedEvent,
     fs.DirDeletedEvent,
+    # The kernel's inotify queue overflowed: events were lost, so the folder is scanned again.
+    fs.EventsLostEvent,
 )
 
 #: (size in bytes, mtime in ns): what "the same content" means for de-duplication.
@@ -104,6 +117,36 @@ class _Candidate:
     changed_at: float
     #: Consecutive checks that saw ``signature`` unchanged.
     unchanged: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _FolderIdentity:
+    """Which directory is being watched: a folder deleted and created again, or a share mounted over the
+    folder, has another device or inode, and the watch on the old one sees nothing of the new one."""
+
+    device: int
+    inode: int
+    #: A mount point when watching started: later, an ordinary folder at that path means the share is gone.
+    mount_point: bool
+
+
+def _inspect_folder(root: Path, mount_point: bool | None) -> tuple[_FolderIdentity | None, str]:
+    """The folder's identity, or ``None`` and why it cannot be watched. ``mount_point`` is what it was when
+    watching started (``None``: nothing known yet)."""
+    try:
+        st = root.stat()
+    except OSError as exc:
+        name = errno.errorcode.get(exc.errno or 0, "error")
+        what = "is missing" if exc.errno == errno.ENOENT else "cannot be read"
+        return None, f"{what} ({name}: {exc.strerror or exc})"
+    if not stat.S_ISDIR(st.st_mode):
+        return None, "is no longer a directory"
+    if not os.access(root, os.R_OK | os.X_OK):
+        return None, "cannot be listed (permission denied)"
+    is_mount = os.path.ismount(root)
+    if mount_point and not is_mount:
+        return None, "is no longer a mount point (the share was unmounted)"
+    return _FolderIdentity(st.st_dev, st.st_ino, is_mount if mount_point is None else mount_point), ""
 
 
 def name_skip_reason(path: Path, root: Path) -> SkipReason | None:
@@ -187,6 +230,8 @@ class Watcher:
         recursive: bool = True,
         on_skipped: Callable[[Path, str], None] | None = None,
         stable_s: float = SETTLE_S,
+        on_folder: Callable[[bool, str], None] | None = None,
+        folder_check_s: float = FOLDER_CHECK_S,
     ) -> None:
         try:
             self._kind = ObserverKind(observer)
@@ -197,10 +242,14 @@ class Watcher:
             raise ValueError(f"poll_interval_s must be > 0 seconds; found {poll_interval_s}")
         if not stable_s >= 0:
             raise ValueError(f"stable_s must be >= 0 seconds; found {stable_s}")
+        if not folder_check_s > 0:
+            raise ValueError(f"folder_check_s must be > 0 seconds; found {folder_check_s}")
         self._folder = Path(folder)
         self._root = self._folder.absolute()
         self._sink = sink
         self._on_skipped = on_skipped
+        self._on_folder = on_folder
+        self._folder_check_s = folder_check_s
         self._poll_interval_s = poll_interval_s
         self._stable_s = stable_s
         self._recursive = recursive
@@ -221,11 +270,30 @@ class Watcher:
         self._sink_errors = 0
         self._observer: BaseObserver | None = None
         self._worker: threading.Thread | None = None
+        #: The folder being watched; ``None`` while it is unavailable.
+        self._identity: _FolderIdentity | None = None
+        self._mount_point: bool | None = None
+        #: An event said the folder went away or events were lost: check or rescan at once.
+        self._check_due = False
+        self._rescan_due = False
+        self._folder_losses = 0
 
     @property
     def folder(self) -> Path:
         """The watched folder; resolved (as emitted paths are) once started."""
         return self._root
+
+    @property
+    def available(self) -> bool:
+        """The folder is being watched (False while it is missing, unreadable, unmounted or being replaced)."""
+        with self._cond:
+            return self._identity is not None
+
+    @property
+    def folder_losses(self) -> int:
+        """How many times the folder became unavailable since start()."""
+        with self._cond:
+            return self._folder_losses
 
     @property
     def stats(self) -> WatcherStats:
@@ -243,6 +311,35 @@ class Watcher:
                 raise RuntimeError(f"watcher for {self._folder} was already started")
             self._started = True
         self._root = prepare_folder(self._folder)
+        identity, problem = _inspect_folder(self._root, None)
+        if identity is None:
+            raise OSError(errno.EACCES, f"cannot watch the folder: it {problem}", str(self._root))
+        self._observer = self._start_observer()
+        self._identity, self._mount_point = identity, identity.mount_point
+        self._worker = threading.Thread(target=self._run, name=f"watcher-{self._root.name}", daemon=True)
+        self._worker.start()
+        logger.info("watching %s (%s observer, recursive=%s)", self._root, self._kind, self._recursive)
+
+    def stop(self) -> None:
+        """Stop and join the observer and the worker; safe to call more than once, or before start()."""
+        with self._cond:
+            if self._stopping:
+                return
+            self._stopping = True
+            self._cond.notify_all()
+            observer, self._observer = self._observer, None
+        if observer is not None:
+            _stop_observer(observer)
+        worker = self._worker
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(STOP_TIMEOUT_S)
+            if worker.is_alive():
+                logger.error("watcher thread for %s did not stop: sink still blocked", self._root)
+
+    # --------------------------------------------------------------------------- observer threads: record only
+
+    def _start_observer(self) -> BaseObserver:
+        """A started observer on the folder; raises ``OSError`` naming the folder if it cannot watch it."""
         observer = self._make_observer()
         try:
             observer.schedule(
@@ -257,27 +354,7 @@ class Watcher:
         except BaseException:
             _stop_observer(observer)
             raise
-        self._observer = observer
-        self._worker = threading.Thread(target=self._run, name=f"watcher-{self._root.name}", daemon=True)
-        self._worker.start()
-        logger.info("watching %s (%s observer, recursive=%s)", self._root, self._kind, self._recursive)
-
-    def stop(self) -> None:
-        """Stop and join the observer and the worker; safe to call more than once, or before start()."""
-        with self._cond:
-            if self._stopping:
-                return
-            self._stopping = True
-            self._cond.notify_all()
-        if self._observer is not None:
-            _stop_observer(self._observer)
-        worker = self._worker
-        if worker is not None and worker is not threading.current_thread():
-            worker.join(STOP_TIMEOUT_S)
-            if worker.is_alive():
-                logger.error("watcher thread for %s did not stop: sink still blocked", self._root)
-
-    # --------------------------------------------------------------------------- observer threads: record only
+        return observer
 
     def _make_observer(self) -> BaseObserver:
         if self._kind is ObserverKind.POLLING:
@@ -308,7 +385,11 @@ class Watcher:
             elif isinstance(event, fs.DirDeletedEvent) and src is not None:
                 self._forget(src, subtree=True)
                 if src == self._root:
-                    logger.error("watch folder %s was deleted; no further files will be seen", src)
+                    self._check_due = True  # the watch on it has ended: the worker says so and waits for it
+                    self._cond.notify()
+            elif isinstance(event, fs.EventsLostEvent):
+                self._rescan_due = True
+                self._cond.notify()
             elif isinstance(event, fs.FileDeletedEvent) and src is not None:
                 self._forget(src, subtree=False)
             elif isinstance(event, fs.FileMovedEvent):
@@ -383,11 +464,14 @@ class Watcher:
 
     def _loop(self) -> None:
         next_check = time.monotonic()
+        next_folder_check = time.monotonic() + self._folder_check_s
         while True:
             with self._cond:
-                while not self._work_due(next_check):
-                    timeout = max(0.0, next_check - time.monotonic()) if self._candidates else None
-                    self._cond.wait(timeout)
+                while not self._work_due(next_check, next_folder_check):
+                    due = [next_folder_check]
+                    if self._candidates:
+                        due.append(next_check)
+                    self._cond.wait(max(0.0, min(due) - time.monotonic()))
                 if self._stopping:
                     return
                 reports = list(self._skip_reports)
@@ -397,6 +481,8 @@ class Watcher:
                 for path in ready:
                     self._candidates.pop(path, None)  # an event supersedes the fallback
                 check = bool(self._candidates) and time.monotonic() >= next_check
+                check_folder = self._check_due or time.monotonic() >= next_folder_check
+                rescan, self._check_due, self._rescan_due = self._rescan_due, False, False
             for path, reason in reports:
                 self._report_skip(path, reason)
             for path in ready:
@@ -404,14 +490,88 @@ class Watcher:
             if check:
                 self._check_candidates()
                 next_check = time.monotonic() + self._poll_interval_s
+            if check_folder:
+                self._check_folder()
+                next_folder_check = time.monotonic() + self._folder_check_s
+            if rescan and self.available:
+                logger.warning(
+                    "events from %s were lost (inotify queue overflow); scanning it again", self._root
+                )
+                self._scan()
 
-    def _work_due(self, next_check: float) -> bool:
+    def _work_due(self, next_check: float, next_folder_check: float) -> bool:
+        now = time.monotonic()
         return (
             self._stopping
             or bool(self._ready)
             or bool(self._skip_reports)
-            or (bool(self._candidates) and time.monotonic() >= next_check)
+            or (bool(self._candidates) and now >= next_check)
+            or self._check_due
+            or self._rescan_due
+            or now >= next_folder_check
         )
+
+    # ------------------------------------------------------------------------ the folder going and coming back
+
+    def _check_folder(self) -> None:
+        """Is the folder still there and still watched? If not, say so once and stop the observer; when it is
+        back, watch it again and rescan it."""
+        with self._cond:
+            watched, observer = self._identity, self._observer
+        identity, problem = _inspect_folder(self._root, self._mount_point)
+        if identity is not None and identity == watched and observer is not None and _observing(observer):
+            return
+        if watched is not None:
+            if identity is None:
+                why = problem
+            elif identity != watched:
+                why = "was replaced by another directory (deleted and created again, or mounted over)"
+            else:
+                why = "is no longer watched (the observer stopped)"
+            self._lose(why)
+        if identity is not None:
+            self._regain(identity)
+
+    def _lose(self, why: str) -> None:
+        with self._cond:
+            observer, self._observer = self._observer, None
+            self._identity = None
+            self._folder_losses += 1
+            # What was pending refers to a folder that is gone; the rescan when it is back finds it again.
+            self._ready.clear()
+            self._candidates.clear()
+        if observer is not None:
+            _stop_observer(observer)
+        message = f"watch folder {self._root} {why}; checking again every {self._folder_check_s:g} s"
+        logger.error("%s", message)
+        self._report_folder(False, message)
+
+    def _regain(self, identity: _FolderIdentity) -> None:
+        try:
+            observer = self._start_observer()
+        except OSError as exc:
+            logger.warning("watch folder %s is back but cannot be watched yet: %s", self._root, exc)
+            return
+        with self._cond:
+            if self._stopping:
+                stale: BaseObserver | None = observer
+            else:
+                stale, self._observer, self._identity = None, observer, identity
+        if stale is not None:
+            _stop_observer(stale)
+            return
+        message = f"watch folder {self._root} is available again; watching it and scanning what is there"
+        logger.warning("%s", message)
+        self._report_folder(True, message)
+        self._scan()
+
+    def _report_folder(self, available: bool, message: str) -> None:
+        if self._on_folder is None:
+            return
+        try:
+            self._on_folder(available, message)
+        except Exception:
+            logger.exception("on_folder failed for %s", self._root)
 
     def _scan(self) -> None:
         """Report what was already in the folder: old files at once, recent ones through the checker."""
@@ -574,6 +734,11 @@ def _walk(root: Path, *, recursive: bool) -> Iterator[tuple[Path, bool]]:
             if is_dir and recursive and not entry.name.startswith("."):
                 subfolders.append(path)
         pending.extend(reversed(subfolders))
+
+
+def _observing(observer: BaseObserver) -> bool:
+    """The observer and its emitter are running: an emitter stops itself when its folder is deleted."""
+    return observer.is_alive() and all(emitter.is_alive() for emitter in observer.emitters)
 
 
 def _stop_observer(observer: BaseObserver) -> None:

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,9 +62,20 @@ def write_loopback_config(
 
 
 class AgentProcess:
-    """One ``sct-agent run --config FILE`` child, its stderr in a log file."""
+    """One ``sct-agent run --config FILE`` child, its stderr in a log file.
 
-    def __init__(self, config: Path, log: Path, *, env: Mapping[str, str] | None = None) -> None:
+    ``prefix`` runs the agent through another command that ends by exec'ing it (``unshare``, ``nsenter``), so
+    that ``pid`` is the agent's process all the same.
+    """
+
+    def __init__(
+        self,
+        config: Path,
+        log: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        prefix: Sequence[str] = (),
+    ) -> None:
         """``env``: variables set (or, mapped to "", removed) on top of this process's environment."""
         self.log = log
         changes = dict(env or {})
@@ -72,7 +83,7 @@ class AgentProcess:
         child_env = {key: value for key, value in merged.items() if value != "" or key not in changes}
         with log.open("w") as log_file:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+                [*prefix, sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
                 stdout=subprocess.PIPE,
                 stderr=log_file,
                 text=True,

@@ -273,6 +273,9 @@ class DicomConfig:
     store_attempts: int = 3
     #: Seconds before the first retry; doubled for each further one.
     store_backoff_s: float = 2.0
+    #: Seconds the peer may take to accept the connection, answer the association request and confirm each
+    #: instance; a peer that hangs fails the attempt after this long instead of holding the series for ever.
+    store_timeout_s: float = 30.0
     #: The sCT series number is the MR's plus this.
     series_number_offset: int = 1000
 
@@ -295,6 +298,7 @@ class DicomConfig:
         if self.store_attempts < 1:
             raise ConfigError("dicom.store_attempts", self.store_attempts, "an integer >= 1")
         _positive("dicom.store_backoff_s", self.store_backoff_s, "seconds")
+        _positive("dicom.store_timeout_s", self.store_timeout_s, "seconds")
         if not 1 <= self.series_number_offset < SERIES_NUMBER_MAX:
             raise ConfigError(
                 "dicom.series_number_offset",

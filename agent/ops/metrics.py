@@ -62,6 +62,7 @@ STAGES: Final = (
     "engine",
     "publisher",
     "dicom",
+    "dicom_store",
     "journal",
     "retention",
 )
@@ -79,6 +80,24 @@ RETENTION_STORES: Final = ("dicom", "snapshot", "journal")
 DISK_FOLDERS: Final = ("state", "dicom")
 #: The journal's tables: what a write that found the disk full was for.
 JOURNAL_TABLES: Final = ("files", "acquisitions", "verdicts", "slabs", "publications", "volumes")
+#: Why the engine failed a series (agent.inference.engine_stage): its worker process ended (killed by the
+#: kernel's OOM killer, a crash), the GPU ran out of memory, or anything else the engine raised.
+ENGINE_FAILURE_CAUSES: Final = ("worker_ended", "out_of_memory", "error")
+#: Why a snapshot request got no snapshot: refused (too many in progress, a malformed request), or the reply was
+#: abandoned (the peer took nothing for the stall limit, or went away).
+SNAPSHOT_FAILURES: Final = ("busy", "malformed", "stalled", "gone")
+#: Why a subscriber asked for a snapshot, as the wire spells it (agent.publish.wire.SNAPSHOT_REASONS; a test
+#: checks the two agree).
+STATED_SNAPSHOT_REASONS: Final = (
+    "join",
+    "reconnect",
+    "gap",
+    "publisher_changed",
+    "incomplete",
+    "application",
+)
+#: Those, "unstated" from a client that does not say (schema 1.1), "other" for a reason this agent does not know.
+SNAPSHOT_REQUEST_REASONS: Final = (*STATED_SNAPSHOT_REASONS, "unstated", "other")
 
 #: Queue names are chosen by the composing module, not listed here; they must be short identifiers and there
 #: may be at most ``MAX_QUEUES`` of them, which bounds the queue-depth series just as a fixed set would.
@@ -222,6 +241,46 @@ class AgentMetrics:
         self._snapshot_bytes = Counter(
             "snapshot_payload_bytes", "Payload bytes sent in snapshots.", namespace=ns, registry=reg
         )
+        self._snapshot_failures = Counter(
+            "snapshots_not_served",
+            "Snapshot requests that got no complete snapshot, by reason (busy, malformed, stalled, gone).",
+            ["reason"],
+            namespace=ns,
+            registry=reg,
+        )
+        self._snapshot_requests = Counter(
+            "snapshot_requests",
+            "Snapshot requests, by the reason the subscriber gave (gap: it lost messages).",
+            ["reason"],
+            namespace=ns,
+            registry=reg,
+        )
+        self._subscriber_missed = Counter(
+            "subscriber_missed_messages",
+            "Broadcast messages subscribers lost (dropped for a full subscriber), as they reported when they "
+            "resynchronised.",
+            namespace=ns,
+            registry=reg,
+        )
+        self._engine_failures = Counter(
+            "engine_failures",
+            "Series the engine failed (nothing of them published as a volume), by cause.",
+            ["cause"],
+            namespace=ns,
+            registry=reg,
+        )
+        self._watch_folder = Gauge(
+            "watch_folder_available",
+            "1 while the export folder is watched; 0 while it is missing, unreadable or unmounted.",
+            namespace=ns,
+            registry=reg,
+        )
+        self._watch_folder_losses = Counter(
+            "watch_folder_losses",
+            "Times the export folder became unavailable (deleted, unreadable, unmounted, replaced).",
+            namespace=ns,
+            registry=reg,
+        )
         self._security = Gauge(
             "publish_curve",
             "1 when the publisher encrypts and authenticates with CURVE, 0 when it publishes in plain.",
@@ -364,6 +423,12 @@ class AgentMetrics:
             self._dicom.labels(outcome=outcome)
         for outcome in STORE_OUTCOMES:
             self._store.labels(outcome=outcome)
+        for cause in ENGINE_FAILURE_CAUSES:
+            self._engine_failures.labels(cause=cause)
+        for reason in SNAPSHOT_FAILURES:
+            self._snapshot_failures.labels(reason=reason)
+        for reason in SNAPSHOT_REQUEST_REASONS:
+            self._snapshot_requests.labels(reason=reason)
 
     # ------------------------------------------------------------------------------------------------ ingest
 
@@ -374,6 +439,12 @@ class AgentMetrics:
     def completion_detected(self, delay_s: float) -> None:
         """Record how long after its last file an acquisition was known to be complete."""
         self._completion_latency.observe(_seconds("delay_s", delay_s))
+
+    def set_watch_folder(self, available: bool) -> None:
+        """Say whether the export folder is watched (1) or unavailable (0); a loss also counts once."""
+        if not available:
+            self._watch_folder_losses.inc()
+        self._watch_folder.set(1 if available else 0)
 
     def set_acquisitions_open(self, n: int) -> None:
         """Set how many acquisitions are still receiving images."""
@@ -459,6 +530,23 @@ class AgentMetrics:
             raise ValueError(f"items and nbytes must be >= 0; got {items}, {nbytes}")
         self._snapshots.inc()
         self._snapshot_bytes.inc(nbytes)
+
+    def snapshot_not_served(self, reason: str) -> None:
+        """Count one snapshot request refused (busy, malformed) or whose reply was abandoned (stalled, gone)."""
+        self._snapshot_failures.labels(reason=_check_label("reason", reason, SNAPSHOT_FAILURES)).inc()
+
+    def snapshot_requested(self, reason: str, missed: int) -> None:
+        """Count one snapshot request by the subscriber's reason ("" = unstated; unknown ones as "other") and the
+        messages it says it lost. ``reason`` comes off the wire, so it is mapped, never trusted as a label."""
+        if missed < 0:
+            raise ValueError(f"missed must be >= 0; got {missed}")
+        label = "unstated" if not reason else reason if reason in STATED_SNAPSHOT_REASONS else "other"
+        self._snapshot_requests.labels(reason=label).inc()
+        self._subscriber_missed.inc(missed)
+
+    def engine_failure(self, cause: str) -> None:
+        """Count one series the engine failed, by cause (see ``ENGINE_FAILURE_CAUSES``)."""
+        self._engine_failures.labels(cause=_check_label("cause", cause, ENGINE_FAILURE_CAUSES)).inc()
 
     def set_curve(self, on: bool) -> None:
         self._security.set(1 if on else 0)

@@ -24,7 +24,7 @@ from agent.ops.journal_disk_full import JournalWrites
 from agent.ops.metrics import AgentMetrics
 from agent.publish.volume_archive import VolumeArchive
 from agent.records import ArrivedFile, Publication, SctSlab, SctVolume, SlabRequest, StatusEvent
-from agent.status_events import error_event
+from agent.status_events import error_event, watch_event
 from agent.validation.validator import VerdictReport
 from agent.vocabulary import AcquisitionState, EndedBy, LogEvent, Outcome, SkipReason, StatusKind
 
@@ -85,6 +85,13 @@ class SideServices:
                 extra={"event": LogEvent.FILE, "outcome": "skipped", "file": file_label(path)},
             )
 
+    def watch_folder(self, folder: Path, available: bool, message: str) -> None:
+        """The export folder went away or came back (agent.ingest.watcher): gauge, count, status event."""
+        self.metrics.set_watch_folder(available)
+        if not available:
+            self.metrics.error("watcher")
+        self._publish(watch_event(available=available, folder=str(folder), message=message, at=time.time()))
+
     def file_done(self, arrived: ArrivedFile, outcome: str, reason: str, acquisition_id: str | None) -> None:
         self.metrics.file_seen(outcome)
         self.journal_writes.write(
@@ -142,6 +149,19 @@ class SideServices:
         )
         if self.summaries is not None:
             self.summaries.slab(slab.acquisition_id, request.read_s, slab.inference_s)
+
+    def engine_refusals(self, refusals: list[str]) -> None:
+        """Cached engines refused at start (altered file, another machine's, failed acceptance) and built again:
+        already logged and in ``engine_refusals``; said on the status topic too, for whoever listens."""
+        for refusal in refusals:
+            self._publish(
+                error_event(None, stage="engine", message=f"{refusal}; it was built again", at=time.time())
+            )
+
+    def engine_failed(self, acquisition_id: str, cause: str) -> None:
+        """The engine failed a series (it published the error and the cancellation itself): count it."""
+        self.metrics.engine_failure(cause)
+        self.metrics.error("engine")
 
     def committed_volume(self, acquisition_id: str) -> str | None:
         """The sha256 of the volume committed for ``acquisition_id`` by the running model before, if any."""

@@ -8,7 +8,9 @@ serving the others, so a slow or dead robot can never stall the pipeline. Such a
 sequence numbers (see ``agent/publish/wire.py``) and must resynchronise.
 
 libzmq's PUB socket drops silently: ``dropped`` counts only sends the socket refused outright (``zmq.Again``),
-which for PUB is rare; per-subscriber losses are visible to subscribers, through sequence gaps, not here.
+which for PUB is rare; per-subscriber losses are visible to subscribers, through sequence gaps, and come back
+here when such a subscriber asks for a snapshot saying ``reason`` "gap" and how many messages it ``missed``
+(``on_snapshot_request``).
 
 Payload frames are sent with ``copy=False``: libzmq reads the record's array in place and the publisher keeps a
 reference until it is sent, so a volume is never copied on its way out.
@@ -101,8 +103,9 @@ class Publisher:
     """Publishes status events, sCT slabs and volumes on a PUB socket, with heartbeats when idle, and serves
     snapshots on a ROUTER socket.
 
-    ``on_sent(item, seq, sent_at)``, ``on_subscribers(count)``, ``on_rejected(socket, reason)`` and
-    ``on_snapshot(items, nbytes)`` run on the publisher thread; they must be quick and must not call back into
+    ``on_sent(item, seq, sent_at)``, ``on_subscribers(count)``, ``on_rejected(socket, reason)``,
+    ``on_snapshot(items, nbytes)``, ``on_snapshot_failed(reason)`` and ``on_snapshot_request(reason, missed)`` run on
+    the publisher thread; they must be quick and must not call back into
     the publisher. Their exceptions are logged and counted in ``errors``.
     """
 
@@ -122,6 +125,8 @@ class Publisher:
         on_dropped: Callable[[str], None] | None = None,
         on_rejected: Callable[[str, str], None] | None = None,
         on_snapshot: Callable[[int, int], None] | None = None,
+        on_snapshot_failed: Callable[[str], None] | None = None,
+        on_snapshot_request: Callable[[str, int], None] | None = None,
     ) -> None:
         if not heartbeat_s > 0:
             raise ValueError(
@@ -143,6 +148,8 @@ class Publisher:
         self._on_dropped = on_dropped
         self._on_rejected = on_rejected
         self._on_snapshot = on_snapshot
+        self._on_snapshot_failed = on_snapshot_failed
+        self._on_snapshot_request = on_snapshot_request
         self._queue: queue.Queue[Publication | _Stop] = queue.Queue(maxsize=queue_depth)
         self._submit_lock = threading.Lock()
         self._accepting = False
@@ -165,6 +172,8 @@ class Publisher:
             self.publisher_id,
             heartbeat_s,
             on_served=self._snapshot_served,
+            on_refused=self._snapshot_failed,
+            on_requested=self._snapshot_requested,
         )
         self._rejected = 0
         self._seq = 0
@@ -432,6 +441,9 @@ class Publisher:
             except zmq.Again:
                 return
             self._snapshots.on_request(frames, self._seq)
+            # Sent at once where the peer can take it: a burst of requests (twenty robots reconnecting after a
+            # network outage) then counts only the peers that really stall against MAX_SESSIONS, not all of them.
+            self._snapshots.pump(router)
 
     def _snapshot_served(self, items: int, nbytes: int) -> None:
         logger.debug("snapshot served: %d messages, %d payload bytes", items, nbytes)
@@ -441,6 +453,26 @@ class Publisher:
             except Exception as error:
                 self._errors += 1
                 logger.exception("publisher on_snapshot callback failed: %s", error)
+
+    def _snapshot_requested(self, reason: str, missed: int) -> None:
+        if reason == "gap":
+            # The one place per-subscriber loss becomes visible here: libzmq's PUB drops for a full subscriber
+            # silently, and the subscriber reports what it lost when it asks to resynchronise.
+            logger.warning("a subscriber lost %d message(s) and resynchronises", missed)
+        if self._on_snapshot_request is not None:
+            try:
+                self._on_snapshot_request(reason, missed)
+            except Exception as error:
+                self._errors += 1
+                logger.exception("publisher on_snapshot_request callback failed: %s", error)
+
+    def _snapshot_failed(self, reason: str) -> None:
+        if self._on_snapshot_failed is not None:
+            try:
+                self._on_snapshot_failed(reason)
+            except Exception as error:
+                self._errors += 1
+                logger.exception("publisher on_snapshot_failed callback failed: %s", error)
 
     def _publish(self, socket: zmq.Socket[bytes], item: Publication) -> None:
         seq = self._seq + 1

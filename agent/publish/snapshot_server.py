@@ -7,7 +7,9 @@ sequence counter belong to the publisher thread, nothing can slip between the tw
 
 The reply is queued as a *session* and pushed with ``ROUTER_MANDATORY`` and ``NOBLOCK``: a peer whose pipe is
 full (``zmq.Again``) keeps its place and is retried on the next turn of the loop; a peer that went away
-(``EHOSTUNREACH``) or made no progress for ``stall_s`` is dropped. Payload frames are the stored buffers, sent
+(``EHOSTUNREACH``) or made no progress for ``stall_s`` is dropped. Every request that gets no complete
+snapshot is reported to ``on_refused`` with a bounded reason: "busy" and "malformed" when refused, "stalled"
+and "gone" when its reply was abandoned. Payload frames are the stored buffers, sent
 zero-copy, so a session costs headers, not volumes.
 """
 
@@ -58,7 +60,10 @@ class SnapshotServer:
         stall_s: float = STALL_S,
         on_served: Callable[[int, int], None] | None = None,
         on_refused: Callable[[str], None] | None = None,
+        on_requested: Callable[[str, int], None] | None = None,
     ) -> None:
+        """``on_requested(reason, missed)`` is told why each well-formed request came (the subscriber's word:
+        "" when it did not say), and for a gap how many broadcast messages it lost."""
         self._store = store
         self._publisher_id = publisher_id
         self._heartbeat_s = heartbeat_s
@@ -66,6 +71,7 @@ class SnapshotServer:
         self._stall_s = stall_s
         self._on_served = on_served
         self._on_refused = on_refused
+        self._on_requested = on_requested
         self._sessions: OrderedDict[bytes, _Session] = OrderedDict()
 
     @property
@@ -78,10 +84,12 @@ class SnapshotServer:
         identity, body = frames[0], frames[1:]
         now = time.time()
         try:
-            decode_snapshot_request(body)
+            request = decode_snapshot_request(body)
         except WireError as error:
             self._refuse(identity, current_seq, f"bad snapshot request: {error}", "malformed")
             return
+        if self._on_requested is not None:
+            self._on_requested(request.reason, request.missed)
         if identity not in self._sessions and len(self._sessions) >= self._max_sessions:
             self._refuse(identity, current_seq, f"busy: {self._max_sessions} snapshots in progress", "busy")
             return
@@ -113,9 +121,11 @@ class SnapshotServer:
             elif outcome == "gone":
                 del self._sessions[identity]
                 logger.info("snapshot peer went away before its reply was sent")
+                self._report("gone")
             elif now - session.last_progress > self._stall_s:
                 del self._sessions[identity]
                 logger.warning("snapshot peer took nothing for %.0f s; reply abandoned", self._stall_s)
+                self._report("stalled")
 
     def _send_some(self, socket: zmq.Socket[bytes], identity: bytes, session: _Session) -> str:
         while session.pending:
@@ -131,10 +141,13 @@ class SnapshotServer:
             session.last_progress = time.monotonic()
         return "done"
 
-    def _refuse(self, identity: bytes, current_seq: int, error: str, label: str) -> None:
-        logger.warning("snapshot request refused: %s", error)
+    def _report(self, label: str) -> None:
         if self._on_refused is not None:
             self._on_refused(label)
+
+    def _refuse(self, identity: bytes, current_seq: int, error: str, label: str) -> None:
+        logger.warning("snapshot request refused: %s", error)
+        self._report(label)
         reply = encode_snapshot_error(current_seq, self._publisher_id, time.time(), error)
         self._sessions.pop(identity, None)
         self._sessions[identity] = _Session(deque([list(reply)]), 0, 0, refusal=True)

@@ -54,8 +54,9 @@ from sct_core.geometry import VolumeGeometry
 #: Schema name and version. A decoder accepts any minor version of its major (minors only add fields).
 SCHEMA_NAME: Final = "sct-edge"
 SCHEMA_MAJOR: Final = 1
-#: 1.1 added the snapshot exchange and ``heartbeat_s`` in heartbeats.
-SCHEMA_MINOR: Final = 1
+#: 1.1 added the snapshot exchange and ``heartbeat_s`` in heartbeats; 1.2 the status kind ``watch`` and why a
+#: subscriber asks for a snapshot (``reason``, ``missed`` in ``snapshot.request``).
+SCHEMA_MINOR: Final = 2
 SCHEMA: Final = f"{SCHEMA_NAME}/{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 
 TOPIC_STATUS: Final = b"status"
@@ -70,6 +71,10 @@ TOPIC_SNAPSHOT_REQUEST: Final = b"snapshot.request"
 TOPIC_SNAPSHOT_END: Final = b"snapshot.end"
 TOPIC_SNAPSHOT_ERROR: Final = b"snapshot.error"
 SNAPSHOT_TOPICS: Final = (TOPIC_SNAPSHOT_REQUEST, TOPIC_SNAPSHOT_END, TOPIC_SNAPSHOT_ERROR)
+#: Why a subscriber asks for a snapshot (``snapshot.request`` ``reason``, schema 1.2): it joins, it connected
+#: afresh after silence, it saw a sequence gap (``missed`` says how many messages), the publisher changed, the
+#: last snapshot arrived incomplete, or the application asked. A receiver accepts other values (later minors).
+SNAPSHOT_REASONS: Final = ("join", "reconnect", "gap", "publisher_changed", "incomplete", "application")
 
 #: Payload dtype (numpy's notation: little-endian signed 16-bit), units and axis order.
 WIRE_DTYPE: Final = PAYLOAD_DTYPE
@@ -159,6 +164,11 @@ class HeartbeatMessage(_Envelope):
 @dataclass(frozen=True, slots=True)
 class SnapshotRequest(_Envelope):
     """A subscriber asks for the current state (``seq`` 0 and ``publisher_id`` "" from a subscriber)."""
+
+    #: Why (one of ``SNAPSHOT_REASONS`` from this client; "" from a 1.1 client, which did not say).
+    reason: str = ""
+    #: Broadcast messages the subscriber lost, for a ``gap`` (0 otherwise).
+    missed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,10 +325,14 @@ def encode_heartbeat(
     return [TOPIC_HEARTBEAT, _dump_header(header), b""]
 
 
-def encode_snapshot_request(sent_at: float) -> list[bytes]:
-    """Frame a subscriber's snapshot request (seq 0: requests are not part of the publisher's sequence)."""
-    header = {"schema": SCHEMA, "topic": TOPIC_SNAPSHOT_REQUEST.decode(), "seq": 0, "sent_at": sent_at,
-              "publisher_id": ""}  # fmt: skip
+def encode_snapshot_request(sent_at: float, *, reason: str = "", missed: int = 0) -> list[bytes]:
+    """Frame a subscriber's snapshot request (seq 0: requests are not part of the publisher's sequence), saying
+    why when ``reason`` is given, and for a gap how many messages were lost."""
+    header: dict[str, Any] = {"schema": SCHEMA, "topic": TOPIC_SNAPSHOT_REQUEST.decode(), "seq": 0,
+                              "sent_at": sent_at, "publisher_id": ""}  # fmt: skip
+    if reason:
+        header["reason"] = reason
+        header["missed"] = missed
     return [TOPIC_SNAPSHOT_REQUEST, _dump_header(header), b""]
 
 
@@ -469,7 +483,9 @@ def _decode(
     if snapshot_topic:
         _expect_empty(payload, topic)
         if topic == TOPIC_SNAPSHOT_REQUEST:
-            return SnapshotRequest(**envelope)
+            reason = _get(header, "reason", str) if "reason" in header else ""
+            missed = _get_int(header, "missed") if "missed" in header else 0
+            return SnapshotRequest(**envelope, reason=reason, missed=missed)
         if topic == TOPIC_SNAPSHOT_ERROR:
             return SnapshotError(**envelope, error=_get(header, "error", str))
         heartbeat_s = _get_number(header, "heartbeat_s")

@@ -61,6 +61,15 @@ class EngineWorkerError(SctError, RuntimeError):
         super().__init__(message, attribute="engine.worker", found=found, expected=expected)
 
 
+class EngineWorkerEndedError(EngineWorkerError):
+    """The worker process ended while computing or before it: killed (the kernel's OOM killer sends SIGKILL),
+    crashed or exited. ``exit_status`` is the process's return code (negative: the signal number)."""
+
+    def __init__(self, message: str, *, exit_status: int) -> None:
+        super().__init__(message, found=_describe_exit(exit_status), expected="a running engine worker")
+        self.exit_status = exit_status
+
+
 class AotWorker:
     """Parent side: one child process running the package at ``package`` on windows of ``input_shape``."""
 
@@ -195,11 +204,10 @@ class AotWorker:
         if not line:
             status = process.wait(timeout=CLOSE_TIMEOUT_S)
             self._stop()
-            raise EngineWorkerError(
+            raise EngineWorkerEndedError(
                 f"engine worker (pid {process.pid}) ended with {_describe_exit(status)}; the next window "
                 f"starts a new one",
-                found=_describe_exit(status),
-                expected="a running engine worker",
+                exit_status=status,
             )
         reply: dict[str, Any] = json.loads(line)
         return reply

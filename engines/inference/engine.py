@@ -25,6 +25,7 @@ from engines.backends.torch_cuda import TorchCudaBackend, cuda_unavailable_reaso
 from engines.inference.device_volume import DeviceVolume
 from engines.inference.slabs import SlabPlan, SlabWindow, pad_in_plane, padded_in_plane
 from engines.model.manifest import ModelManifest, default_manifest
+from sct_core.errors import SctError
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,14 @@ def default_slab_depth(backend: str, slab_depth: int | None) -> int | None:
         # On a GPU a shorter slab brings the last slab sooner (the halo, which decides exactness, stays).
         return GPU_SLAB_DEPTH
     return slab_depth
+
+
+class EngineOutOfMemoryError(SctError, RuntimeError):
+    """The device ran out of memory computing a slab. The caching allocator's free blocks were released
+    before this was raised, so the next slab starts from what the tensors still alive hold."""
+
+    def __init__(self, message: str, *, found: object, expected: str) -> None:
+        super().__init__(message, attribute="engine.device_memory", found=found, expected=expected)
 
 
 class SctEngine:
@@ -162,11 +171,36 @@ class SctEngine:
                 f"slab output: found {out.dtype} {out.shape}, expected int16 {(core, rows, cols)}"
             )
         backend = self.backend_for((rows, cols))
-        with torch.inference_mode(), backend.stream_context():
-            hu = self._slab_hu(backend, volume, plan, window, scale)
-            torch.from_numpy(out).copy_(torch.round(hu).to(torch.int16), non_blocking=True)
-            backend.synchronize()
-        return out
+        try:
+            with torch.inference_mode(), backend.stream_context():
+                hu = self._slab_hu(backend, volume, plan, window, scale)
+                torch.from_numpy(out).copy_(torch.round(hu).to(torch.int16), non_blocking=True)
+                backend.synchronize()
+            return out
+        except torch.OutOfMemoryError as error:
+            # Only the text is kept: the exception's traceback holds the frames, and with them the tensors,
+            # that the cache is about to give back.
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise self._out_of_memory(backend, reason)
+
+    def _out_of_memory(self, backend: InferenceBackend, reason: str) -> EngineOutOfMemoryError:
+        """Free the caching allocator's blocks and describe the failure (device, window, memory held)."""
+        device = backend.device
+        held = ""
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+            held = (
+                f"; after freeing the cache {torch.cuda.memory_allocated(device) / 2**20:.0f} MiB allocated, "
+                f"{torch.cuda.memory_reserved(device) / 2**20:.0f} MiB reserved"
+            )
+        logger.error("engine %s on %s ran out of memory: %s%s", backend.name, device, reason, held)
+        return EngineOutOfMemoryError(
+            f"engine {backend.name} {backend.precision.value} on {device} ran out of memory for a slab window "
+            f"{'x'.join(map(str, backend.input_shape))} ({reason}){held}",
+            found="out of memory",
+            expected=f"memory for one window {'x'.join(map(str, backend.input_shape))} on {device}",
+        )
 
     def infer_volume(self, echoes: npt.NDArray[Any]) -> F32:
         """HU of a complete volume in memory (``[echo, slice, row, col]``), slab by slab: what the agent
