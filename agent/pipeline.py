@@ -100,6 +100,7 @@ def compose(
         commit=services.commit_volume,
         committed=services.committed_volume,
         on_failure=services.engine_failed,
+        on_cancel=services.stream_cancelled,
     )
     inference = Stage(
         "engine", each(engine_stage.handle), depth=max(2, depth // 16), on_error=error, batch=False

@@ -238,6 +238,22 @@ def test_a_volume_is_committed_once_per_model_and_its_dicom_series_finishes_it(j
     assert "b" * 16 in journal.finished_acquisitions()
 
 
+def test_a_cancelled_stream_is_forgotten_so_the_restarted_one_records_other_content(
+    journal: Journal, queries: JournalQueries
+) -> None:
+    journal.record_slab(ACQ, 0, 0, 16, sha("old"))
+    journal.record_publication(ACQ, "slab", 1, sha("old"), slab_index=0)
+    with pytest.raises(JournalConflictError):
+        journal.record_slab(ACQ, 0, 0, 16, sha("new"))
+    journal.void_slabs(ACQ)  # the slice grid was placed again: subscribers were told to drop the slabs
+    journal.record_slab(ACQ, 0, 0, 16, sha("new"))
+    journal.record_slab(ACQ, 1, 16, 16, sha("new 1"))
+    # The cancelled stream's slab 1, still queued at the cancel, goes out late: recorded, not refused.
+    journal.record_publication(ACQ, "slab", 2, sha("old 1"), slab_index=1)
+    journal.record_publication(ACQ, "slab", 3, sha("new"), slab_index=0)
+    assert queries.published_slabs(ACQ) == {0: sha("new")}
+
+
 def test_finished_acquisitions_for_a_model(journal: Journal) -> None:
     journal.record_acquisition("rejected", "rejected")
     journal.record_acquisition("incomplete", "incomplete")

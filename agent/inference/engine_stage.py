@@ -88,6 +88,7 @@ class EngineStage:
         commit: Callable[[SctVolume], str | None] | None = None,
         committed: Callable[[str], str | None] | None = None,
         on_failure: Callable[[str, str], None] | None = None,
+        on_cancel: Callable[[str], None] | None = None,
     ) -> None:
         """``on_failure(acquisition_id, cause)`` is told each series the engine failed (cause: see
         :func:`failure_cause`)."""
@@ -98,6 +99,8 @@ class EngineStage:
         self._commit = commit
         self._committed = committed
         self._on_failure = on_failure
+        #: Told, before subscribers are, that an acquisition's slabs so far are void (the journal forgets them).
+        self._on_cancel = on_cancel
         self._volumes: dict[str, _Volume] = {}
         #: Acquisitions the engine failed: their later slabs and their finalize are passed over.
         self._failed: OrderedDict[str, None] = OrderedDict()
@@ -205,6 +208,8 @@ class EngineStage:
         )
         logger.error("acquisition %s: %s", key, message, exc_info=cause == "error")
         now = time.time()
+        if self._on_cancel is not None:
+            self._on_cancel(key)
         self._publish(error_event(key, stage="engine", message=message, at=now))
         self._publish(StatusEvent(StatusKind.CANCELLED, key, {"reason": f"engine failed ({cause})"}, now))
         if self._on_failure is not None:
@@ -216,6 +221,8 @@ class EngineStage:
             self._volumes.pop(control.acquisition_id, None)
             # A stream started again after a cancel (a new slice grid) is new work: the engine tries it.
             self._failed.pop(control.acquisition_id, None)
+            if self._on_cancel is not None:
+                self._on_cancel(control.acquisition_id)
             self._publish(
                 StatusEvent(
                     StatusKind.CANCELLED, control.acquisition_id, {"reason": control.reason}, time.time()

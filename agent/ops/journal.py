@@ -588,18 +588,21 @@ class Journal:
                     )
             elif slab_index is not None:
                 row = conn.execute(
-                    "SELECT sha256 FROM slabs WHERE acquisition_id = ? AND slab_index = ?",
+                    "SELECT sha256, seq FROM slabs WHERE acquisition_id = ? AND slab_index = ?",
                     (acquisition_id, slab_index),
                 ).fetchone()
-                if row is not None and row[0] != sha256:
+                # An unpublished row with other content is the slab of a stream started again (a new grid)
+                # while the cancelled one's slab was still queued: the late send is recorded, not refused.
+                if row is not None and row[0] != sha256 and row[1] is not None:
                     raise JournalConflictError(
                         self._path,
                         f"slab {slab_index} of acquisition {acquisition_id} is recorded with sha256 "
                         f"{row[0][:12]}…; refusing a publication with sha256 {sha256[:12]}…",
                     )
                 conn.execute(
-                    "UPDATE slabs SET seq = ? WHERE acquisition_id = ? AND slab_index = ? AND seq IS NULL",
-                    (seq, acquisition_id, slab_index),
+                    """UPDATE slabs SET seq = ?
+                    WHERE acquisition_id = ? AND slab_index = ? AND sha256 = ? AND seq IS NULL""",
+                    (seq, acquisition_id, slab_index, sha256),
                 )
             else:
                 matches = conn.execute(
@@ -615,6 +618,12 @@ class Journal:
                 "INSERT INTO publications (acquisition_id, kind, seq, sha256, at) VALUES (?, ?, ?, ?, ?)",
                 (acquisition_id, kind, seq, sha256, _now(at)),
             )
+
+    def void_slabs(self, acquisition_id: str) -> None:
+        """Forget the slabs of a stream that was cancelled (a new slice grid, a failed engine): subscribers were
+        told to drop them, and the stream started again makes slabs of the same index with other content."""
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM slabs WHERE acquisition_id = ?", (acquisition_id,))
 
     def commit_volume(
         self, acquisition_id: str, model: str, sha256: str, *, at: float | None = None

@@ -163,6 +163,9 @@ class SideServices:
         self.metrics.engine_failure(cause)
         self.metrics.error("engine")
 
+    def stream_cancelled(self, acquisition_id: str) -> None:
+        self.journal_writes.write("slabs", lambda: self.journal.void_slabs(acquisition_id))
+
     def committed_volume(self, acquisition_id: str) -> str | None:
         """The sha256 of the volume committed for ``acquisition_id`` by the running model before, if any."""
         return self.journal.committed_volume(acquisition_id, self.model)
