@@ -157,6 +157,28 @@ def test_the_client_and_the_metrics_know_the_same_snapshot_reasons() -> None:
     assert SNAPSHOT_REASONS == STATED_SNAPSHOT_REASONS
 
 
+def test_a_reason_off_the_wire_never_becomes_a_label_of_its_own() -> None:
+    """``reason`` comes from any subscriber: an unknown one counts as "other", so it cannot add series."""
+    metrics = AgentMetrics()
+    metrics.snapshot_requested("1.2.840.10008.5.1.4.1.1.2-not-a-reason", 0)
+    metrics.snapshot_requested("", 0)
+    metrics.snapshot_requested("gap", 5)
+    text = _exposition(metrics)
+    assert "not-a-reason" not in text
+    counts = samples(text, "sct_agent_snapshot_requests_total")
+    assert counts == {
+        **{f'sct_agent_snapshot_requests_total{{reason="{r}"}}': 0.0 for r in STATED_SNAPSHOT_REASONS},
+        'sct_agent_snapshot_requests_total{reason="gap"}': 1.0,
+        'sct_agent_snapshot_requests_total{reason="unstated"}': 1.0,
+        'sct_agent_snapshot_requests_total{reason="other"}': 1.0,
+    }
+    assert samples(text, "sct_agent_subscriber_missed_messages_total") == {
+        "sct_agent_subscriber_missed_messages_total": 5.0
+    }
+    with pytest.raises(ValueError, match="missed must be >= 0; got -1"):
+        metrics.snapshot_requested("gap", -1)
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("no_thread_leaks")
 def test_twenty_subscribers_a_dead_reader_and_unread_snapshots_never_block_and_the_stalled_one_heals() -> (
