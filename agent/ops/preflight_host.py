@@ -25,12 +25,9 @@ from typing import Final
 
 import zmq
 
-from agent.ops.config import AgentConfig, MetricsConfig, WatchConfig
+from agent.ops.config import MB, AgentConfig, MetricsConfig, WatchConfig
 from agent.ops.preflight import Check, Status, current_user, nearest_existing, user_name
 
-#: Free space below which the state or DICOM folder FAILs. A placeholder until a configurable watermark exists:
-#: every check takes its threshold as an argument, so wiring a setting in means passing it.
-MIN_FREE_BYTES: Final = 2 * 1024**3
 #: File system types (``/proc/self/mounts``) of network shares: a file written by another machine raises no
 #: inotify event here, so the ``native`` observer never sees the scanner's files.
 NETWORK_FILESYSTEMS: Final = frozenset(
@@ -349,7 +346,7 @@ def _unescape(field: str) -> str:
 # ------------------------------------------------------------------------------------------------ free space
 
 
-def check_free_space(attribute: str, folder: Path, min_free_bytes: int = MIN_FREE_BYTES) -> Check:
+def check_free_space(attribute: str, folder: Path, min_free_bytes: int) -> Check:
     """At least ``min_free_bytes`` free (for this user, not root's reserve) where ``folder`` is or will be."""
     where = nearest_existing(folder)
     free = shutil.disk_usage(where).free
@@ -359,19 +356,21 @@ def check_free_space(attribute: str, folder: Path, min_free_bytes: int = MIN_FRE
             "free space",
             Status.FAIL,
             attribute,
-            f"{shown}: {_size(free)} free; expected at least {_size(min_free_bytes)} (the journal, the engine "
-            f"cache and the sCT series stop when the disk is full)",
+            f"{shown}: {_size(free)} free; expected at least {_size(min_free_bytes)} (retention.min_free_mb: "
+            f"below it the agent refuses new series)",
         )
     return Check(
         "free space", Status.OK, attribute, f"{shown}: {_size(free)} free (minimum {_size(min_free_bytes)})"
     )
 
 
-def check_free_spaces(config: AgentConfig, min_free_bytes: int = MIN_FREE_BYTES) -> list[Check]:
-    """The state folder, and the DICOM folder when one is configured."""
+def check_free_spaces(config: AgentConfig) -> list[Check]:
+    """The state folder, and the DICOM folder when one is written, against ``retention.min_free_mb``: below it the
+    agent refuses new series, so a box that starts below it would refuse the first patient's."""
+    min_free_bytes = int(config.retention.min_free_mb * MB)
     checks = [check_free_space("state.folder", config.state.folder, min_free_bytes)]
-    if config.dicom.folder is not None:
-        checks.append(check_free_space("dicom.folder", config.dicom.folder, min_free_bytes))
+    if config.dicom_folder is not None:
+        checks.append(check_free_space("dicom.folder", config.dicom_folder, min_free_bytes))
     return checks
 
 
