@@ -95,6 +95,32 @@ def assert_no_patient_identity(events: list[StatusEvent], mr: ExportSummary) -> 
 # ------------------------------------------------------------------------------------------------ tests
 
 
+def test_a_volume_written_again_after_a_restart_reuses_its_series_and_tells_the_journal(
+    volume: SctVolume, tmp_path: Path
+) -> None:
+    """The crash between the rename and the journal: the restarted agent hands the same volume again; its
+    series is found complete, reported as written before the restart, not counted twice, and recorded."""
+    folder = tmp_path / "dicom"
+    recorder = Recorder()
+    recorded: list[tuple[str, str]] = []
+    output = DicomPublisher(
+        DicomConfig(folder=folder),
+        recorder.events.append,
+        on_written=recorder.written.append,
+        on_series=lambda v, name: recorded.append((v.acquisition_id, name)),
+    )
+    output.handle(volume)
+    output.handle(volume)
+    (series,) = series_folders(folder)
+    assert recorder.written == ["written"]
+    assert recorded == [(volume.acquisition_id, series.name)] * 2
+    first, again = recorder.events
+    assert (first.body["ok"], again.body["ok"]) == (True, True)
+    assert again.body["series_folder"] == series.name
+    assert again.body["message"].endswith("(written before a restart)")
+    assert not first.body["message"].endswith("(written before a restart)")
+
+
 def test_a_volume_is_written_as_a_series_and_reported(
     volume: SctVolume, mr: ExportSummary, tmp_path: Path
 ) -> None:

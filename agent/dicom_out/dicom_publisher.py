@@ -155,6 +155,12 @@ class DicomPublisher:
             return
         if self._on_series is not None:
             self._on_series(volume, written.folder.name)
+        self._written(key, written)
+        # A reused series is sent again: whether it reached the peer before the restart is not known, and a peer
+        # receiving instances it holds (same SOP Instance UIDs, derived) keeps one copy.
+        self._forward(key, written)
+
+    def _written(self, key: str, written: WrittenSeries) -> None:
         if written.reused:
             logger.info(
                 "acquisition %s: sCT DICOM series %s was complete before the restart",
@@ -162,42 +168,29 @@ class DicomPublisher:
                 written.folder.name,
                 extra=_fields(key, "write", "reused"),
             )
-            self._report(
-                key,
-                ok=True,
-                step="write",
-                message=f"{len(written.files)} files in {written.folder.name} (written before a restart)",
-                series_folder=written.folder.name,
-                clipped_voxels=written.clipped_voxels,
-            )
         else:
-            self._written(key, written)
-        # A reused series is sent again: whether it reached the peer before the restart is not known, and a peer
-        # receiving instances it holds (same SOP Instance UIDs, derived) keeps one copy.
-        self._forward(key, written)
-
-    def _written(self, key: str, written: WrittenSeries) -> None:
-        self._count(self._on_written, "written")
-        if written.clipped_voxels:
-            logger.warning(
-                "acquisition %s: %d voxels clipped to the CT range",
+            self._count(self._on_written, "written")
+            if written.clipped_voxels:
+                logger.warning(
+                    "acquisition %s: %d voxels clipped to the CT range",
+                    key,
+                    written.clipped_voxels,
+                    extra=_fields(key, "write", "clipped"),
+                )
+            logger.info(
+                "acquisition %s: sCT DICOM series %s written (%d files, %.2f s)",
                 key,
-                written.clipped_voxels,
-                extra=_fields(key, "write", "clipped"),
+                written.folder.name,
+                len(written.files),
+                written.seconds,
+                extra=_fields(key, "write", "written"),
             )
-        logger.info(
-            "acquisition %s: sCT DICOM series %s written (%d files, %.2f s)",
-            key,
-            written.folder.name,
-            len(written.files),
-            written.seconds,
-            extra=_fields(key, "write", "written"),
-        )
         self._report(
             key,
             ok=True,
             step="write",
-            message=f"{len(written.files)} files in {written.folder.name}",
+            message=f"{len(written.files)} files in {written.folder.name}"
+            + (" (written before a restart)" if written.reused else ""),
             series_folder=written.folder.name,
             clipped_voxels=written.clipped_voxels,
         )
