@@ -29,7 +29,7 @@ import pytest
 import zmq
 from agent_support import agent_config, write_test_protocol
 from fault_support import metric, scrape, small_series, write_small_model
-from wire_support import random_hu, running, sample_slab, sample_volume, wait_until
+from wire_support import kernel_tcp_buffer_bytes, random_hu, running, sample_slab, sample_volume, wait_until
 
 from agent.client import ReceivedVolume, SctClient
 from agent.ops.metrics import STATED_SNAPSHOT_REASONS, AgentMetrics
@@ -56,17 +56,6 @@ STALLED_REQUESTS = MAX_SESSIONS + 1
 ROWS, COLUMNS = 512, 1024
 SEND_HWM = 4
 SERIES_SEED = 900601
-
-
-def kernel_tcp_buffer_bytes() -> int:
-    """Most bytes the kernel can hold for one loopback connection (receive plus send buffer maxima)."""
-    try:
-        return sum(
-            int(Path(f"/proc/sys/net/ipv4/{name}").read_text().split()[2])
-            for name in ("tcp_rmem", "tcp_wmem")
-        )
-    except (OSError, ValueError, IndexError):
-        return 64 * 2**20
 
 
 def samples(text: str, prefix: str) -> dict[str, float]:

@@ -12,13 +12,20 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import pytest
 import zmq
-from wire_support import random_hu, running, sample_slab, sample_volume, slabs_and_volume, wait_until
+from wire_support import (
+    kernel_tcp_buffer_bytes,
+    random_hu,
+    running,
+    sample_slab,
+    sample_volume,
+    slabs_and_volume,
+    wait_until,
+)
 
 from agent.client import Gap, SctClient
 from agent.publish.publisher import Publisher, PublishError
@@ -300,17 +307,6 @@ def test_bad_item_and_failing_callback_are_counted_and_the_thread_carries_on() -
 
 
 # ------------------------------------------------------------------------------- slow and lost subscribers
-
-
-def kernel_tcp_buffer_bytes() -> int:
-    """Most bytes the kernel can hold for one loopback connection (receive plus send buffer maxima)."""
-    try:
-        return sum(
-            int(Path(f"/proc/sys/net/ipv4/{name}").read_text().split()[2])
-            for name in ("tcp_rmem", "tcp_wmem")
-        )
-    except (OSError, ValueError, IndexError):
-        return 64 * 2**20
 
 
 def test_subscriber_that_falls_behind_sees_exactly_the_messages_it_lost_as_gaps() -> None:

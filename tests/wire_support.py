@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -105,3 +106,14 @@ def wait_until(condition: Callable[[], bool], timeout_s: float = SUPPORT_WAIT_S)
             return True
         time.sleep(0.005)
     return bool(condition())
+
+
+def kernel_tcp_buffer_bytes() -> int:
+    """Most bytes the kernel can hold for one loopback connection (receive plus send buffer maxima)."""
+    try:
+        return sum(
+            int(Path(f"/proc/sys/net/ipv4/{name}").read_text().split()[2])
+            for name in ("tcp_rmem", "tcp_wmem")
+        )
+    except (OSError, ValueError, IndexError):
+        return 64 * 2**20
