@@ -38,6 +38,13 @@ from sct_core.geometry import VolumeGeometry
 
 logger = logging.getLogger(__name__)
 
+#: Two placements of one grid whose origins are closer than this (mm) are the same grid: the assembler states
+#: the origin at full precision, as ImagePositionPatient of slice 0 once that image is in, computed from another
+#: slice's position before (the two differ in the last bits, or by a console's DS rounding). The stream keeps
+#: the grid its first slab went out on, so every slab and the volume of one acquisition carry one ``volume``
+#: object.
+SAME_GRID_TOLERANCE_MM = 1e-3
+
 #: Reads the given frames of one file: ``[len(frames), rows, columns]``.
 PixelReader = Callable[[Path, Sequence[int | None]], npt.NDArray[Any]]
 #: An empty device-resident volume for (echoes, (slices, rows, columns)): the engine's ``new_volume``.
@@ -98,7 +105,7 @@ class Streamer:
                     self._cancel(key, stream, f"verdict {item.verdict.outcome.value}")
                 return
             stream.protocol_id = item.verdict.protocol_id
-            if view.grid is None or (stream.grid is not None and view.grid != stream.grid):
+            if view.grid is None or (stream.grid is not None and not _same_grid(view.grid, stream.grid)):
                 if stream.sent:
                     self._cancel(key, stream, "slice grid placed again; restarting the stream")
                     self._status(
@@ -112,7 +119,8 @@ class Streamer:
                 stream.grid = None
                 if view.grid is None:
                     return
-            if stream.grid is None:
+            if stream.grid is None or not stream.sent:
+                # Nothing published on it yet: take the newest placement (slice 0's stated position, once in).
                 stream.grid = view.grid
                 stream.plan = self._plan_for(view.grid.shape[0])
             self._send_ready(key, stream, list(view.echo_times_ms), view.last_image_at)
@@ -238,3 +246,15 @@ class Streamer:
         stream.leading = None
         stream.loaded.clear()
         stream.scale = None
+
+
+def _same_grid(a: VolumeGeometry, b: VolumeGeometry) -> bool:
+    """Same shape, spacing and directions, and origins within ``SAME_GRID_TOLERANCE_MM``."""
+    offset = np.asarray(a.origin, dtype=np.float64) - np.asarray(b.origin, dtype=np.float64)
+    return (a.shape, a.spacing, a.row_direction, a.column_direction, a.slice_direction) == (
+        b.shape,
+        b.spacing,
+        b.row_direction,
+        b.column_direction,
+        b.slice_direction,
+    ) and float(np.linalg.norm(offset)) < SAME_GRID_TOLERANCE_MM

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from agent.file_labels import error_text, file_label
-from agent.ingest.acquisition_facts import LENGTH_DECIMALS, TIME_DECIMALS, AcquisitionFacts, facts_for
+from agent.ingest.acquisition_facts import TIME_DECIMALS, AcquisitionFacts, facts_for
 from agent.ingest.grouping import acquisition_id_for
 from agent.ingest.header_reader import (
     FrameHeader,
@@ -567,12 +567,9 @@ class Assembler:
         return VolumeGeometry(
             shape=(count, header.rows, header.columns),
             spacing=(float(spacing), header.pixel_spacing_mm[0], header.pixel_spacing_mm[1]),
-            # Rounded (0.1 µm) so that the same grid placed from different anchor images compares equal.
-            origin=(
-                round(float(origin[0]), LENGTH_DECIMALS),
-                round(float(origin[1]), LENGTH_DECIMALS),
-                round(float(origin[2]), LENGTH_DECIMALS),
-            ),
+            # Full precision (published as is): ImagePositionPatient of slice 0 exactly once that image is in,
+            # computed from the anchor before; the streamer takes the two for the same grid.
+            origin=(float(origin[0]), float(origin[1]), float(origin[2])),
             row_direction=(float(row[0]), float(row[1]), float(row[2])),
             column_direction=(float(column[0]), float(column[1]), float(column[2])),
             slice_direction=(float(normal[0]), float(normal[1]), float(normal[2])),
