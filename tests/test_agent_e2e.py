@@ -6,6 +6,7 @@ other, as a scanner does, and read what a subscriber and hospital IT (metrics ov
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import zmq
 from agent_support import (
     SMALL_FOV_MM,
     SMALL_SLAB_DEPTH,
@@ -28,6 +30,7 @@ from agent_support import (
     write_test_model,
     write_test_protocol,
 )
+from protocol_spec_support import schema_errors, validator
 from real_dicom_support import (
     PHILIPS_CLASSIC,
     PHILIPS_ENHANCED,
@@ -40,7 +43,7 @@ from real_dicom_support import (
 from agent.cli import check
 from agent.client import ReceivedVolume, SctClient
 from agent.ops.config import AgentConfig
-from agent.publish.wire import SlabMessage, StatusMessage
+from agent.publish.wire import SlabMessage, StatusMessage, encode_snapshot_request
 from agent.service import AgentService
 from engines.inference.engine import SctEngine
 from engines.model.manifest import ModelManifest
@@ -415,6 +418,64 @@ def test_the_console_series_and_images_received_reach_the_wire_and_listen(
     assert any(f"received {acquisition} {label}: {images}/{images} images, ended (count)" in line
                for line in lines), lines  # fmt: skip
     assert not any("rejected a message" in line for line in lines), lines
+
+
+def test_every_header_a_running_agent_sends_fits_the_protocol_schema(agent: RunningAgent) -> None:
+    """docs/protocol/schema, strictly (no field the document does not name): every broadcast header of a passing
+    series (verdicts, received counts, progress, DICOM outcomes, slabs, the volume, heartbeats) and a snapshot
+    reply, read from raw ZeroMQ sockets as a vendor's client would."""
+    check = validator(strict=True)
+    endpoints = agent.pipeline.endpoints
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    headers: list[dict[str, object]] = []
+    with context.socket(zmq.SUB) as sub:
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(endpoints.publish)
+        assert sub.poll(10_000), "no heartbeat within 10 s"
+        seen = {s.acquisition_id for s in agent.listener.final_verdicts()}
+        case = simulate_case(PASSING_SEED + 4)
+        agent.export_series(case, "schema-pass", rate_files_per_s=200.0)
+        deadline = time.monotonic() + SERIES_TIMEOUT_S
+        acquisition = None
+        while time.monotonic() < deadline:
+            if not sub.poll(100):
+                continue
+            topic, header, _ = sub.recv_multipart()
+            fields = json.loads(header)
+            headers.append(fields)
+            if (
+                fields["topic"] == "status"
+                and fields["acquisition_id"] not in seen
+                and fields["kind"] == "received"
+            ):
+                acquisition = fields["acquisition_id"]
+            if (
+                fields["topic"] == "status"
+                and fields["kind"] == "dicom"
+                and fields["acquisition_id"] == acquisition
+            ):
+                break
+        assert acquisition is not None, "no received status for the series"
+    with context.socket(zmq.DEALER) as dealer:
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(endpoints.snapshot)
+        dealer.send_multipart(encode_snapshot_request(time.time(), reason="application"))
+        while True:
+            assert dealer.poll(10_000), "snapshot reply stalled"
+            topic, header, _ = dealer.recv_multipart()
+            headers.append(json.loads(header))
+            if topic not in {b"sct.slab", b"sct.volume"}:
+                break
+    failures = {
+        f"{h['topic']}/{h.get('kind', '')}": schema_errors(check, h)
+        for h in headers
+        if schema_errors(check, h)
+    }
+    assert not failures, failures
+    sent = {f"{h['topic']}/{h.get('kind', '')}" for h in headers}
+    assert {"heartbeat/", "sct.slab/", "sct.volume/", "snapshot.end/", "status/verdict", "status/received",
+            "status/progress", "status/dicom"} <= sent, sent  # fmt: skip
 
 
 def test_agent_goes_on_after_bad_files_and_processes_an_enhanced_series(
