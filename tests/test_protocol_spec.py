@@ -15,8 +15,11 @@ import importlib.util
 import json
 import math
 import re
+import shutil
+import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -27,6 +30,7 @@ import pytest
 from protocol_spec_support import MAKE_VECTORS, REPOSITORY, VECTORS_FILE, schema_errors, validator
 
 from agent.ingest.assembler import Assembler
+from agent.publish.publisher import Publisher
 from agent.publish.wire import (
     HeartbeatMessage,
     SchemaVersionError,
@@ -285,3 +289,133 @@ def test_the_grid_starts_at_slice_0s_stated_position_at_full_precision(
     # The console states more than 0.1 µm (so rounding would show), and the grid keeps every digit.
     assert any(len(re.sub(r"^-?\d+\.?", "", repr(v))) > 4 for v in stated)
     assert grid.origin == stated
+
+
+# ----------------------------------------------------------------------------------- the document's C++ client
+
+#: Replays vectors through the sample's own ``parse``: reads, per vector, the socket (1 byte: b, s or r), the
+#: frame count and each frame (little-endian 32-bit lengths), and prints A (accepted), R (refused) or S (refused
+#: as another schema major: the sample throws).
+CPP_HARNESS = r"""
+#include <cstdint>
+static bool read_exact(void* to, size_t n) { return std::fread(to, 1, n, stdin) == n; }
+int main(int argc, char** argv) {
+  if (argc != 2 || std::string(argv[1]) != "--vectors") return sample_main(argc, argv);
+  char socket;
+  while (read_exact(&socket, 1)) {
+    uint32_t count = 0;
+    read_exact(&count, 4);
+    std::vector<zmq::message_t> frames;
+    for (uint32_t i = 0; i < count; ++i) {
+      uint32_t size = 0;
+      read_exact(&size, 4);
+      zmq::message_t frame(size);
+      if (size) read_exact(frame.data(), size);
+      frames.push_back(std::move(frame));
+    }
+    Msg m;
+    char verdict = 'R';
+    try {
+      const bool valid = parse(frames, m);
+      const bool here = socket == 'b' ? !m.topic.starts_with("snapshot.") : m.topic != "heartbeat";
+      verdict = valid && here ? 'A' : 'R';
+    } catch (const std::runtime_error&) { verdict = 'S'; }
+    std::cout << verdict;
+  }
+  std::cout << std::endl;
+}
+"""
+
+
+def documented_cpp_client() -> str:
+    """The client of section 11.1 with the helpers of sections 4.5, 5 and 8.4 pasted where it says."""
+    text = (REPOSITORY / "docs" / "protocol.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```cpp\n(.*?)```", text, re.S)
+    helpers = [
+        b for b in blocks if re.search(r"static \w+(::\w+)? (valid_geometry|sha256_hex|read_key)\(", b)
+    ]
+    sample = next(b for b in blocks if "struct Client" in b)
+    marker = (
+        "// >>> valid_geometry (section 4.5), sha256_hex (section 5) and read_key (section 8.4) go here.\n"
+    )
+    assert marker in sample and len(helpers) == 3
+    return str(sample.replace(marker, "".join(helpers)))
+
+
+@pytest.fixture(scope="module")
+def cpp_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The documented client compiled as section 11.1 says (with a vector-replay entry point added)."""
+    headers = [
+        Path("/usr/include/zmq.hpp"),
+        Path("/usr/include/nlohmann/json.hpp"),
+        Path("/usr/include/openssl/evp.h"),
+    ]
+    compiler = shutil.which("g++")
+    if compiler is None or not all(h.is_file() for h in headers):
+        pytest.skip(
+            "needs g++, cppzmq, nlohmann-json and OpenSSL headers (Debian: cppzmq-dev nlohmann-json3-dev)"
+        )
+    folder = tmp_path_factory.mktemp("cpp")
+    source = folder / "sct_client.cpp"
+    source.write_text(
+        documented_cpp_client().replace("int main(int argc", "int sample_main(int argc") + CPP_HARNESS
+    )
+    binary = folder / "sct_client"
+    build = subprocess.run(
+        [compiler, "-std=c++20", "-Wall", "-Wextra", "-Werror", "-O1", str(source), "-o", str(binary), "-lzmq",
+         "-lcrypto"],
+        capture_output=True, text=True, check=False, timeout=600,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr[-4000:]
+    return binary
+
+
+def test_the_documented_cpp_client_reaches_each_vectors_conclusion(cpp_client: Path) -> None:
+    replayed = [v for v in VECTORS if v["socket"] != "snapshot_request"]  # the client never decodes requests
+    stream = bytearray()
+    for vector in replayed:
+        frames = frames_of(vector)
+        stream += vector["socket"][0].encode() + len(frames).to_bytes(4, "little")
+        for frame in frames:
+            stream += len(frame).to_bytes(4, "little") + frame
+    result = subprocess.run(
+        [str(cpp_client), "--vectors"], input=bytes(stream), capture_output=True, check=True, timeout=60
+    )
+    verdicts = result.stdout.decode().strip()
+    assert len(verdicts) == len(replayed)
+    expected = ["A" if v["expect"]["accepted"] else "S" if v["expect"].get("stop") else "R" for v in replayed]
+    wrong = [(v["name"], e, f) for v, e, f in zip(replayed, expected, verdicts, strict=True) if e != f]
+    assert not wrong, wrong
+
+
+def test_the_documented_cpp_client_rebuilds_volumes_from_the_agents_publisher(cpp_client: Path) -> None:
+    """A late join (slab 0 only in the snapshot), slab 1 live, the volume, then the same volume republished."""
+    module = make_vectors_module()
+    slabs, volume = module.slabs_and_volume()
+    publisher = Publisher("tcp://127.0.0.1:0", snapshot_endpoint="tcp://127.0.0.1:0", heartbeat_s=0.2)
+    publisher.start()
+    try:
+        publisher.submit(slabs[0])
+        assert publisher.snapshot_endpoint is not None
+        with subprocess.Popen(
+            [str(cpp_client), publisher.endpoint, publisher.snapshot_endpoint],
+            stdout=subprocess.PIPE,
+            text=True,
+        ) as client:
+            assert client.stdout is not None
+            time.sleep(
+                1.0
+            )  # connected, subscribed and synchronised (heartbeats every 0.2 s show it is alive)
+            publisher.submit(slabs[1])
+            publisher.submit(volume)
+            first = client.stdout.readline()
+            publisher.submit(replace(volume, republished=True))
+            second = client.stdout.readline()
+            client.terminate()
+    finally:
+        publisher.stop()
+    assert first.startswith(f"volume {volume.acquisition_id} ") and f'"{volume.sha256}"' in first
+    assert "complete_from_slabs 1 matches 1 republished 0" in first, first
+    assert f'"{volume.sha256}"' in second and "complete_from_slabs 0 matches 0 republished 1" in second, (
+        second
+    )
