@@ -9,11 +9,14 @@ the ``sct_agent_page_refused_total`` counter, and the log line.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import http.client
 import logging
 import socket
 import ssl
+import stat
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,8 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.ops.config import ConfigError, StatusPageConfig
+from agent.ops.config import AgentConfig, ConfigError, StatusPageConfig
+from agent.ops.config_loader import load_config
 from agent.ops.metrics import AgentMetrics
+from agent.ops.preflight import Status, check_status_page
 from agent.status_page import http_handler, http_server
 from agent.status_page.access import COOKIE_NAME, COOKIE_NAME_TLS, MAX_FAILURES
 from agent.status_page.credentials import create_token_file, set_user
@@ -642,3 +647,95 @@ def test_a_port_in_use_is_refused_naming_the_address() -> None:
             server.start()
         assert f"127.0.0.1:{port}" in str(error.value)
         assert error.value.attribute == "status_page.listen"
+
+
+# ------------------------------------------------------------------------ configuration, commands, doctor
+
+
+def test_the_section_loads_from_toml_with_paths_relative_to_the_file_and_from_the_environment(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "site" / "agent.toml"
+    path.parent.mkdir()
+    path.write_text(
+        '[status_page]\nlisten = "0.0.0.0:9443"\ntls_certificate = "tls/page.crt"\ntls_key = "tls/page.key"\n'
+        'auth = "token"\ntoken_file = "page-token"\nmax_clients = 4\n'
+    )
+    config = load_config(path, environ={}).status_page
+    assert config.tls_certificate == tmp_path / "site" / "tls" / "page.crt"
+    assert config.token_file == tmp_path / "site" / "page-token"
+    assert (config.host, config.port, config.max_clients) == ("0.0.0.0", 9443, 4)
+    off = load_config(path, environ={"SCT_AGENT_STATUS_PAGE_LISTEN": ""}).status_page
+    assert not off.enabled
+    with pytest.raises(ConfigError) as error:
+        load_config(path, environ={"SCT_AGENT_STATUS_PAGE_AUTH": "none"})
+    assert "environment variable SCT_AGENT_STATUS_PAGE_AUTH" in str(error.value)
+    assert "reachable from other machines" in str(error.value)
+    with pytest.raises(ConfigError) as error:
+        load_config(path, environ={"SCT_AGENT_STATUS_PAGE_LISTEN": "9110"})
+    assert "status_page.listen" in str(error.value) and "'' = no status page" in str(error.value)
+
+
+def sct_agent(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", *args], input=stdin, capture_output=True, text=True, check=False
+    )
+
+
+def test_page_user_writes_a_private_file_of_salted_hashes_that_the_server_accepts(tmp_path: Path) -> None:
+    users = tmp_path / "page-users"
+    made = sct_agent("page-user", "technologist", "--file", str(users), stdin="correct horse battery\n")
+    assert made.returncode == 0, made.stderr
+    assert "Added technologist" in made.stdout and 'auth = "basic"' in made.stdout
+    assert stat.S_IMODE(users.stat().st_mode) == 0o600
+    text = users.read_text()
+    assert "correct horse" not in text
+    (entry,) = [line for line in text.splitlines() if line.startswith("technologist:")]
+    assert entry.startswith("technologist:pbkdf2_sha256$600000$")
+    changed = sct_agent("page-user", "technologist", "--file", str(users), stdin="a second password\n")
+    assert "Changed the password of technologist" in changed.stdout
+    assert sct_agent("page-user", "physicist", "--file", str(users), stdin="short\n").returncode == 1
+    assert sct_agent("page-user", "bad:name", "--file", str(users), stdin="long enough pw\n").returncode == 1
+    config = StatusPageConfig(listen="127.0.0.1:0", auth="basic", basic_users_file=users)
+    with serve(config) as page:
+        assert page.get("/", basic("technologist", "a second password"))[0].status == 200
+        assert page.get("/", basic("technologist", "correct horse battery"))[0].status == 401
+    removed = sct_agent("page-user", "technologist", "--file", str(users), "--delete")
+    assert removed.returncode == 0
+    assert "technologist:" not in users.read_text()
+
+
+def test_page_token_writes_a_private_random_token_and_never_overwrites_by_accident(tmp_path: Path) -> None:
+    token_file = tmp_path / "page-token"
+    made = sct_agent("page-token", "--file", str(token_file))
+    assert made.returncode == 0, made.stderr
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    token = token_file.read_text().strip()
+    assert len(token) >= 43 and f"/?token={token}" in made.stdout
+    again = sct_agent("page-token", "--file", str(token_file))
+    assert again.returncode == 1 and "--replace" in again.stderr
+    assert token_file.read_text().strip() == token
+    replaced = sct_agent("page-token", "--file", str(token_file), "--replace")
+    assert replaced.returncode == 0 and token_file.read_text().strip() != token
+
+
+def test_doctor_checks_the_page_files_as_the_server_loads_them(
+    tmp_path: Path, certificate: tuple[Path, Path]
+) -> None:
+    config, _ = token_config(tmp_path, certificate)
+    agent_config = dataclasses.replace(AgentConfig(), status_page=config)
+    lines = {check.attribute: check for check in check_status_page(agent_config)}
+    assert {check.status for check in lines.values()} == {Status.OK}
+    assert set(lines) == {
+        "status_page.listen",
+        "status_page.tls_certificate",
+        "status_page.tls_key",
+        "status_page.token_file",
+    }
+    assert config.token_file is not None
+    config.token_file.chmod(0o640)
+    (failed,) = check_status_page(agent_config)
+    assert (failed.status, failed.attribute) == (Status.FAIL, "status_page.token_file")
+    assert "found mode 0640 (-rw-r-----)" in failed.message
+    off = dataclasses.replace(AgentConfig(), status_page=StatusPageConfig(listen=""))
+    assert [c.status for c in check_status_page(off)] == [Status.OK]
