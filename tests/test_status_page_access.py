@@ -739,3 +739,37 @@ def test_doctor_checks_the_page_files_as_the_server_loads_them(
     assert "found mode 0640 (-rw-r-----)" in failed.message
     off = dataclasses.replace(AgentConfig(), status_page=StatusPageConfig(listen=""))
     assert [c.status for c in check_status_page(off)] == [Status.OK]
+
+
+def test_connections_beyond_the_bound_are_turned_away_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(http_server, "MAX_OTHER_CONNECTIONS", 0)
+    with serve(StatusPageConfig(listen="127.0.0.1:0", max_clients=1)) as page:
+        with socket.create_connection(("127.0.0.1", page.port), timeout=WAIT_S) as idle:
+            idle.sendall(b"GET / HTTP/1.1\r\n")  # holds the one connection allowed
+            turned_away = raw_exchange(page.port, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert turned_away.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+            assert b"Retry-After: 5\r\n" in turned_away
+        assert refused(page.metrics, "busy") == 1
+
+
+def test_head_on_an_event_stream_sends_its_headers_without_running_it() -> None:
+    routes = Routes()
+    with serve(StatusPageConfig(listen="127.0.0.1:0"), routes) as page:
+        response, body = page.get("/events", method="HEAD")
+        assert (response.status, body) == (200, b"")
+        assert response.getheader("Content-Type") == "text/event-stream; charset=utf-8"
+        assert not routes.streams_closed.acquire(blocking=False)  # the iterator was never opened
+
+
+def test_an_ipv6_loopback_address_is_served() -> None:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    with serve(StatusPageConfig(listen="[::1]:0")) as page:
+        assert page.server.url == f"http://[::1]:{page.port}/"
+        connection = http.client.HTTPConnection("::1", page.port, timeout=WAIT_S)
+        connection.request("GET", "/")
+        assert connection.getresponse().status == 200
+        connection.close()

@@ -119,6 +119,7 @@ class StatusPageServer:
             return
         self.tls = server_tls_context(config)
         self.auth = Authenticator(config)
+        self.stopping.clear()
         host, port = config.host, config.port
         address = _host_port(host, port)
         try:
@@ -283,7 +284,11 @@ class _HttpServer(http.server.HTTPServer):
             daemon=True,
         )
         connection.thread = thread
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError:  # no thread to be had (resource limits): this connection only is lost
+            self.owner._release(connection)
+            raise
 
     def _serve_connection(
         self, connection: Connection, request: socket.socket, client_address: object
