@@ -258,11 +258,13 @@ def test_the_board_follows_a_passing_series_to_published_and_forgets_old_ones(tm
     updates = _judge(summary.paths, protocol, published)
     now = [1000.0]
     board = StatusBoard([protocol], {protocol.id}, history_hours=1, clock=lambda: now[0])
-    board.feed(published[0])
+    first_verdict = next(i for i, p in enumerate(published) if getattr(p, "kind", "") == "verdict")
+    for item in published[: first_verdict + 1]:
+        board.feed(item)
     (card,) = board.snapshot().acquisitions
     assert card.state is PageState.RECEIVING and 0 < card.images_received < len(summary.paths)
     assert card.verdict is not None and card.verdict.outcome == "pass" and not card.verdict.final
-    for item in published[1:]:
+    for item in published[first_verdict + 1 :]:
         board.feed(item)
     key = updates[0].view.acquisition_id
     card = board.snapshot().acquisitions[0]

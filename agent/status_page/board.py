@@ -10,6 +10,9 @@ lets the page's event streams sleep until something changed.
 
 Nothing here holds a patient name, ID or birth date: acquisitions are the agent's opaque ``acquisition_id``,
 and the series number and description are console protocol labels (they come redacted on the status topic).
+
+One module on purpose: the frozen snapshot records and the board that fills them change together (a field
+added to a card is read from an event and written to the snapshot in the same place).
 """
 
 from __future__ import annotations
@@ -214,6 +217,7 @@ class StatusBoard:
             with self._lock:
                 card = self._card(item.acquisition_id)
                 card.published = True
+                card.note = ""  # a stream restarted on the way (a new slice grid) is no news once it is done
                 card.slabs_done = card.slab_count = item.slab_count
                 if item.last_image_at:
                     card.last_image_to_volume_s = max(0.0, item.produced_at - item.last_image_at)
@@ -456,7 +460,7 @@ class StatusBoard:
             state = PageState.STREAMING
         elif card.waiting:
             state = PageState.WAITING
-        elif not card.ended and sum(card.slices_per_echo) > 0 and verdict is not None:
+        elif not card.ended and sum(card.slices_per_echo) > 0:
             state = PageState.RECEIVING
         else:
             state = PageState.JUDGING

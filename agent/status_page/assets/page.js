@@ -78,7 +78,8 @@ function bar(parent, label, done, total) {
 function renderCard(card, index) {
   const verdict = card.verdict;
   const outcome = verdict ? verdict.outcome : "";
-  const node = el("article", `card${index > 1 ? " older" : ""}${outcome ? ` outcome-${outcome}` : ""}`);
+  const classes = ["card", index > 1 ? "older" : "", outcome ? `outcome-${outcome}` : "", card.preview ? "" : "no-preview"];
+  const node = el("article", classes.filter(Boolean).join(" "));
   Object.assign(node.dataset, {
     acquisitionId: card.acquisition_id,
     state: card.state,
