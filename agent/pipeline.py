@@ -124,7 +124,7 @@ def compose(
         publish=publish,
         on_verdict=services.verdict,
     )
-    validating = Stage("validator", each(validator.handle), depth=depth, on_error=error)
+    validating = Stage("validator", each(validator.handle), depth=depth, idle=validator.idle, on_error=error)
 
     assembler = Assembler(
         validating.put,

@@ -134,6 +134,8 @@ class AcquisitionView:
     software_versions: str = ""
     #: SeriesNumber of every series the images came from (more than one when an export split the echoes).
     series_numbers: tuple[int, ...] = field(default=(), compare=False)
+    #: SeriesDescription of the acquisition's first image ("" when absent): the console's name for the series.
+    series_description: str = field(default="", compare=False)
     #: "gradient echo", "spin echo", "echo planar", ... (agent.ingest.vendor_conventions.sequence_family).
     sequence_family: str = ""
     #: Why the sequence tokens say what they say where a vendor convention decided it, for a person to check.

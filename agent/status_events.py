@@ -7,9 +7,11 @@ them to the publisher, which only encodes them: no stage needs the wire format t
 
 from __future__ import annotations
 
+from typing import Any
+
 from agent.file_labels import redact
-from agent.records import StatusEvent, Verdict
-from agent.vocabulary import StatusKind
+from agent.records import AcquisitionView, StatusEvent, Verdict
+from agent.vocabulary import EndedBy, StatusKind
 
 
 def verdict_event(verdict: Verdict) -> StatusEvent:
@@ -36,6 +38,46 @@ def verdict_event(verdict: Verdict) -> StatusEvent:
             "pending": list(verdict.pending),
         },
         at=verdict.decided_at,
+    )
+
+
+def series_fields(view: AcquisitionView) -> dict[str, Any]:
+    """Which console series an event is about, as the technologist reads it on the console: the lowest
+    SeriesNumber (null when no image stated one; an export split by echo has several) and the SeriesDescription
+    of the first image. A description is a protocol label typed at the console, not patient data, but it is free
+    text, so it goes through :func:`~agent.file_labels.redact` like every other status text."""
+    return {
+        "series_number": min(view.series_numbers) if view.series_numbers else None,
+        "series_description": redact(view.series_description),
+    }
+
+
+def received_event(view: AcquisitionView, at: float) -> StatusEvent:
+    """How many images of an acquisition have arrived, of how many (schema 1.3): what a progress bar of the
+    slices received needs, sent while images arrive and once more when the acquisition ends (``ended``)."""
+    received = sum(view.slices_per_echo)
+    expected = (
+        view.expected_slices * view.expected_echoes
+        if view.expected_slices is not None and view.expected_echoes is not None
+        else None
+    )
+    return StatusEvent(
+        kind=StatusKind.RECEIVED,
+        acquisition_id=view.acquisition_id,
+        body={
+            **series_fields(view),
+            "echo_times_ms": list(view.echo_times_ms),
+            "slices_per_echo": list(view.slices_per_echo),
+            "expected_slices": view.expected_slices,
+            "expected_echoes": view.expected_echoes,
+            "images_received": received,
+            "images_expected": expected,
+            "ended": view.ended_by is not EndedBy.OPEN,
+            "ended_by": str(view.ended_by),
+            "first_image_at": view.first_image_at,
+            "last_image_at": view.last_image_at,
+        },
+        at=at,
     )
 
 

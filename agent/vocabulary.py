@@ -155,6 +155,8 @@ class StatusKind(StrEnum):
     REFUSED = "refused"
     #: The export folder became unavailable (deleted, unreadable, unmounted) or was watched again.
     WATCH = "watch"
+    #: Images of an acquisition arrived: how many of how many (schema 1.3), for a technologist's progress bar.
+    RECEIVED = "received"
 
 
 # ---------------------------------------------------------------------------------------------- operations

@@ -7,7 +7,9 @@ other, as a scanner does, and read what a subscriber and hospital IT (metrics ov
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -44,7 +46,14 @@ from engines.inference.engine import SctEngine
 from engines.model.manifest import ModelManifest
 from engines.phantom.case import PhantomCase
 from engines.phantom.generate import generate_case
-from engines.scanner.export import ExportOptions, OutputFormat, SimulationRequest, export_case
+from engines.scanner.export import (
+    SIEMENS_SERIES_NUMBER,
+    ExportOptions,
+    OutputFormat,
+    SimulationRequest,
+    export_case,
+)
+from engines.scanner.mr_classic import siemens_protocol_name
 
 #: Generous bound for one small series to go through (eager CPU inference of three 48 x 168 x 168 windows
 #: takes about a second; CI machines are shared).
@@ -338,6 +347,74 @@ def test_te2_deviation_is_rejected_from_its_first_echo2_image(agent: RunningAgen
     agent.listener.wait(
         lambda listener: listener.final_verdict(first_reject.acquisition_id or "") is not None
     )
+
+
+def test_the_console_series_and_images_received_reach_the_wire_and_listen(
+    agent: RunningAgent, tmp_path: Path
+) -> None:
+    """SeriesNumber and SeriesDescription name the console series in verdicts and ``received`` counts (schema
+    1.3), which a real ``sct-agent listen`` process prints; the reference client takes them without complaint."""
+    seen = {s.acquisition_id for s in agent.listener.statuses}
+    endpoints = agent.pipeline.endpoints
+    listen = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "listen", "--endpoint", endpoints.publish, "--snapshot",
+         endpoints.snapshot, "--out", str(tmp_path), "--timeout", str(SERIES_TIMEOUT_S)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    assert listen.stdout is not None
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(listen.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    try:
+        deadline = time.monotonic() + SERIES_TIMEOUT_S
+        while not any(" publisher " in line for line in lines):  # subscribed: it has heard a heartbeat
+            assert time.monotonic() < deadline and listen.poll() is None, lines
+            time.sleep(0.05)
+        case = simulate_case(PASSING_SEED + 3, "EchoTime2=4.8")
+        agent.export_series(case, "console-series", rate_files_per_s=100.0)
+        agent.listener.wait(
+            lambda listener: any(v.acquisition_id not in seen for v in listener.final_verdicts())
+        )
+        verdict = next(v for v in agent.listener.final_verdicts() if v.acquisition_id not in seen)
+        acquisition = verdict.acquisition_id
+        agent.listener.wait(
+            lambda listener: any(s.kind == "received" and s.acquisition_id == acquisition and s.body["ended"]
+                                 for s in listener.statuses)
+        )  # fmt: skip
+        while not any(f"received {acquisition}" in line and "ended" in line for line in lines):
+            assert time.monotonic() < deadline and listen.poll() is None, lines
+            time.sleep(0.05)
+    finally:
+        listen.send_signal(signal.SIGINT)
+        status = listen.wait(10)
+        reader.join(10)
+        listen.stdout.close()
+    assert status == 130
+
+    name = siemens_protocol_name(case.acquisition)
+    images = case.geometry.shape[0] * len(case.acquisition.echo_times_ms)
+    assert verdict.schema == "sct-edge/1.3"
+    assert (verdict.body["series_number"], verdict.body["series_description"]) == (
+        SIEMENS_SERIES_NUMBER,
+        name,
+    )
+    received = [
+        s for s in agent.listener.statuses if s.kind == "received" and s.acquisition_id == acquisition
+    ]
+    counts = [s.body["images_received"] for s in received]
+    assert len(received) >= 2 and counts == sorted(counts), counts
+    assert all((s.body["series_number"], s.body["series_description"]) == (SIEMENS_SERIES_NUMBER, name)
+               for s in received)  # fmt: skip
+    assert [s.body["ended"] for s in received] == [False] * (len(received) - 1) + [True]
+    assert received[-1].body["images_received"] == received[-1].body["images_expected"] == images
+    assert agent.listener.gaps == 0
+
+    label = f"series {SIEMENS_SERIES_NUMBER} {name!r}"
+    assert any(f"verdict {acquisition} {label}: REJECT (final" in line for line in lines), lines
+    assert any(f"received {acquisition} {label}: {images}/{images} images, ended (count)" in line
+               for line in lines), lines  # fmt: skip
+    assert not any("rejected a message" in line for line in lines), lines
 
 
 def test_agent_goes_on_after_bad_files_and_processes_an_enhanced_series(

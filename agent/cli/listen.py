@@ -237,13 +237,16 @@ def _next_wait(client: SctClient, timeout_s: float | None, started: float) -> fl
 
 
 def describe_status(message: StatusMessage) -> str:
-    """One line for a status message: verdicts with every reason, progress as k/n, errors with their stage."""
+    """One line for a status message: verdicts with the console series and every reason, images received and
+    progress as k/n, errors with their stage."""
     body = message.body
     subject = message.acquisition_id or "-"
     if message.kind == StatusKind.VERDICT:
         outcome = str(body.get("outcome", "?")).upper()
         stage = "final" if body.get("final") else "provisional"
-        line = f"verdict {subject}: {outcome} ({stage}, protocol {body.get('protocol_id', '?')}"
+        line = (
+            f"verdict {subject}{_series(body)}: {outcome} ({stage}, protocol {body.get('protocol_id', '?')}"
+        )
         line += f" {body.get('protocol_version', '')}".rstrip() + ")"
         reasons = [_reason_text(r) for r in body.get("reasons", [])]
         if reasons:
@@ -259,8 +262,30 @@ def describe_status(message: StatusMessage) -> str:
     return f"{message.kind} {subject}" + (f": {details}" if details else "")
 
 
+def _series(body: Mapping[str, Any]) -> str:
+    """`` series 7 'sct_dual_echo'``: the console series a 1.3 event names; "" from an older agent."""
+    if "series_number" not in body and "series_description" not in body:
+        return ""
+    number = body.get("series_number")
+    description = body.get("series_description") or ""
+    label = f" series {number if number is not None else '?'}"
+    return label + (f" {description!r}" if description else "")
+
+
+def _received(subject: str, body: Mapping[str, Any]) -> str:
+    """``received <id> series 7 'sct_dual_echo': 84/200 images``, and how the acquisition ended once it has."""
+    expected = body.get("images_expected")
+    line = f"received {subject}{_series(body)}: {body.get('images_received', '?')}"
+    line += f"/{expected} images" if expected is not None else " images (total not stated)"
+    if body.get("ended"):
+        line += f", ended ({body.get('ended_by') or '?'})"
+    return line
+
+
 def _plain_status(kind: str, subject: str, body: Mapping[str, Any]) -> str | None:
     """The line for the kinds that need no more than their body's fields; None for the others."""
+    if kind == StatusKind.RECEIVED:
+        return _received(subject, body)
     if kind == StatusKind.PROGRESS:
         if body.get("restarted"):
             return f"progress {subject}: stream restarted ({body.get('reason', '?')})"

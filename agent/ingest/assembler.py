@@ -513,6 +513,7 @@ class Assembler:
             vendor=str(facts.vendor),
             software_versions=facts.software_versions,
             series_numbers=tuple(sorted(acquisition.series_numbers)),
+            series_description=acquisition.header.series_description,
             sequence_family=facts.sequence_family,
             sequence_evidence=facts.sequence_evidence,
             image_kind=str(kind),

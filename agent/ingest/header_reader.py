@@ -81,6 +81,9 @@ class ObjectHeader:
     model_name: str
     software_versions: str
     series_number: int | None
+    #: SeriesDescription: the console's label for the series (a protocol name, not patient data), shown to the
+    #: technologist beside the verdict so that they know which console series it is about.
+    series_description: str
     #: SeriesTime and ProtocolName: what ties together the series a Siemens XA interoperability export splits
     #: one acquisition into (see assembler).
     series_time: str
@@ -308,6 +311,7 @@ def _object_header(path: Path, ds: Dataset, top: FastHeader, enhanced: bool) -> 
         model_name=str(top.get("ManufacturerModelName", "") or ""),
         software_versions=joined(top.get("SoftwareVersions")),
         series_number=optional_int(top.get("SeriesNumber")),
+        series_description=joined(top.get("SeriesDescription")),
         series_time=str(top.get("SeriesTime", "") or ""),
         protocol_name=str(top.get("ProtocolName", "") or ""),
         magnetic_field_strength_t=plausible(path, "MagneticFieldStrength", top.get("MagneticFieldStrength")),

@@ -21,6 +21,7 @@ from pydicom.tag import BaseTag, Tag
 HEADER_KEYWORDS = (
     "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID",
     "Manufacturer", "ManufacturerModelName", "SoftwareVersions", "SeriesNumber", "SeriesTime", "ProtocolName",
+    "SeriesDescription",
     "MagneticFieldStrength", "ImagingFrequency", "MRAcquisitionType", "ScanningSequence", "SequenceVariant",
     "SequenceName", "PulseSequenceName", "ScanOptions", "InversionTime", "ImageType", "ComplexImageComponent",
     "RepetitionTime", "FlipAngle", "PixelBandwidth", "EchoTrainLength", "ImagesInAcquisition", "NumberOfFrames",

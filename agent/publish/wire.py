@@ -55,8 +55,9 @@ from sct_core.geometry import VolumeGeometry
 SCHEMA_NAME: Final = "sct-edge"
 SCHEMA_MAJOR: Final = 1
 #: 1.1 added the snapshot exchange and ``heartbeat_s`` in heartbeats; 1.2 the status kind ``watch`` and why a
-#: subscriber asks for a snapshot (``reason``, ``missed`` in ``snapshot.request``).
-SCHEMA_MINOR: Final = 2
+#: subscriber asks for a snapshot (``reason``, ``missed`` in ``snapshot.request``); 1.3 the status kind
+#: ``received`` and the console's series number and description in verdicts.
+SCHEMA_MINOR: Final = 3
 SCHEMA: Final = f"{SCHEMA_NAME}/{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 
 TOPIC_STATUS: Final = b"status"

@@ -3,7 +3,10 @@
 The technologist needs the verdict while the patient is still on the table (target: within 0.5 s of the
 first image; docs/architecture.md, Target figures), so the first image of each echo gets a provisional verdict
 at once; the end of the acquisition gets the final one. Verdicts are published on the status topic only when
-something a person would want to see changed, not for every image.
+something a person would want to see changed, not for every image. How many images have arrived is published
+as a ``received`` status at most every ``RECEIVED_INTERVAL_S`` per acquisition (the first update and the last
+always, a held-back count as soon as the interval has passed), so a screen's progress bar moves without one
+message per image.
 
 The engine runs only on an acquisition whose verdict passes, with nothing pending, for a protocol the model's
 manifest lists, on magnitude images: :func:`agent.validation.inference_gate.decide` says so, the same function
@@ -16,15 +19,28 @@ import logging
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from typing import Final
 
-from agent.records import AcquisitionUpdate, StatusEvent, ValidatedUpdate, Verdict
-from agent.status_events import verdict_event
+from agent.records import AcquisitionUpdate, AcquisitionView, StatusEvent, ValidatedUpdate, Verdict
+from agent.status_events import received_event, series_fields, verdict_event
 from agent.validation.inference_gate import decide
 from agent.validation.protocols import SequenceProtocol
 from agent.validation.rules import evaluate
 from agent.vocabulary import EndedBy, Outcome, StatusKind, UpdateKind
 
 logger = logging.getLogger(__name__)
+
+#: Least time between two ``received`` status messages of one acquisition (s): a 200-image series exported in
+#: a few seconds gives a handful of messages, not two hundred, and a progress bar still moves smoothly.
+RECEIVED_INTERVAL_S: Final = 0.5
+
+
+@dataclass(slots=True)
+class _ReceivedState:
+    """When the last ``received`` of one acquisition went out (monotonic s), and the view held back since."""
+
+    sent_at: float
+    held: AcquisitionView | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +72,7 @@ class ValidatorStage:
         forward: Callable[[ValidatedUpdate], object],
         publish: Callable[[StatusEvent], None],
         on_verdict: Callable[[VerdictReport], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         usable = [p.id for p in protocols if p.id in model_protocols]
         if not usable:
@@ -69,11 +86,14 @@ class ValidatorStage:
         self._publish = publish
         self._on_verdict = on_verdict
         self._last: dict[str, tuple[Outcome, tuple[str, ...], int]] = {}
+        self._clock = clock
+        self._received: dict[str, _ReceivedState] = {}
 
     def handle(self, update: AcquisitionUpdate) -> None:
         view = update.view
         final = update.kind is not UpdateKind.IMAGES
         now = time.time()
+        self._count_received(view, final=final, now=now)
         verdicts = [evaluate(p, view, final=final, now=now) for p in self._protocols]
         decision = decide(verdicts, view, self._model_protocols)
         chosen, infer = decision.verdict, decision.allowed
@@ -101,12 +121,35 @@ class ValidatorStage:
             self._last[key] = signature
         self._forward(ValidatedUpdate(update=update, verdict=chosen, infer=infer))
 
+    def idle(self) -> None:
+        """Send the ``received`` counts held back whose interval has passed (the stage calls this when idle)."""
+        tick = self._clock()
+        for state in self._received.values():
+            if state.held is not None and tick - state.sent_at >= RECEIVED_INTERVAL_S:
+                self._publish(received_event(state.held, time.time()))
+                state.sent_at, state.held = tick, None
+
+    def _count_received(self, view: AcquisitionView, *, final: bool, now: float) -> None:
+        tick = self._clock()
+        state = self._received.get(view.acquisition_id)
+        if final:
+            self._received.pop(view.acquisition_id, None)
+        elif state is None:
+            self._received[view.acquisition_id] = _ReceivedState(sent_at=tick)
+        elif tick - state.sent_at < RECEIVED_INTERVAL_S:
+            state.held = view
+            return
+        else:
+            state.sent_at, state.held = tick, None
+        self._publish(received_event(view, now))
+
     def _status(
         self, update: AcquisitionUpdate, chosen: Verdict, verdicts: list[Verdict], report: VerdictReport
     ) -> StatusEvent:
         view = update.view
         body = {
             **verdict_event(chosen).body,
+            **series_fields(view),
             "other_protocols": {v.protocol_id: v.outcome.value for v in verdicts if v is not chosen},
             "echo_times_ms": list(view.echo_times_ms),
             "slices_per_echo": list(view.slices_per_echo),
