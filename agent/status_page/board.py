@@ -328,7 +328,7 @@ class StatusBoard:
         if event.acquisition_id is None:
             return
         card = self._card(event.acquisition_id)
-        if kind in (StatusKind.VERDICT, _RECEIVED):
+        if kind in (StatusKind.VERDICT, StatusKind.RECEIVED):
             self._images(card, body)
             card.waiting = False
         if kind == StatusKind.VERDICT:
@@ -520,8 +520,3 @@ class StatusBoard:
             preview=card.preview,
             updated_at=card.updated_at,
         )
-
-
-#: The ``received`` status kind (images arriving; schema 1.3). Compared by value so that the board reads it
-#: whether or not this build's vocabulary names it yet.
-_RECEIVED: Final = "received"
