@@ -426,6 +426,8 @@ class StatusPageConfig:
     token_file: Path | None = None
     #: Event streams (open browser tabs) served at once; one more gets 503.
     max_clients: int = 16
+    #: Hours an acquisition stays on the page after its first image (the board also keeps at most a fixed count).
+    history_hours: float = 12.0
 
     def __post_init__(self) -> None:
         if self.listen:
@@ -437,6 +439,8 @@ class StatusPageConfig:
             raise ConfigError("status_page.auth", self.auth, " or ".join(map(repr, PAGE_AUTH_MODES)))
         if self.max_clients < 1:
             raise ConfigError("status_page.max_clients", self.max_clients, "an integer >= 1 (event streams)")
+        if not (math.isfinite(self.history_hours) and self.history_hours > 0):
+            raise ConfigError("status_page.history_hours", self.history_hours, "a number of hours > 0")
         if (self.tls_certificate is None) != (self.tls_key is None):
             missing = "status_page.tls_key" if self.tls_key is None else "status_page.tls_certificate"
             raise ConfigError(missing, "", "a file: TLS needs both tls_certificate and tls_key")
