@@ -29,6 +29,7 @@ from agent.publish.publisher import Publisher
 from agent.publish.security import publish_security
 from agent.publish.volume_archive import VolumeArchive
 from agent.records import Publication
+from agent.status_page.access import check_page_access
 from agent.status_page.board import EngineLine
 from agent.status_page.status_page import StatusPage
 from agent.validation.protocol_files import SHIPPED_PROTOCOLS_DIR, load_protocols
@@ -81,6 +82,9 @@ class AgentService:
         try:
             curve = publish_security(config.publish)
             self.metrics.set_curve(curve is not None)
+            check_page_access(
+                config.status_page
+            )  # a bad page certificate or key fails now, not after warm-up
             config.state.folder.mkdir(parents=True, exist_ok=True)
             self._journal = Journal(config.state.folder / JOURNAL_FILE)
             try:

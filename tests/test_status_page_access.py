@@ -24,11 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from agent_support import agent_config, write_test_model, write_test_protocol
 
 from agent.ops.config import AgentConfig, ConfigError, StatusPageConfig
 from agent.ops.config_loader import load_config
 from agent.ops.metrics import AgentMetrics
 from agent.ops.preflight import Status, check_status_page
+from agent.service import AgentService
 from agent.status_page import http_handler, http_server
 from agent.status_page.access import COOKIE_NAME, COOKIE_NAME_TLS, MAX_FAILURES
 from agent.status_page.credentials import create_token_file, set_user
@@ -773,3 +775,20 @@ def test_an_ipv6_loopback_address_is_served() -> None:
         connection.request("GET", "/")
         assert connection.getresponse().status == 200
         connection.close()
+
+
+def test_the_agent_refuses_an_unsafe_page_key_before_it_loads_the_engine(
+    tmp_path: Path, certificate: tuple[Path, Path]
+) -> None:
+    """A page key others can read stops ``AgentService.start`` at its first step, naming the key and the mode,
+    before minutes of engine warm-up: the technologist's page never runs on a key anyone could have copied."""
+    cert, key = make_certificate(tmp_path, "loose")
+    key.chmod(0o644)
+    root = tmp_path / "agent"
+    config = agent_config(root, write_test_protocol(root / "protocols"), write_test_model(root / "model"))
+    page, _ = token_config(tmp_path, (cert, key))
+    service = AgentService(dataclasses.replace(config, status_page=page))
+    with pytest.raises(ConfigError, match=r"status_page\.tls_key.*0644") as refused:
+        service.start()
+    assert "chmod 600" in str(refused.value)
+    assert service.manifest is None  # stopped before the model was even read

@@ -441,3 +441,13 @@ def _cookie(header: str, name: str) -> str | None:
         if sep and key == name:
             return value.strip().strip('"')
     return None
+
+
+def check_page_access(config: StatusPageConfig) -> None:
+    """Load the page's TLS files and credential file once, so that a bad one stops the agent at its first step
+    (with the ConfigError naming the key and the file) instead of after the engine's warm-up."""
+    if not config.enabled:
+        return
+    server_tls_context(config)
+    if config.auth != "none":
+        Authenticator(config)
