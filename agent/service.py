@@ -29,6 +29,9 @@ from agent.publish.publisher import Publisher
 from agent.publish.security import publish_security
 from agent.publish.volume_archive import VolumeArchive
 from agent.records import Publication
+from agent.status_page.access import check_page_access
+from agent.status_page.board import EngineLine
+from agent.status_page.status_page import StatusPage
 from agent.validation.protocol_files import SHIPPED_PROTOCOLS_DIR, load_protocols
 from agent.validation.protocols import SequenceProtocol
 from engines.backends.base import BackendOptions
@@ -52,6 +55,8 @@ class Endpoints:
     snapshot: str = ""
     #: The publisher runs CURVE: subscribers need its public key and a key on the allow-list.
     curve: bool = False
+    #: The technologist's status page (agent/status_page), "" when off.
+    page_url: str = ""
 
 
 class AgentService:
@@ -65,6 +70,7 @@ class AgentService:
         self._watcher: Watcher | None = None
         self._stages: Stages | None = None
         self._retention: Retention | None = None
+        self._page: StatusPage | None = None
         self._started = False
         self._lock = threading.Lock()
         self.protocols: tuple[SequenceProtocol, ...] = ()
@@ -76,6 +82,9 @@ class AgentService:
         try:
             curve = publish_security(config.publish)
             self.metrics.set_curve(curve is not None)
+            check_page_access(
+                config.status_page
+            )  # a bad page certificate or key fails now, not after warm-up
             config.state.folder.mkdir(parents=True, exist_ok=True)
             self._journal = Journal(config.state.folder / JOURNAL_FILE)
             try:
@@ -155,7 +164,7 @@ class AgentService:
                 send_hwm=config.publish.send_hwm,
                 queue_depth=config.pipeline.queue_depth,
                 on_sent=services.sent,
-                on_subscribers=self.metrics.set_subscribers,
+                on_subscribers=self._subscribers,
                 on_dropped=self.metrics.dropped,
                 on_rejected=self.metrics.subscriber_rejected,
                 on_snapshot=self.metrics.snapshot_served,
@@ -163,6 +172,14 @@ class AgentService:
                 on_snapshot_request=self.metrics.snapshot_requested,
             )
             self._publisher.start()
+            if config.status_page.enabled:
+                self._page = StatusPage(
+                    config.status_page, self.protocols, self.manifest.validated_protocols, self.metrics
+                )
+                self._page.set_engine(
+                    EngineLine(self.manifest.label, info.backend, info.precision, str(info.device), warm=True)
+                )
+                self._page.start()
             services.engine_refusals(info.details.get("refusals", []))
             services.republish_archive()
             if dicom_folder is not None:
@@ -209,8 +226,8 @@ class AgentService:
         self.metrics.set_ready(True)
         endpoints = self.endpoints
         logger.info(
-            "ready: watching %s (%s), publishing on %s (snapshots %s, %s), DICOM %s, metrics %s, model %s on %s "
-            "%s, protocols %s",
+            "ready: watching %s (%s), publishing on %s (snapshots %s, %s), DICOM %s, metrics %s, status page %s, "
+            "model %s on %s %s, protocols %s",
             config.watch.folder,
             config.watch.observer,
             endpoints.publish,
@@ -218,6 +235,7 @@ class AgentService:
             "CURVE" if endpoints.curve else "plain",
             config.dicom_folder or "off",
             endpoints.metrics_url or "off",
+            endpoints.page_url or "off",
             self.manifest.label,
             info.backend,
             info.precision,
@@ -229,6 +247,9 @@ class AgentService:
         """Stop in data-flow order; safe to call twice and after a failed start."""
         with self._lock:
             self.metrics.set_ready(False)
+            if self._page is not None:  # first: no browser waits on a pipeline that is going away
+                self._page.stop()
+                self._page = None
             if self._watcher is not None:
                 self._watcher.stop()
                 self._watcher = None
@@ -266,13 +287,15 @@ class AgentService:
         url = None
         if self._metrics_server is not None:
             url = f"http://{self._metrics_server.host}:{self._metrics_server.port}/metrics"
+        page_url = self._page.url if self._page is not None else ""
         if publisher is None:
-            return Endpoints(publish="", metrics_url=url)
+            return Endpoints(publish="", metrics_url=url, page_url=page_url)
         return Endpoints(
             publish=publisher.endpoint,
             metrics_url=url,
             snapshot=publisher.snapshot_endpoint or "",
             curve=publisher.secure,
+            page_url=page_url,
         )
 
     def healthy(self) -> bool:
@@ -282,9 +305,20 @@ class AgentService:
             self.metrics.heartbeat()
         return ok
 
+    def _subscribers(self, count: int) -> None:
+        """Subscribers connected (the publisher's thread): the gauge and the page's header."""
+        self.metrics.set_subscribers(count)
+        page = self._page
+        if page is not None:
+            page.set_subscribers(count)
+
     def _submit(self, item: Publication) -> None:
-        """Hand an item to the publisher. Stages stop before the publisher, so only an item produced after a stop
-        (or a failed start) finds none: it is logged, never dropped silently."""
+        """Hand an item to the publisher, and show it on the status page first (a quick board update; the page
+        reads what is published and never holds the stage). Stages stop before the publisher, so only an item
+        produced after a stop (or a failed start) finds none: it is logged, never dropped silently."""
+        page = self._page
+        if page is not None:
+            page.feed(item)
         publisher = self._publisher
         if publisher is None:
             logger.warning("not published (the publisher is stopped): %s", type(item).__name__)

@@ -200,3 +200,20 @@ class LogEvent(StrEnum):
     STAGE_ERROR = "stage_error"  # a stage's handler raised
     ACQUISITION_END = "acquisition_end"  # the one canonical line per acquisition
     SUMMARY_DROPPED = "summary_dropped"  # more acquisitions open than the summaries keep
+
+
+# --------------------------------------------------------------------------------------------- status page
+
+
+class PageState(StrEnum):
+    """Where an acquisition is, as the technologist's status page says it (agent/status_page/board.py)."""
+
+    RECEIVING = "receiving"  # images arriving, judged as they come
+    JUDGING = "judging"  # seen, not yet judged (or ended and waiting for the final verdict)
+    STREAMING = "streaming"  # passed: sCT slabs are being computed and sent
+    PUBLISHED = "published"  # the sCT volume went out
+    REJECTED = "rejected"  # a protocol rule failed: fix the console and scan again
+    INCOMPLETE = "incomplete"  # images announced but never received: send the series again
+    FAILED = "failed"  # a stage failed on it (engine, pixel read): no sCT
+    NOT_INFERRED = "not inferred"  # passed a protocol the model is not validated for: no sCT
+    WAITING = "waiting"  # not taken yet: too little free disk space

@@ -24,6 +24,7 @@ from agent.ops.config import (
     ProtocolsConfig,
     PublishConfig,
     StateConfig,
+    StatusPageConfig,
     WatchConfig,
 )
 from agent.validation.protocol_files import SHIPPED_PROTOCOLS_DIR
@@ -82,4 +83,5 @@ def agent_config(
         ),
         dicom=DicomConfig(folder=root / "dicom"),
         metrics=MetricsConfig(listen="127.0.0.1:0"),
+        status_page=StatusPageConfig(listen="127.0.0.1:0"),
     )

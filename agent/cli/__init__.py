@@ -2,7 +2,8 @@
 
 Subcommands are the tools of the people who use the product: the agent itself (`run`), the protocol check IT
 and the MRI technologist run on a test export before the first patient (`check`), the subscriber (`listen`),
-CURVE keys for both (`keys`), the inference engine IT builds once per machine (`engine build`), the preflight IT
+CURVE keys for both (`keys`), the status page's users and token (`page-user`,
+`page-token`), the inference engine IT builds once per machine (`engine build`), the preflight IT
 runs before the service starts or when it will not (`doctor`), sending sCT DICOM series again (`resend`), and,
 for developers and evaluators, the simulated scanner (`simulate`), the demo, training and evaluation of the model.
 """
@@ -37,6 +38,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "check the configuration, model, engine cache, keys, ports and folders before the service starts",
     ),
     "keys": ("agent.cli.keys", "create CURVE key pairs for the publisher and its subscribers"),
+    "page-user": ("agent.cli.page_user", "add or change a status page user (basic auth), or remove one"),
+    "page-token": ("agent.cli.page_token", "make the status page's access token file (token auth, kiosks)"),
     "resend": (
         "agent.cli.resend",
         "send sCT DICOM series folders to a DICOM peer (C-STORE), e.g. after the PACS was down",

@@ -5,7 +5,9 @@ plays a scanner: a dual-echo lumbar series that matches the seed protocol is exp
 realistic pace into the agent's export folder, followed by one that deviates (TE2 4.8 ms). It prints what the
 technologist and the robot see: each verdict with its reasons, the first-image-to-verdict and last-file-to-
 volume latencies, and the error of the received synthetic CT against the phantom's true CT; it writes a
-picture (MR echo 1 | sCT | true CT, sagittal and axial) and stops everything it started.
+picture (MR echo 1 | sCT | true CT, sagittal and axial) and stops everything it started. While it runs, the
+agent's status page (the technologist's screen) shows both series live at the address it prints; ``--stay``
+keeps the agent and its page up afterwards until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -127,6 +129,8 @@ class DemoResult:
     dicom_series: Path | None
     agent_exit_status: int
     metrics: dict[str, float]
+    #: The agent's status page while it ran.
+    page_url: str = ""
 
 
 def _metrics(url: str) -> dict[str, float]:
@@ -164,6 +168,7 @@ def run_demo(
     rate: float = DEFAULT_RATE,
     backend: str = AUTO,
     log: bool = True,
+    stay: bool = False,
 ) -> DemoResult:
     def say(text: str) -> None:
         if log:
@@ -190,6 +195,7 @@ def run_demo(
         )
         process.wait_ready(START_TIMEOUT_S)
         say(f"agent ready, publishing on {endpoint}; metrics on {metrics_url}")
+        say(f"status page (the technologist's screen; open it in a browser): {config.page_url}")
         listener = _Listener(endpoint, config.snapshot, out / "received")
         thread = threading.Thread(target=listener.run, name="demo-listener")
         thread.start()
@@ -210,6 +216,13 @@ def run_demo(
             if case is passing and not _wait(listener.dicom_reported, RESULT_TIMEOUT_S):
                 raise RuntimeError(f"no sCT DICOM series within {RESULT_TIMEOUT_S:.0f} s; see {agent_log}")
         metrics = _metrics(metrics_url)
+        if stay:
+            say(f"the agent and its status page stay up at {config.page_url}; press Ctrl-C to stop them")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
     finally:
         if listener is not None and thread is not None:
             listener.stop.set()
@@ -268,6 +281,7 @@ def run_demo(
         dicom_series=None if (dicom := listener.dicom_series()) is None else out / "var" / "dicom" / dicom,
         agent_exit_status=exit_status,
         metrics=metrics,
+        page_url=config.page_url,
     )
 
 
@@ -292,11 +306,16 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument(
         "--backend", default=AUTO, choices=[AUTO, *BACKENDS], help="inference backend (default: auto)"
     )
+    parser.add_argument(
+        "--stay",
+        action="store_true",
+        help="keep the agent and its status page running after the demo, until Ctrl-C",
+    )
     parser.set_defaults(handler=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
-    result = run_demo(args.out, args.seed, rate=args.rate, backend=args.backend)
+    result = run_demo(args.out, args.seed, rate=args.rate, backend=args.backend, stay=args.stay)
     print()
     for series in result.series:
         print(
@@ -320,5 +339,6 @@ def _main(args: argparse.Namespace) -> int:
     print(f"received: {result.received}")
     print(f"sCT DICOM CT series: {result.dicom_series or 'NOT WRITTEN (see the agent log)'}")
     print(f"picture: {result.picture}")
+    print(f"status page (while the agent ran): {result.page_url}")
     print(f"agent stopped with exit status {result.agent_exit_status}")
     return 0 if result.agent_exit_status == 0 else 1

@@ -3,7 +3,7 @@
 One line per check, OK, WARN or FAIL, each naming the setting, the value found and what is expected: the
 configuration (the same loader as ``run``), the protocol files, the model and its weights' sha256, the engine
 cache (whether this machine's engine is built and accepted, or how long the first start will take to build it;
-nothing is built), the CURVE keys, the ports (bound and released), the export folder, free space and the systemd
+nothing is built), the CURVE keys, the status page's certificate and credential files, the ports (bound and released), the export folder, free space and the systemd
 unit. Exit status 0 when nothing FAILs (WARNs allowed), 1 otherwise. Run it as the service user with the
 service's configuration, since access and ownership are checked for whoever runs it:
 ``sudo -u sct-agent /opt/sct-agent/.venv/bin/sct-agent doctor --config /etc/sct-agent/agent.toml``.
@@ -52,6 +52,7 @@ def run_checks(config_path: Path | None) -> list[Check]:
         preflight.check_engine_cache_dir(config),
         preflight.check_engine(config, manifest, config_path),
         *preflight.check_keys(config),
+        *preflight.check_status_page(config),
         *preflight_host.check_ports(config),
         *preflight_host.check_export_folder(config.watch),
         *preflight_host.check_free_spaces(config),

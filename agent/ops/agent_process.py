@@ -33,6 +33,8 @@ class LoopbackConfig:
     endpoint: str
     metrics_url: str
     snapshot: str
+    #: The technologist's status page (agent/status_page).
+    page_url: str = ""
 
 
 def write_loopback_config(
@@ -47,17 +49,23 @@ def write_loopback_config(
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     snapshot = f"tcp://127.0.0.1:{free_port()}"
     metrics = f"127.0.0.1:{free_port()}"
+    page = f"127.0.0.1:{free_port()}"
     path = folder / "agent.toml"
     path.write_text(
         "# The defaults, with this folder's export/ and var/ and free loopback ports.\n"
         '[watch]\nfolder = "export"\n\n[state]\nfolder = "var"\n\n'
         f'[publish]\nendpoint = "{endpoint}"\nsnapshot_endpoint = "{snapshot}"\n\n[metrics]\nlisten = "{metrics}"\n\n'
+        f'[status_page]\nlisten = "{page}"\n\n'
         f'[engine]\nbackend = "{backend}"\n'
         + (f'cache_dir = "{engine_cache}"\n' if engine_cache is not None else "")
         + f"\n[assembly]\nquiet_period_s = {quiet_period_s}\n{extra}"
     )
     return LoopbackConfig(
-        path=path, endpoint=endpoint, metrics_url=f"http://{metrics}/metrics", snapshot=snapshot
+        path=path,
+        endpoint=endpoint,
+        metrics_url=f"http://{metrics}/metrics",
+        snapshot=snapshot,
+        page_url=f"http://{page}/",
     )
 
 

@@ -12,10 +12,14 @@ returns every path absolute, so a later ``chdir`` cannot change what the agent r
 
 A bad value stops start-up with a :class:`ConfigError` naming ``section.key``, where it came from, the value found
 and what is expected: a typo found at start-up costs a minute, found during a surgery it costs the sCT.
+
+One module on purpose: every section, its defaults and its checks side by side, because the loader derives the
+whole schema from this one module and IT reads one file to learn what each key accepts.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,11 +109,11 @@ def _non_negative_int(key: str, value: int, meaning: str) -> None:
         raise ConfigError(key, value, f"an integer >= 0 ({meaning})")
 
 
-def split_listen(listen: str) -> tuple[str, int]:
+def split_listen(listen: str, off: str = "metrics off", example: str = "127.0.0.1:9108") -> tuple[str, int]:
     """``"host:port"`` or ``"[v6 address]:port"`` as (host, port); raises ValueError saying what is wrong."""
     host, sep, port_text = listen.rpartition(":")
     if not sep or not host:
-        raise ValueError("a 'host:port' address such as '127.0.0.1:9108' ('' = metrics off)")
+        raise ValueError(f"a 'host:port' address such as '{example}' ('' = {off})")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     elif ":" in host:
@@ -385,6 +389,113 @@ class MetricsConfig:
         return split_listen(self.listen)
 
 
+#: How the status page authenticates a person (agent.status_page.access).
+PAGE_AUTH_MODES = ("none", "basic", "token")
+#: Host names that are the loopback interface whatever the resolver says.
+LOOPBACK_NAMES = ("localhost", "ip6-localhost")
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses; any other name counts as the network (what it resolves to
+    can change), and so do the wildcards ``0.0.0.0`` and ``::``."""
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class StatusPageConfig:
+    """The technologist's status page: its HTTP address and who may read it (agent.status_page).
+
+    Off loopback the page needs TLS and authentication; the files are checked when the server starts (they must
+    exist, load, and be private: agent.status_page.access), not here, so that a config can be built and printed on
+    a machine that does not hold them.
+    """
+
+    #: "host:port" as ``metrics.listen``; "" = no status page.
+    listen: str = "127.0.0.1:9110"
+    #: PEM certificate (chain) and its unencrypted private key; both or neither. None = plain HTTP.
+    tls_certificate: Path | None = None
+    tls_key: Path | None = None
+    #: "none" (loopback only), "basic" (users file of salted PBKDF2 hashes) or "token" (a token file).
+    auth: str = "none"
+    basic_users_file: Path | None = None
+    token_file: Path | None = None
+    #: Event streams (open browser tabs) served at once; one more gets 503.
+    max_clients: int = 16
+    #: Hours an acquisition stays on the page after its first image (the board also keeps at most a fixed count).
+    history_hours: float = 12.0
+
+    def __post_init__(self) -> None:
+        if self.listen:
+            try:
+                split_listen(self.listen, off="no status page", example="127.0.0.1:9110")
+            except ValueError as exc:
+                raise ConfigError("status_page.listen", self.listen, str(exc)) from None
+        if self.auth not in PAGE_AUTH_MODES:
+            raise ConfigError("status_page.auth", self.auth, " or ".join(map(repr, PAGE_AUTH_MODES)))
+        if self.max_clients < 1:
+            raise ConfigError("status_page.max_clients", self.max_clients, "an integer >= 1 (event streams)")
+        if not (math.isfinite(self.history_hours) and self.history_hours > 0):
+            raise ConfigError("status_page.history_hours", self.history_hours, "a number of hours > 0")
+        if (self.tls_certificate is None) != (self.tls_key is None):
+            missing = "status_page.tls_key" if self.tls_key is None else "status_page.tls_certificate"
+            raise ConfigError(missing, "", "a file: TLS needs both tls_certificate and tls_key")
+        if self.auth == "basic" and self.basic_users_file is None:
+            raise ConfigError(
+                "status_page.basic_users_file",
+                "",
+                "a users file with auth = 'basic' (create it with `sct-agent page-user NAME`)",
+            )
+        if self.auth == "token" and self.token_file is None:
+            raise ConfigError(
+                "status_page.token_file",
+                "",
+                "a token file with auth = 'token' (create it with `sct-agent page-token`)",
+            )
+        if self.enabled and not is_loopback_host(self.host):
+            if not self.tls:
+                raise ConfigError(
+                    "status_page.tls_certificate",
+                    "",
+                    f"a certificate and key: {self.listen} is reachable from other machines, so the page needs TLS "
+                    f"(status_page.tls_certificate and status_page.tls_key)",
+                )
+            if self.auth == "none":
+                raise ConfigError(
+                    "status_page.auth",
+                    self.auth,
+                    f"'basic' or 'token': {self.listen} is reachable from other machines, so the page needs "
+                    f"authentication",
+                )
+
+    @property
+    def enabled(self) -> bool:
+        return self.listen != ""
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_certificate is not None
+
+    @property
+    def host(self) -> str:
+        """The address to bind, without IPv6 brackets; ValueError when the page is off."""
+        return self._address()[0]
+
+    @property
+    def port(self) -> int:
+        """The port to bind; 0 = any free port. ValueError when the page is off."""
+        return self._address()[1]
+
+    def _address(self) -> tuple[str, int]:
+        if not self.enabled:
+            raise ValueError("status_page.listen is '' (no status page): there is no address to bind")
+        return split_listen(self.listen)
+
+
 @dataclass(frozen=True, slots=True)
 class PipelineConfig:
     """Bounds between stages: a slow stage applies back-pressure instead of growing memory."""
@@ -451,6 +562,7 @@ class AgentConfig:
     dicom: DicomConfig = field(default_factory=DicomConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    status_page: StatusPageConfig = field(default_factory=StatusPageConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 

@@ -99,6 +99,22 @@ STATED_SNAPSHOT_REASONS: Final = (
 #: Those, "unstated" from a client that does not say (schema 1.1), "other" for a reason this agent does not know.
 SNAPSHOT_REQUEST_REASONS: Final = (*STATED_SNAPSHOT_REASONS, "unstated", "other")
 
+#: What became of a request the status page let in (agent.status_page.http_server): a page, file or event stream
+#: served (or a redirect after a token), no such route (404), a route that raised (500).
+PAGE_OUTCOMES: Final = ("served", "not_found", "failed")
+#: Why the status page refused a request: no credentials, wrong ones, too many wrong ones from the address
+#: (throttled), a method other than GET/HEAD, too many clients or connections (busy), a malformed or oversized
+#: request (or a Host that is not this machine's on an unauthenticated loopback page), a failed TLS handshake.
+PAGE_REFUSALS: Final = (
+    "no_credentials",
+    "bad_credentials",
+    "throttled",
+    "method",
+    "busy",
+    "bad_request",
+    "tls",
+)
+
 #: Queue names are chosen by the composing module, not listed here; they must be short identifiers and there
 #: may be at most ``MAX_QUEUES`` of them, which bounds the queue-depth series just as a fixed set would.
 MAX_QUEUES: Final = 16
@@ -398,6 +414,7 @@ class AgentMetrics:
         self._build = Info("build", "The agent's version.", namespace=ns, registry=reg)
         self._build.info({"version": __version__})
         self._init_storage(reg)
+        self._init_status_page(reg)
 
         self._queue_lock = threading.Lock()
         self._queues: set[str] = set()
@@ -794,3 +811,47 @@ class AgentMetrics:
         """Count one retention run and stamp when it ended."""
         self._retention_runs.inc()
         self._retention_last.set_to_current_time()
+
+    # ------------------------------------------------------------------------------------------ status page
+
+    def _init_status_page(self, reg: CollectorRegistry) -> None:
+        ns = NAMESPACE
+        self._page_requests = Counter(
+            "page_requests",
+            "Status page requests let in, by outcome (served, not_found, failed).",
+            ["outcome"],
+            namespace=ns,
+            registry=reg,
+        )
+        self._page_refused = Counter(
+            "page_refused",
+            "Status page requests refused, by reason (no_credentials, bad_credentials, throttled, method, busy, "
+            "bad_request, tls).",
+            ["reason"],
+            namespace=ns,
+            registry=reg,
+        )
+        self._page_streams = Gauge(
+            "page_event_streams",
+            "Status page event streams open (browsers showing the page live).",
+            namespace=ns,
+            registry=reg,
+        )
+        for outcome in PAGE_OUTCOMES:
+            self._page_requests.labels(outcome=outcome)
+        for reason in PAGE_REFUSALS:
+            self._page_refused.labels(reason=reason)
+
+    def page_request(self, outcome: str) -> None:
+        """Count one status page request that was let in: served, not_found or failed."""
+        self._page_requests.labels(outcome=_check_label("outcome", outcome, PAGE_OUTCOMES)).inc()
+
+    def page_refused(self, reason: str) -> None:
+        """Count one status page request refused, by reason (``PAGE_REFUSALS``)."""
+        self._page_refused.labels(reason=_check_label("reason", reason, PAGE_REFUSALS)).inc()
+
+    def set_page_event_streams(self, n: int) -> None:
+        """Set how many status page event streams are open."""
+        if n < 0:
+            raise ValueError(f"page event streams must be >= 0; got {n}")
+        self._page_streams.set(n)

@@ -1,5 +1,5 @@
 """Preflight checks of what the agent needs from its own files before it starts: the configuration, the protocol
-files, the model, the engine cache and the CURVE keys (``sct-agent doctor``; the machine's side, ports, folders,
+files, the model, the engine cache, the CURVE keys and the status page's TLS and credential files (``sct-agent doctor``; the machine's side, ports, folders,
 free space and the systemd unit, is :mod:`agent.ops.preflight_host`).
 
 Why a separate command: ``sct-agent run`` stops at the first problem, and only after seconds of loading; hospital
@@ -28,6 +28,7 @@ from typing import Final
 from agent.ops.config import AgentConfig, ConfigError
 from agent.ops.config_loader import SECTIONS, env_name, load_config
 from agent.publish.security import exposed_endpoints, publish_security
+from agent.status_page.access import Authenticator, server_tls_context
 from agent.validation.protocol_files import (
     PROTOCOL_SUFFIX,
     SHIPPED_PROTOCOLS_DIR,
@@ -80,7 +81,8 @@ class Status(StrEnum):
 class Check:
     """One line of the doctor's report."""
 
-    #: The group of checks: config, protocols, model, engine, keys, ports, export folder, free space, systemd.
+    #: The group of checks: config, protocols, model, engine, keys, status page, ports, export folder, free space,
+    #: systemd.
     name: str
     status: Status
     #: What the line is about: a setting (``section.key``) or a file.
@@ -346,6 +348,47 @@ def check_keys(config: AgentConfig) -> list[Check]:
             f"{publish.allowed_keys_folder}: {len(server.allowed)} subscriber key(s) allowed",
         )
     )
+    return checks
+
+
+def check_status_page(config: AgentConfig) -> list[Check]:
+    """The status page's certificate, key and users or token file, loaded exactly as the page's server loads them."""
+    page = config.status_page
+    if not page.enabled:
+        return [Check("status page", Status.OK, "status_page.listen", "'' (no status page)")]
+    try:
+        server_tls_context(page)
+        Authenticator(page)
+    except ConfigError as error:
+        return [
+            Check(
+                "status page", Status.FAIL, error.attribute, str(error).removeprefix(f"{error.attribute}: ")
+            )
+        ]
+    scheme = "https" if page.tls else "http"
+    checks = [
+        Check(
+            "status page", Status.OK, "status_page.listen", f"{scheme}://{page.listen}/, auth {page.auth!r}"
+        )
+    ]
+    files = (
+        ("status_page.tls_certificate", page.tls_certificate, "loads with its key (TLS 1.2 or later)"),
+        ("status_page.tls_key", page.tls_key, "private"),
+        (
+            "status_page.basic_users_file",
+            page.basic_users_file if page.auth == "basic" else None,
+            "private, parses",
+        ),
+        (
+            "status_page.token_file",
+            page.token_file if page.auth == "token" else None,
+            "private, a usable token",
+        ),
+    )
+    for attribute, path, found in files:
+        if path is not None:
+            mode = stat.filemode(path.stat().st_mode)
+            checks.append(Check("status page", Status.OK, attribute, f"{path}: {found}, mode {mode}"))
     return checks
 
 
