@@ -65,6 +65,23 @@ class Identity:
     def patient_name(self) -> str:
         return f"{self.family_name}^{self.given_name}"
 
+    def forbidden_texts(self) -> tuple[str, ...]:
+        """Everything of this identity that must not appear in a log, message or page, lower case: the name and
+        its components, the ID, the birth date as DICOM writes it and as a person does, the accession number and
+        the UID root."""
+        date = self.birth_date
+        texts = (
+            self.patient_name,
+            self.family_name,
+            self.given_name,
+            self.patient_id,
+            date,
+            f"{date[:4]}-{date[4:6]}-{date[6:]}",
+            self.accession_number,
+            self.uid_root,
+        )
+        return tuple(text.lower() for text in texts)
+
 
 def restamp(
     sources: Sequence[Path],

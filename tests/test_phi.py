@@ -45,21 +45,8 @@ SENTINEL = Identity(
     accession_number="ACC5550123Q",
     uid_root="1.3.6.1.4.1.99999.31337",
 )
-#: Everything that must not appear, lower case: the name, its components, the ID, the birth date in the two
-#: ways it is written, the accession number and the UID root.
-FORBIDDEN = tuple(
-    text.lower()
-    for text in (
-        SENTINEL.patient_name,
-        SENTINEL.family_name,
-        SENTINEL.given_name,
-        SENTINEL.patient_id,
-        SENTINEL.birth_date,
-        "1923-09-17",
-        SENTINEL.accession_number,
-        SENTINEL.uid_root,
-    )
-)
+#: Everything that must not appear, lower case.
+FORBIDDEN = SENTINEL.forbidden_texts()
 PASSING_SEED = 900301
 #: Smaller in-plane than the other end-to-end tests (81 x 81 pixels, 40 slices): this module starts two agents,
 #: and the CPU engine's time per slab grows with the in-plane area.

@@ -50,19 +50,8 @@ SENTINEL = Identity(
     accession_number="ACC7719302Z",
     uid_root="1.3.6.1.4.1.99999.4242",
 )
-FORBIDDEN = tuple(
-    text.lower()
-    for text in (
-        SENTINEL.patient_name,
-        SENTINEL.family_name,
-        SENTINEL.given_name,
-        SENTINEL.patient_id,
-        SENTINEL.birth_date,
-        "1931-02-14",
-        SENTINEL.accession_number,
-        SENTINEL.uid_root,
-    )
-)
+#: Everything that must not appear, lower case.
+FORBIDDEN = SENTINEL.forbidden_texts()
 #: 81 x 81 pixels, 40 slices: three slabs on the CPU engine in a few seconds.
 FOV_MM = (60.0, 60.0, 36.0)
 SEED = 424242
