@@ -8,16 +8,9 @@ decided from the acquisition's own counts. An association that ends mid-series (
 sends a series in several associations) is nothing special: the assembler waits for the rest as it waits
 for a slow export, up to the quiet period.
 
-Why each instance is written before it is confirmed: a success status tells the scanner it may forget the
-image, so it is returned only once the file is on disk and durable (written under a hidden temporary name,
-fsynced, renamed into place, its folder fsynced). A write that fails, a full disk, or less free space than
-``receive.min_free_mb`` is answered with 0xA700 "out of resources": the scanner keeps the image and retries
-later. The file is the received bytes unchanged (the dataset in the transfer syntax it came in, behind Part-10
-file meta), under ``<state>/received/<series digest>/<instance digest>.dcm``: digests, never a name or UID
-that could carry patient data. A second copy of an instance replaces the first (same name); the assembler
-counts it as a duplicate. When the agent starts, what is already there (a restart in the middle of a series)
-is handed over again, as the watcher's start-up scan does; acquisitions the journal says were finished are
-skipped by the assembler. Retention prunes the folder (agent.ops.retention).
+Each instance is durable on disk before it is confirmed (agent.ingest.received_folder); a failed write, a full
+disk or less free space than ``receive.min_free_mb`` gets 0xA700 "out of resources", so the scanner keeps the
+image and retries. At start, what the folder holds (a restart mid-series) is handed over again.
 
 What is negotiated, and why refusing there: MR Image Storage and Enhanced MR Image Storage, the only SOP classes
 the agent judges, in the transfer syntaxes its reader decodes on this machine (agent.ingest.transfer_syntax):
@@ -38,14 +31,13 @@ run there, so ``sink`` may block (back-pressure reaches the sender as a slower c
 from __future__ import annotations
 
 import errno
-import hashlib
 import ipaddress
 import logging
-import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
@@ -68,6 +60,7 @@ from pynetdicom.events import Event, EventHandlerType
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from agent.ingest.received_folder import PREAMBLE, digest, received_files, write_durably
 from agent.ingest.transfer_syntax import LOSSLESS_COMPRESSED
 from agent.ops.config import ReceiveConfig
 from agent.records import ArrivedFile
@@ -106,12 +99,6 @@ _CONTEXT_SOP_CLASS: Final = 0x03
 _CONTEXT_TRANSFER_SYNTAX: Final = 0x04
 #: SOP classes named in the line that says which were not taken (storescu offers every storage class).
 _SOP_CLASSES_LOGGED: Final = 5
-#: Hex digits of the digests that name received folders and files.
-DIGEST_HEX: Final = 16
-#: Suffix of a file being written (hidden, and removed at start if a crash left it).
-PARTIAL_SUFFIX: Final = ".partial"
-#: The Part-10 preamble and prefix that precede the file meta information.
-PREAMBLE: Final = b"\x00" * 128 + b"DICM"
 #: Seconds ``stop`` waits for the start-up scan's thread (it waits on the assembler's inbox only).
 _SCAN_JOIN_S: Final = 10.0
 
@@ -142,11 +129,6 @@ class _Peer:
     refused: int = 0
 
 
-def digest(text: str) -> str:
-    """The name a UID gets on disk: opaque, stable, no patient data."""
-    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:DIGEST_HEX]
-
-
 def _status(code: int, comment: str) -> Dataset:
     status = Dataset()
     status.Status = code
@@ -159,57 +141,6 @@ def calling_ae_title(association: Association) -> str:
     primitive = association.requestor.primitive
     title = primitive.calling_ae_title if primitive is not None else association.requestor.ae_title
     return str(title or "").strip()
-
-
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durably(path: Path, chunks: Sequence[bytes]) -> None:
-    """Write ``chunks`` to ``path`` so that it appears whole or not at all, and survives a power cut once this
-    returns: a hidden temporary name, fsync, rename, fsync of the folder (and of its parent when the folder is
-    new). Raises OSError; nothing is left behind then."""
-    folder = path.parent
-    if not folder.is_dir():
-        folder.mkdir(parents=True, exist_ok=True)
-        _fsync_folder(folder.parent)
-    temporary = folder / f".{path.name}.{os.getpid()}-{threading.get_ident()}{PARTIAL_SUFFIX}"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
-    try:
-        try:
-            for chunk in chunks:
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        temporary.replace(path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    _fsync_folder(folder)
-
-
-def received_files(folder: Path) -> Iterator[Path]:
-    """Complete received files under ``folder``, oldest first; removes what a crash left half-written."""
-    if not folder.is_dir():
-        return
-    found: list[tuple[int, Path]] = []
-    for series in sorted(folder.iterdir()):
-        if series.name.startswith(".") or not series.is_dir():
-            continue
-        for entry in os.scandir(series):
-            if entry.name.endswith(PARTIAL_SUFFIX):
-                Path(entry.path).unlink(missing_ok=True)
-            elif not entry.name.startswith(".") and entry.is_file(follow_symlinks=False):
-                found.append((entry.stat(follow_symlinks=False).st_mtime_ns, Path(entry.path)))
-    found.sort()
-    yield from (path for _, path in found)
 
 
 class StoreScp:
@@ -373,12 +304,9 @@ class StoreScp:
         """Confirmations go out at once: with Nagle's algorithm on, each small C-STORE response can wait for the
         peer's delayed acknowledgement (40 ms on Linux), which caps a series at about 25 images a second."""
         connection = event.assoc.dul.socket
-        raw = connection.socket if connection is not None else None
-        if raw is not None:
-            try:
-                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError as error:  # not fatal: only slower
-                logger.debug("TCP_NODELAY not set on a C-STORE connection: %s", error)
+        if connection is not None and connection.socket is not None:
+            with suppress(OSError):  # not fatal: only slower
+                connection.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _on_requested(self, event: Event) -> None:
         association = event.assoc
@@ -465,17 +393,17 @@ class StoreScp:
             peer = self._peers.pop(id(event.assoc), None)
         if peer is None:
             return
-        how = "released" if event.event is evt.EVT_RELEASED else "aborted"
-        log = logger.info if how == "released" else logger.warning
-        log(
+        aborted = event.event is evt.EVT_ABORTED
+        unfinished = aborted and peer.stored > 0
+        (logger.warning if unfinished else logger.info)(
             "C-STORE association from %r at %s %s: %d instances stored, %d refused%s",
             peer.calling_ae,
             peer.address,
-            how,
+            "aborted" if aborted else "released",
             peer.stored,
             peer.refused,
             "; a series it left unfinished waits for the rest (assembly.quiet_period_s)"
-            if how == "aborted"
+            if unfinished
             else "",
         )
 

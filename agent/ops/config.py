@@ -10,6 +10,9 @@ Relative paths: a path written in the file is taken relative to the file's folde
 folders it names); a default or an environment value is taken relative to the current directory. ``load_config``
 returns every path absolute, so a later ``chdir`` cannot change what the agent reads or writes.
 
+One module on purpose: every section, its defaults and its checks side by side, so that the loader's schema
+(derived from these classes), ``systemd/agent.toml`` and the checks cannot drift apart.
+
 A bad value stops start-up with a :class:`ConfigError` naming ``section.key``, where it came from, the value found
 and what is expected: a typo found at start-up costs a minute, found during a surgery it costs the sCT.
 """
