@@ -14,6 +14,7 @@ import logging
 import threading
 from dataclasses import dataclass
 
+from agent.ingest.store_scp import StoreScp
 from agent.ingest.watcher import Watcher
 from agent.ops import sd_notify
 from agent.ops.acquisition_summary import AcquisitionSummaries
@@ -57,6 +58,8 @@ class Endpoints:
     curve: bool = False
     #: The technologist's status page (agent/status_page), "" when off.
     page_url: str = ""
+    #: Where scanners send by C-STORE, "AE_TITLE@host:port" (the real port); "" when receive is off.
+    receive: str = ""
 
 
 class AgentService:
@@ -68,6 +71,7 @@ class AgentService:
         self._publisher: Publisher | None = None
         self._engine: SctEngine | None = None
         self._watcher: Watcher | None = None
+        self._receiver: StoreScp | None = None
         self._stages: Stages | None = None
         self._retention: Retention | None = None
         self._page: StatusPage | None = None
@@ -140,6 +144,7 @@ class AgentService:
                 dicom_folder=dicom_folder,
                 export_folder=config.watch.folder,
                 metrics=self.metrics,
+                received_folder=config.received_folder,
             )
             retention.run(("snapshot",))  # volumes past their age are not republished below
             summaries = AcquisitionSummaries(
@@ -219,6 +224,16 @@ class AgentService:
             )
             self._watcher.start()
             self.metrics.set_watch_folder(True)
+            if config.receive.enabled:
+                self._receiver = StoreScp(
+                    config.receive,
+                    config.received_folder,
+                    self._stages.entry.put,
+                    self.metrics,
+                    free_bytes=lambda: guard.free_bytes("state"),
+                )
+                self._receiver.start()
+                self.metrics.watch_receive_associations(self._open_associations)
         except BaseException:
             self.stop()
             raise
@@ -226,10 +241,11 @@ class AgentService:
         self.metrics.set_ready(True)
         endpoints = self.endpoints
         logger.info(
-            "ready: watching %s (%s), publishing on %s (snapshots %s, %s), DICOM %s, metrics %s, status page %s, "
-            "model %s on %s %s, protocols %s",
+            "ready: watching %s (%s), C-STORE %s, publishing on %s (snapshots %s, %s), DICOM %s, metrics %s, "
+            "status page %s, model %s on %s %s, protocols %s",
             config.watch.folder,
             config.watch.observer,
+            endpoints.receive or "off",
             endpoints.publish,
             endpoints.snapshot,
             "CURVE" if endpoints.curve else "plain",
@@ -250,6 +266,9 @@ class AgentService:
             if self._page is not None:  # first: no browser waits on a pipeline that is going away
                 self._page.stop()
                 self._page = None
+            if self._receiver is not None:
+                self._receiver.stop()
+                self._receiver = None
             if self._watcher is not None:
                 self._watcher.stop()
                 self._watcher = None
@@ -288,15 +307,24 @@ class AgentService:
         if self._metrics_server is not None:
             url = f"http://{self._metrics_server.host}:{self._metrics_server.port}/metrics"
         page_url = self._page.url if self._page is not None else ""
+        receive = ""
+        if self._receiver is not None:
+            host, port = self._receiver.address
+            receive = f"{self.config.receive.ae_title}@{f'[{host}]' if ':' in host else host}:{port}"
         if publisher is None:
-            return Endpoints(publish="", metrics_url=url, page_url=page_url)
+            return Endpoints(publish="", metrics_url=url, page_url=page_url, receive=receive)
         return Endpoints(
             publish=publisher.endpoint,
             metrics_url=url,
             snapshot=publisher.snapshot_endpoint or "",
             curve=publisher.secure,
             page_url=page_url,
+            receive=receive,
         )
+
+    def _open_associations(self) -> int:
+        receiver = self._receiver
+        return 0 if receiver is None else receiver.open_associations
 
     def healthy(self) -> bool:
         """Every stage thread is alive (the systemd watchdog is pinged only while this holds)."""

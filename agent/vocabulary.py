@@ -14,11 +14,14 @@ from enum import StrEnum
 
 
 class ArrivalSource(StrEnum):
-    """How the watcher learnt that a file is complete."""
+    """How the watcher (or the storage SCP) learnt that a file is complete."""
 
     STARTUP_SCAN = "startup-scan"  # already in the folder when the agent started
     EVENT = "event"  # inotify close-write or moved-to (native observer)
     STABLE = "stable"  # size and mtime unchanged across two polls (polling observer, or an event-less write)
+    RECEIVED = (
+        "c-store"  # received by the storage SCP and written to <state>/received (agent.ingest.store_scp)
+    )
 
 
 class SkipReason(StrEnum):

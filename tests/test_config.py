@@ -107,6 +107,8 @@ def toml_literal(value: object) -> str:
                 "snapshot_max_size_gb": 2.0,
                 "journal_max_age_days": 90.0,
                 "journal_max_size_mb": 512.0,
+                "received_max_age_days": 7.0,
+                "received_max_size_gb": 20.0,
                 "min_free_mb": 1024.0,
             },
         ),

@@ -97,7 +97,8 @@ def _serve(config: AgentConfig, stop: threading.Event) -> int:
     sd_notify.ready(f"publishing on {endpoints.publish}")
     print(
         f"sct-agent ready: watching {config.watch.folder}, publishing on {endpoints.publish}, "
-        f"metrics {endpoints.metrics_url or 'off'}, status page {endpoints.page_url or 'off'}",
+        f"metrics {endpoints.metrics_url or 'off'}, status page {endpoints.page_url or 'off'}"
+        + (f", receiving C-STORE as {endpoints.receive}" if endpoints.receive else ""),
         flush=True,
     )
     watchdog = sd_notify.watchdog_interval_s()

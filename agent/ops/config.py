@@ -10,6 +10,9 @@ Relative paths: a path written in the file is taken relative to the file's folde
 folders it names); a default or an environment value is taken relative to the current directory. ``load_config``
 returns every path absolute, so a later ``chdir`` cannot change what the agent reads or writes.
 
+One module on purpose: every section, its defaults and its checks side by side, so that the loader's schema
+(derived from these classes), ``systemd/agent.toml`` and the checks cannot drift apart.
+
 A bad value stops start-up with a :class:`ConfigError` naming ``section.key``, where it came from, the value found
 and what is expected: a typo found at start-up costs a minute, found during a surgery it costs the sCT.
 
@@ -38,6 +41,9 @@ SECURITY_MODES = ("auto", "curve", "plain")
 #: DICOM AE titles are at most 16 characters; series numbers are IS values (we keep them well inside).
 AE_TITLE_MAX = 16
 SERIES_NUMBER_MAX = 100_000
+#: Bounds of ``receive.max_pdu_bytes`` (PS3.8: a maximum length below 4096 is not useful, above 2**32-1 not valid).
+MIN_PDU_BYTES = 4096
+MAX_PDU_BYTES = 2**32 - 1
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 #: The shipped model halves the slab depth three times; the engine re-checks against the loaded manifest.
 SLAB_DEPTH_MULTIPLE = 8
@@ -311,6 +317,134 @@ class DicomConfig:
             )
 
 
+#: Loopback hosts of ``receive.listen``: only there may both allow-lists be empty.
+_LOOPBACK_HOSTS = ("localhost",)
+
+
+def _check_ae_title(key: str, title: str) -> None:
+    """1 to 16 printable ASCII characters, no backslash, not only spaces (PS3.5 §6.2, AE)."""
+    if not (
+        title.strip()
+        and len(title) <= AE_TITLE_MAX
+        and title.isascii()
+        and title.isprintable()
+        and "\\" not in title
+    ):
+        raise ConfigError(key, title, f"1 to {AE_TITLE_MAX} printable ASCII characters, no backslash")
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiveConfig:
+    """DICOM C-STORE receive: a storage SCP the scanner (or a PACS router) pushes MR series to
+    (agent.ingest.store_scp). Off unless ``listen`` is set."""
+
+    #: "host:port" to listen on ("0.0.0.0:11112"; "[::]:11112" for IPv6; port 0 = any free port); "" = off.
+    listen: str = ""
+    #: Our AE title: the called AE title the scanner's DICOM node must name.
+    ae_title: str = "SCT_AGENT"
+    #: Refuse an association whose called AE title is not ``ae_title`` (a scanner node aimed at another AE).
+    check_called_ae_title: bool = True
+    #: Calling AE titles allowed in; empty = any.
+    allowed_calling_ae_titles: tuple[str, ...] = ()
+    #: Peer addresses or networks (CIDR) allowed in, e.g. "10.20.1.15" or "10.20.1.0/24"; empty = any.
+    allowed_addresses: tuple[str, ...] = ()
+    #: Associations at once; one more is refused as "local limit exceeded" (transient), the sender retries.
+    max_associations: int = 4
+    #: Seconds to wait for an association request, release or abort (ACSE).
+    acse_timeout_s: float = 30.0
+    #: Seconds to wait for the next DIMSE message within an association.
+    dimse_timeout_s: float = 60.0
+    #: Seconds without any traffic after which an association is aborted.
+    network_timeout_s: float = 60.0
+    #: The largest PDU we accept, in bytes (0 = no limit); larger PDUs cost fewer round trips per image.
+    max_pdu_bytes: int = 262_144
+    #: MB that must stay free on the received folder's filesystem; below it an instance is refused with
+    #: "out of resources" (0xA700) and the scanner keeps it and retries. 0 = no check (a full disk still
+    #: refuses).
+    min_free_mb: float = 256.0
+
+    def __post_init__(self) -> None:
+        if self.listen:
+            try:
+                split_listen(self.listen)
+            except ValueError as exc:
+                raise ConfigError(
+                    "receive.listen", self.listen, str(exc).replace("metrics off", "off")
+                ) from None
+        _check_ae_title("receive.ae_title", self.ae_title)
+        for title in self.allowed_calling_ae_titles:
+            _check_ae_title("receive.allowed_calling_ae_titles", title)
+        self.networks()
+        if (
+            self.listen
+            and not self.loopback
+            and not (self.allowed_addresses or self.allowed_calling_ae_titles)
+        ):
+            raise ConfigError(
+                "receive.allowed_addresses",
+                [],
+                "the scanner's address or network (or receive.allowed_calling_ae_titles) when receive.listen is "
+                "reachable from other machines",
+                note="an open storage SCP lets anyone on the network inject images",
+            )
+        if self.max_associations < 1:
+            raise ConfigError("receive.max_associations", self.max_associations, "an integer >= 1")
+        for key in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s"):
+            _positive(f"receive.{key}", getattr(self, key), "seconds")
+        if self.max_pdu_bytes != 0 and not MIN_PDU_BYTES <= self.max_pdu_bytes <= MAX_PDU_BYTES:
+            raise ConfigError(
+                "receive.max_pdu_bytes",
+                self.max_pdu_bytes,
+                f"0 (no limit) or {MIN_PDU_BYTES} to {MAX_PDU_BYTES} bytes",
+            )
+        if not (math.isfinite(self.min_free_mb) and self.min_free_mb >= 0):
+            raise ConfigError("receive.min_free_mb", self.min_free_mb, "a finite number >= 0 (0 = no check)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.listen != ""
+
+    @property
+    def host(self) -> str:
+        """The address to bind, without IPv6 brackets; ValueError when receive is off."""
+        if not self.enabled:
+            raise ValueError("receive.listen is '' (receive off): there is no address to bind")
+        return split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        """The port to bind; 0 = any free port. ValueError when receive is off."""
+        if not self.enabled:
+            raise ValueError("receive.listen is '' (receive off): there is no address to bind")
+        return split_listen(self.listen)[1]
+
+    @property
+    def loopback(self) -> bool:
+        """Only this machine can connect (the host is a loopback address or "localhost")."""
+        host = self.host
+        if host in _LOOPBACK_HOSTS:
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    def networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """``allowed_addresses`` parsed (an address is a network of one); ConfigError naming a bad entry."""
+        parsed = []
+        for entry in self.allowed_addresses:
+            try:
+                parsed.append(ipaddress.ip_network(entry.strip(), strict=False))
+            except ValueError:
+                raise ConfigError(
+                    "receive.allowed_addresses",
+                    entry,
+                    "IP addresses or networks such as '10.20.1.15' or '10.20.1.0/24' (no host names: a name's "
+                    "address can change under an allow-list)",
+                ) from None
+        return tuple(parsed)
+
+
 @dataclass(frozen=True, slots=True)
 class RetentionConfig:
     """How much and how long the agent keeps of what it writes, and the free space it keeps for a new series.
@@ -328,6 +462,9 @@ class RetentionConfig:
     snapshot_max_size_gb: float = 2.0
     journal_max_age_days: float = 90.0
     journal_max_size_mb: float = 512.0
+    #: Images received by C-STORE (``<state>/received``), by series folder; never one changed in the last hour.
+    received_max_age_days: float = 7.0
+    received_max_size_gb: float = 20.0
     min_free_mb: float = 1024.0
 
     def __post_init__(self) -> None:
@@ -339,6 +476,8 @@ class RetentionConfig:
             "snapshot_max_size_gb",
             "journal_max_age_days",
             "journal_max_size_mb",
+            "received_max_age_days",
+            "received_max_size_gb",
             "min_free_mb",
         ):
             value = getattr(self, key)
@@ -560,6 +699,7 @@ class AgentConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
     dicom: DicomConfig = field(default_factory=DicomConfig)
+    receive: ReceiveConfig = field(default_factory=ReceiveConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     status_page: StatusPageConfig = field(default_factory=StatusPageConfig)
@@ -588,6 +728,15 @@ class AgentConfig:
         if self.dicom.folder is not None:
             return self.dicom.folder
         return self.state.folder / self.DICOM_FOLDER_NAME
+
+    #: Name of the folder under ``state.folder`` where instances received by C-STORE are kept (agent.ingest.store_scp).
+    RECEIVED_FOLDER_NAME: ClassVar[str] = "received"
+
+    @property
+    def received_folder(self) -> Path:
+        """Where C-STORE writes what it receives: ``<state.folder>/received`` (the agent's state, never the
+        scanner's export folder)."""
+        return self.state.folder / self.RECEIVED_FOLDER_NAME
 
 
 def backend_names() -> tuple[str, ...]:

@@ -72,10 +72,24 @@ REJECT_REASONS: Final = ("auth", "protocol", "handshake")
 #: What became of a DICOM series write, and of its C-STORE.
 DICOM_OUTCOMES: Final = ("written", "failed")
 STORE_OUTCOMES: Final = ("stored", "failed")
+#: How a C-STORE association request ended (agent.ingest.store_scp): accepted, or refused and why.
+RECEIVE_ASSOCIATION_OUTCOMES: Final = (
+    "accepted",
+    "refused_calling_ae_title",
+    "refused_called_ae_title",
+    "refused_address",
+    "refused_busy",
+)
+#: What became of one C-STORE instance: stored (on disk and handed to the assembler), out_of_resources (disk full
+#: or short, a write that failed: status 0xA700, the sender retries), invalid (not a dataset we can store).
+RECEIVE_INSTANCE_OUTCOMES: Final = ("stored", "out_of_resources", "invalid")
+#: Why a proposed presentation context was refused: a SOP class the agent does not take, or only transfer
+#: syntaxes it does not read (lossy compression).
+RECEIVE_CONTEXT_REFUSALS: Final = ("sop_class", "transfer_syntax")
 #: Whether a verdict is the provisional one from the first images or the final one.
 VERDICT_KINDS: Final = ("provisional", "final")
 #: What retention bounds (agent.ops.retention), and where a write can find its filesystem full.
-RETENTION_STORES: Final = ("dicom", "snapshot", "journal")
+RETENTION_STORES: Final = ("dicom", "snapshot", "journal", "received")
 #: Folders whose filesystems keep ``retention.min_free_mb`` free (agent.ops.disk_space).
 DISK_FOLDERS: Final = ("state", "dicom")
 #: The journal's tables: what a write that found the disk full was for.
@@ -415,6 +429,7 @@ class AgentMetrics:
         self._build.info({"version": __version__})
         self._init_storage(reg)
         self._init_status_page(reg)
+        self._init_receive(reg)
 
         self._queue_lock = threading.Lock()
         self._queues: set[str] = set()
@@ -651,6 +666,68 @@ class AgentMetrics:
                 )
             self._queues.add(label)
         self._queue_depth.labels(queue=label).set_function(q.qsize)
+
+    # ------------------------------------------------------------------------------------- C-STORE receive
+
+    def _init_receive(self, reg: CollectorRegistry) -> None:
+        ns = NAMESPACE
+        self._receive_associations = Counter(
+            "receive_associations",
+            "C-STORE association requests, by outcome (accepted, or refused and why).",
+            ["outcome"],
+            namespace=ns,
+            registry=reg,
+        )
+        self._receive_instances = Counter(
+            "receive_instances",
+            "Instances received by C-STORE, by outcome.",
+            ["outcome"],
+            namespace=ns,
+            registry=reg,
+        )
+        self._receive_bytes = Counter(
+            "receive_bytes", "Bytes of instances stored from C-STORE.", namespace=ns, registry=reg
+        )
+        self._receive_contexts = Counter(
+            "receive_contexts_refused",
+            "Presentation contexts refused at association time, by reason (sop_class, transfer_syntax).",
+            ["reason"],
+            namespace=ns,
+            registry=reg,
+        )
+        self._receive_open = Gauge(
+            "receive_associations_open",
+            "C-STORE associations open now, read at each scrape.",
+            namespace=ns,
+            registry=reg,
+        )
+        for outcome in RECEIVE_ASSOCIATION_OUTCOMES:
+            self._receive_associations.labels(outcome=outcome)
+        for outcome in RECEIVE_INSTANCE_OUTCOMES:
+            self._receive_instances.labels(outcome=outcome)
+        for reason in RECEIVE_CONTEXT_REFUSALS:
+            self._receive_contexts.labels(reason=reason)
+
+    def receive_association(self, outcome: str) -> None:
+        """Count one C-STORE association request: accepted, or refused and why."""
+        label = _check_label("outcome", outcome, RECEIVE_ASSOCIATION_OUTCOMES)
+        self._receive_associations.labels(outcome=label).inc()
+
+    def receive_instance(self, outcome: str, nbytes: int = 0) -> None:
+        """Count one instance received by C-STORE; ``nbytes`` of a stored one."""
+        label = _check_label("outcome", outcome, RECEIVE_INSTANCE_OUTCOMES)
+        if nbytes < 0:
+            raise ValueError(f"received bytes must be >= 0; got {nbytes}")
+        self._receive_instances.labels(outcome=label).inc()
+        self._receive_bytes.inc(nbytes)
+
+    def receive_context_refused(self, reason: str) -> None:
+        """Count one presentation context refused at association time."""
+        self._receive_contexts.labels(reason=_check_label("reason", reason, RECEIVE_CONTEXT_REFUSALS)).inc()
+
+    def watch_receive_associations(self, open_count: Callable[[], int]) -> None:
+        """Expose ``open_count()`` as ``receive_associations_open``, read at each scrape."""
+        self._receive_open.set_function(lambda: float(open_count()))
 
     # ---------------------------------------------------------------------- disk space, retention, full disks
 

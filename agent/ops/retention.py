@@ -10,6 +10,11 @@ each store by age and size (0 = unbounded), and a prune run removes the oldest f
   and skipped. A series is renamed to a hidden ``.sct-*.deleting`` folder before it is removed, so a reader (a
   PACS import, a person) never sees half a series; what a crash left of that is removed by the next run. Other
   files and folders there are not the agent's and are left alone.
+- **received images** (``<state>/received``, C-STORE: agent.ingest.store_scp): whole series folders by their
+  time (the folder's mtime moves with each image renamed into it), oldest first, removed the same way (renamed
+  to a hidden ``.<name>.deleting`` first). A folder changed within ``RECEIVED_SETTLE_S`` never is: its series
+  may still be arriving, or its pixels still be read by the streamer. What the journal records of a removed
+  series is forgotten with the journal's own age bound, as for an export the scanner deleted.
 - **volume archive** (``<state>/snapshot``): ``VolumeArchive.prune`` (never the newest volume by size).
 - **journal**: detail rows by age and size, acquisition rows only once their files are gone from the export
   folder, then the space is given back; why, in agent.ops.journal's docstring.
@@ -53,6 +58,9 @@ TICK_S: Final = 1.0
 JOURNAL_SIZE_STEPS: Final = 10
 #: A series being removed: renamed to ``.<name>.deleting`` first.
 DELETING_SUFFIX: Final = ".deleting"
+#: Seconds since its last change before a received series folder may be removed: far longer than any series
+#: takes to arrive and be inferred, so retention never takes an image from under the pipeline.
+RECEIVED_SETTLE_S: Final = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +86,7 @@ class Retention:
         dicom_folder: Path | None,
         export_folder: Path,
         metrics: AgentMetrics,
+        received_folder: Path | None = None,
         in_use: Callable[[], frozenset[str]] = frozenset,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -86,6 +95,7 @@ class Retention:
         self._archive = archive
         self._dicom_folder = dicom_folder
         self._export_folder = export_folder
+        self._received_folder = received_folder
         self._metrics = metrics
         self._in_use = in_use
         self._clock = clock
@@ -177,6 +187,15 @@ class Retention:
                 export_folder=self._export_folder,
                 now=now,
             )
+        if store == "received":
+            if self._received_folder is None:
+                return None
+            return prune_received(
+                self._received_folder,
+                max_age_s=config.age_seconds(config.received_max_age_days),
+                max_bytes=config.size_bytes(config.received_max_size_gb, GB),
+                now=now,
+            )
         raise ValueError(f"retention store: found {store!r}, expected one of {', '.join(RETENTION_STORES)}")
 
     # ------------------------------------------------------------------------------------------- thread
@@ -228,7 +247,7 @@ class Retention:
             self._wake.clear()
 
 
-_ITEMS: Final = {"dicom": "series", "snapshot": "volumes", "journal": "rows"}
+_ITEMS: Final = {"dicom": "series", "snapshot": "volumes", "journal": "rows", "received": "series"}
 
 
 def _size(nbytes: int) -> str:
@@ -279,6 +298,43 @@ def prune_series(
         removed_bytes += size
         kept_bytes -= size
     return StoreReport("dicom", removed, removed_bytes, len(series) - removed, max(0, kept_bytes))
+
+
+def prune_received(
+    folder: Path, *, max_age_s: float | None, max_bytes: int | None, now: float | None = None
+) -> StoreReport:
+    """Remove received series folders older than ``max_age_s``, then the oldest until at most ``max_bytes`` are
+    kept; never one changed within ``RECEIVED_SETTLE_S``. None = no bound. See the module docstring."""
+    now = time.time() if now is None else now
+    if not folder.is_dir():
+        return StoreReport("received", 0, 0, 0, 0)
+    for leftover in folder.glob(f".*{DELETING_SUFFIX}"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    series: list[tuple[float, str, int]] = []
+    for entry in os.scandir(folder):
+        if not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False):
+            series.append(
+                (entry.stat(follow_symlinks=False).st_mtime, entry.name, _folder_bytes(Path(entry.path)))
+            )
+    series.sort()
+    kept_bytes = sum(size for _, _, size in series)
+    removed = removed_bytes = 0
+    for mtime, name, size in series:
+        too_old = max_age_s is not None and now - mtime > max_age_s
+        too_big = max_bytes is not None and kept_bytes > max_bytes
+        if not (too_old or too_big) or now - mtime < RECEIVED_SETTLE_S:
+            continue
+        doomed = folder / f".{name}{DELETING_SUFFIX}"
+        try:
+            (folder / name).rename(doomed)
+        except FileNotFoundError:
+            kept_bytes -= size
+            continue
+        shutil.rmtree(doomed, ignore_errors=True)
+        removed += 1
+        removed_bytes += size
+        kept_bytes -= size
+    return StoreReport("received", removed, removed_bytes, len(series) - removed, max(0, kept_bytes))
 
 
 def _remove_leftovers(folder: Path) -> None:
