@@ -234,6 +234,8 @@ class AgentService:
                 )
                 self._receiver.start()
                 self.metrics.watch_receive_associations(self._open_associations)
+                if self._page is not None:
+                    self._page.set_receive(self.endpoints.receive)
         except BaseException:
             self.stop()
             raise

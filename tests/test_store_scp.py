@@ -9,12 +9,14 @@ One agent runs for the module (its start-up warms the engine); the series are th
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -45,7 +47,7 @@ from agent.ops.metrics import AgentMetrics
 from agent.ops.retention import RECEIVED_SETTLE_S, prune_received
 from agent.records import ArrivedFile
 from agent.service import AgentService
-from agent.vocabulary import ArrivalSource
+from agent.vocabulary import ArrivalSource, PageState
 from engines.phantom.case import PhantomCase
 from engines.scanner.export import ExportOptions, export_case
 
@@ -186,6 +188,16 @@ def test_storescu_series_gets_the_verdict_and_sct_of_the_same_files_exported_to_
         assert verdict.body["ended_by"] == "count"
     assert counted(agent, 'sct_agent_receive_instances_total{outcome="stored"}') == stored_before + len(sent)
     assert len(copy) == len(sent)
+    # The technologist's page shows the pushed series like the exported one, and where the scanner sends to.
+    page_url = agent.pipeline.endpoints.page_url
+    with urllib.request.urlopen(page_url + "state.json", timeout=10) as response:
+        state = json.load(response)
+    assert state["agent"]["receive"] == agent.pipeline.endpoints.receive
+    cards = {card["acquisition_id"]: card for card in state["acquisitions"]}
+    for volume in (received, exported):
+        card = cards[volume.acquisition_id]
+        assert card["state"] == PageState.PUBLISHED and card["verdict"]["outcome"] == "pass", card
+        assert card["images_received"] == card["images_expected"] == len(sent), card
     # On disk: one folder per series, files named by digests, nothing half-written, the bytes as sent.
     folders = list((agent.config.received_folder).iterdir())
     assert folders and all(len(f.name) == 16 for f in folders)

@@ -119,6 +119,8 @@ class AgentLine:
     dicom_failed: int
     export_folder_ok: bool
     export_folder_message: str
+    #: Where scanners push by C-STORE, "AE_TITLE@host:port"; "" when the agent does not receive.
+    receive: str
     #: The latest acquisition's latencies (seconds).
     first_image_to_verdict_s: float | None
     last_image_to_volume_s: float | None
@@ -174,6 +176,7 @@ class _Agent:
     dicom_failed: int = 0
     export_folder_ok: bool = True
     export_folder_message: str = ""
+    receive: str = ""
     first_image_to_verdict_s: float | None = None
     last_image_to_volume_s: float | None = None
     errors: list[ErrorLine] = field(default_factory=list)
@@ -235,6 +238,13 @@ class StatusBoard:
         with self._lock:
             self._agent.engine = engine
             self._bump()
+
+    def set_receive(self, address: str) -> None:
+        """Where scanners push by C-STORE (shown beside the export folder, so the technologist knows both ways in)."""
+        with self._lock:
+            if self._agent.receive != address:
+                self._agent.receive = address
+                self._bump()
 
     def set_subscribers(self, count: int) -> None:
         with self._lock:
@@ -483,6 +493,7 @@ class StatusBoard:
                 dicom_failed=agent.dicom_failed,
                 export_folder_ok=agent.export_folder_ok,
                 export_folder_message=agent.export_folder_message,
+                receive=agent.receive,
                 first_image_to_verdict_s=agent.first_image_to_verdict_s,
                 last_image_to_volume_s=agent.last_image_to_volume_s,
                 errors=tuple(agent.errors),

@@ -54,6 +54,9 @@ class StatusPage:
     def set_engine(self, engine: EngineLine) -> None:
         self.board.set_engine(engine)
 
+    def set_receive(self, address: str) -> None:
+        self.board.set_receive(address)
+
     def set_subscribers(self, count: int) -> None:
         self.board.set_subscribers(count)
 

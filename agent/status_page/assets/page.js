@@ -56,6 +56,7 @@ function renderAgent(agent) {
   fact(list, "first image → verdict", secs(agent.first_image_to_verdict_s));
   fact(list, "last image → sCT", secs(agent.last_image_to_volume_s));
   fact(list, "export folder", agent.export_folder_ok ? "✔ watched" : `⚠ ${agent.export_folder_message || "unavailable"}`);
+  if (agent.receive) fact(list, "DICOM receive", `✔ ${agent.receive}`);
 
   const errors = document.getElementById("errors");
   const items = document.getElementById("error-list");
