@@ -131,6 +131,64 @@ def split_listen(listen: str, off: str = "metrics off", example: str = "127.0.0.
     return host, int(port_text)
 
 
+#: Host names that are the loopback interface whatever the resolver says.
+LOOPBACK_NAMES = ("localhost", "ip6-localhost")
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses; any other name counts as the network (what it resolves to
+    can change), and so do the wildcards ``0.0.0.0`` and ``::``."""
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+class ServerAddress:
+    """What a section with ``listen = "host:port"`` (a server the agent runs; "" = off) has in common: the
+    check of the address at start-up and the host and port to bind, with one wording for every server."""
+
+    __slots__ = ()
+    listen: str
+    #: The section's name in messages ("metrics", ...), what ``listen = ""`` means, and an example address.
+    SECTION: ClassVar[str]
+    OFF: ClassVar[str]
+    EXAMPLE: ClassVar[str]
+
+    def _check_listen(self) -> None:
+        if self.listen:
+            try:
+                split_listen(self.listen, off=self.OFF, example=self.EXAMPLE)
+            except ValueError as exc:
+                raise ConfigError(f"{self.SECTION}.listen", self.listen, str(exc)) from None
+
+    @property
+    def enabled(self) -> bool:
+        return self.listen != ""
+
+    @property
+    def host(self) -> str:
+        """The address to bind, without IPv6 brackets; ValueError when the server is off."""
+        return self._address()[0]
+
+    @property
+    def port(self) -> int:
+        """The port to bind; 0 = any free port. ValueError when the server is off."""
+        return self._address()[1]
+
+    @property
+    def loopback(self) -> bool:
+        """Only this machine can connect (see :func:`is_loopback_host`)."""
+        return is_loopback_host(self.host)
+
+    def _address(self) -> tuple[str, int]:
+        if not self.enabled:
+            raise ValueError(f"{self.SECTION}.listen is '' ({self.OFF}): there is no address to bind")
+        return split_listen(self.listen, off=self.OFF, example=self.EXAMPLE)
+
+
 @dataclass(frozen=True, slots=True)
 class WatchConfig:
     """The scanner's export folder and how to notice new files in it."""
@@ -317,10 +375,6 @@ class DicomConfig:
             )
 
 
-#: Loopback hosts of ``receive.listen``: only there may both allow-lists be empty.
-_LOOPBACK_HOSTS = ("localhost",)
-
-
 def _check_ae_title(key: str, title: str) -> None:
     """1 to 16 printable ASCII characters, no backslash, not only spaces (PS3.5 §6.2, AE)."""
     if not (
@@ -334,11 +388,15 @@ def _check_ae_title(key: str, title: str) -> None:
 
 
 @dataclass(frozen=True, slots=True)
-class ReceiveConfig:
+class ReceiveConfig(ServerAddress):
     """DICOM C-STORE receive: a storage SCP the scanner (or a PACS router) pushes MR series to
     (agent.ingest.store_scp). Off unless ``listen`` is set."""
 
     #: "host:port" to listen on ("0.0.0.0:11112"; "[::]:11112" for IPv6; port 0 = any free port); "" = off.
+    SECTION: ClassVar[str] = "receive"
+    OFF: ClassVar[str] = "receive off"
+    EXAMPLE: ClassVar[str] = "0.0.0.0:11112"
+
     listen: str = ""
     #: Our AE title: the called AE title the scanner's DICOM node must name.
     ae_title: str = "SCT_AGENT"
@@ -364,13 +422,7 @@ class ReceiveConfig:
     min_free_mb: float = 256.0
 
     def __post_init__(self) -> None:
-        if self.listen:
-            try:
-                split_listen(self.listen)
-            except ValueError as exc:
-                raise ConfigError(
-                    "receive.listen", self.listen, str(exc).replace("metrics off", "off")
-                ) from None
+        self._check_listen()
         _check_ae_title("receive.ae_title", self.ae_title)
         for title in self.allowed_calling_ae_titles:
             _check_ae_title("receive.allowed_calling_ae_titles", title)
@@ -399,35 +451,6 @@ class ReceiveConfig:
             )
         if not (math.isfinite(self.min_free_mb) and self.min_free_mb >= 0):
             raise ConfigError("receive.min_free_mb", self.min_free_mb, "a finite number >= 0 (0 = no check)")
-
-    @property
-    def enabled(self) -> bool:
-        return self.listen != ""
-
-    @property
-    def host(self) -> str:
-        """The address to bind, without IPv6 brackets; ValueError when receive is off."""
-        if not self.enabled:
-            raise ValueError("receive.listen is '' (receive off): there is no address to bind")
-        return split_listen(self.listen)[0]
-
-    @property
-    def port(self) -> int:
-        """The port to bind; 0 = any free port. ValueError when receive is off."""
-        if not self.enabled:
-            raise ValueError("receive.listen is '' (receive off): there is no address to bind")
-        return split_listen(self.listen)[1]
-
-    @property
-    def loopback(self) -> bool:
-        """Only this machine can connect (the host is a loopback address or "localhost")."""
-        host = self.host
-        if host in _LOOPBACK_HOSTS:
-            return True
-        try:
-            return ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            return False
 
     def networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         """``allowed_addresses`` parsed (an address is a network of one); ConfigError naming a bad entry."""
@@ -496,57 +519,25 @@ class RetentionConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class MetricsConfig:
+class MetricsConfig(ServerAddress):
     """Prometheus exposition; ``listen = ""`` turns it off."""
+
+    SECTION: ClassVar[str] = "metrics"
+    OFF: ClassVar[str] = "metrics off"
+    EXAMPLE: ClassVar[str] = "127.0.0.1:9108"
 
     listen: str = "127.0.0.1:9108"
 
     def __post_init__(self) -> None:
-        if self.listen:
-            try:
-                split_listen(self.listen)
-            except ValueError as exc:
-                raise ConfigError("metrics.listen", self.listen, str(exc)) from None
-
-    @property
-    def enabled(self) -> bool:
-        return self.listen != ""
-
-    @property
-    def host(self) -> str:
-        """The address to bind, without IPv6 brackets; ValueError when metrics are off."""
-        return self._address()[0]
-
-    @property
-    def port(self) -> int:
-        """The port to bind; 0 = any free port. ValueError when metrics are off."""
-        return self._address()[1]
-
-    def _address(self) -> tuple[str, int]:
-        if not self.enabled:
-            raise ValueError("metrics.listen is '' (metrics off): there is no address to bind")
-        return split_listen(self.listen)
+        self._check_listen()
 
 
 #: How the status page authenticates a person (agent.status_page.access).
 PAGE_AUTH_MODES = ("none", "basic", "token")
-#: Host names that are the loopback interface whatever the resolver says.
-LOOPBACK_NAMES = ("localhost", "ip6-localhost")
-
-
-def is_loopback_host(host: str) -> bool:
-    """True for ``localhost`` and loopback addresses; any other name counts as the network (what it resolves to
-    can change), and so do the wildcards ``0.0.0.0`` and ``::``."""
-    if host.lower() in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True, slots=True)
-class StatusPageConfig:
+class StatusPageConfig(ServerAddress):
     """The technologist's status page: its HTTP address and who may read it (agent.status_page).
 
     Off loopback the page needs TLS and authentication; the files are checked when the server starts (they must
@@ -555,6 +546,10 @@ class StatusPageConfig:
     """
 
     #: "host:port" as ``metrics.listen``; "" = no status page.
+    SECTION: ClassVar[str] = "status_page"
+    OFF: ClassVar[str] = "no status page"
+    EXAMPLE: ClassVar[str] = "127.0.0.1:9110"
+
     listen: str = "127.0.0.1:9110"
     #: PEM certificate (chain) and its unencrypted private key; both or neither. None = plain HTTP.
     tls_certificate: Path | None = None
@@ -569,11 +564,7 @@ class StatusPageConfig:
     history_hours: float = 12.0
 
     def __post_init__(self) -> None:
-        if self.listen:
-            try:
-                split_listen(self.listen, off="no status page", example="127.0.0.1:9110")
-            except ValueError as exc:
-                raise ConfigError("status_page.listen", self.listen, str(exc)) from None
+        self._check_listen()
         if self.auth not in PAGE_AUTH_MODES:
             raise ConfigError("status_page.auth", self.auth, " or ".join(map(repr, PAGE_AUTH_MODES)))
         if self.max_clients < 1:
@@ -595,7 +586,7 @@ class StatusPageConfig:
                 "",
                 "a token file with auth = 'token' (create it with `sct-agent page-token`)",
             )
-        if self.enabled and not is_loopback_host(self.host):
+        if self.enabled and not self.loopback:
             if not self.tls:
                 raise ConfigError(
                     "status_page.tls_certificate",
@@ -612,27 +603,8 @@ class StatusPageConfig:
                 )
 
     @property
-    def enabled(self) -> bool:
-        return self.listen != ""
-
-    @property
     def tls(self) -> bool:
         return self.tls_certificate is not None
-
-    @property
-    def host(self) -> str:
-        """The address to bind, without IPv6 brackets; ValueError when the page is off."""
-        return self._address()[0]
-
-    @property
-    def port(self) -> int:
-        """The port to bind; 0 = any free port. ValueError when the page is off."""
-        return self._address()[1]
-
-    def _address(self) -> tuple[str, int]:
-        if not self.enabled:
-            raise ValueError("status_page.listen is '' (no status page): there is no address to bind")
-        return split_listen(self.listen)
 
 
 @dataclass(frozen=True, slots=True)
