@@ -269,13 +269,56 @@ def prune_series(
 ) -> StoreReport:
     """Remove complete sCT series folders older than ``max_age_s``, then the oldest until at most ``max_bytes``
     are kept; never one ``in_use`` names (a name prefix). None = no bound. See the module docstring."""
-    now = time.time() if now is None else now
     if not folder.is_dir():
         return StoreReport("dicom", 0, 0, 0, 0)
-    _remove_leftovers(folder)
+    _remove_leftovers(folder, f".{SERIES_PREFIX}*{DELETING_SUFFIX}")
+    return _prune_folders(
+        "dicom",
+        folder,
+        is_series=lambda name: name.startswith(SERIES_PREFIX),
+        keep=lambda name, _mtime: any(name.startswith(prefix) for prefix in in_use()),
+        max_age_s=max_age_s,
+        max_bytes=max_bytes,
+        now=time.time() if now is None else now,
+    )
+
+
+def prune_received(
+    folder: Path, *, max_age_s: float | None, max_bytes: int | None, now: float | None = None
+) -> StoreReport:
+    """Remove received series folders older than ``max_age_s``, then the oldest until at most ``max_bytes`` are
+    kept; never one changed within ``RECEIVED_SETTLE_S``. None = no bound. See the module docstring."""
+    if not folder.is_dir():
+        return StoreReport("received", 0, 0, 0, 0)
+    _remove_leftovers(folder, f".*{DELETING_SUFFIX}")
+    now = time.time() if now is None else now
+    return _prune_folders(
+        "received",
+        folder,
+        is_series=lambda name: not name.startswith("."),
+        keep=lambda _name, mtime: now - mtime < RECEIVED_SETTLE_S,
+        max_age_s=max_age_s,
+        max_bytes=max_bytes,
+        now=now,
+    )
+
+
+def _prune_folders(
+    store: str,
+    folder: Path,
+    *,
+    is_series: Callable[[str], bool],
+    keep: Callable[[str, float], bool],
+    max_age_s: float | None,
+    max_bytes: int | None,
+    now: float,
+) -> StoreReport:
+    """The series folders of ``folder`` past their age, then the oldest beyond ``max_bytes``, removed unless
+    ``keep(name, mtime)``. Each is renamed to a hidden ``.deleting`` name first, so it leaves the view in one step
+    and a crash mid-removal leaves only a leftover the next run clears."""
     series: list[tuple[float, str, int]] = []
     for entry in os.scandir(folder):
-        if entry.name.startswith(SERIES_PREFIX) and entry.is_dir(follow_symlinks=False):
+        if is_series(entry.name) and entry.is_dir(follow_symlinks=False):
             series.append(
                 (entry.stat(follow_symlinks=False).st_mtime, entry.name, _folder_bytes(Path(entry.path)))
             )
@@ -285,7 +328,7 @@ def prune_series(
     for mtime, name, size in series:
         too_old = max_age_s is not None and now - mtime > max_age_s
         too_big = max_bytes is not None and kept_bytes > max_bytes
-        if not (too_old or too_big) or any(name.startswith(prefix) for prefix in in_use()):
+        if not (too_old or too_big) or keep(name, mtime):
             continue
         doomed = folder / f".{name}{DELETING_SUFFIX}"
         try:
@@ -297,50 +340,13 @@ def prune_series(
         removed += 1
         removed_bytes += size
         kept_bytes -= size
-    return StoreReport("dicom", removed, removed_bytes, len(series) - removed, max(0, kept_bytes))
+    return StoreReport(store, removed, removed_bytes, len(series) - removed, max(0, kept_bytes))
 
 
-def prune_received(
-    folder: Path, *, max_age_s: float | None, max_bytes: int | None, now: float | None = None
-) -> StoreReport:
-    """Remove received series folders older than ``max_age_s``, then the oldest until at most ``max_bytes`` are
-    kept; never one changed within ``RECEIVED_SETTLE_S``. None = no bound. See the module docstring."""
-    now = time.time() if now is None else now
-    if not folder.is_dir():
-        return StoreReport("received", 0, 0, 0, 0)
-    for leftover in folder.glob(f".*{DELETING_SUFFIX}"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    series: list[tuple[float, str, int]] = []
-    for entry in os.scandir(folder):
-        if not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False):
-            series.append(
-                (entry.stat(follow_symlinks=False).st_mtime, entry.name, _folder_bytes(Path(entry.path)))
-            )
-    series.sort()
-    kept_bytes = sum(size for _, _, size in series)
-    removed = removed_bytes = 0
-    for mtime, name, size in series:
-        too_old = max_age_s is not None and now - mtime > max_age_s
-        too_big = max_bytes is not None and kept_bytes > max_bytes
-        if not (too_old or too_big) or now - mtime < RECEIVED_SETTLE_S:
-            continue
-        doomed = folder / f".{name}{DELETING_SUFFIX}"
-        try:
-            (folder / name).rename(doomed)
-        except FileNotFoundError:
-            kept_bytes -= size
-            continue
-        shutil.rmtree(doomed, ignore_errors=True)
-        removed += 1
-        removed_bytes += size
-        kept_bytes -= size
-    return StoreReport("received", removed, removed_bytes, len(series) - removed, max(0, kept_bytes))
-
-
-def _remove_leftovers(folder: Path) -> None:
-    """Series a crash left half-removed (``.sct-*.deleting``). Half-written ones (``.sct-*.partial``) are never
-    touched here: the dicom stage removes those it left behind when it starts."""
-    for leftover in folder.glob(f".{SERIES_PREFIX}*{DELETING_SUFFIX}"):
+def _remove_leftovers(folder: Path, pattern: str) -> None:
+    """Series a crash left half-removed (``.<name>.deleting``). Half-written ones (``.sct-*.partial``, received
+    files' temporary names) are never touched here: their writers remove what they left behind when they start."""
+    for leftover in folder.glob(pattern):
         shutil.rmtree(leftover, ignore_errors=True)
 
 
