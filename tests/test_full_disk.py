@@ -30,7 +30,7 @@ from agent.ingest.grouping import acquisition_id_for
 from agent.ingest.header_reader import read_header
 from agent.ops.config import MB, DicomConfig, RetentionConfig, StateConfig
 from agent.ops.journal import Journal, JournalFullError
-from agent.ops.journal_disk_full import JournalWrites
+from agent.ops.journal_disk_full import REPORT_GAP_S, JournalWrites
 from agent.ops.metrics import AgentMetrics
 from agent.records import StatusEvent
 from agent.service import JOURNAL_FILE, AgentService
@@ -59,7 +59,8 @@ def test_a_full_disk_costs_journal_records_never_an_acquisition_state(
     events: list[StatusEvent] = []
     with Journal(state / JOURNAL_FILE) as journal:
         journal.enable_space_reclaim()  # also truncates the WAL: the next write needs new blocks
-        writes = JournalWrites(journal, metrics, events.append)
+        now = [1000.0]
+        writes = JournalWrites(journal, metrics, events.append, clock=lambda: now[0])
         writes.write("files", lambda: journal.record_file(state / "a.dcm", 1, 1, "accepted", "", "a" * 16))
         ballast = fill(state)
 
@@ -88,10 +89,28 @@ def test_a_full_disk_costs_journal_records_never_an_acquisition_state(
         assert journal.finished_acquisitions() == {"b" * 16}
         assert sample(metrics, "sct_agent_journal_pending_states") == 0
         writes.write("files", lambda: journal.record_file(state / "d.dcm", 1, 1, "accepted", "", "d" * 16))
+        assert (writes.pending, writes.full) == (0, False)
+
+        # The disk fills again soon after (a nearly full disk flaps): counted, not reported again; a minute
+        # later it is a new episode, and reported.
+        journal.enable_space_reclaim()
+        ballast = fill(state)
+        writes.write("files", lambda: journal.record_file(state / "e.dcm", 1, 1, "accepted", "", "e" * 16))
+        assert (writes.full, len(events)) == (True, 1)
+        assert sample(metrics, "sct_agent_journal_write_failures_total", table="files") == 2
+        ballast.unlink()
+        writes.write("files", lambda: journal.record_file(state / "f.dcm", 1, 1, "accepted", "", "f" * 16))
+        assert (writes.pending, writes.full) == (0, False)
+        now[0] += REPORT_GAP_S
+        journal.enable_space_reclaim()
+        ballast = fill(state)
+        writes.write("files", lambda: journal.record_file(state / "g.dcm", 1, 1, "accepted", "", "g" * 16))
+        assert len(events) == 2 and "the disk is full" in events[1].body["message"]
+        ballast.unlink()
     with sqlite3.connect(state / JOURNAL_FILE) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         paths = {row[0] for row in conn.execute("SELECT path FROM files")}
-    assert paths == {str(state / "a.dcm"), str(state / "d.dcm")}
+    assert paths == {str(state / "a.dcm"), str(state / "d.dcm"), str(state / "f.dcm")}
 
 
 # ----------------------------------------------------------------------------------------------- DICOM

@@ -14,7 +14,10 @@ and none of those needs the journal. So every journal write of the side services
   acquisitions are finished and processes their files again, exactly as after a crash before the state was
   written;
 - the first failure of an episode is logged as an error and published as an ``error`` status event (stage
-  ``journal``) naming the journal and the cause; the first write that succeeds again is logged.
+  ``journal``) naming the journal and the cause; the first write that succeeds again is logged. A nearly full
+  disk flaps (SQLite reuses the pages of its write-ahead log, so some writes fit where others do not): a new
+  episode within ``REPORT_GAP_S`` of the last report is counted but not reported again, so the technologist's
+  screen and the journal of the host do not fill with the same message.
 
 New acquisitions are meanwhile refused by the free-space watermark (agent.ops.disk_space), since the journal
 lives in the state folder; this covers the series that were in flight when the disk filled.
@@ -37,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 #: Acquisition states kept for a journal whose disk is full; beyond this the oldest is dropped (and logged).
 MAX_PENDING_STATES: Final = 10_000
+#: Seconds after a reported episode during which a new one (the disk flapping) is counted, not reported again.
+REPORT_GAP_S: Final = 60.0
 
 
 class JournalWrites:
@@ -49,8 +54,11 @@ class JournalWrites:
         publish: Callable[[StatusEvent], None],
         *,
         on_full: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._journal = journal
+        self._clock = clock
+        self._reported_at: float | None = None
         self._metrics = metrics
         self._publish = publish
         self._on_full = on_full
@@ -127,9 +135,13 @@ class JournalWrites:
     def _failed(self, table: str, error: JournalFullError) -> None:
         self._metrics.journal_write_failed(table)
         self._metrics.disk_full("journal")
+        now = self._clock()
         with self._flag_lock:
             first, self._full = not self._full, True
-        if not first:
+            report = first and (self._reported_at is None or now - self._reported_at >= REPORT_GAP_S)
+            if report:
+                self._reported_at = now
+        if not report:
             return
         self._metrics.error("journal")
         logger.error(
