@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,16 @@ def test_demo_runs_the_agent_end_to_end_and_stops_it(
     assert "REJECT against bonemri_lumbar_1p5t" in text
     assert "reason: EchoTime2: found 4.8 ms, required 4.2 ± 0.2 ms" in text
     assert "agent stopped with exit status 0" in text
+    # The technologist's page, read as a browser reads it: both series, their outcomes, the action, the preview.
+    page_lines = [line for line in text.splitlines() if line.startswith("  page showed series")]
+    assert len(page_lines) == 2, text
+    passed, rejected = page_lines
+    assert "PASS, published, 200/200 images" in passed
+    slabs = re.search(r"(\d+)/(\d+) sCT slabs", passed)
+    assert slabs is not None and slabs[1] == slabs[2] != "0"
+    assert "REJECT, rejected" in rejected and "Set TE 2 to 4.2 ms (± 0.2)" in rejected
+    preview = Image.open(out / "page-preview.png")
+    assert preview.width > 300 and np.asarray(preview.convert("L")).std() > 20
     assert "sequence gaps 0" in text
     sct_line = next(line for line in text.splitlines() if line.startswith("synthetic CT:"))
     mae = float(sct_line.split("MAE ")[1].split(" HU")[0])

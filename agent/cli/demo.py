@@ -13,6 +13,7 @@ keeps the agent and its page up afterwards until Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import threading
 import time
@@ -43,6 +44,9 @@ DEFAULT_RATE = 40.0
 START_TIMEOUT_S = 300.0
 RESULT_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 120.0
+#: How long the demo waits for the status page to show both final verdicts and the preview (rendered on the
+#: page's own thread after the volume is published).
+PAGE_TIMEOUT_S = 60.0
 #: Folder under ``--out`` for compiled engines, kept across runs (the first run builds, later ones load).
 ENGINE_CACHE = "engine-cache"
 
@@ -131,6 +135,41 @@ class DemoResult:
     metrics: dict[str, float]
     #: The agent's status page while it ran.
     page_url: str = ""
+    #: What the page showed for each series at the end, one line each (read as a browser reads it).
+    page_cards: tuple[str, ...] = ()
+    #: The page's own preview of the passing series (the PNG the page serves), saved beside the picture.
+    page_preview: Path | None = None
+
+
+def _page(page_url: str, count: int, out: Path) -> tuple[tuple[str, ...], Path | None]:
+    """The status page's cards as a browser reads them (``state.json``), once ``count`` series have their final
+    verdict and the published one its preview, one line each; and that preview, saved to ``out``."""
+    deadline = time.monotonic() + PAGE_TIMEOUT_S
+    while True:
+        with urllib.request.urlopen(page_url + "state.json", timeout=10) as response:
+            cards = json.load(response)["acquisitions"]
+        finals = [c for c in cards if c["verdict"] is not None and c["verdict"]["final"]]
+        published = [c for c in cards if c["state"] == "published"]
+        if (len(finals) >= count and all(c["preview"] for c in published)) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    lines, preview = [], None
+    for card in reversed(cards):  # the page lists the newest first
+        verdict = card["verdict"]
+        outcome = verdict["outcome"].upper() if verdict is not None else "no verdict"
+        actions = "; ".join(r["action"] for r in verdict["reasons"]) if verdict is not None else ""
+        lines.append(
+            f"series {card['series_number']} '{card['series_description']}': {outcome}, {card['state']}, "
+            f"{card['images_received']}/{card['images_expected']} images, "
+            f"{card['slabs_done']}/{card['slab_count']} sCT slabs" + (f"; {actions}" if actions else "")
+        )
+        if card["preview"] and preview is None:
+            with urllib.request.urlopen(
+                f"{page_url}preview/{card['acquisition_id']}.png", timeout=10
+            ) as response:
+                preview = out / "page-preview.png"
+                preview.write_bytes(response.read())
+    return tuple(lines), preview
 
 
 def _metrics(url: str) -> dict[str, float]:
@@ -216,6 +255,7 @@ def run_demo(
             if case is passing and not _wait(listener.dicom_reported, RESULT_TIMEOUT_S):
                 raise RuntimeError(f"no sCT DICOM series within {RESULT_TIMEOUT_S:.0f} s; see {agent_log}")
         metrics = _metrics(metrics_url)
+        page_cards, page_preview = _page(config.page_url, len(exports), out)
         if stay:
             say(f"the agent and its status page stay up at {config.page_url}; press Ctrl-C to stop them")
             try:
@@ -282,6 +322,8 @@ def run_demo(
         agent_exit_status=exit_status,
         metrics=metrics,
         page_url=config.page_url,
+        page_cards=page_cards,
+        page_preview=page_preview,
     )
 
 
@@ -340,5 +382,8 @@ def _main(args: argparse.Namespace) -> int:
     print(f"sCT DICOM CT series: {result.dicom_series or 'NOT WRITTEN (see the agent log)'}")
     print(f"picture: {result.picture}")
     print(f"status page (while the agent ran): {result.page_url}")
+    for line in result.page_cards:
+        print(f"  page showed {line}")
+    print(f"  page preview: {result.page_preview or 'NOT SHOWN (see the agent log)'}")
     print(f"agent stopped with exit status {result.agent_exit_status}")
     return 0 if result.agent_exit_status == 0 else 1
