@@ -100,6 +100,20 @@ class _Subscriber:
             ]
 
 
+def _new_volume(subscriber: _Subscriber, known: set[str | None]) -> tuple[float, VolumeMessage]:
+    """The first volume of an acquisition not in ``known`` and when it arrived, waiting up to SERIES_TIMEOUT_S."""
+
+    def arrived() -> list[tuple[float, VolumeMessage]]:
+        return [
+            (t, m)
+            for t, m in subscriber.of()
+            if isinstance(m, VolumeMessage) and m.acquisition_id not in known
+        ]
+
+    _wait(lambda: bool(arrived()), SERIES_TIMEOUT_S)
+    return arrived()[0]
+
+
 def _wait(predicate: Any, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -129,17 +143,7 @@ def end_to_end(
             mtimes = [p.stat().st_mtime for p in summary.paths]
             first_file, last_file = min(mtimes), max(mtimes)
 
-            def new_volume(known: set[str | None] = known) -> bool:
-                return any(
-                    isinstance(m, VolumeMessage) and m.acquisition_id not in known for _, m in subscriber.of()
-                )
-
-            _wait(new_volume, SERIES_TIMEOUT_S)
-            volume_at, volume = next(
-                (t, m)
-                for t, m in subscriber.of()
-                if isinstance(m, VolumeMessage) and m.acquisition_id not in known
-            )
+            volume_at, volume = _new_volume(subscriber, known)
             mine = subscriber.of(volume.acquisition_id)
             verdicts = [(t, m) for t, m in mine if isinstance(m, StatusMessage) and m.kind == "verdict"]
             final = next(m for _, m in verdicts if m.body["final"])

@@ -33,10 +33,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from e2e import SERIES_TIMEOUT_S, START_TIMEOUT_S, _Subscriber, _wait
+from e2e import SERIES_TIMEOUT_S, START_TIMEOUT_S, _new_volume, _Subscriber
 
 from agent.ops.agent_process import AgentProcess, free_port, write_loopback_config
-from agent.publish.wire import StatusMessage, VolumeMessage
+from agent.publish.wire import StatusMessage
 from engines.phantom.acquisition import SEED_PROTOCOL
 from engines.phantom.generate import generate_case
 from engines.scanner.export import ExportOptions, export_case
@@ -123,17 +123,7 @@ def run(runs: int, backend: str, work: Path) -> dict[str, Any]:
             agent_s = _storescu(port, series)
             last_confirmed = started + agent_s
 
-            def new_volume(known: set[str | None] = known) -> bool:
-                return any(
-                    isinstance(m, VolumeMessage) and m.acquisition_id not in known for _, m in subscriber.of()
-                )
-
-            _wait(new_volume, SERIES_TIMEOUT_S)
-            volume_at, volume = next(
-                (t, m)
-                for t, m in subscriber.of()
-                if isinstance(m, VolumeMessage) and m.acquisition_id not in known
-            )
+            volume_at, volume = _new_volume(subscriber, known)
             verdicts = [
                 (t, m)
                 for t, m in subscriber.of(volume.acquisition_id)

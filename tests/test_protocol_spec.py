@@ -218,7 +218,7 @@ def test_the_schema_and_the_vectors_cite_nothing_outside_the_repository() -> Non
     for path in (REPOSITORY / "docs" / "protocol").rglob("*"):
         if path.is_file() and path.suffix in {".json", ".jsonl", ".py", ".md"}:
             text = path.read_text(encoding="utf-8")
-            assert "/work/" not in text and "../shared" not in text, path
+            assert str(REPOSITORY.parent) not in text and "../shared" not in text, path
 
 
 # ---------------------------------------------------------------------------------------------- geometry
