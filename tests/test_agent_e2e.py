@@ -15,6 +15,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,13 +164,9 @@ def metric(text: str, name: str) -> float:
     raise AssertionError(f"metric {name} not found")
 
 
-@pytest.fixture(scope="module")
-def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningAgent]:
-    root = tmp_path_factory.mktemp("agent")
-    protocols = write_test_protocol(root / "protocols")
-    model = write_test_model(root / "model")
-    config = agent_config(root, protocols, model, quiet_period_s=3.0)
-    threads_before = set(threading.enumerate())
+@contextmanager
+def running_agent(config: AgentConfig, model: Path) -> Iterator[RunningAgent]:
+    """An agent started in this process with a subscriber connected to it; both stopped at the end."""
     pipeline = AgentService(config)
     pipeline.start()
     listener = Listener(pipeline.endpoints.publish, pipeline.endpoints.snapshot)
@@ -183,6 +180,17 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningAgent]:
         listener.stop.set()
         thread.join(10)
         pipeline.stop()
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningAgent]:
+    root = tmp_path_factory.mktemp("agent")
+    protocols = write_test_protocol(root / "protocols")
+    model = write_test_model(root / "model")
+    config = agent_config(root, protocols, model, quiet_period_s=3.0)
+    threads_before = set(threading.enumerate())
+    with running_agent(config, model) as running:
+        yield running
     # pyzmq's zero-copy garbage collector is one thread per process, started by the first copy=False send and
     # ended at exit: it belongs to the library, not to the agent.
     leaked = [

@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import subprocess
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from real_dicom_support import PHILIPS_CLASSIC, PHILIPS_ENHANCED, series_files, shared_dicom
 from scanner_support import Identity, restamp
 from small_filesystem import fill, in_private_mounts, mount_tmpfs
-from test_agent_e2e import Listener, RunningAgent, metric, simulate_case
+from test_agent_e2e import RunningAgent, metric, running_agent, simulate_case
 
 from agent.cli import check
 from agent.ingest.received_folder import PARTIAL_SUFFIX
@@ -46,7 +45,6 @@ from agent.ops.config_loader import load_config
 from agent.ops.metrics import AgentMetrics
 from agent.ops.retention import RECEIVED_SETTLE_S, prune_received
 from agent.records import ArrivedFile
-from agent.service import AgentService
 from agent.vocabulary import ArrivalSource, PageState
 from engines.phantom.case import PhantomCase
 from engines.scanner.export import ExportOptions, export_case
@@ -81,19 +79,8 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningAgent]:
             allowed_addresses=("127.0.0.1/32", "::1"),
         ),
     )
-    pipeline = AgentService(config)
-    pipeline.start()
-    listener = Listener(pipeline.endpoints.publish, pipeline.endpoints.snapshot)
-    thread = threading.Thread(target=listener.run, name="test-listener")
-    thread.start()
-    try:
-        assert listener.connected.wait(10)
-        time.sleep(0.3)
-        yield RunningAgent(pipeline, config, listener, model)
-    finally:
-        listener.stop.set()
-        thread.join(10)
-        pipeline.stop()
+    with running_agent(config, model) as running:
+        yield running
 
 
 def address(agent: RunningAgent) -> tuple[str, int]:
