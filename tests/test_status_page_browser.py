@@ -184,7 +184,13 @@ def test_a_passing_series_shows_progress_then_pass_and_a_preview(
     export = agent.config.watch.folder
     files = series["pass"].files
     _deliver(files[: len(files) // 2], export)
-    card = _wait_card(browser, "c.dataset.state === 'receiving'", "the passing series receiving images")
+    # The count of images and the provisional verdict come in two status messages (received, then verdict):
+    # wait for the card that shows both.
+    card = _wait_card(
+        browser,
+        "c.dataset.state === 'receiving' && c.dataset.outcome === 'pass'",
+        "the passing series receiving images, judged as they arrive",
+    )
     received, expected = str(card["bars"][0]).split(" / ")
     assert 0 < int(received) < int(expected) == len(files), card
     assert card["outcome"] == "pass" and card["final"] == "false", "judged as the images arrive"
