@@ -1,0 +1,126 @@
+"""Flagged regions: connected voxels whose confidence is below the calibrated threshold.
+
+Regions are found on the whole volume, once its last slab is in: an implant or a lesion crosses slab boundaries,
+and one region must be reported once, with the slices it spans and its volume, not once per slab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from scipy import ndimage
+
+from engines.confidence.spec import ConfidenceSpec
+
+U8 = npt.NDArray[np.uint8]
+I32 = npt.NDArray[np.int32]
+
+#: 26-connectivity: voxels touching by a corner belong to one region (a thin oblique screw is one object).
+_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
+MM3_PER_ML = 1000.0
+
+
+@dataclass(frozen=True, slots=True)
+class FlaggedRegion:
+    """One connected region the sCT should not be trusted in. Indices are 0-based voxel indices of the volume
+    (slice, row, column); ``*_stop`` are exclusive, as Python slices."""
+
+    index: int  # 1-based label in FlaggedRegions.labels
+    slice_start: int
+    slice_stop: int
+    row_start: int
+    row_stop: int
+    col_start: int
+    col_stop: int
+    voxels: int
+    volume_ml: float
+    #: Lowest confidence in the region (0-255).
+    min_confidence: int
+
+    @property
+    def slices(self) -> range:
+        return range(self.slice_start, self.slice_stop)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class FlaggedRegions:
+    """All flagged regions of one volume and the label volume they were cut from (0 = trusted)."""
+
+    regions: tuple[FlaggedRegion, ...]
+    labels: I32
+    threshold: int
+
+    @property
+    def mask(self) -> npt.NDArray[np.bool_]:
+        return np.asarray(self.labels > 0)
+
+    @property
+    def flagged_voxels(self) -> int:
+        return sum(r.voxels for r in self.regions)
+
+    @property
+    def volume_ml(self) -> float:
+        return sum(r.volume_ml for r in self.regions)
+
+    @property
+    def slice_spans(self) -> tuple[tuple[int, int], ...]:
+        """Merged [start, stop) slice ranges covered by any region, in order."""
+        covered = np.zeros(self.labels.shape[0] + 1, dtype=bool)
+        for r in self.regions:
+            covered[r.slice_start : r.slice_stop] = True
+        edges = np.flatnonzero(np.diff(np.concatenate(([False], covered))).astype(bool))
+        return tuple((int(a), int(b)) for a, b in zip(edges[0::2], edges[1::2], strict=True))
+
+
+def find_flagged_regions(
+    confidence: U8, spec: ConfidenceSpec, spacing_mm: tuple[float, float, float]
+) -> FlaggedRegions:
+    """Connected regions of ``confidence < spec.threshold`` of at least ``spec.min_region_mm3``.
+
+    ``confidence`` is ``[slice, row, column]`` uint8; ``spacing_mm`` the (slice, row, column) voxel spacing.
+    Regions are numbered by size, largest first, so region 1 is the one to look at first.
+    """
+    if confidence.ndim != 3 or confidence.dtype != np.uint8:
+        raise ValueError(
+            f"confidence: found {confidence.dtype} {confidence.shape}, expected uint8 [slice, row, col]"
+        )
+    voxel_mm3 = float(np.prod(spacing_mm))
+    low = confidence < spec.threshold
+    raw, count = ndimage.label(low, structure=_CONNECTIVITY)
+    labels = np.zeros(confidence.shape, dtype=np.int32)
+    if count == 0:
+        return FlaggedRegions((), labels, spec.threshold)
+    sizes = np.bincount(raw.ravel(), minlength=count + 1)
+    sizes[0] = 0
+    keep = [
+        int(k)
+        for k in np.argsort(-sizes, kind="stable")
+        if sizes[k] * voxel_mm3 >= max(spec.min_region_mm3, 1e-9)
+    ]
+    keep = [k for k in keep if sizes[k] > 0]
+    minima = ndimage.minimum(confidence, raw, index=keep) if keep else []
+    boxes = ndimage.find_objects(raw)
+    regions: list[FlaggedRegion] = []
+    remap = np.zeros(count + 1, dtype=np.int32)
+    for new, (old, lowest) in enumerate(zip(keep, np.atleast_1d(minima), strict=True), start=1):
+        remap[old] = new
+        box = boxes[old - 1]
+        assert box is not None
+        regions.append(
+            FlaggedRegion(
+                index=new,
+                slice_start=int(box[0].start),
+                slice_stop=int(box[0].stop),
+                row_start=int(box[1].start),
+                row_stop=int(box[1].stop),
+                col_start=int(box[2].start),
+                col_stop=int(box[2].stop),
+                voxels=int(sizes[old]),
+                volume_ml=float(sizes[old] * voxel_mm3 / MM3_PER_ML),
+                min_confidence=int(lowest),
+            )
+        )
+    labels = remap[raw]
+    return FlaggedRegions(tuple(regions), labels, spec.threshold)

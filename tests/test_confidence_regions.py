@@ -1,0 +1,76 @@
+"""Flagged regions from a confidence volume: connectivity, the size rule, numbering and the slices reported."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engines.confidence.regions import find_flagged_regions
+from engines.confidence.spec import ConfidenceSpec, ConfidenceSpecError
+
+SPACING = (0.9, 0.74, 0.74)
+VOXEL_MM3 = 0.9 * 0.74 * 0.74
+
+
+def _spec(threshold: int = 128, min_region_mm3: float = 10.0) -> ConfidenceSpec:
+    return ConfidenceSpec(method="test", threshold=threshold, min_region_mm3=min_region_mm3)
+
+
+def test_regions_are_connected_components_below_threshold_largest_first() -> None:
+    conf = np.full((40, 30, 30), 250, dtype=np.uint8)
+    conf[5:10, 5:10, 5:10] = 100  # 125 voxels
+    conf[20:30, 10:20, 10:20] = 30  # 1000 voxels, the larger one
+    conf[20, 10, 10] = 3
+    conf[35, 25, 25] = 0  # one voxel: below the size rule
+    conf[0:3, 0:3, 0:3] = 128  # at the threshold: trusted (strictly below is flagged)
+    flagged = find_flagged_regions(conf, _spec(), SPACING)
+    assert [r.voxels for r in flagged.regions] == [1000, 125]
+    big, small = flagged.regions
+    assert (big.index, big.slice_start, big.slice_stop, big.min_confidence) == (1, 20, 30, 3)
+    assert (big.row_start, big.row_stop, big.col_start, big.col_stop) == (10, 20, 10, 20)
+    assert small.slices == range(5, 10)
+    assert big.volume_ml == pytest.approx(1000 * VOXEL_MM3 / 1000)
+    assert int(flagged.labels[25, 15, 15]) == 1 and int(flagged.labels[7, 7, 7]) == 2
+    assert int(flagged.labels[35, 25, 25]) == 0
+    assert flagged.flagged_voxels == int(flagged.mask.sum()) == 1125
+    assert flagged.slice_spans == ((5, 10), (20, 30))
+
+
+def test_diagonal_neighbours_form_one_region() -> None:
+    conf = np.full((20, 20, 20), 255, dtype=np.uint8)
+    for i in range(15):
+        conf[2 + i, 2 + i, 2 + i] = 0  # a thin oblique line: touching only at corners
+    flagged = find_flagged_regions(conf, _spec(min_region_mm3=5.0), SPACING)
+    assert len(flagged.regions) == 1 and flagged.regions[0].voxels == 15
+
+
+def test_no_region_in_a_confident_volume() -> None:
+    flagged = find_flagged_regions(np.full((8, 8, 8), 200, np.uint8), _spec(), SPACING)
+    assert flagged.regions == () and flagged.slice_spans == () and not flagged.mask.any()
+
+
+def test_wrong_input_is_refused_naming_it() -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        find_flagged_regions(np.zeros((4, 4, 4), np.float32), _spec(), SPACING)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("data", "attribute"),
+    [
+        ({"method": "m", "threshold": 0, "min_region_mm3": 1.0}, "confidence.threshold"),
+        ({"method": "m", "threshold": 256, "min_region_mm3": 1.0}, "confidence.threshold"),
+        ({"method": "m", "threshold": 1.5, "min_region_mm3": 1.0}, "confidence.threshold"),
+        ({"method": "m", "threshold": 10, "min_region_mm3": -1.0}, "confidence.min_region_mm3"),
+        ({"method": "m", "threshold": 10}, "confidence.min_region_mm3"),
+        ({"method": "", "threshold": 10, "min_region_mm3": 1.0}, "confidence.method"),
+    ],
+)
+def test_spec_refuses_bad_values_naming_the_attribute(data: dict[str, object], attribute: str) -> None:
+    with pytest.raises(ConfidenceSpecError) as info:
+        ConfidenceSpec.from_dict(data)
+    assert attribute in str(info.value) or info.value.attribute == attribute
+
+
+def test_spec_round_trips() -> None:
+    spec = ConfidenceSpec("feature-mahalanobis", 128, 50.0, {"phantoms": [800000, 800001]})
+    assert ConfidenceSpec.from_dict(spec.to_dict()) == spec
