@@ -51,7 +51,7 @@ def test_no_region_in_a_confident_volume() -> None:
 
 def test_wrong_input_is_refused_naming_it() -> None:
     with pytest.raises(ValueError, match="uint8"):
-        find_flagged_regions(np.zeros((4, 4, 4), np.float32), _spec(), SPACING)  # type: ignore[arg-type]
+        find_flagged_regions(np.zeros((4, 4, 4), np.float32), _spec(), SPACING)
 
 
 @pytest.mark.parametrize(
