@@ -13,9 +13,9 @@ for a 0.3 mm target, so the surface is found and compared with sub-voxel precisi
 - **Point to surface.** From each sample of one surface, the nearest point of the other surface is found on
   the iso-surface of that volume's trilinear interpolant itself: the nearest of the other surface's samples gives
   a start on its tangent plane, and steps to the nearest point of the locally linearised iso-surface move it
-  to the foot of the perpendicular. Samples with no
-  sample of the other surface within :data:`NEAR_MM` are far off in any case; for them the distance to the
-  nearest sample's tangent disc (radius :func:`surfel_radius_mm`) is accurate enough.
+  to the foot of the perpendicular. Samples with no sample of the other surface within :data:`NEAR_MM` are
+  gross errors; for them the distance to the nearest sample's tangent disc (radius :func:`surfel_radius_mm`)
+  is accurate enough.
 - **Symmetric.** Distances go both ways (sCT samples to the CT surface and CT samples to the sCT surface). The
   mean is the area-weighted mean over both sets (the average symmetric surface distance); the 95th percentile is
   the larger of the two directed, area-weighted 95th percentiles (the HD95 of Nikolov et al. 2021's
@@ -25,8 +25,8 @@ What counts as the bone surface: the outer (periosteal) part of the 200 HU iso-s
 near 200 HU (below it in older subjects, and thin cortex partial-volumes below 200 HU too), so the literal
 iso-surface also runs through the marrow, where its position measures marrow density, not geometry. A crossing
 therefore counts only when its sub-threshold voxel is not bone interior of the *reference*: the phantom's marrow
-labels, or for a real CT the inside of its own bone (:func:`bone_interior_from_ct`). The
-same interior is applied to both volumes, so the sCT gains nothing by putting marrow HU on either side of 200.
+labels, or for a real CT the inside of its own bone (:func:`bone_interior_from_ct`). The same interior is
+applied to both volumes, so the sCT gains nothing by putting marrow HU on either side of 200.
 Spurious bone the sCT puts in soft tissue, gas or skin is outer surface and counts. Only crossings inside the
 body count (both edge ends in the body mask), and only samples at least :data:`FOV_MARGIN_MM` inside the grid's
 faces are measured from, because a bone cut by the field of view has no surface there in one volume and a
@@ -91,8 +91,8 @@ class SurfaceSamples:
 
 
 def surfel_radius_mm(spacing: tuple[float, float, float]) -> float:
-    """Radius of the tangent disc a sample stands for: half the largest diagonal of a cell face, the farthest a
-    point of a plane gets from its nearest edge crossing."""
+    """Radius of the tangent disc a sample stands for: half the largest diagonal of a cell face, about how far
+    apart a surface's edge crossings lie."""
     s = sorted(float(v) for v in spacing)
     return 0.5 * math.hypot(s[1], s[2])
 
@@ -299,8 +299,8 @@ def bone_interior_from_ct(ct_hu: HuArray, level: float = ISO_LEVEL_HU) -> BoolAr
     cavities it encloses filled, less the outermost voxel layer.
 
     A bone cut by the field of view has its cavity opened at the grid's face; each face is therefore capped
-    with the bone's own outline in that face (its 2D enclosed cavities filled) before the 3D fill. Without the
-    outer layer, an sCT whose surface lies up to a voxel inside the CT's still has that surface counted. Where
+    with the bone's own outline in that face (its 2D enclosed cavities filled) before the 3D fill. The outer
+    layer is left out so that an sCT surface lying up to a voxel inside the CT's still counts. Where
     thin cortex reads below ``level`` (partial volume), the cavity behind it stays open and its surface counts
     as outer: a limit of threshold-defined bone that the phantom's labels do not have.
     """
