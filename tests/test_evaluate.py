@@ -46,6 +46,29 @@ def test_evaluate_phantom_json_reports_the_literature_metrics(capsys: pytest.Cap
     assert report["backend"]["backend"] == TorchEagerBackend.name
     assert report["cases"][0]["name"].startswith("phantom seed 9")
 
+    # Geometry: surface distance and, per lumbar level, CT, sCT and their difference for each measure.
+    geometry = report["geometry"]["summary"]
+    for key in (
+        "surface_distance.mean_mm",
+        "surface_distance.p95_mm",
+        "surface_distance.within_1mm",
+        "vertebra.anterior_height_abs_diff_mm",
+        "vertebra.posterior_height_abs_diff_mm",
+        "vertebra.canal_diameter_abs_diff_mm",
+    ):
+        assert geometry[key]["mean"] is not None, key
+    # A model worth shipping puts most of its bone surface within a millimetre of the CT's.
+    assert geometry["surface_distance.within_1mm"]["mean"] > 0.9
+    case = report["cases"][0]["geometry"]
+    assert case["surface_distance"]["missing"] is None
+    assert case["surface_distance"]["p95_mm"] < 2.0
+    assert [level["level"] for level in case["vertebrae"]] == ["L1", "L2", "L3", "L4", "L5"]
+    for level in case["vertebrae"]:
+        for measure in ("anterior_height", "posterior_height", "canal_diameter"):
+            ct, sct = level[measure]["ct"]["mm"], level[measure]["sct"]["mm"]
+            assert 10.0 < ct < 40.0, (level["level"], measure, ct)
+            assert level[measure]["difference_mm"] == pytest.approx(sct - ct, abs=0.002)
+
 
 def test_evaluate_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["evaluate"]) == 2
@@ -67,7 +90,11 @@ def test_dicom_pair_metrics_on_known_cases(held_out_case: PhantomCase, tmp_path:
     )
     export_case(shifted, ExportOptions(out_dir=tmp_path / "mr2", ct_dir=tmp_path / "ct_plus25"))
 
-    same = evaluate_dicom(tmp_path / "ct", tmp_path / "ct").cases[0].model
+    same_case = evaluate_dicom(tmp_path / "ct", tmp_path / "ct").cases[0]
+    assert same_case.geometry is not None
+    assert same_case.geometry.surface.mean_mm == 0.0  # no vertebra positions in DICOM: surface distance only
+    assert same_case.geometry.levels == ()
+    same = same_case.model
     assert same.mae_hu == 0.0
     assert same.me_hu == 0.0
     assert all(v == 1.0 for v in same.bone_dice.values())

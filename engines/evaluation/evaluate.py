@@ -15,6 +15,13 @@ from typing import Any
 import numpy as np
 
 from engines.evaluation.baseline import intensity_inversion
+from engines.evaluation.geometry import (
+    CaseGeometry,
+    dicom_geometry,
+    geometry_definition,
+    phantom_geometry,
+    summarise_geometry,
+)
 from engines.evaluation.metrics import (
     SctMetrics,
     compute_metrics,
@@ -40,6 +47,8 @@ class CaseResult:
     model: SctMetrics
     baseline: SctMetrics | None
     inference_s: float
+    #: The model's geometry against CT (engines/evaluation/geometry.py).
+    geometry: CaseGeometry | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +62,11 @@ class EvaluationReport:
     @property
     def summary(self) -> dict[str, dict[str, float]]:
         return summarise([c.model for c in self.cases])
+
+    @property
+    def geometry_summary(self) -> dict[str, dict[str, float]]:
+        measured = [c.geometry for c in self.cases if c.geometry is not None]
+        return summarise_geometry(measured) if measured else {}
 
     @property
     def baseline_summary(self) -> dict[str, dict[str, float]] | None:
@@ -71,12 +85,17 @@ class EvaluationReport:
                 if self.baseline_summary
                 else None
             ),
+            "geometry": {
+                "definition": geometry_definition(),
+                "summary": _json_summary(self.geometry_summary),
+            },
             "cases": [
                 {
                     "name": c.name,
                     "inference_s": round(c.inference_s, 3),
                     "model": c.model.to_dict(),
                     "baseline": c.baseline.to_dict() if c.baseline else None,
+                    "geometry": c.geometry.to_dict() if c.geometry else None,
                 }
                 for c in self.cases
             ],
@@ -116,11 +135,14 @@ def evaluate_phantoms(
         masks = masks_from_labels(case.labels)
         model = compute_metrics(sct, case.ct_hu, masks)
         baseline = compute_metrics(intensity_inversion(case.echoes), case.ct_hu, masks)
-        results.append(CaseResult(f"phantom seed {seed}", model, baseline, elapsed))
+        geometry = phantom_geometry(sct, case, masks)
+        results.append(CaseResult(f"phantom seed {seed}", model, baseline, elapsed, geometry))
         if progress:
+            surface = geometry.surface
             progress(
                 f"seed {seed}: MAE {model.mae_hu:.1f} HU (baseline {baseline.mae_hu:.1f}), "
-                f"bone Dice@200 {model.bone_dice['200']:.3f}, {elapsed:.1f} s"
+                f"bone Dice@200 {model.bone_dice['200']:.3f}, bone surface {surface.mean_mm:.2f} mm "
+                f"(p95 {surface.p95_mm:.2f}), {elapsed:.1f} s (+{geometry.seconds:.1f} s geometry)"
             )
     return EvaluationReport(
         model=engine.manifest.label,
@@ -141,12 +163,14 @@ def evaluate_dicom(sct_dir: Path, ct_dir: Path, model_label: str = "(from DICOM)
         raise ValueError(
             f"sCT and CT voxel-to-patient matrices differ by {delta:.4g} mm (tolerance {AFFINE_TOLERANCE_MM} mm)"
         )
-    metrics = compute_metrics(sct.hu, ct.hu, masks_from_ct(ct.hu))
+    masks = masks_from_ct(ct.hu)
+    metrics = compute_metrics(sct.hu, ct.hu, masks)
+    geometry = dicom_geometry(sct.hu, ct.hu, ct.geometry, masks.body)
     return EvaluationReport(
         model=model_label,
         backend={},
         source=f"DICOM sCT {sct_dir} vs CT {ct_dir}",
-        cases=(CaseResult(sct_dir.name, metrics, None, 0.0),),
+        cases=(CaseResult(sct_dir.name, metrics, None, 0.0, geometry),),
         notes=("no baseline: it needs the MR echoes",),
     )
 
@@ -180,6 +204,12 @@ TABLE_ROWS = (
     ("Bambach recall", "bambach_recall", ".3f"),
     ("Bambach Dice", "bambach_dice", ".3f"),
     ("PSNR (dB)", "psnr_db", ".2f"),
+    ("bone surface distance, mean (mm)", "surface_distance.mean_mm", ".2f"),
+    ("bone surface distance, p95 (mm)", "surface_distance.p95_mm", ".2f"),
+    ("bone surface within 1 mm (share)", "surface_distance.within_1mm", ".3f"),
+    ("anterior body height, abs diff (mm)", "vertebra.anterior_height_abs_diff_mm", ".2f"),
+    ("posterior body height, abs diff (mm)", "vertebra.posterior_height_abs_diff_mm", ".2f"),
+    ("canal sagittal diameter, abs diff (mm)", "vertebra.canal_diameter_abs_diff_mm", ".2f"),
 )
 
 
@@ -192,8 +222,11 @@ def format_table(report: EvaluationReport) -> str:
         "| metric | model | baseline |" if base else "| metric | model |",
         "|---|---|---|" if base else "|---|---|",
     ]
+    model = {**report.summary, **report.geometry_summary}
     for label, key, fmt in TABLE_ROWS:
-        row = f"| {label} | {_cell(report.summary, key, fmt)} |"
+        if key not in model:
+            continue  # a geometry figure this source cannot give (vertebrae of a DICOM pair)
+        row = f"| {label} | {_cell(model, key, fmt)} |"
         if base:
             row += f" {_cell(base, key, fmt)} |"
         lines.append(row)
@@ -202,6 +235,8 @@ def format_table(report: EvaluationReport) -> str:
         lines.append(f"baseline: {BASELINE_NAME}")
     if report.cases:
         lines.append(f"masks: {report.cases[0].model.mask_definition}")
+    if report.geometry_summary:
+        lines.append(f"geometry (model only): {geometry_definition()}")
     lines.extend(report.notes)
     return "\n".join(lines)
 
