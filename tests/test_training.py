@@ -4,12 +4,16 @@ subjects generated in worker processes, the training device."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from agent.cli import build_parser
+from agent.cli.train import recipe_from_args
 from engines.backends.torch_cuda import cuda_unavailable_reason
 from engines.model.normalisation import Normalisation
 from engines.model.unet import HU_SCALE
@@ -20,6 +24,8 @@ from engines.training.patches import sample_batch
 from engines.training.prefetch import SubjectPrefetcher
 from engines.training.recipe import (
     EVALUATION_SEED_BASE,
+    RECIPE_V1,
+    RECIPE_V2,
     TRAIN_SEED_BASE,
     VALIDATION_SEED_BASE,
     TrainingRecipe,
@@ -184,6 +190,37 @@ def test_cuda_is_refused_with_the_device_named_where_there_is_none(tmp_path: Pat
     with pytest.raises(TrainingDeviceError, match="'cuda:0'"):
         train(tmp_path / "run", TINY, device="cuda:0")
     assert not (tmp_path / "run").exists()
+
+
+def test_the_command_line_names_a_recipe_and_changes_single_fields() -> None:
+    def recipe(*argv: str) -> TrainingRecipe:
+        arguments = ["train", *argv]
+        return recipe_from_args(build_parser(arguments).parse_args(arguments))
+
+    assert recipe() == RECIPE_V2
+    assert RECIPE_V2.steps > RECIPE_V1.steps and RECIPE_V2.replace_every < RECIPE_V1.replace_every
+    v1 = recipe("--recipe", "v1", "--steps", "7")
+    assert v1 == RECIPE_V1.with_changes(steps=7)
+    assert v1.name == "v1" and v1.pool_size == RECIPE_V1.pool_size and v1.osteoporotic_fraction == 0.0
+
+
+@pytest.mark.skipif(cuda_unavailable_reason() is None, reason="this machine has a CUDA GPU")
+def test_train_refuses_an_absent_or_malformed_device_before_it_starts(tmp_path: Path) -> None:
+    for device, message in (
+        ("cuda:0", "training device 'cuda:0': CUDA is not available"),
+        ("tpu", "training device 'tpu' is not one of cpu, cuda or cuda:INDEX"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "agent.cli", "train", "--out", str(tmp_path / "run"), "--device", device],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr
+        assert "Traceback" not in result.stderr
+        assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.gpu

@@ -46,6 +46,9 @@ logger = logging.getLogger(__name__)
 
 MODEL_ID = "sct-lumbar-dual-echo-unet"
 MODEL_VERSION = "1.0.0"
+#: Model version by the recipe that trained it (published with every sCT and written into DICOM); a recipe
+#: without a name is v1's.
+MODEL_VERSIONS = {"v1": "1.0.0", "v2": "2.0.0"}
 VALIDATED_PROTOCOLS = ("bonemri_lumbar_1p5t",)
 #: Mean |ΔHU| against fp32 eager that a faster backend may show and still be chosen by ``auto``.
 BACKEND_TOLERANCE_HU = 2.0
@@ -202,7 +205,7 @@ def _draft(run_dir: Path, record: dict[str, Any], slab: SlabSpec) -> ModelManife
     return ModelManifest(
         folder=run_dir,
         model_id=MODEL_ID,
-        version=MODEL_VERSION,
+        version=MODEL_VERSIONS.get(str(record["recipe"].get("name", "v1")), MODEL_VERSION),
         weights_file=WEIGHTS_NAME,
         weights_sha256=sha256_of(run_dir / WEIGHTS_NAME),
         architecture=architecture,
