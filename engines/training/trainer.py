@@ -145,14 +145,7 @@ def train(
         t_start = time.monotonic() - wall_s
         while step < recipe.steps:
             cases = pool.at_step(step)
-            x_np, y_np = sample_batch(recipe, cases, step)
-            x, y = _to_device(x_np, device), _to_device(y_np, device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.bf16_autocast):
-                pred = model(x.to(memory_format=torch.channels_last_3d))
-            loss = nn.functional.l1_loss(pred.float(), y)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimiser.step()
+            loss = train_step(model, optimiser, recipe, *sample_batch(recipe, cases, step), device)
             scheduler.step()
             step += 1
             loss_sum += loss.detach()
@@ -211,6 +204,26 @@ def train(
     }
     (out_dir / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
     return weights_path
+
+
+def train_step(
+    model: nn.Module,
+    optimiser: torch.optim.Optimizer,
+    recipe: TrainingRecipe,
+    x_np: npt.NDArray[np.float32],
+    y_np: npt.NDArray[np.float32],
+    device: torch.device,
+) -> torch.Tensor:
+    """One optimiser step on a host batch; returns the L1 loss on ``device`` (not synchronised, so a GPU keeps
+    working while the host samples the next batch). ``bench/train_gpu.py`` times this same step."""
+    x, y = _to_device(x_np, device), _to_device(y_np, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.bf16_autocast):
+        pred = model(x.to(memory_format=torch.channels_last_3d))
+    loss = nn.functional.l1_loss(pred.float(), y)
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()  # type: ignore[no-untyped-call]
+    optimiser.step()
+    return loss
 
 
 def hard_case_counts(recipe: TrainingRecipe) -> dict[str, int]:
