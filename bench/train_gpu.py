@@ -7,8 +7,8 @@ Two figures decide how long a recipe takes on a machine, and which one bounds it
 
 1. subjects: ``--workers`` worker processes (:class:`SubjectPrefetcher`, as ``train --workers``) prepare that
    many training subjects of the v2 recipe at once; reported as subjects per minute;
-2. steps: the trainer's own ``train_step`` (bf16 autocast, pinned host batches) on an in-memory pool of those
-   subjects, after a warm-up, synchronised at the end; reported as steps per second.
+2. steps: the trainer's own ``train_step`` (bf16 autocast where native, pinned host batches) on an in-memory
+   pool of those subjects, after a warm-up, synchronised at the end; reported as steps per second.
 
 It then prints the v2 recipe's time on this machine: the larger of its steps at that rate and its subjects at
 that rate (the prefetcher overlaps the two). ``bench/gpu.sh training`` runs it on the lent GPU. With
@@ -48,7 +48,7 @@ def main() -> int:
     from engines.model.normalisation import Normalisation
     from engines.model.unet import LightUNet3d, UNetConfig
     from engines.training.cases import PreparedCase
-    from engines.training.device import training_device
+    from engines.training.device import bf16_autocast, training_device
     from engines.training.patches import sample_batch
     from engines.training.prefetch import SubjectPrefetcher
     from engines.training.recipe import RECIPE_V2, TRAIN_SEED_BASE
@@ -75,11 +75,12 @@ def main() -> int:
         model.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay
     )
     model.train()
+    autocast, precision = bf16_autocast(recipe.bf16_autocast, device)
 
     def run(first: int, count: int) -> float:
         loss = torch.zeros((), device=device)
         for step in range(first, first + count):
-            loss = train_step(model, optimiser, recipe, *sample_batch(recipe, cases, step), device)
+            loss = train_step(model, optimiser, *sample_batch(recipe, cases, step), device, autocast=autocast)
         return float(loss)  # synchronises
 
     run(0, WARMUP_STEPS)
@@ -88,7 +89,8 @@ def main() -> int:
     steps_s = time.perf_counter() - started
     steps_per_s = args.steps / steps_s
     print(
-        f"{args.steps} steps in {steps_s:.1f} s on {device}: {steps_per_s:.1f} steps/s (last L1 {last_loss:.4f})"
+        f"{args.steps} steps in {steps_s:.1f} s on {device}, {precision}: {steps_per_s:.2f} steps/s "
+        f"(last L1 {last_loss:.4f})"
     )
 
     training_min = recipe.steps / steps_per_s / 60.0
@@ -109,7 +111,7 @@ def main() -> int:
         "steps_per_s": round(steps_per_s, 2),
         "batch_size": recipe.batch_size,
         "patch": list(recipe.patch),
-        "bf16_autocast": recipe.bf16_autocast,
+        "precision": precision,
         "v2_training_min": round(training_min, 1),
         "v2_generation_min": round(generation_min, 1),
     }

@@ -14,12 +14,14 @@ import torch
 
 from agent.cli import build_parser
 from agent.cli.train import recipe_from_args
+from engines.backends.base import Precision
+from engines.backends.cpu_features import native_precisions
 from engines.backends.torch_cuda import cuda_unavailable_reason
 from engines.model.normalisation import Normalisation
 from engines.model.unet import HU_SCALE
 from engines.phantom.acquisition import SEED_PROTOCOL
 from engines.training.cases import CasePool, PreparedCase, pool_seeds, training_acquisition, upcoming_seeds
-from engines.training.device import TrainingDeviceError, training_device
+from engines.training.device import TrainingDeviceError, bf16_autocast, training_device
 from engines.training.patches import sample_batch
 from engines.training.prefetch import SubjectPrefetcher
 from engines.training.recipe import (
@@ -142,6 +144,7 @@ def _check_resume(tmp_path: Path) -> None:
         ("cpu", 1, 0, 2),
         ("cpu", 1, 2, 4),
     ]
+    assert {r["precision"] for r in record["sessions"]} == {"fp32 (the recipe has no bf16 autocast)"}
     assert sum(record["hard_cases"].values()) == TINY.case_count
     with pytest.raises(RecipeMismatchError, match="steps: 4 -> 5"):
         train(tmp_path / "split", TINY.with_changes(steps=5))
@@ -179,6 +182,17 @@ def test_training_device_is_parsed_and_refused_by_name() -> None:
         with pytest.raises(TrainingDeviceError, match="is not one of cpu, cuda or cuda:INDEX") as info:
             training_device(text)
         assert info.value.attribute == "training device" and info.value.found == text
+
+
+def test_bf16_autocast_only_where_the_cpu_runs_bf16_natively() -> None:
+    cpu = torch.device("cpu")
+    native = Precision.BF16 in native_precisions()
+    assert bf16_autocast(True, cpu) == (
+        (True, "bf16 autocast")
+        if native
+        else (False, "fp32 (this CPU has no bf16 instructions; emulated bf16 is slower than fp32)")
+    )
+    assert bf16_autocast(False, cpu) == (False, "fp32 (the recipe has no bf16 autocast)")
 
 
 @pytest.mark.skipif(cuda_unavailable_reason() is None, reason="this machine has a CUDA GPU")

@@ -29,7 +29,7 @@ from torch import nn
 from engines.model.normalisation import Normalisation
 from engines.model.unet import LightUNet3d, UNetConfig
 from engines.training.cases import CasePool
-from engines.training.device import training_device
+from engines.training.device import bf16_autocast, training_device
 from engines.training.hard_cases import HardCase, hard_case_kind
 from engines.training.patches import sample_batch
 from engines.training.prefetch import SubjectPrefetcher
@@ -131,7 +131,16 @@ def train(
     weights_path = out_dir / WEIGHTS_NAME
     if step >= recipe.steps and weights_path.exists():
         return weights_path
-    session = {"device": _device_name(device), "workers": workers, "from_step": step, "to_step": step}
+    autocast, precision = bf16_autocast(recipe.bf16_autocast, device)
+    if recipe.bf16_autocast and not autocast:
+        logger.warning("training on %s in %s", device, precision)
+    session = {
+        "device": _device_name(device),
+        "precision": precision,
+        "workers": workers,
+        "from_step": step,
+        "to_step": step,
+    }
     sessions.append(session)
     with contextlib.ExitStack() as stack:
         source = (
@@ -145,7 +154,7 @@ def train(
         t_start = time.monotonic() - wall_s
         while step < recipe.steps:
             cases = pool.at_step(step)
-            loss = train_step(model, optimiser, recipe, *sample_batch(recipe, cases, step), device)
+            loss = train_step(model, optimiser, *sample_batch(recipe, cases, step), device, autocast=autocast)
             scheduler.step()
             step += 1
             loss_sum += loss.detach()
@@ -209,15 +218,16 @@ def train(
 def train_step(
     model: nn.Module,
     optimiser: torch.optim.Optimizer,
-    recipe: TrainingRecipe,
     x_np: npt.NDArray[np.float32],
     y_np: npt.NDArray[np.float32],
     device: torch.device,
+    *,
+    autocast: bool,
 ) -> torch.Tensor:
     """One optimiser step on a host batch; returns the L1 loss on ``device`` (not synchronised, so a GPU keeps
     working while the host samples the next batch). ``bench/train_gpu.py`` times this same step."""
     x, y = _to_device(x_np, device), _to_device(y_np, device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.bf16_autocast):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         pred = model(x.to(memory_format=torch.channels_last_3d))
     loss = nn.functional.l1_loss(pred.float(), y)
     optimiser.zero_grad(set_to_none=True)
