@@ -4,8 +4,11 @@
 # Figures and logs go to $OUT (the device tool's folder; ./gpu-out elsewhere).
 #
 # On the lent machine, from the repository root, with .whl/ made by bench/gpu_wheels.sh carried along:
-#   bash bench/gpu.sh
-# About 8 minutes: each step has its own time limit so that a hang in one still leaves the others' figures.
+#   bash bench/gpu.sh                    # the engine checks: about 8 minutes
+#   bash bench/gpu.sh training           # training on the GPU: bench/train_gpu.py and the training tests marked
+#                                        # gpu, about 4 minutes (the tests need the wheels too)
+#   bash bench/gpu.sh engine training    # both (over the 10 minutes one device call may take)
+# Each step has its own time limit so that a hang in one still leaves the others' figures.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -20,6 +23,8 @@ fi
 CACHE=/tmp/sct-engine-cache
 mkdir -p "$CACHE"
 log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$OUT/summary.txt"; }
+PARTS=" ${*:-engine} "
+want() { [[ "$PARTS" == *" $1 "* ]]; }
 
 log "machine"
 {
@@ -28,6 +33,7 @@ log "machine"
   nproc
 } 2>&1 | tee -a "$OUT/summary.txt"
 
+if want engine; then
 log "bench/engine.py on CUDA (first start builds the engine, second start loads it)"
 timeout 220 python3 bench/engine.py --configs torch-cuda/fp16 --runs 3 --threads 16 --cache-dir "$CACHE" \
   --json "$OUT/engine.json" 2>&1 | tee "$OUT/engine.txt" | tail -20
@@ -42,4 +48,17 @@ log "bench/e2e.py, agent on the GPU (same engine cache)"
 timeout 180 python3 bench/e2e.py --runs 2 --backend torch-cuda --engine-cache "$CACHE" \
   --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.txt" | tail -25
 echo "e2e exit ${PIPESTATUS[0]}" | tee -a "$OUT/summary.txt"
+fi
+
+if want training; then
+log "bench/train_gpu.py: subjects/min with 14 workers, steps/s of the v2 recipe's step on CUDA"
+timeout 240 python3 bench/train_gpu.py --device cuda --workers 14 --steps 1000 --json "$OUT/train_gpu.json" \
+  2>&1 | tee "$OUT/train_gpu.txt" | tail -8
+echo "train_gpu exit ${PIPESTATUS[0]}" | tee -a "$OUT/summary.txt"
+
+log "training tests marked gpu (a run continued from the CPU on the GPU and back)"
+timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider -o filterwarnings=default tests/test_training.py \
+  2>&1 | tee "$OUT/pytest-training-gpu.txt" | tail -15
+echo "pytest training exit ${PIPESTATUS[0]}" | tee -a "$OUT/summary.txt"
+fi
 log "done"

@@ -314,13 +314,19 @@ def generate_case(
     *,
     supersample: int = DEFAULT_SUPERSAMPLE,
     workers: int = 2,
+    subject: SubjectParameters | None = None,
 ) -> PhantomCase:
     """Simulate subject ``seed`` scanned with ``acquisition``: dual-echo MR magnitudes, CT and labels.
 
     Deterministic: the same seed and acquisition give identical arrays (worker count does not matter).
+    ``subject`` replaces the person drawn from ``seed`` (training draws harder subjects this way, e.g. osteoporotic
+    bone); its ``seed`` must be ``seed``, which still drives the noise, fields and textures of the case.
     """
     started = time.perf_counter()
-    subject = SubjectParameters.from_seed(seed)
+    if subject is None:
+        subject = SubjectParameters.from_seed(seed)
+    elif subject.seed != seed:
+        raise ValueError(f"subject override: seed {subject.seed} found, expected the case seed {seed}")
     anatomy = build_anatomy(subject, build_spine(subject))
     geometry = fov_geometry(acquisition, subject, anatomy)
     acc = _Accumulator(seed, acquisition, geometry, anatomy, subject, supersample)

@@ -30,16 +30,25 @@ from engines.inference.engine import SctEngine, whole_volume_reference
 from engines.model.manifest import MANIFEST_NAME, ModelManifest, SlabSpec, sha256_of
 from engines.model.normalisation import Normalisation
 from engines.model.unet import HU_SCALE, UNetConfig
-from engines.phantom.acquisition import SEED_PROTOCOL
+from engines.phantom.acquisition import SEED_PROTOCOL, Acquisition
 from engines.phantom.case import CT_HU_MAX, CT_HU_MIN
 from engines.phantom.generate import generate_case
 from engines.training.recipe import VALIDATION_SEED_BASE
+from engines.training.ship_gate import (
+    COMPARISON_NAME,
+    SHIP_EVALUATION_SUBJECTS,
+    ShipRefusedError,
+    ship_decision,
+)
 from engines.training.trainer import RECORD_NAME, WEIGHTS_NAME
 
 logger = logging.getLogger(__name__)
 
 MODEL_ID = "sct-lumbar-dual-echo-unet"
 MODEL_VERSION = "1.0.0"
+#: Model version by the recipe that trained it (published with every sCT and written into DICOM); a recipe
+#: without a name is v1's.
+MODEL_VERSIONS = {"v1": "1.0.0", "v2": "2.0.0"}
 VALIDATED_PROTOCOLS = ("bonemri_lumbar_1p5t",)
 #: Mean |ΔHU| against fp32 eager that a faster backend may show and still be chosen by ``auto``.
 BACKEND_TOLERANCE_HU = 2.0
@@ -132,13 +141,56 @@ def package(
     return ModelManifest.load(run_dir)
 
 
-def ship(run_dir: Path, dest: Path) -> ModelManifest:
-    """Copy the weights and manifest of a packaged run into ``dest`` (e.g. the package's default model folder)."""
-    manifest = ModelManifest.load(run_dir)
+def ship(
+    run_dir: Path,
+    dest: Path,
+    *,
+    force: bool = False,
+    subjects: int = SHIP_EVALUATION_SUBJECTS,
+    acquisition: Acquisition = SEED_PROTOCOL,
+    threads: int | None = None,
+    report: Callable[[str], None] = logger.info,
+) -> ModelManifest:
+    """Copy the weights and manifest of a packaged run into ``dest`` (e.g. the package's default model folder),
+    only if the run's model beats the one in ``dest`` on every headline metric (:mod:`ship_gate`), or ``force``.
+
+    The comparison and the decision are recorded in the candidate's manifest and training record either way.
+    """
+    try:
+        decision = ship_decision(
+            run_dir,
+            dest,
+            force=force,
+            subjects=subjects,
+            acquisition=acquisition,
+            threads=threads,
+            report=report,
+        )
+    except ShipRefusedError as refusal:
+        _record_ship(run_dir, {"decision": "refused", "forced": False, "reason": str(refusal)})
+        raise
+    manifest = _record_ship(run_dir, decision)
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(manifest.weights_path, dest / manifest.weights_file)
     shutil.copyfile(run_dir / MANIFEST_NAME, dest / MANIFEST_NAME)
     return ModelManifest.load(dest)
+
+
+def _record_ship(run_dir: Path, decision: dict[str, Any]) -> ModelManifest:
+    """Write the ship decision into the run's manifest (``training.ship``) and training record."""
+    manifest = ModelManifest.load(run_dir)
+    if "comparison" not in decision:
+        stored = run_dir / COMPARISON_NAME
+        decision = {**decision, "comparison": json.loads(stored.read_text()) if stored.exists() else None}
+    ModelManifest.from_dict(
+        run_dir, {**manifest.to_dict(), "training": {**manifest.training, "ship": decision}}
+    ).write()
+    record_path = run_dir / RECORD_NAME
+    if record_path.exists():
+        record = json.loads(record_path.read_text())
+        record["ship"] = decision
+        record_path.write_text(json.dumps(record, indent=2) + "\n")
+    return ModelManifest.load(run_dir)
 
 
 def _draft(run_dir: Path, record: dict[str, Any], slab: SlabSpec) -> ModelManifest:
@@ -153,7 +205,7 @@ def _draft(run_dir: Path, record: dict[str, Any], slab: SlabSpec) -> ModelManife
     return ModelManifest(
         folder=run_dir,
         model_id=MODEL_ID,
-        version=MODEL_VERSION,
+        version=MODEL_VERSIONS.get(str(record["recipe"].get("name", "v1")), MODEL_VERSION),
         weights_file=WEIGHTS_NAME,
         weights_sha256=sha256_of(run_dir / WEIGHTS_NAME),
         architecture=architecture,

@@ -1,7 +1,12 @@
 """Everything that determines a training run, in one frozen record that checkpoints and the manifest carry.
 
 Two runs with the same recipe and the same torch build produce the same weights (up to thread scheduling of
-floating-point sums); a checkpoint refuses to resume under a different recipe.
+floating-point sums); a checkpoint refuses to resume under a different recipe. Where the run happens (device,
+threads, subject workers) is not part of the recipe: it does not change the subjects or the batches, so a run
+may continue on another machine.
+
+Named recipes (:data:`RECIPES`): ``v1`` trained the first shipped model; ``v2``, the default, trains longer on
+more subjects with a share of harder ones (docs/model.md, Training).
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ MAX_TRAINING_CASES = VALIDATION_SEED_BASE - TRAIN_SEED_BASE
 
 @dataclass(frozen=True, slots=True)
 class TrainingRecipe:
-    """Optimisation, data and augmentation settings of one run."""
+    """Optimisation, data and augmentation settings of one run (the defaults are recipe ``v2``)."""
 
+    #: The named recipe this one is (or was derived from, when options changed fields); recorded, not used.
+    name: str = "v2"
     seed: int = 2026
-    steps: int = 5000
+    steps: int = 36000
     batch_size: int = 2
     #: Patch (slices, rows, columns); multiples of the network's downsampling factor.
     patch: tuple[int, int, int] = (32, 96, 96)
@@ -33,8 +40,8 @@ class TrainingRecipe:
     #: Cosine decay ends at this fraction of the peak learning rate.
     final_lr_fraction: float = 0.02
     #: Subjects held in memory at once; one is replaced every ``replace_every`` steps by a new subject.
-    pool_size: int = 6
-    replace_every: int = 200
+    pool_size: int = 8
+    replace_every: int = 100
     #: Share of patches centred on bone (the tissue the product exists for); the rest are centred in the body.
     bone_fraction: float = 0.5
     #: Phantom rendering supersampling (partial volume), as the scanner simulator uses.
@@ -47,6 +54,11 @@ class TrainingRecipe:
     pixel_bandwidth_range_hz: tuple[float, float] = (470.0, 640.0)
     noise_scale_range: tuple[float, float] = (0.6, 1.6)
     oblique_range_deg: tuple[float, float] = (-8.0, 8.0)
+    #: Fractions of training subjects drawn as hard cases (engines/training/hard_cases.py); the rest are the
+    #: phantom's natural draw. Never pathology: implants, lesions and motion stay out of training.
+    osteoporotic_fraction: float = 0.15
+    scoliosis_fraction: float = 0.10
+    degenerated_disc_fraction: float = 0.10
     #: Common intensity scale jitter (robustness to the normalisation estimate) and per-echo jitter.
     intensity_jitter: float = 0.15
     echo_jitter: float = 0.03
@@ -65,6 +77,9 @@ class TrainingRecipe:
             raise ValueError(f"recipe needs {self.case_count} subjects; at most {MAX_TRAINING_CASES} allowed")
         if not 0.0 <= self.bone_fraction <= 1.0:
             raise ValueError(f"bone_fraction: found {self.bone_fraction}, expected 0-1")
+        hard = (self.osteoporotic_fraction, self.scoliosis_fraction, self.degenerated_disc_fraction)
+        if min(hard) < 0.0 or sum(hard) > 1.0:
+            raise ValueError(f"hard-case fractions: found {hard}, expected each >= 0 and a sum <= 1")
 
     @property
     def case_count(self) -> int:
@@ -89,3 +104,19 @@ class TrainingRecipe:
 
     def with_changes(self, **changes: Any) -> TrainingRecipe:
         return TrainingRecipe.from_dict({**self.to_dict(), **changes})
+
+
+#: The recipe of the first shipped model (5000 steps, 6 subjects in memory, a new one every 200 steps, no hard
+#: cases): kept so that run can be reproduced and compared.
+RECIPE_V1 = TrainingRecipe(
+    name="v1",
+    steps=5000,
+    pool_size=6,
+    replace_every=200,
+    osteoporotic_fraction=0.0,
+    scoliosis_fraction=0.0,
+    degenerated_disc_fraction=0.0,
+)
+#: Longer (the v1 loss was still falling at 5000 steps), a new subject twice as often, 35 % hard cases.
+RECIPE_V2 = TrainingRecipe()
+RECIPES = {"v1": RECIPE_V1, "v2": RECIPE_V2}
