@@ -85,7 +85,9 @@ class Ghosting:
     phase-encoding and partition axes ghosts do wrap, as on a scanner).
     """
 
-    def __init__(self, acq: Acquisition, geometry: VolumeGeometry, weight: F32, pattern: MotionPattern) -> None:
+    def __init__(
+        self, acq: Acquisition, geometry: VolumeGeometry, weight: F32, pattern: MotionPattern
+    ) -> None:
         self.weight = weight
         shape = geometry.shape
         pe = phase_encoding_axis(acq)
@@ -115,4 +117,6 @@ class Ghosting:
         spectrum = scipy.fft.fftn(signal * self.weight, s=self.padded, workers=2)
         spectrum *= self.change
         ghost = scipy.fft.ifftn(spectrum, workers=2)
-        return np.asarray(np.take(ghost, np.arange(self.readout_length), axis=self.readout), dtype=np.complex64)
+        return np.asarray(
+            np.take(ghost, np.arange(self.readout_length), axis=self.readout), dtype=np.complex64
+        )
