@@ -8,6 +8,8 @@
 #   bash bench/gpu.sh training           # training on the GPU: bench/train_gpu.py and the training tests marked
 #                                        # gpu, about 4 minutes (the tests need the wheels too)
 #   bash bench/gpu.sh engine training    # both (over the 10 minutes one device call may take)
+#   bash bench/gpu.sh continue-training  # continue the run in runs/train-v2 (carried along) on the GPU for
+#                                        # SCT_TRAIN_SECONDS (default 420) and bring it back in $OUT
 # Each step has its own time limit so that a hang in one still leaves the others' figures.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -60,5 +62,14 @@ log "training tests marked gpu (a run continued from the CPU on the GPU and back
 timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider -o filterwarnings=default tests/test_training.py \
   2>&1 | tee "$OUT/pytest-training-gpu.txt" | tail -15
 echo "pytest training exit ${PIPESTATUS[0]}" | tee -a "$OUT/summary.txt"
+fi
+
+if want continue-training; then
+RUN=${SCT_TRAIN_RUN:-runs/train-v2}
+log "continue the training run in $RUN on the GPU for ${SCT_TRAIN_SECONDS:-420} s (a checkpoint every 200 steps)"
+timeout "${SCT_TRAIN_SECONDS:-420}" python3 -m agent.cli train --out "$RUN" --device cuda --workers 14 --no-package \
+  2>&1 | tee "$OUT/train-run.txt" | tail -5
+echo "train run exit ${PIPESTATUS[0]} (124: stopped by the time limit, resumable)" | tee -a "$OUT/summary.txt"
+mkdir -p "$OUT/$RUN" && cp -r "$RUN"/. "$OUT/$RUN/"
 fi
 log "done"
