@@ -405,7 +405,7 @@ def test_the_console_series_and_images_received_reach_the_wire_and_listen(
 
     name = siemens_protocol_name(case.acquisition)
     images = case.geometry.shape[0] * len(case.acquisition.echo_times_ms)
-    assert verdict.schema == "sct-edge/1.3"
+    assert verdict.schema == "sct-edge/1.4"
     assert (verdict.body["series_number"], verdict.body["series_description"]) == (
         SIEMENS_SERIES_NUMBER,
         name,

@@ -52,7 +52,7 @@ REASON_CATEGORIES: Final = (
     "consistency",
 )
 #: ZeroMQ topics the publisher sends on.
-TOPICS: Final = ("status", "sct.slab", "sct.volume", "heartbeat")
+TOPICS: Final = ("status", "sct.slab", "sct.volume", "heartbeat", "confidence")
 #: Pipeline stages that can report an error.
 STAGES: Final = (
     "watcher",
