@@ -331,6 +331,12 @@ def _canal_center(seg: Segment) -> tuple[float, float]:
     return seg.half_depth + 2.0 + r_ap, r_ap
 
 
+def thecal_sac_position(seg: Segment) -> tuple[float, float]:
+    """(y of the thecal sac centre, its AP radius) in a lumbar segment's frame, before the subject's scale: where
+    an intradural object belongs."""
+    return _canal_center(seg)
+
+
 def _canal(b: _Builder) -> None:
     segs = b.segments
     up = b.column_up(1)

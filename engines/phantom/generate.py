@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -15,6 +18,13 @@ from engines.phantom import mr_signal
 from engines.phantom.acquisition import SEED_PROTOCOL, Acquisition
 from engines.phantom.anatomy import Anatomy, build_anatomy
 from engines.phantom.case import CT_HU_MAX, CT_HU_MIN, PhantomCase
+from engines.phantom.pathology.anomaly import assemble as assemble_anomaly
+from engines.phantom.pathology.ct_metal import streaks_hu
+from engines.phantom.pathology.kinds import Pathology, parse_pathologies
+from engines.phantom.pathology.motion import Ghosting, moving_weight
+from engines.phantom.pathology.mr_effects import EchoEffects
+from engines.phantom.pathology.placement import PlacedObject, motion_pattern, place_objects
+from engines.phantom.pathology.susceptibility import metal_field
 from engines.phantom.render import SlabCounts, render_counts
 from engines.phantom.spine import build_spine
 from engines.phantom.subject import SubjectParameters
@@ -34,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
+U8 = npt.NDArray[np.uint8]
+C64 = npt.NDArray[np.complex64]
 
 #: Default sub-voxels per axis for partial volume (0.37 x 0.37 x 0.45 mm at the seed protocol).
 DEFAULT_SUPERSAMPLE = 2
@@ -177,16 +189,22 @@ class _Accumulator:
         return np.asarray(w, dtype=np.float32)
 
     def __call__(self, slab: SlabCounts) -> None:
-        counts = slab.counts.reshape(-1, N_TISSUES)
+        self._add_tissues(slab.start, slab.stop, slab.counts)
+        self.labels[slab.start : slab.stop] = np.argmax(slab.counts, axis=-1).astype(np.uint8)
+
+    def _add_tissues(self, start: int, stop: int, tissue_counts: U8) -> tuple[F64, F32]:
+        """Signal and HU of slices [start, stop) from their tissue counts; returns the voxels' B1 scale and
+        receive bias for whatever else is added to them."""
+        counts = tissue_counts.reshape(-1, N_TISSUES)
         frac = counts.astype(np.float32) / np.float32(self.norm)
         sums = frac @ self.weights
-        points = _voxel_points(self.geometry, slab.start, slab.stop)
+        points = _voxel_points(self.geometry, start, stop)
         kappa = 1.0 + self.fields.b1_amplitude * self.fields.b1(points)
         delta = (kappa - 1.0).astype(np.float32)
         delta2 = delta * delta
         bias = self._bias(points)
-        out = (slice(slab.start, slab.stop),)
-        region_shape = (slab.stop - slab.start, *self.geometry.shape[1:])
+        out = (slice(start, stop),)
+        region_shape = (stop - start, *self.geometry.shape[1:])
         marrow = self._marrow(frac, points, kappa)
         for e in range(len(self.acq.echo_times_ms)):
             c = 9 * e
@@ -204,7 +222,7 @@ class _Accumulator:
         if marrow is not None:
             hu[marrow[0]] += marrow[3]
         self.hu[out] = hu.reshape(region_shape)
-        self.labels[out] = np.argmax(slab.counts, axis=-1).astype(np.uint8)
+        return kappa, bias
 
     def _bias(self, points: F64) -> F32:
         """Receive sensitivity of the spine array under the patient's back: falls off anteriorly and laterally."""
@@ -278,17 +296,28 @@ def _readout_axis(acq: Acquisition) -> int:
     return 2 if acq.readout_axis == "row" else 1
 
 
-def _mr_images(acc: _Accumulator, acq: Acquisition, seed: int) -> npt.NDArray[np.uint16]:
-    """Chemical shift, complex noise, zero-filled k-space sampling and magnitude, stored as 12-bit integers."""
+def _with_chemical_shift(water: F32 | C64, fat: C64, axis: int, shift_px: float) -> C64:
+    """One echo's complex signal: water plus fat displaced along the readout by its chemical shift."""
+    return np.asarray(water + mr_signal.shift_along(fat, axis, shift_px))
+
+
+def _mr_images(
+    water: F32, fat: C64, acq: Acquisition, seed: int, effects: EchoEffects | None = None
+) -> npt.NDArray[np.uint16]:
+    """Chemical shift, complex noise, zero-filled k-space sampling and magnitude, stored as 12-bit integers.
+
+    ``effects`` (pathology) form each echo's signal from its water and fat instead, given the chemical shift.
+    """
     rng = np.random.default_rng([seed, 0x4015E])
     kept = float(np.prod(acq.sampling_fraction))
     sigma = np.float32(mr_signal.noise_sigma(acq) / math.sqrt(kept))
     axis = _readout_axis(acq)
     displacement = mr_signal.FAT_MAIN_PPM * acq.imaging_frequency_mhz / acq.pixel_bandwidth_hz  # px
-    out = np.empty(acc.water.shape, dtype=np.uint16)
-    for e in range(acc.water.shape[0]):
+    out = np.empty(water.shape, dtype=np.uint16)
+    for e in range(water.shape[0]):
         sign = -1.0 if (acq.bipolar_readout and e % 2 == 1) else 1.0
-        signal = acc.water[e] + mr_signal.shift_along(acc.fat[e], axis, sign * displacement)
+        combine = functools.partial(_with_chemical_shift, axis=axis, shift_px=sign * displacement)
+        signal = combine(water[e], fat[e]) if effects is None else effects(e, water[e], fat[e], combine)
         noise = rng.standard_normal((2, *signal.shape), dtype=np.float32)
         signal = signal + sigma * (noise[0] + 1j * noise[1]).astype(np.complex64)
         signal = mr_signal.truncate_kspace(signal.astype(np.complex64), acq.sampling_fraction)
@@ -314,25 +343,118 @@ def generate_case(
     *,
     supersample: int = DEFAULT_SUPERSAMPLE,
     workers: int = 2,
+    pathologies: Iterable[Pathology | str] = (),
 ) -> PhantomCase:
     """Simulate subject ``seed`` scanned with ``acquisition``: dual-echo MR magnitudes, CT and labels.
 
     Deterministic: the same seed and acquisition give identical arrays (worker count does not matter).
+    ``pathologies`` (docs/phantom.md, Pathology) are placed from the seed; without any, the case is exactly the
+    normal phantom, with an all-zero ``anomaly``.
     """
     started = time.perf_counter()
+    wanted = parse_pathologies(pathologies)
     subject = SubjectParameters.from_seed(seed)
     anatomy = build_anatomy(subject, build_spine(subject))
     geometry = fov_geometry(acquisition, subject, anatomy)
-    acc = _Accumulator(seed, acquisition, geometry, anatomy, subject, supersample)
-    render_counts(anatomy, geometry, supersample, acc, workers=workers)
-    echoes = _mr_images(acc, acquisition, seed)
-    ct = _ct_image(acc.hu, geometry, seed)
+    if wanted:
+        case = _pathological_case(seed, acquisition, subject, anatomy, geometry, supersample, workers, wanted)
+    else:
+        acc = _Accumulator(seed, acquisition, geometry, anatomy, subject, supersample)
+        render_counts(anatomy, geometry, supersample, acc, workers=workers)
+        echoes = _mr_images(acc.water, acc.fat, acquisition, seed)
+        ct = _ct_image(acc.hu, geometry, seed)
+        case = PhantomCase(
+            seed=seed,
+            subject=subject,
+            acquisition=acquisition,
+            geometry=geometry,
+            echoes=echoes,
+            ct_hu=ct,
+            labels=acc.labels,
+        )
     logger.info(
-        "phantom seed %d: %s grid, %d echoes, %.1f s",
+        "phantom seed %d%s: %s grid, %d echoes, %.1f s",
         seed,
+        f" with {', '.join(wanted)}" if wanted else "",
         "x".join(map(str, geometry.shape)),
-        echoes.shape[0],
+        case.echoes.shape[0],
         time.perf_counter() - started,
+    )
+    return case
+
+
+class _PathologyAccumulator(_Accumulator):
+    """Also adds each overlay object's own signal and HU where it took the tissues' place, and keeps how much
+    of each voxel the objects fill (ground truth) and how much of it is metal (field and CT streaks)."""
+
+    def __init__(self, *args: Any, objects: tuple[PlacedObject, ...], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.objects = objects
+        shape = self.geometry.shape
+        self.object_subvoxels = np.zeros(shape, dtype=np.uint8)
+        self.dominant = np.zeros(shape, dtype=np.uint8)
+        self.metal = np.zeros(shape, dtype=np.float32)
+
+    def __call__(self, slab: SlabCounts) -> None:
+        if slab.remaining is None or slab.objects is None:
+            super().__call__(slab)
+            return
+        kappa, bias = self._add_tissues(slab.start, slab.stop, slab.remaining)
+        rows = slice(slab.start, slab.stop)
+        self.labels[rows] = np.argmax(slab.counts, axis=-1).astype(np.uint8)  # the anatomy's own labels
+        per_object = slab.objects.reshape(-1, slab.objects.shape[-1])
+        total = per_object.sum(axis=1, dtype=np.int64)
+        idx = np.flatnonzero(total)
+        self.object_subvoxels[rows].reshape(-1)[idx] = total[idx]
+        self.dominant[rows].reshape(-1)[idx] = np.argmax(per_object[idx], axis=1) + 1
+        flip = math.radians(self.acq.flip_angle_deg) * kappa[idx]
+        for obj in self.objects:
+            frac = per_object[idx, obj.value - 1].astype(np.float64) / self.norm
+            hit = np.flatnonzero(frac)
+            if hit.size == 0:
+                continue
+            where, amount = idx[hit], frac[hit]
+            self.hu[rows].reshape(-1)[where] += (amount * obj.hu).astype(np.float32)
+            if obj.material.is_metal:
+                self.metal[rows].reshape(-1)[where] += amount.astype(np.float32)
+            weight = amount * bias[where]
+            for e, te in enumerate(self.acq.echo_times_ms):
+                w, f = obj.material.signal(te, self.field, self.acq.repetition_time_ms, flip[hit])
+                self.water[e, rows].reshape(-1)[where] += (weight * w).astype(np.float32)
+                self.fat[e, rows].reshape(-1)[where] += (weight * f).astype(np.complex64)
+
+
+def _pathological_case(
+    seed: int,
+    acquisition: Acquisition,
+    subject: SubjectParameters,
+    anatomy: Anatomy,
+    geometry: VolumeGeometry,
+    supersample: int,
+    workers: int,
+    pathologies: tuple[Pathology, ...],
+) -> PhantomCase:
+    """The normal pipeline with the pathology's objects on the render overlay, its effects on each echo before
+    noise, metal streaks on the CT before its point-spread, and the ground truth of where it all is."""
+    objects = place_objects(seed, subject, anatomy, pathologies)
+    acc = _PathologyAccumulator(seed, acquisition, geometry, anatomy, subject, supersample, objects=objects)
+    overlay = [stroke for obj in objects for stroke in obj.strokes]
+    render_counts(anatomy, geometry, supersample, acc, workers=workers, overlay=overlay)
+    has_metal = bool(acc.metal.any())
+    field = metal_field(acc.metal, geometry, acquisition) if has_metal else None
+    motion = motion_pattern(seed) if Pathology.MOTION in pathologies else None
+    ghosting = (
+        Ghosting(acquisition, geometry, moving_weight(geometry, anatomy.torso, motion), motion)
+        if motion is not None
+        else None
+    )
+    effects = EchoEffects(acquisition, geometry, field, ghosting)
+    echoes = _mr_images(acc.water, acc.fat, acquisition, seed, effects)
+    hu = acc.hu + streaks_hu(acc.metal, geometry, anatomy.torso, seed) if has_metal else acc.hu
+    ct = _ct_image(hu, geometry, seed)
+    filled = acc.object_subvoxels.astype(np.float32) >= np.float32(acc.norm / 2.0)
+    anomaly, described = assemble_anomaly(
+        objects, acc.dominant, filled, effects.metal_footprint, effects.motion_footprint, motion, geometry
     )
     return PhantomCase(
         seed=seed,
@@ -342,4 +464,7 @@ def generate_case(
         echoes=echoes,
         ct_hu=ct,
         labels=acc.labels,
+        pathologies=pathologies,
+        anomaly=anomaly,
+        anomaly_objects=described,
     )
