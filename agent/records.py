@@ -386,6 +386,20 @@ class FlagReport:
         return sum(r.volume_ml for r in self.regions)
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class VolumeToCheck:
+    """A finished volume with confidence, from the engine stage to the regions stage, which finds the regions not
+    to trust before it is sent."""
+
+    volume: SctVolume
+    #: sha256 of the volume committed before a restart (it is then not sent again), else None.
+    committed: str | None = None
+
+    @property
+    def acquisition_id(self) -> str:
+        return self.volume.acquisition_id
+
+
 @dataclass(frozen=True, slots=True)
 class DicomStoreRequest:
     """A written sCT series for the C-STORE stage (dicom writer -> dicom store): its folder's name (what
