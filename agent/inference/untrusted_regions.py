@@ -24,6 +24,7 @@ import numpy.typing as npt
 
 from agent.inference.volume_delivery import VolumeDelivery
 from agent.records import FlagReport, UntrustedRegion, VolumeToCheck
+from agent.vocabulary import LogEvent
 from engines.confidence.regions import find_flagged_regions
 from engines.confidence.spec import ConfidenceSpec
 
@@ -85,6 +86,7 @@ class RegionSearch:
             f"{report.count} region(s) flagged, {report.volume_ml:.2f} mL"
             if report.regions
             else "none flagged",
+            extra={"event": LogEvent.FLAGGED, "stage": "regions", "acquisition_id": volume.acquisition_id},
         )
         self._delivery.deliver(replace(volume, flagged=report), item.committed)
 
