@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from engines.phantom.pathology import PATHOLOGIES, parse_pathologies
 from engines.scanner.export import (
     EmissionOrder,
     ExportOptions,
@@ -93,6 +94,16 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--supersample", type=int, metavar="N", help="phantom sub-voxels per axis (default 2)"
     )
     parser.add_argument(
+        "--pathology",
+        dest="pathologies",
+        action="append",
+        default=[],
+        choices=[p.value for p in PATHOLOGIES],
+        metavar="NAME",
+        help="add pathology the model never saw (repeatable): "
+        f"{', '.join(p.value for p in PATHOLOGIES)}; placed from the seed, headers unchanged",
+    )
+    parser.add_argument(
         "--deterministic-uids",
         action="store_true",
         help="derive UIDs and timestamps from the case (reproducible files); default: fresh UIDs per run",
@@ -120,6 +131,7 @@ def _request_and_options(args: argparse.Namespace) -> tuple[SimulationRequest, E
         "settings": tuple(args.settings),
         "fov_mm": _triple("--fov-mm", args.fov_mm),
         "voxel_mm": _triple("--voxel-mm", args.voxel_mm),
+        "pathologies": parse_pathologies(args.pathologies),
     }
     if args.supersample is not None:
         request_fields["supersample"] = args.supersample
@@ -168,7 +180,8 @@ def describe(summary: ExportSummary) -> str:
     form = "classic MR files" if summary.format is OutputFormat.CLASSIC else "Enhanced MR object"
     lines = [
         f"simulated {echoes} echo(es) x {slices} slices of {rows} x {columns} "
-        f"(phantom {summary.simulation_seconds:.1f} s)",
+        f"(phantom {summary.simulation_seconds:.1f} s)"
+        + (f" with {', '.join(summary.pathologies)}" if summary.pathologies else ""),
         f"wrote {summary.file_count} {form} ({summary.images} images, {summary.total_bytes / 1e6:.1f} MB) "
         f"to {summary.out_dir} in {summary.seconds:.2f} s",
         f"series {summary.series_instance_uid}",

@@ -22,6 +22,7 @@ from pydicom.dataset import Dataset
 from engines.phantom.acquisition import SEED_PROTOCOL, Acquisition
 from engines.phantom.case import PhantomCase
 from engines.phantom.generate import DEFAULT_SUPERSAMPLE, generate_case
+from engines.phantom.pathology import Pathology, parse_pathologies
 from engines.scanner.common import SeriesContext, StudyContext, encode, plan_study
 from engines.scanner.ct_series import CT_SERIES_DESCRIPTION, CtSeries
 from engines.scanner.deviations import apply_settings, is_echo_time_key, parse_setting
@@ -71,7 +72,8 @@ class EmissionOrder(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class SimulationRequest:
-    """What to simulate: the seed protocol changed by FOV, voxel size, echo count and ``KEY=VALUE``s."""
+    """What to simulate: the seed protocol changed by FOV, voxel size, echo count and ``KEY=VALUE``s, and the
+    subject's pathology (docs/phantom.md, Pathology), which changes the pixels but no header."""
 
     seed: int
     echoes: int | None = None
@@ -80,8 +82,10 @@ class SimulationRequest:
     voxel_mm: tuple[float, float, float] | None = None
     supersample: int = DEFAULT_SUPERSAMPLE
     base: Acquisition = SEED_PROTOCOL
+    pathologies: tuple[Pathology, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "pathologies", parse_pathologies(self.pathologies))
         if self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer; found {self.seed}")
         if self.echoes is not None and self.echoes < 1:
@@ -187,6 +191,8 @@ class ExportSummary:
     ct_seconds: float = 0.0
     simulation_seconds: float = 0.0
     shape: tuple[int, int, int, int] = field(default=(0, 0, 0, 0))
+    #: Pathology in the exported pixels (none in the headers).
+    pathologies: tuple[Pathology, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +222,9 @@ def simulate(request: SimulationRequest, options: ExportOptions) -> ExportSummar
     """Simulate the requested case and export it (``simulation_seconds`` is the phantom's share)."""
     acquisition = check_request(request, options)
     started = time.perf_counter()
-    case = generate_case(request.seed, acquisition, supersample=request.supersample)
+    case = generate_case(
+        request.seed, acquisition, supersample=request.supersample, pathologies=request.pathologies
+    )
     simulation_seconds = time.perf_counter() - started
     return replace(export_case(case, options), simulation_seconds=simulation_seconds)
 
@@ -270,6 +278,7 @@ def export_case(case: PhantomCase, options: ExportOptions) -> ExportSummary:
         ct_series_instance_uid=ct_series_uid,
         ct_seconds=ct_seconds,
         shape=(n_echoes, *case.geometry.shape),
+        pathologies=case.pathologies,
     )
     logger.info(
         "simulated export: %s, %d files, %d bytes, %d of %d slices x %d echoes, %.2f s",

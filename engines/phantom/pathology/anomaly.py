@@ -1,8 +1,8 @@
 """The ground truth of a pathological case: one numbered region per object (``PhantomCase.anomaly``).
 
 A region is the object itself (voxels at least half filled by it) plus, for metal, the susceptibility
-footprint connected to the metal (each footprint voxel goes to the nearest metal object; specks at distant
-tissue edges that a sub-pixel shift changed are left out), and for motion the voxels its ghosting changes. CT streaks are not part of any region: they are an artefact of the CT, which the sCT does not have.
+footprint (each footprint voxel goes to the nearest metal object), and for motion the voxels its ghosting
+changes. CT streaks are not part of any region: they are an artefact of the CT, which the sCT does not have.
 Objects entirely outside the FOV (no voxel in their region) are left out, and the rest numbered 1.. in order.
 """
 
@@ -39,9 +39,7 @@ def _assign_to_nearest(
         return
     box = _bounding_box(todo | (metal_objects > 0))
     seeds = metal_objects[box]
-    components, _ = scipy.ndimage.label(todo[box] | (seeds > 0))
-    touching = np.unique(components[seeds > 0])
-    todo_box = todo[box] & np.isin(components, touching[touching > 0])
+    todo_box = todo[box]
     _, nearest = scipy.ndimage.distance_transform_edt(seeds == 0, sampling=spacing, return_indices=True)
     owner = seeds[tuple(nearest)]
     target = raw[box]

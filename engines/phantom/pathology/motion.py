@@ -11,6 +11,8 @@ from 0 behind the front 55 % of the body's depth to 1 at the anterior skin; a re
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import numpy.typing as npt
 import scipy.fft
@@ -76,7 +78,12 @@ def line_displacements_mm(acq: Acquisition, geometry: VolumeGeometry, pattern: M
 
 
 class Ghosting:
-    """The ghost image of one case's motion: ``ghost(signal)`` is what motion adds to a complex echo image."""
+    """The ghost image of one case's motion: ``ghost(signal)`` is what motion adds to a complex echo image.
+
+    The readout axis is zero-padded by the largest displacement before the FFT: a scanner oversamples the
+    readout, so tissue moving past the FOV's edge along it does not wrap round to the other side (along the
+    phase-encoding and partition axes ghosts do wrap, as on a scanner).
+    """
 
     def __init__(
         self, acq: Acquisition, geometry: VolumeGeometry, weight: F32, pattern: MotionPattern
@@ -84,23 +91,32 @@ class Ghosting:
         self.weight = weight
         shape = geometry.shape
         pe = phase_encoding_axis(acq)
+        self.readout = readout_axis_index(acq)
+        self.readout_length = shape[self.readout]
+        padded = list(shape)
+        margin = math.ceil((pattern.amplitude_mm + 2.0) / geometry.spacing[self.readout])
+        padded[self.readout] = scipy.fft.next_fast_len(shape[self.readout] + margin)
+        self.padded = tuple(padded)
         disp = line_displacements_mm(acq, geometry, pattern)
-        k = [scipy.fft.fftfreq(n, d=s) for n, s in zip(shape, geometry.spacing, strict=True)]
+        k = [scipy.fft.fftfreq(n, d=s) for n, s in zip(padded, geometry.spacing, strict=True)]
         # exp(-i2π Σ_a k_a d_a(line)) - 1, broadcast over the other axes: the change in k-space per unit moving signal.
-        phase = np.zeros(shape, dtype=np.float32)
+        phase = np.zeros(padded, dtype=np.float32)
         for axis in range(3):
             term_shape = [1, 1, 1]
-            term_shape[pe] = shape[pe]
+            term_shape[pe] = padded[pe]
             if axis == pe:
                 term = k[axis] * disp[:, axis]
             else:
-                term_shape[axis] = shape[axis]
+                term_shape[axis] = padded[axis]
                 first, second = (disp[:, axis], k[axis]) if pe < axis else (k[axis], disp[:, axis])
                 term = np.multiply.outer(first, second)
             phase += (-2.0 * np.pi * term).astype(np.float32).reshape(term_shape)
         self.change = (np.exp(1j * phase) - 1.0).astype(np.complex64)
 
     def ghost(self, signal: C64) -> C64:
-        spectrum = scipy.fft.fftn(signal * self.weight, workers=2)
+        spectrum = scipy.fft.fftn(signal * self.weight, s=self.padded, workers=2)
         spectrum *= self.change
-        return np.asarray(scipy.fft.ifftn(spectrum, workers=2), dtype=np.complex64)
+        ghost = scipy.fft.ifftn(spectrum, workers=2)
+        return np.asarray(
+            np.take(ghost, np.arange(self.readout_length), axis=self.readout), dtype=np.complex64
+        )

@@ -16,7 +16,7 @@ import numpy.typing as npt
 from engines.phantom import mr_signal
 from engines.phantom.acquisition import Acquisition
 from engines.phantom.pathology.motion import Ghosting
-from engines.phantom.pathology.susceptibility import FieldMap, distort
+from engines.phantom.pathology.susceptibility import FieldMap, MetalDistortion
 from sct_core.geometry import VolumeGeometry
 
 F32 = npt.NDArray[np.float32]
@@ -42,15 +42,16 @@ class EchoEffects:
         self.acq = acq
         self.geometry = geometry
         self.field = field
+        self.distortion = MetalDistortion(field, acq, geometry) if field is not None else None
         self.ghosting = ghosting
         self.metal_footprint = np.zeros(geometry.shape, dtype=bool) if field is not None else None
         self.motion_footprint = np.zeros(geometry.shape, dtype=bool) if ghosting is not None else None
 
     def __call__(self, echo: int, water: F32, fat: C64, combine: Combine) -> C64:
         signal = combine(water, fat)
-        if self.field is not None and self.metal_footprint is not None:
+        if self.field is not None and self.distortion is not None and self.metal_footprint is not None:
             plain = signal
-            signal = combine(*distort(water, fat, self.field, self.acq, self.geometry, echo))
+            signal = combine(*self.distortion(water, fat, echo))
             region = self.field.region
             self.metal_footprint[region] |= _changed(plain[region], signal[region])
         if self.ghosting is not None and self.motion_footprint is not None:

@@ -42,8 +42,9 @@ HEAD_RADIUS_MM = 5.5
 HEAD_LENGTH_MM = 12.0
 #: Medial convergence of the screw axis by level (deg), the usual pedicle axis of the lumbar spine.
 CONVERGENCE_DEG = {"L1": 8.0, "L2": 9.0, "L3": 10.0, "L4": 12.0, "L5": 15.0}
-#: Screw tips reach this fraction of the body's depth (anterior third, short of the anterior cortex).
-TIP_DEPTH = 0.80
+#: Screw tips reach this fraction of the body's depth, never closer than the clearance to its anterior cortex.
+TIP_DEPTH = 0.85
+ANTERIOR_CLEARANCE_MM = 2.5
 #: 5.5 mm titanium rod, overhanging the end screws' heads by 5 mm.
 ROD_DIAMETER_MM = 5.5
 ROD_OVERHANG_MM = 5.0
@@ -196,8 +197,13 @@ def _fixation(
             middle = np.array([side * (ip + pw / 2.0), v.half_depth + (pl - 5.0) / 2.0, zp])
             back = (pl / 2.0 + 4.5) / math.cos(conv)
             entry_local = middle - axis_local * back
-            reach = (entry_local[1] + (2.0 * TIP_DEPTH - 1.0) * v.half_depth) / -axis_local[1]
-            length = max((ln for ln in SCREW_LENGTHS_MM if ln <= reach + 1e-6), default=SCREW_LENGTHS_MM[0])
+            # The length that brings the tip to TIP_DEPTH of the body's depth, in 5 mm steps, short of the
+            # anterior cortex by ANTERIOR_CLEARANCE_MM.
+            along = -axis_local[1]
+            aim = (entry_local[1] + (2.0 * TIP_DEPTH - 1.0) * v.half_depth) / along
+            limit = (entry_local[1] + v.half_depth - ANTERIOR_CLEARANCE_MM) / along
+            fitting = [ln for ln in SCREW_LENGTHS_MM if ln <= limit] or [SCREW_LENGTHS_MM[0]]
+            length = min(fitting, key=lambda ln: abs(ln - aim))
             axis = v.frame @ axis_local
             entry = v.to_world(entry_local)
             tip = entry + axis * (length - SCREW_DIAMETER_MM / 2.0)

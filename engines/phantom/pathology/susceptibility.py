@@ -111,67 +111,90 @@ def metal_field(metal_fraction: F32, geometry: VolumeGeometry, acq: Acquisition)
     return FieldMap(region=(region[0], region[1], region[2]), offset_hz=offset)
 
 
-def dephasing(offset_hz: F32, spacing: tuple[float, float, float], te_ms: float) -> F32:
-    """Intravoxel dephasing at one echo: Π_axes sinc(∂Δf/∂x_a · Δ_a · TE) for a linear field across a voxel."""
-    te_s = np.float32(te_ms * 1e-3)
-    factor = np.ones(offset_hz.shape, dtype=np.float32)
-    for axis in range(3):
-        if offset_hz.shape[axis] < 2:
-            continue
-        gradient = np.gradient(offset_hz, spacing[axis], axis=axis)  # Hz / mm
-        factor *= np.sinc(gradient * np.float32(spacing[axis]) * te_s).astype(np.float32)
-    return factor
+class _SplatPlan:
+    """Where each voxel of the lines of a region goes when displaced along one axis: target indices and
+    linear-splat weights of its two neighbours, computed once and applied to every echo's water and fat."""
 
-
-def splat_along(values: C64, axis: int, shift_px: F32) -> C64:
-    """Move each voxel's signal ``shift_px`` pixels along ``axis`` by linear splatting (signal is conserved;
-    what is pushed past either end of the line is lost, as signal displaced out of the readout FOV is)."""
-    moved = np.moveaxis(values, axis, -1)
-    shift = np.moveaxis(shift_px, axis, -1)
-    n = moved.shape[-1]
-    lines = np.ascontiguousarray(moved).reshape(-1, n)
-    shifts = np.ascontiguousarray(shift).reshape(-1, n)
-    active = np.flatnonzero(np.abs(shifts).max(axis=1) > MIN_SHIFT_PX)
-    out = lines.copy()
-    if active.size:
-        src, d = lines[active], shifts[active]
+    def __init__(self, shift_px: F32, axis: int) -> None:
+        self.axis = axis
+        moved_shape = np.moveaxis(shift_px, axis, -1).shape
+        self.moved_shape = moved_shape
+        n = moved_shape[-1]
+        shifts = np.ascontiguousarray(np.moveaxis(shift_px, axis, -1)).reshape(-1, n)
+        self.active = np.flatnonzero(np.abs(shifts).max(axis=1) > MIN_SHIFT_PX)
+        d = shifts[self.active]
         target = np.arange(n, dtype=np.float32)[None, :] + d
         first = np.floor(target).astype(np.int64)
         upper = (target - first).astype(np.float32)
-        base = np.arange(active.size, dtype=np.int64)[:, None] * n
-        real = np.zeros(active.size * n)
-        imag = np.zeros(active.size * n)
+        base = np.arange(self.active.size, dtype=np.int64)[:, None] * n
+        indices, weights, sources = [], [], []
+        source = np.arange(self.active.size * n, dtype=np.int64).reshape(-1, n)
         for index, weight in ((first, 1.0 - upper), (first + 1, upper)):
-            inside = (index >= 0) & (index < n)
-            flat = (base + index)[inside]
-            part = (src * weight)[inside]
-            real += np.bincount(flat, weights=part.real, minlength=real.size)
-            imag += np.bincount(flat, weights=part.imag, minlength=imag.size)
-        out[active] = (real + 1j * imag).reshape(active.size, n).astype(np.complex64)
-    return np.moveaxis(out.reshape(np.moveaxis(values, axis, -1).shape), -1, axis)
+            indices.append((base + np.clip(index, 0, n - 1)).ravel())
+            weights.append(weight.ravel())
+            sources.append(source.ravel())
+        self.target = np.concatenate(indices)
+        self.weight = np.concatenate(weights).astype(np.float64)
+        self.source = np.concatenate(sources)
+        self.size = self.active.size * n
+
+    def apply(self, values: C64) -> C64:
+        """``values`` (the region) with the displacement applied. Signal pushed past a line's end stays in its
+        last pixel: the scanner oversamples the readout, and the phantom has no tissue beyond the FOV whose
+        signal would move in instead."""
+        n = self.moved_shape[-1]
+        lines = np.ascontiguousarray(np.moveaxis(values, self.axis, -1)).reshape(-1, n)
+        if self.active.size:
+            src = lines[self.active].reshape(-1)[self.source]
+            real = np.bincount(self.target, weights=self.weight * src.real, minlength=self.size)
+            imag = np.bincount(self.target, weights=self.weight * src.imag, minlength=self.size)
+            lines[self.active] = (real + 1j * imag).reshape(self.active.size, n).astype(np.complex64)
+        return np.moveaxis(lines.reshape(self.moved_shape), -1, self.axis)
 
 
-def distort(
-    water: npt.NDArray[np.float32] | C64,
-    fat: C64,
-    field: FieldMap,
-    acq: Acquisition,
-    geometry: VolumeGeometry,
-    echo: int,
-) -> tuple[C64, C64]:
-    """One echo's water and fat signal as the distorted field records them (before chemical shift, noise and
-    k-space sampling): dephased, phase-wound by Δf·TE and displaced Δf/BW pixels along the readout (the sign
-    alternates between echoes of a bipolar readout, as the fat shift does)."""
-    te_ms = acq.echo_times_ms[echo]
-    sign = -1.0 if (acq.bipolar_readout and echo % 2 == 1) else 1.0
-    offset = field.offset_hz
-    factor = dephasing(offset, geometry.spacing, te_ms) * np.exp((2j * np.pi * te_ms * 1e-3) * offset).astype(
-        np.complex64
-    )
-    shift = (offset * np.float32(sign / acq.pixel_bandwidth_hz)).astype(np.float32)
-    axis = readout_axis_index(acq)
-    out_water = np.asarray(water, dtype=np.complex64).copy()
-    out_fat = np.asarray(fat, dtype=np.complex64).copy()
-    for out in (out_water, out_fat):
-        out[field.region] = splat_along(out[field.region] * factor, axis, shift)
-    return out_water, out_fat
+class MetalDistortion:
+    """What one case's metal field does to each echo's water and fat, before chemical shift, noise and k-space
+    sampling: dephasing (sinc of the through-voxel field change x TE), phase winding Δf·TE and displacement of
+    Δf/BW pixels along the readout (the sign alternates between echoes of a bipolar readout, as the fat shift
+    does). Field gradients and splat plans are computed once and shared by the echoes."""
+
+    def __init__(self, field: FieldMap, acq: Acquisition, geometry: VolumeGeometry) -> None:
+        self.field = field
+        self.acq = acq
+        offset = field.offset_hz
+        #: Field change across one voxel along each axis (Hz).
+        self.across_voxel = [
+            (np.gradient(offset, geometry.spacing[a], axis=a) * np.float32(geometry.spacing[a])).astype(
+                np.float32
+            )
+            for a in range(3)
+            if offset.shape[a] > 1
+        ]
+        self._plans: dict[float, _SplatPlan] = {}
+
+    def _plan(self, sign: float) -> _SplatPlan:
+        if sign not in self._plans:
+            shift = (self.field.offset_hz * np.float32(sign / self.acq.pixel_bandwidth_hz)).astype(np.float32)
+            self._plans[sign] = _SplatPlan(shift, readout_axis_index(self.acq))
+        return self._plans[sign]
+
+    def dephasing(self, te_ms: float) -> F32:
+        """Π_axes sinc(ΔΔf_a · TE) for a field varying linearly across a box voxel."""
+        te_s = np.float32(te_ms * 1e-3)
+        factor = np.ones(self.field.offset_hz.shape, dtype=np.float32)
+        for change in self.across_voxel:
+            factor *= np.sinc(change * te_s).astype(np.float32)
+        return factor
+
+    def __call__(self, water: npt.NDArray[np.float32] | C64, fat: C64, echo: int) -> tuple[C64, C64]:
+        te_ms = self.acq.echo_times_ms[echo]
+        sign = -1.0 if (self.acq.bipolar_readout and echo % 2 == 1) else 1.0
+        winding = np.exp((2j * np.pi * te_ms * 1e-3) * self.field.offset_hz).astype(np.complex64)
+        factor = self.dephasing(te_ms) * winding
+        plan = self._plan(sign)
+        region = self.field.region
+        out_water = np.asarray(water, dtype=np.complex64).copy()
+        out_fat = np.asarray(fat, dtype=np.complex64).copy()
+        for out in (out_water, out_fat):
+            out[region] = plan.apply(out[region] * factor)
+        return out_water, out_fat
