@@ -22,6 +22,10 @@ from engines.phantom.case import PhantomCase
 CROP = 160
 #: Two fp32 implementations of the same network differ only by summation order.
 FP32_AGREEMENT_HU = 0.05
+#: The uint8 confidence of two fp32 implementations: a value on a half-unit boundary may round either way.
+FP32_AGREEMENT_CONFIDENCE = 1
+#: Mean |Δconfidence| of a reduced-precision backend (as ``acceptance.CONFIDENCE_TOLERANCE``).
+REDUCED_AGREEMENT_CONFIDENCE = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +41,35 @@ def window(held_out_case: PhantomCase, shipped_manifest: ModelManifest) -> np.nd
 
 
 @pytest.fixture(scope="module")
-def reference_hu(window: np.ndarray, shipped_manifest: ModelManifest) -> np.ndarray:
+def reference_outputs(window: np.ndarray, shipped_manifest: ModelManifest) -> np.ndarray:
+    """fp32 eager: HU / hu_scale and the confidence channel (the shipped model has one)."""
     backend = TorchEagerBackend.load(shipped_manifest, window.shape, BackendOptions())
-    return backend.infer(window) * np.float32(shipped_manifest.hu_scale)
+    outputs = backend.infer_outputs(window)
+    assert outputs.shape == (2, *window.shape[1:])
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def reference_hu(reference_outputs: np.ndarray, shipped_manifest: ModelManifest) -> np.ndarray:
+    hu: np.ndarray = reference_outputs[0] * np.float32(shipped_manifest.hu_scale)
+    return hu
+
+
+def confidence_delta(outputs: np.ndarray, reference_outputs: np.ndarray) -> np.ndarray:
+    """|Δ| of the confidence channel as the engine publishes it (rounded to uint8)."""
+    found = np.clip(np.rint(outputs[1]), 0, 255)
+    expected = np.clip(np.rint(reference_outputs[1]), 0, 255)
+    assert float(expected.min()) < 255  # the window holds less typical voxels: not a vacuous comparison
+    delta: np.ndarray = np.abs(found - expected)
+    return delta
 
 
 def test_optimised_backend_agrees_with_eager(
-    window: np.ndarray, reference_hu: np.ndarray, shipped_manifest: ModelManifest, tmp_path: Path
+    window: np.ndarray,
+    reference_hu: np.ndarray,
+    reference_outputs: np.ndarray,
+    shipped_manifest: ModelManifest,
+    tmp_path: Path,
 ) -> None:
     _, precision, _ = resolve_auto(shipped_manifest)
     backend = load_backend(
@@ -54,20 +80,30 @@ def test_optimised_backend_agrees_with_eager(
     )
     assert backend.info.precision == precision.value
     assert backend.info.warmup_s > 0
-    delta = np.abs(backend.infer(window) * np.float32(shipped_manifest.hu_scale) - reference_hu)
+    outputs = backend.infer_outputs(window)
+    delta = np.abs(outputs[0] * np.float32(shipped_manifest.hu_scale) - reference_hu)
     assert float(delta.mean()) <= shipped_manifest.backend_tolerance_hu
+    confidence = confidence_delta(outputs, reference_outputs)
+    assert float(confidence.mean()) <= REDUCED_AGREEMENT_CONFIDENCE
     if precision is Precision.FP32:
         assert float(delta.max()) <= FP32_AGREEMENT_HU
+        assert float(confidence.max()) <= FP32_AGREEMENT_CONFIDENCE
 
 
 def test_onnxruntime_agrees_with_eager(
-    window: np.ndarray, reference_hu: np.ndarray, shipped_manifest: ModelManifest, tmp_path: Path
+    window: np.ndarray,
+    reference_hu: np.ndarray,
+    reference_outputs: np.ndarray,
+    shipped_manifest: ModelManifest,
+    tmp_path: Path,
 ) -> None:
     backend = OnnxRuntimeBackend.load(
         shipped_manifest, window.shape, BackendOptions(threads=2, cache_dir=tmp_path)
     )
-    delta = np.abs(backend.infer(window) * np.float32(shipped_manifest.hu_scale) - reference_hu)
+    outputs = backend.infer_outputs(window)
+    delta = np.abs(outputs[0] * np.float32(shipped_manifest.hu_scale) - reference_hu)
     assert float(delta.max()) <= FP32_AGREEMENT_HU
+    assert float(confidence_delta(outputs, reference_outputs).max()) <= FP32_AGREEMENT_CONFIDENCE
     assert Path(backend.info.details["onnx_file"]).is_file()
 
 

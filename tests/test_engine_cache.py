@@ -93,6 +93,7 @@ def test_an_engine_is_built_once_then_loaded_from_the_cache_and_accepted(
     record = json.loads((folder / RECORD_NAME).read_text())
     assert record["key"]["backend"] == "torch-aot" and record["key"]["window"] == list(WINDOW)
     assert record["key"]["model_sha256"] == shipped_manifest.weights_sha256
+    assert record["key"]["confidence_sha256"] == shipped_manifest.confidence_sha256 != ""
     assert record["acceptance"]["passed"] is True
     assert record["acceptance"]["mean_abs_hu"] <= shipped_manifest.backend_tolerance_hu
     assert len(record["sha256"]) == 64 and record["build_s"] > 0
@@ -110,9 +111,14 @@ def test_an_engine_is_built_once_then_loaded_from_the_cache_and_accepted(
     assert not any("compiling" in step for step, _ in progress)
     # The cached engine computes what the model computes: the stored sample against its fp32 reference.
     sample = acceptance_sample(shipped_manifest, WINDOW, cache)
-    delta = np.abs(backend.infer(sample.window) - sample.reference) * shipped_manifest.hu_scale
+    outputs = backend.infer_outputs(sample.window)
+    delta = np.abs(outputs[0] - sample.reference[0]) * shipped_manifest.hu_scale
     assert float(delta.max()) < 0.5
-    assert float(np.abs(sample.reference).max()) > 0.1  # a real phantom window, not zeros
+    assert float(np.abs(sample.reference[0]).max()) > 0.1  # a real phantom window, not zeros
+    # The package computes the confidence with the HU, as the eager network does (uint8, rounding aside).
+    confidence = np.abs(np.rint(outputs[1]) - np.rint(sample.reference[1]))
+    assert float(confidence.max()) <= 1
+    assert record["acceptance"]["confidence_mean_abs"] <= 0.01
 
 
 def test_an_altered_engine_file_is_refused_and_rebuilt(
@@ -231,7 +237,7 @@ def test_a_slab_in_the_engine_worker_leaves_the_agent_threads_running(
     elapsed = time.perf_counter() - started
     assert elapsed > WINDOWS * TICK_S  # the test means something only if windows outlast ticks
     assert ticks >= MIN_TICKS_PER_WINDOW * WINDOWS, f"{ticks} ticks in {elapsed:.2f} s of {WINDOWS} windows"
-    assert float(np.abs(out - sample.reference).max()) * shipped_hu_scale(backend) < 0.5
+    assert float(np.abs(out - sample.reference[0]).max()) * shipped_hu_scale(backend) < 0.5
 
 
 def test_a_worker_that_dies_fails_one_window_and_the_next_starts_a_new_one(
@@ -252,7 +258,7 @@ def test_a_worker_that_dies_fails_one_window_and_the_next_starts_a_new_one(
     out = backend.infer(sample.window)
     worker = backend.info.details["worker"]
     assert worker["starts"] == 2 and worker["pid"] != pid
-    assert float(np.abs(out - sample.reference).max()) * shipped_hu_scale(backend) < 0.5
+    assert float(np.abs(out - sample.reference[0]).max()) * shipped_hu_scale(backend) < 0.5
     # Killed between windows: noticed and replaced before the next window, which then succeeds.
     os.kill(worker["pid"], signal.SIGKILL)
     wait_until_ended(worker["pid"])

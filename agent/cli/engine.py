@@ -5,6 +5,10 @@ more; IT runs this once after installing (or after a driver, model or agent upda
 file as the service, and sees a progress bar, the backend ``auto`` chose (and why it passed over faster ones),
 and the acceptance figures against the fp32 reference. Run it as the service user so the cache belongs to it:
 ``sudo -u sct-agent sct-agent engine build --config /etc/sct-agent/agent.toml``.
+
+``sct-agent engine calibrate-confidence --model DIR`` calibrates a model folder's confidence on normal validation
+phantoms (docs/model.md, Confidence): it writes the statistics file and the manifest's ``confidence`` section and
+leaves the weights untouched. Packaging a trained model runs the same step.
 """
 
 from __future__ import annotations
@@ -21,6 +25,12 @@ from agent.ops.config import ConfigError
 from agent.ops.config_loader import load_config
 from engines.backends.base import BackendOptions, BackendUnavailableError
 from engines.backends.registry import AUTO, BACKENDS
+from engines.confidence.calibrate import (
+    DEFAULT_CHECK_SEEDS,
+    DEFAULT_FIT_SEEDS,
+    CalibrationSettings,
+    calibrate_model,
+)
 from engines.inference.engine import SctEngine
 from engines.model.manifest import ManifestError, ModelManifest, default_manifest
 
@@ -45,6 +55,25 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     build.add_argument("--json", action="store_true", help="print the result as JSON")
     build.set_defaults(handler=run)
+    calibrate = actions.add_parser(
+        "calibrate-confidence",
+        help="calibrate a model folder's per-voxel confidence on normal validation phantoms",
+    )
+    calibrate.add_argument(
+        "--model", type=Path, required=True, metavar="DIR", help="the model folder to calibrate"
+    )
+    calibrate.add_argument(
+        "--fit", type=int, default=len(DEFAULT_FIT_SEEDS), metavar="N", help="validation phantoms to fit on"
+    )
+    calibrate.add_argument(
+        "--check",
+        type=int,
+        default=len(DEFAULT_CHECK_SEEDS),
+        metavar="N",
+        help="other validation phantoms the threshold is chosen on",
+    )
+    calibrate.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    calibrate.set_defaults(handler=run_calibrate)
 
 
 class ProgressBar:
@@ -126,4 +155,34 @@ def run(args: argparse.Namespace) -> int:
             f"{'passed' if acceptance['passed'] else 'FAILED'}"
         )
     print(f"  {result['engine']} in {result['seconds']} s; cache {cache_dir}")
+    return 0
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    """``sct-agent engine calibrate-confidence``: fit and threshold, then write into the model folder."""
+    if args.fit < 1 or args.check < 1:
+        print(
+            f"sct-agent engine calibrate-confidence: --fit and --check must be >= 1; found {args.fit}, {args.check}",
+            file=sys.stderr,
+        )
+        return 2
+    first = DEFAULT_FIT_SEEDS[0]
+    settings = CalibrationSettings(
+        fit_seeds=tuple(first + i for i in range(args.fit)),
+        check_seeds=tuple(first + args.fit + i for i in range(args.check)),
+    )
+    try:
+        manifest = calibrate_model(
+            args.model, settings, threads=args.threads, report=lambda line: print(line, file=sys.stderr)
+        )
+    except (ManifestError, ValueError) as error:
+        print(f"sct-agent engine calibrate-confidence: {error}", file=sys.stderr)
+        return 1
+    spec = manifest.confidence
+    assert spec is not None
+    print(
+        f"{manifest.label}: confidence {spec.method}, threshold {spec.threshold}, regions >= "
+        f"{spec.min_region_mm3:g} mm³, operating point {spec.calibration['operating_point']}; "
+        f"statistics {spec.statistics_file} sha256 {spec.statistics_sha256}"
+    )
     return 0

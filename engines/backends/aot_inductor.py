@@ -58,6 +58,8 @@ class TorchAotBackend(CachedEngineBackend):
             str(self.manifest.folder),
             "--weights-sha256",
             self.manifest.weights_sha256,
+            "--confidence-sha256",
+            self.manifest.confidence_sha256,
             "--window",
             ",".join(str(n) for n in self.input_shape),
             "--threads",
@@ -77,7 +79,7 @@ class TorchAotBackend(CachedEngineBackend):
 
     def _load(self, path: Path) -> None:
         self.close()
-        worker = AotWorker(path, self.input_shape, self.options.threads)
+        worker = AotWorker(path, self.input_shape, self.options.threads, self.outputs)
         try:
             worker.start()
         except EngineWorkerError as error:
@@ -130,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Compile a model folder into an AOTInductor package.")
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--weights-sha256", required=True)
+    parser.add_argument("--confidence-sha256", default="")
     parser.add_argument("--window", required=True)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
@@ -138,6 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     if manifest.weights_sha256 != args.weights_sha256:
         print(
             f"engine build: weights.sha256 found {manifest.weights_sha256}, expected {args.weights_sha256}",
+            file=sys.stderr,
+        )
+        return 1
+    if manifest.confidence_sha256 != args.confidence_sha256:
+        print(
+            f"engine build: confidence statistics sha256 found {manifest.confidence_sha256!r}, "
+            f"expected {args.confidence_sha256!r}",
             file=sys.stderr,
         )
         return 1

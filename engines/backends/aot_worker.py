@@ -73,10 +73,13 @@ class EngineWorkerEndedError(EngineWorkerError):
 class AotWorker:
     """Parent side: one child process running the package at ``package`` on windows of ``input_shape``."""
 
-    def __init__(self, package: Path, input_shape: tuple[int, int, int, int], threads: int | None) -> None:
+    def __init__(
+        self, package: Path, input_shape: tuple[int, int, int, int], threads: int | None, outputs: int = 1
+    ) -> None:
         self.package = package
         self.input_shape = input_shape
-        self.output_shape = input_shape[1:]
+        #: The network's output channels (HU, and the confidence where the model has one) per window position.
+        self.output_shape = (outputs, *input_shape[1:])
         self.threads = threads
         #: Seconds the last child took from spawn to ready (torch import and package load).
         self.ready_s = 0.0
@@ -91,7 +94,7 @@ class AotWorker:
         self._memory_fd = os.memfd_create("sct-engine-window", os.MFD_CLOEXEC)
         os.ftruncate(self._memory_fd, input_bytes + output_bytes)
         self._memory = mmap.mmap(self._memory_fd, input_bytes + output_bytes)
-        self._window, self._output = _views(self._memory, input_shape)
+        self._window, self._output = _views(self._memory, input_shape, outputs)
 
     @property
     def pid(self) -> int | None:
@@ -145,6 +148,8 @@ class AotWorker:
             str(self._memory_fd),
             "--input-shape",
             ",".join(str(n) for n in self.input_shape),
+            "--outputs",
+            str(self.output_shape[0]),
             "--threads",
             str(self.threads or 0),
         ]
@@ -229,13 +234,16 @@ class AotWorker:
             process.wait()
 
 
-def _views(memory: mmap.mmap, input_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The input window and the output as float32 tensors over one shared mapping."""
+def _views(
+    memory: mmap.mmap, input_shape: tuple[int, ...], outputs: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input window and the output ``[outputs, depth, rows, cols]`` as float32 tensors over one mapping."""
     count = math.prod(input_shape)
+    output_shape = (outputs, *input_shape[1:])
     window = torch.frombuffer(memory, dtype=torch.float32, count=count).view(input_shape)
     output = torch.frombuffer(
-        memory, dtype=torch.float32, offset=count * _FLOAT32_BYTES, count=math.prod(input_shape[1:])
-    ).view(input_shape[1:])
+        memory, dtype=torch.float32, offset=count * _FLOAT32_BYTES, count=math.prod(output_shape)
+    ).view(output_shape)
     return window, output
 
 
@@ -263,7 +271,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     memory = mmap.mmap(args.memory_fd, 0)
-    window, output = _views(memory, shape)
+    window, output = _views(memory, shape, args.outputs)
     try:
         runner = torch._inductor.aoti_load_package(args.package)
     except Exception as error:  # reported to the parent, which raises it
@@ -280,7 +288,7 @@ def _serve(args: argparse.Namespace) -> int:
                 x = window[None].contiguous(memory_format=torch.channels_last_3d)
                 out = runner(x)
                 result = out[0] if isinstance(out, list | tuple) else out
-                output.copy_(result[0, 0])
+                output.copy_(result[0])
         except Exception as error:  # reported to the parent, which raises it
             send({"ok": False, "error": f"{type(error).__name__}: {error}"})
             continue
@@ -294,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channel-fd", type=int, required=True)
     parser.add_argument("--memory-fd", type=int, required=True)
     parser.add_argument("--input-shape", required=True)
+    parser.add_argument("--outputs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0)
     return _serve(parser.parse_args(argv))
 

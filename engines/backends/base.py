@@ -1,13 +1,14 @@
 """The backend interface the slab runner talks to; CPU, CUDA and TensorRT backends plug in here.
 
 A backend knows nothing about DICOM, slabs or HU: it takes a normalised window ``[echoes, depth, rows, cols]``
-(float32) and returns the network output ``[depth, rows, cols]`` (HU / hu_scale). Shapes are static per backend
+(float32) and returns the network output ``[outputs, depth, rows, cols]``: HU / hu_scale, and for a model with a
+confidence section its confidence (0..255) as a second channel of the same pass. Shapes are static per backend
 instance because compiled and TensorRT engines are; a window of another shape is refused with both shapes in the
 message rather than silently recompiled in the middle of a patient's series.
 
-The primary entry is :meth:`InferenceBackend.run` on torch tensors that already live on the backend's ``device``,
-so the slab path can keep a volume on the GPU and copy back only the int16 result; :meth:`infer` is the numpy
-convenience for offline callers. A backend that computes elsewhere (ONNX Runtime) converts inside ``_run``.
+The primary entry is :meth:`InferenceBackend.run_outputs` on torch tensors that already live on the backend's
+``device``, so the slab path can keep a volume on the GPU and copy back only the int16 result (:meth:`run` is its
+HU channel); :meth:`infer` and :meth:`infer_outputs` are the numpy conveniences for offline callers. A backend that computes elsewhere (ONNX Runtime) converts inside ``_run``.
 """
 
 from __future__ import annotations
@@ -125,15 +126,28 @@ class InferenceBackend(ABC):
         return backend
 
     def infer(self, window: F32) -> F32:
-        """Numpy in, numpy out (host memory), for offline callers; the agent's slab path uses ``run``."""
+        """The HU channel ``[depth, rows, cols]``, numpy in and out (host memory), for offline callers."""
+        return np.ascontiguousarray(self.infer_outputs(window)[0])
+
+    def infer_outputs(self, window: F32) -> F32:
+        """Every output channel ``[outputs, depth, rows, cols]``, numpy in and out (host memory)."""
         tensor = torch.from_numpy(np.ascontiguousarray(window, dtype=np.float32))
         with torch.inference_mode(), self.stream_context():
-            out = self.run(tensor.to(self.device))
+            out = self.run_outputs(tensor.to(self.device))
             result = out.float().cpu().numpy()
         return np.ascontiguousarray(result)
 
+    @property
+    def outputs(self) -> int:
+        """Output channels: 1 (HU), or 2 (HU and confidence) for a model with a confidence section."""
+        return self.manifest.network_outputs
+
     def run(self, window: torch.Tensor) -> torch.Tensor:
-        """Network output ``[depth, rows, cols]`` on ``device`` for a float32 window on ``device``.
+        """The HU channel of :meth:`run_outputs`: ``[depth, rows, cols]`` (HU / hu_scale)."""
+        return self.run_outputs(window)[0]
+
+    def run_outputs(self, window: torch.Tensor) -> torch.Tensor:
+        """Network output ``[outputs, depth, rows, cols]`` on ``device`` for a float32 window on ``device``.
 
         Call inside ``torch.inference_mode()`` and :meth:`stream_context`; the result may be a view of a buffer
         the backend reuses on its next call, so take what you need from it first.
@@ -143,7 +157,13 @@ class InferenceBackend(ABC):
                 f"slab window shape {tuple(window.shape)} differs from the shape {self.input_shape} this "
                 f"{self.name} backend was built for"
             )
-        return self._run(window)
+        out = self._run(window)
+        if out.shape[0] != self.outputs:
+            raise ValueError(
+                f"{self.name}: the network returned {out.shape[0]} output channels, the model "
+                f"{self.manifest.label} has {self.outputs}"
+            )
+        return out
 
     def stream_context(self) -> contextlib.AbstractContextManager[object]:
         """The CUDA stream the backend computes on (its own, so uploads on another stream overlap it)."""
@@ -179,7 +199,8 @@ class InferenceBackend(ABC):
     def _prepare(self) -> None: ...
 
     @abstractmethod
-    def _run(self, window: torch.Tensor) -> torch.Tensor: ...
+    def _run(self, window: torch.Tensor) -> torch.Tensor:
+        """Every output channel ``[outputs, depth, rows, cols]`` for one window."""
 
     def _device(self) -> str:
         return str(self.device)

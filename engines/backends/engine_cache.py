@@ -34,6 +34,9 @@ from sct_core.errors import SctError
 RECORD_NAME = "engine.json"
 #: Version of the record format; a record of another version is refused like a key that differs.
 RECORD_FORMAT = 1
+#: Key fields added after records were written, and what their absence in an older record means (an engine built
+#: before confidence existed is one without confidence, still valid for a model without it).
+_ABSENT_MEANS: dict[str, Any] = {"confidence_sha256": ""}
 #: What a record's acceptance must hold for the engine to be judged without running it again.
 ACCEPTANCE_FIGURES = ("mean_abs_hu", "p999_abs_hu", "max_abs_hu")
 
@@ -79,6 +82,8 @@ class EngineKey:
     precision: str
     window: tuple[int, ...]
     model_sha256: str
+    #: sha256 of the model's confidence statistics (compiled into the engine with the network); "" without.
+    confidence_sha256: str
     torch_version: str
     device: str
     #: GPU compute capability ("9.0"); empty on the CPU.
@@ -113,6 +118,7 @@ class EngineKey:
             precision=precision,
             window=tuple(window),
             model_sha256=manifest.weights_sha256,
+            confidence_sha256=manifest.confidence_sha256,
             torch_version=torch.__version__,
             device=name,
             compute_capability=capability,
@@ -129,9 +135,9 @@ class EngineKey:
         """``field: found <recorded>, expected <ours>`` for each field that differs."""
         ours = self.to_dict()
         return [
-            f"{name}: found {recorded.get(name)!r}, expected {value!r}"
+            f"{name}: found {recorded.get(name, _ABSENT_MEANS.get(name))!r}, expected {value!r}"
             for name, value in ours.items()
-            if recorded.get(name) != value
+            if recorded.get(name, _ABSENT_MEANS.get(name)) != value
         ]
 
     def to_dict(self) -> dict[str, Any]:

@@ -50,7 +50,11 @@ class OnnxRuntimeBackend(InferenceBackend):
     def _export(self) -> Path:
         cache = self.options.cache_dir or Path(tempfile.gettempdir()) / "sct-edge-agent"
         shape = "x".join(map(str, self.input_shape))
-        path = cache / "onnx" / f"{self.manifest.weights_sha256[:16]}-{shape}-opset{OPSET}.onnx"
+        # The file is the network and its confidence head: named by both hashes.
+        model_hash = self.manifest.weights_sha256[:16] + (
+            f"-c{self.manifest.confidence_sha256[:16]}" if self.manifest.confidence_sha256 else ""
+        )
+        path = cache / "onnx" / f"{model_hash}-{shape}-opset{OPSET}.onnx"
         if path.exists():
             return path
         try:
@@ -78,7 +82,7 @@ class OnnxRuntimeBackend(InferenceBackend):
     def _run(self, window: torch.Tensor) -> torch.Tensor:
         host = np.ascontiguousarray(window.cpu().numpy(), dtype=np.float32)
         (out,) = self._session.run(None, {self._input_name: host[None]})
-        return torch.from_numpy(np.ascontiguousarray(np.asarray(out, dtype=np.float32)[0, 0]))
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(out, dtype=np.float32)[0]))
 
     def _details(self) -> dict[str, Any]:
         import onnxruntime as ort  # noqa: PLC0415

@@ -84,7 +84,7 @@ class TensorRtBackend(OwnCudaStream):
     def _run(self, window: torch.Tensor) -> torch.Tensor:
         out = self._module(window[None].to(_DTYPES[self.precision]))
         result = out[0] if isinstance(out, list | tuple) else out
-        return result[0, 0]  # type: ignore[no-any-return]
+        return result[0]  # type: ignore[no-any-return]
 
     def _details(self) -> dict[str, Any]:
         return {

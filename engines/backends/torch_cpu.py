@@ -35,7 +35,7 @@ class _TorchCpuBackend(InferenceBackend):
             "cpu", dtype=_AUTOCAST.get(precision, torch.float32), enabled=precision in _AUTOCAST
         ):
             out = module(x)
-        result: torch.Tensor = out[0, 0].float()
+        result: torch.Tensor = out[0].float()
         return result
 
     def _details(self) -> dict[str, Any]:

@@ -91,7 +91,7 @@ class TorchCudaBackend(OwnCudaStream):
 
     def _run(self, window: torch.Tensor) -> torch.Tensor:
         x = window[None].to(_DTYPES[self.precision]).contiguous(memory_format=torch.channels_last_3d)
-        return self._compiled(x)[0, 0]  # type: ignore[no-any-return]
+        return self._compiled(x)[0]  # type: ignore[no-any-return]
 
     def _details(self) -> dict[str, Any]:
         return {

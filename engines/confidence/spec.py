@@ -41,6 +41,10 @@ class ConfidenceSpec:
     threshold: int
     min_region_mm3: float
     calibration: Mapping[str, Any] = field(default_factory=dict)
+    #: The method's fitted statistics: a file in the model folder and its sha256, checked like the weights
+    #: before anything deserialises it. Empty for a method that needs none.
+    statistics_file: str = ""
+    statistics_sha256: str = ""
 
     def __post_init__(self) -> None:
         if not self.method:
@@ -70,6 +74,16 @@ class ConfidenceSpec:
                 found=self.min_region_mm3,
                 expected="finite mm³ >= 0",
             )
+        if self.statistics_file and (
+            len(self.statistics_sha256) != 64
+            or any(c not in "0123456789abcdef" for c in self.statistics_sha256)
+        ):
+            raise ConfidenceSpecError(
+                f"confidence.statistics.sha256: found {self.statistics_sha256!r}, expected 64 lowercase hex digits",
+                attribute="confidence.statistics.sha256",
+                found=self.statistics_sha256,
+                expected="64 lowercase hex digits",
+            )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ConfidenceSpec:
@@ -81,17 +95,34 @@ class ConfidenceSpec:
                 found=None,
                 expected="present",
             )
+        statistics = data.get("statistics") or {}
+        if not isinstance(statistics, Mapping):
+            raise ConfidenceSpecError(
+                f"confidence.statistics: found {statistics!r}, expected an object with file and sha256",
+                attribute="confidence.statistics",
+                found=statistics,
+                expected="an object",
+            )
         return cls(
             method=str(data["method"]),
             threshold=data["threshold"],
             min_region_mm3=data["min_region_mm3"],
             calibration=dict(data.get("calibration", {})),
+            statistics_file=str(statistics.get("file", "")),
+            statistics_sha256=str(statistics.get("sha256", "")),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "method": self.method,
             "threshold": self.threshold,
             "min_region_mm3": self.min_region_mm3,
-            "calibration": dict(self.calibration),
         }
+        if self.statistics_file:
+            data["statistics"] = {
+                "file": self.statistics_file,
+                "sha256": self.statistics_sha256,
+                "format": "torch-state-dict",
+            }
+        data["calibration"] = dict(self.calibration)
+        return data

@@ -2,6 +2,10 @@
 
 Held-out phantoms are subjects ``EVALUATION_SEED_BASE + i`` scanned with the seed protocol exactly (the protocol
 the model is validated for); a seed the manifest lists as a training subject is refused.
+
+For a model with a confidence section every case also gets its out-of-domain figures (``out_of_domain.py``); with
+``pathologies`` each seed is run once per pathology and once normal (its twin, same seed), so every object's
+score can be held against the same voxels without it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from engines.evaluation.baseline import intensity_inversion
 from engines.evaluation.metrics import (
@@ -22,9 +27,16 @@ from engines.evaluation.metrics import (
     masks_from_labels,
     summarise,
 )
+from engines.evaluation.out_of_domain import (
+    OutOfDomainCase,
+    assess_case,
+    format_out_of_domain,
+    summarise_out_of_domain,
+)
 from engines.inference.engine import SctEngine
 from engines.phantom.acquisition import SEED_PROTOCOL
 from engines.phantom.generate import generate_case
+from engines.phantom.pathology import Pathology, parse_pathologies
 from engines.scanner.readback import read_ct_series
 from engines.training.recipe import EVALUATION_SEED_BASE
 
@@ -40,6 +52,10 @@ class CaseResult:
     model: SctMetrics
     baseline: SctMetrics | None
     inference_s: float
+    #: The confidence's verdict (None: the model has no confidence, or a DICOM pair).
+    out_of_domain: OutOfDomainCase | None = None
+    #: Pathologies of the phantom (() for a normal one).
+    pathologies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,10 +65,24 @@ class EvaluationReport:
     source: str
     cases: tuple[CaseResult, ...]
     notes: tuple[str, ...] = field(default=())
+    #: With pathologies: the normal twin of each seed (its confidence figures are the normal ones).
+    twins: tuple[CaseResult, ...] = field(default=())
+    #: The model's confidence threshold and minimum region, when it has a confidence.
+    confidence: dict[str, Any] | None = None
 
     @property
     def summary(self) -> dict[str, dict[str, float]]:
         return summarise([c.model for c in self.cases])
+
+    @property
+    def out_of_domain_summary(self) -> dict[str, dict[str, Any]]:
+        """Confidence figures per set: ``normal`` (normal cases, or the twins of pathological ones) and one entry
+        per pathology; empty without confidence."""
+        groups: dict[str, list[OutOfDomainCase]] = {}
+        for case in (*self.cases, *self.twins):
+            if case.out_of_domain is not None:
+                groups.setdefault("+".join(case.pathologies) or "normal", []).append(case.out_of_domain)
+        return {name: summarise_out_of_domain(group) for name, group in groups.items()}
 
     @property
     def baseline_summary(self) -> dict[str, dict[str, float]] | None:
@@ -71,17 +101,32 @@ class EvaluationReport:
                 if self.baseline_summary
                 else None
             ),
-            "cases": [
-                {
-                    "name": c.name,
-                    "inference_s": round(c.inference_s, 3),
-                    "model": c.model.to_dict(),
-                    "baseline": c.baseline.to_dict() if c.baseline else None,
-                }
-                for c in self.cases
-            ],
+            "cases": [_case_dict(c) for c in self.cases],
             "notes": list(self.notes),
+            **(
+                {
+                    "confidence": self.confidence,
+                    "out_of_domain": self.out_of_domain_summary,
+                    "normal_twins": [_case_dict(c) for c in self.twins],
+                }
+                if self.confidence is not None
+                else {}
+            ),
         }
+
+
+def _case_dict(case: CaseResult) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "name": case.name,
+        "inference_s": round(case.inference_s, 3),
+        "model": case.model.to_dict(),
+        "baseline": case.baseline.to_dict() if case.baseline else None,
+    }
+    if case.pathologies:
+        data["pathologies"] = list(case.pathologies)
+    if case.out_of_domain is not None:
+        data["out_of_domain"] = case.out_of_domain.to_dict()
+    return data
 
 
 def evaluation_seeds(count: int) -> list[int]:
@@ -105,29 +150,79 @@ def evaluate_phantoms(
     seeds: Sequence[int],
     *,
     progress: Callable[[str], None] | None = None,
+    pathologies: Sequence[Pathology | str] = (),
 ) -> EvaluationReport:
+    """Held-out phantoms ``seeds``: normal ones, or with ``pathologies`` one case per seed and pathology (HU
+    metrics over those) plus each seed's normal twin (confidence figures only)."""
     check_held_out(engine, seeds)
-    results = []
+    wanted = parse_pathologies(pathologies)
+    results: list[CaseResult] = []
+    twins: list[CaseResult] = []
     for seed in seeds:
-        case = generate_case(seed, SEED_PROTOCOL)
-        started = time.perf_counter()
-        sct = engine.infer_volume(case.echoes)
-        elapsed = time.perf_counter() - started
-        masks = masks_from_labels(case.labels)
-        model = compute_metrics(sct, case.ct_hu, masks)
-        baseline = compute_metrics(intensity_inversion(case.echoes), case.ct_hu, masks)
-        results.append(CaseResult(f"phantom seed {seed}", model, baseline, elapsed))
-        if progress:
-            progress(
-                f"seed {seed}: MAE {model.mae_hu:.1f} HU (baseline {baseline.mae_hu:.1f}), "
-                f"bone Dice@200 {model.bone_dice['200']:.3f}, {elapsed:.1f} s"
-            )
+        normal, confidence = _evaluate_case(engine, seed, (), None, progress)
+        (twins if wanted else results).append(normal)
+        for pathology in wanted:
+            results.append(_evaluate_case(engine, seed, (pathology,), confidence, progress)[0])
+    kinds = f" with {', '.join(p.value for p in wanted)}" if wanted else ""
     return EvaluationReport(
         model=engine.manifest.label,
         backend=_backend_dict(engine),
-        source=f"{len(seeds)} held-out phantoms, seeds {seeds[0]}..{seeds[-1]}, seed protocol",
+        source=f"{len(seeds)} held-out phantoms{kinds}, seeds {seeds[0]}..{seeds[-1]}, seed protocol",
         cases=tuple(results),
+        twins=tuple(twins),
+        confidence=(
+            {"threshold": engine.confidence.threshold, "min_region_mm3": engine.confidence.min_region_mm3}
+            if engine.confidence is not None
+            else None
+        ),
     )
+
+
+def _evaluate_case(
+    engine: SctEngine,
+    seed: int,
+    pathologies: tuple[Pathology, ...],
+    twin_confidence: npt.NDArray[np.uint8] | None,
+    progress: Callable[[str], None] | None,
+) -> tuple[CaseResult, npt.NDArray[np.uint8] | None]:
+    """One phantom through the engine: HU metrics, and out-of-domain figures where the model has confidence."""
+    case = generate_case(seed, SEED_PROTOCOL, pathologies=pathologies)
+    started = time.perf_counter()
+    confidence: npt.NDArray[np.uint8] | None = None
+    if engine.confidence is not None:
+        sct, confidence = engine.infer_volume_with_confidence(case.echoes)
+    else:
+        sct = engine.infer_volume(case.echoes)
+    elapsed = time.perf_counter() - started
+    masks = masks_from_labels(case.labels)
+    model = compute_metrics(sct, case.ct_hu, masks)
+    baseline = compute_metrics(intensity_inversion(case.echoes), case.ct_hu, masks)
+    verdict = None
+    if confidence is not None and engine.confidence is not None:
+        verdict = assess_case(
+            confidence,
+            engine.confidence,
+            case.geometry.spacing,
+            case.labels,
+            anomaly=case.anomaly if pathologies else None,
+            object_names=[(o.name, o.kind.value) for o in case.anomaly_objects],
+            twin_confidence=twin_confidence,
+        )
+    kinds = ", ".join(p.value for p in pathologies)
+    name = f"phantom seed {seed}" + (f" with {kinds}" if kinds else "")
+    if progress:
+        flags = ""
+        if verdict is not None:
+            found = sum(o.detected for o in verdict.objects)
+            flags = f", {verdict.flagged_regions} flagged region(s) {verdict.flagged_ml:.2f} ml" + (
+                f", {found}/{len(verdict.objects)} objects found" if verdict.objects else ""
+            )
+        progress(
+            f"{name}: MAE {model.mae_hu:.1f} HU (baseline {baseline.mae_hu:.1f}), "
+            f"bone Dice@200 {model.bone_dice['200']:.3f}{flags}, {elapsed:.1f} s"
+        )
+    result = CaseResult(name, model, baseline, elapsed, verdict, tuple(p.value for p in pathologies))
+    return result, confidence
 
 
 def evaluate_dicom(sct_dir: Path, ct_dir: Path, model_label: str = "(from DICOM)") -> EvaluationReport:
@@ -202,6 +297,7 @@ def format_table(report: EvaluationReport) -> str:
         lines.append(f"baseline: {BASELINE_NAME}")
     if report.cases:
         lines.append(f"masks: {report.cases[0].model.mask_definition}")
+    lines.extend(format_out_of_domain(report.out_of_domain_summary, report.confidence))
     lines.extend(report.notes)
     return "\n".join(lines)
 

@@ -7,6 +7,12 @@ slab's window needs (``SlabPlan.windows[k].needed_slices``). Everything between 
 (halo gather, in-plane padding, normalisation, the network, HU scaling, clipping, rounding) happens on the
 backend's device; on a GPU only the int16 core slab is copied back, into pinned memory. ``infer_volume`` is the
 same path for a volume already in memory (evaluation, packaging).
+
+A model with a ``confidence`` section computes, in the same network pass, a uint8 confidence per voxel (255 = as
+typical as its calibration data; below ``confidence.threshold`` = not to be trusted; docs/model.md, Confidence):
+``run_slab(..., confidence_out=...)`` writes the core slab's confidence beside its HU, and
+``infer_volume_with_confidence`` returns both for a volume in memory. The slab halo covers the confidence's
+receptive field as it covers the HU's, so stitched slabs equal a whole-volume pass for it too.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from engines.backends.base import BackendInfo, BackendOptions, InferenceBackend
 from engines.backends.registry import AUTO, load_backend
 from engines.backends.tensorrt import TensorRtBackend
 from engines.backends.torch_cuda import TorchCudaBackend, cuda_unavailable_reason
+from engines.confidence.spec import CONFIDENCE_MAX, ConfidenceSpec
 from engines.inference.device_volume import DeviceVolume
 from engines.inference.slabs import SlabPlan, SlabWindow, pad_in_plane, padded_in_plane
 from engines.model.manifest import ModelManifest, default_manifest
@@ -38,6 +45,7 @@ GPU_BACKENDS = (AUTO, TorchCudaBackend.name, TensorRtBackend.name)
 
 F32 = npt.NDArray[np.float32]
 I16 = npt.NDArray[np.int16]
+U8 = npt.NDArray[np.uint8]
 
 
 def default_slab_depth(backend: str, slab_depth: int | None) -> int | None:
@@ -79,6 +87,11 @@ class SctEngine:
                 f"(the network's downsampling factor)"
             )
         self._backends: dict[tuple[int, int, int, int], InferenceBackend] = {}
+
+    @property
+    def confidence(self) -> ConfidenceSpec | None:
+        """The model's confidence: threshold and region rule (None: the model has none and flags nothing)."""
+        return self.manifest.confidence
 
     @classmethod
     def load(
@@ -152,6 +165,11 @@ class SctEngine:
         pinned = self.device.type == "cuda"
         return torch.empty(shape, dtype=torch.int16, pin_memory=pinned).numpy()
 
+    def new_confidence_output(self, shape: tuple[int, ...]) -> U8:
+        """A uint8 host array slabs' confidence can be copied into directly (pinned on a GPU), like ``new_output``."""
+        pinned = self.device.type == "cuda"
+        return torch.empty(shape, dtype=torch.uint8, pin_memory=pinned).numpy()
+
     def run_slab(
         self,
         volume: DeviceVolume,
@@ -159,9 +177,13 @@ class SctEngine:
         window: SlabWindow,
         scale: float,
         out: I16 | None = None,
+        *,
+        confidence_out: U8 | None = None,
     ) -> I16:
         """HU of the window's core slices ``[core_start, core_stop)`` as int16, written into ``out`` if given
-        (a ``new_output`` array or a slice of one, to spare a copy)."""
+        (a ``new_output`` array or a slice of one, to spare a copy). With ``confidence_out`` (uint8, the same
+        shape; a ``new_confidence_output`` array or a slice of one) and a model with confidence, the core slices'
+        confidence from the same pass is written there; a model without confidence refuses it."""
         rows, cols = volume.in_plane
         core = window.core_stop - window.core_start
         if out is None:
@@ -170,11 +192,23 @@ class SctEngine:
             raise ValueError(
                 f"slab output: found {out.dtype} {out.shape}, expected int16 {(core, rows, cols)}"
             )
+        if confidence_out is not None:
+            if self.confidence is None:
+                raise ValueError(
+                    f"confidence output given, but the model {self.manifest.label} has no confidence"
+                )
+            if confidence_out.shape != (core, rows, cols) or confidence_out.dtype != np.uint8:
+                raise ValueError(
+                    f"slab confidence output: found {confidence_out.dtype} {confidence_out.shape}, expected uint8 "
+                    f"{(core, rows, cols)}"
+                )
         backend = self.backend_for((rows, cols))
         try:
             with torch.inference_mode(), backend.stream_context():
-                hu = self._slab_hu(backend, volume, plan, window, scale)
+                hu, confidence = self._slab_outputs(backend, volume, plan, window, scale)
                 torch.from_numpy(out).copy_(torch.round(hu).to(torch.int16), non_blocking=True)
+                if confidence_out is not None and confidence is not None:
+                    torch.from_numpy(confidence_out).copy_(_confidence_u8(confidence), non_blocking=True)
                 backend.synchronize()
             return out
         except torch.OutOfMemoryError as error:
@@ -205,6 +239,18 @@ class SctEngine:
     def infer_volume(self, echoes: npt.NDArray[Any]) -> F32:
         """HU of a complete volume in memory (``[echo, slice, row, col]``), slab by slab: what the agent
         publishes, stitched, before rounding to int16."""
+        return self._infer(echoes, with_confidence=False)[0]
+
+    def infer_volume_with_confidence(self, echoes: npt.NDArray[Any]) -> tuple[F32, U8]:
+        """HU (float32, as ``infer_volume``) and confidence (uint8, as the agent publishes it) of a complete volume
+        in memory, from the same slab passes; a model without confidence refuses."""
+        if self.confidence is None:
+            raise ValueError(f"the model {self.manifest.label} has no confidence section; it computes none")
+        hu, confidence = self._infer(echoes, with_confidence=True)
+        assert confidence is not None
+        return hu, confidence
+
+    def _infer(self, echoes: npt.NDArray[Any], *, with_confidence: bool) -> tuple[F32, U8 | None]:
         self._check_echoes(echoes)
         volume = self.new_volume(echoes.shape[0], echoes.shape[1:])
         for echo in range(echoes.shape[0]):
@@ -214,29 +260,36 @@ class SctEngine:
         scale = self.scale(echoes)
         backend = self.backend_for(volume.in_plane)
         out = np.empty(echoes.shape[1:], dtype=np.float32)
+        confidence_out = np.empty(echoes.shape[1:], dtype=np.uint8) if with_confidence else None
         with torch.inference_mode(), backend.stream_context():
             for window in plan.windows:
-                hu = self._slab_hu(backend, volume, plan, window, scale)
+                hu, confidence = self._slab_outputs(backend, volume, plan, window, scale)
                 out[window.core_start : window.core_stop] = hu.cpu().numpy()
-        return out
+                if confidence_out is not None and confidence is not None:
+                    confidence_out[window.core_start : window.core_stop] = (
+                        _confidence_u8(confidence).cpu().numpy()
+                    )
+        return out, confidence_out
 
-    def _slab_hu(
+    def _slab_outputs(
         self,
         backend: InferenceBackend,
         volume: DeviceVolume,
         plan: SlabPlan,
         window: SlabWindow,
         scale: float,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """HU (float32, clipped) and raw confidence (None without) of the window's core, on the device."""
         if volume.n_slices != plan.n_slices:
             raise ValueError(f"volume: found {volume.n_slices} slices, the slab plan expects {plan.n_slices}")
         rows, cols = volume.in_plane
         slices, row_index, col_index = self._indices(plan, window, (rows, cols), backend.device)
         volume.wait_for_uploads()
-        raw = backend.run(volume.window(slices, row_index, col_index, scale))
-        core = raw[plan.halo : plan.halo + (window.core_stop - window.core_start), :rows, :cols]
+        raw = backend.run_outputs(volume.window(slices, row_index, col_index, scale))
+        core = raw[:, plan.halo : plan.halo + (window.core_stop - window.core_start), :rows, :cols]
         low, high = self.manifest.hu_range
-        return core.float().mul_(self.manifest.hu_scale).clamp_(low, high)
+        hu = core[0].float().mul_(self.manifest.hu_scale).clamp_(low, high)
+        return hu, (core[1] if core.shape[0] > 1 else None)
 
     def _indices(
         self, plan: SlabPlan, window: SlabWindow, in_plane: tuple[int, int], device: torch.device
@@ -281,9 +334,22 @@ def to_hu(manifest: ModelManifest, raw: F32) -> F32:
 
 def whole_volume_reference(manifest: ModelManifest, echoes: npt.NDArray[Any]) -> F32:
     """One fp32 eager pass over the whole padded volume: the ground truth that stitched slabs must match."""
+    return whole_volume_outputs(manifest, echoes)[0]
+
+
+def whole_volume_outputs(manifest: ModelManifest, echoes: npt.NDArray[Any]) -> tuple[F32, U8 | None]:
+    """HU and (for a model with confidence) uint8 confidence of one fp32 eager pass over the whole padded volume."""
     plan = SlabPlan.for_volume(echoes.shape[1], manifest.slab.depth, manifest.slab.halo)
     rows, cols = echoes.shape[-2:]
     x = network_input(manifest, echoes, plan.reference_indices(), manifest.normalisation.scale(echoes))
     with torch.inference_mode():
-        raw = manifest.build_model()(torch.from_numpy(x)[None])[0, 0].numpy()
-    return to_hu(manifest, raw[plan.halo : plan.halo + plan.n_slices, :rows, :cols])
+        raw = manifest.build_model()(torch.from_numpy(x)[None])[0]
+    core = raw[:, plan.halo : plan.halo + plan.n_slices, :rows, :cols]
+    hu = to_hu(manifest, core[0].numpy())
+    confidence = _confidence_u8(core[1]).numpy() if core.shape[0] > 1 else None
+    return hu, confidence
+
+
+def _confidence_u8(raw: torch.Tensor) -> torch.Tensor:
+    """The network's confidence channel (0..255, float) as the uint8 the agent publishes."""
+    return torch.round(raw.float()).clamp_(0, CONFIDENCE_MAX).to(torch.uint8)

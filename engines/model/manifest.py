@@ -16,7 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from engines.confidence.density import METHOD as FEATURE_DENSITY_METHOD
+from engines.confidence.density import ConfidentUNet3d, FeatureDensity, tap_levels
+from engines.confidence.spec import ConfidenceSpec, ConfidenceSpecError
 from engines.model.normalisation import Normalisation
 from engines.model.unet import LightUNet3d, UNetConfig
 from sct_core.errors import SctError
@@ -40,6 +44,11 @@ class ManifestError(SctError, ValueError):
 
 class WeightsIntegrityError(ManifestError):
     """The weights file is missing or its sha256 differs from the manifest's."""
+
+
+class ConfidenceStatisticsError(WeightsIntegrityError):
+    """The confidence statistics file is missing, its sha256 differs from the manifest's, or it does not fit the
+    network. Refused like weights: a tampered file would silently change what the product flags."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +97,8 @@ class ModelManifest:
     #: ``{"torch-optimised/fp16": {"mean_abs_hu": .., "max_abs_hu": ..}}``. Lets ``auto`` pick the fastest
     #: precision the model tolerates without re-measuring at every start.
     backend_accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: The optional ``confidence`` section: how the model says where not to trust it (None: it does not).
+    confidence: ConfidenceSpec | None = None
     schema_version: str = SCHEMA_VERSION
 
     @property
@@ -97,6 +108,23 @@ class ModelManifest:
     @property
     def label(self) -> str:
         return f"{self.model_id} {self.version}"
+
+    @property
+    def confidence_path(self) -> Path | None:
+        """The confidence statistics file, None for a model without confidence."""
+        if self.confidence is None or not self.confidence.statistics_file:
+            return None
+        return self.folder / self.confidence.statistics_file
+
+    @property
+    def confidence_sha256(self) -> str:
+        """sha256 of the confidence statistics ("" without): part of every compiled engine's identity."""
+        return self.confidence.statistics_sha256 if self.confidence is not None else ""
+
+    @property
+    def network_outputs(self) -> int:
+        """Channels the network returns: HU, and the confidence when the model has one."""
+        return 2 if self.confidence is not None else 1
 
     @classmethod
     def load(cls, folder: Path) -> ModelManifest:
@@ -110,6 +138,7 @@ class ModelManifest:
             raise ManifestError(f"{path}: unreadable manifest ({exc})") from exc
         manifest = cls.from_dict(folder, data)
         manifest.verify_weights()
+        manifest.verify_confidence()
         return manifest
 
     @classmethod
@@ -166,6 +195,7 @@ class ModelManifest:
         tolerance = float(data.get("backend_tolerance_hu", math.nan))
         if not (math.isfinite(tolerance) and tolerance > 0):
             raise ManifestError(f"{reader.path}: backend_tolerance_hu found {tolerance}, expected > 0")
+        confidence = _confidence(reader.path, data.get("confidence"))
         return cls(
             folder=folder,
             model_id=reader.text("model_id"),
@@ -186,11 +216,12 @@ class ModelManifest:
             training=dict(data.get("training", {})),
             validation=dict(data.get("validation", {})),
             backend_accuracy={str(k): dict(v) for k, v in dict(data.get("backend_accuracy", {})).items()},
+            confidence=confidence,
             schema_version=schema,
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "schema_version": self.schema_version,
             "model_id": self.model_id,
             "version": self.version,
@@ -224,6 +255,9 @@ class ModelManifest:
             "training": self.training,
             "validation": self.validation,
         }
+        if self.confidence is not None:
+            data["confidence"] = self.confidence.to_dict()
+        return data
 
     def write(self) -> Path:
         path = self.folder / MANIFEST_NAME
@@ -243,13 +277,80 @@ class ModelManifest:
                 f"{self.weights_sha256}; refusing to load weights that are not the validated ones"
             )
 
-    def build_model(self) -> LightUNet3d:
-        """The network in eval mode with verified weights loaded (fp32, CPU)."""
+    def verify_confidence(self) -> None:
+        """Check the confidence statistics' sha256 (nothing to check without a confidence section)."""
+        path = self.confidence_path
+        if path is None:
+            return
+        try:
+            found = sha256_of(path)
+        except OSError as exc:
+            raise ConfidenceStatisticsError(
+                f"{path}: confidence statistics unreadable ({exc})",
+                attribute="confidence.statistics.sha256",
+                found="unreadable",
+                expected=self.confidence_sha256,
+            ) from exc
+        if found != self.confidence_sha256:
+            raise ConfidenceStatisticsError(
+                f"{path}: confidence statistics sha256 is {found}, the manifest of {self.label} requires "
+                f"{self.confidence_sha256}; refusing statistics that are not the calibrated ones",
+                attribute="confidence.statistics.sha256",
+                found=found,
+                expected=self.confidence_sha256,
+            )
+
+    def build_unet(self) -> LightUNet3d:
+        """The sCT network alone in eval mode with verified weights loaded (fp32, CPU); calibration reads its
+        features."""
         self.verify_weights()
         state = torch.load(self.weights_path, map_location="cpu", weights_only=True)
         model = LightUNet3d(self.architecture)
         model.load_state_dict(state)
         return model.eval()
+
+    def build_confidence_head(self) -> FeatureDensity:
+        """The calibrated confidence head (verified statistics), for a model with a confidence section."""
+        path = self.confidence_path
+        if path is None:
+            raise ManifestError(
+                f"{self.folder / MANIFEST_NAME}: {self.label} has no confidence statistics",
+                attribute="confidence.statistics",
+                found=None,
+                expected="a statistics file",
+            )
+        self.verify_confidence()
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            head = FeatureDensity.from_state_dict(state)
+        except (ValueError, RuntimeError, KeyError, IndexError, TypeError) as exc:
+            raise ConfidenceStatisticsError(
+                f"{path}: confidence statistics do not form a confidence head ({exc})",
+                attribute="confidence.statistics",
+                found=type(exc).__name__,
+                expected="the buffers of a feature-density head",
+            ) from exc
+        return head
+
+    def build_model(self) -> nn.Module:
+        """The network every backend runs, in eval mode, with verified weights (and statistics) loaded (fp32,
+        CPU): the sCT network, or with a confidence section the sCT network and its confidence head, whose output
+        has :attr:`network_outputs` channels (HU / hu_scale, then confidence 0..255)."""
+        unet = self.build_unet()
+        if self.confidence is None:
+            return unet
+        head = self.build_confidence_head()
+        levels = tap_levels(self.architecture)
+        wrong = {name: shape for name, shape in head.levels().items() if levels.get(name) != shape}
+        if wrong:
+            raise ConfidenceStatisticsError(
+                f"{self.confidence_path}: confidence statistics for levels (channels, stride) {wrong}; this "
+                f"network's levels are {levels}",
+                attribute="confidence.statistics",
+                found=wrong,
+                expected=f"levels of {levels}",
+            )
+        return ConfidentUNet3d(unet, head).eval()
 
 
 def sha256_of(path: Path) -> str:
@@ -283,6 +384,37 @@ class _Reader:
         if not isinstance(value, dict):
             raise ManifestError(f"{self.path}: {key} found {value!r}, expected an object")
         return value
+
+
+def _confidence(path: Path, value: Any) -> ConfidenceSpec | None:
+    """The optional ``confidence`` section: absent (the model flags nothing) or a method this code computes."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ManifestError(
+            f"{path}: confidence found {value!r}, expected an object", attribute="confidence", found=value
+        )
+    try:
+        spec = ConfidenceSpec.from_dict(value)
+    except ConfidenceSpecError as exc:
+        raise ManifestError(
+            f"{path}: {exc}", attribute=exc.attribute, found=exc.found, expected=exc.expected
+        ) from exc
+    if spec.method != FEATURE_DENSITY_METHOD:
+        raise ManifestError(
+            f"{path}: confidence.method found {spec.method!r}, this agent computes {FEATURE_DENSITY_METHOD!r}",
+            attribute="confidence.method",
+            found=spec.method,
+            expected=FEATURE_DENSITY_METHOD,
+        )
+    if not spec.statistics_file:
+        raise ManifestError(
+            f"{path}: confidence.statistics is missing; {FEATURE_DENSITY_METHOD} needs its fitted statistics",
+            attribute="confidence.statistics",
+            found=None,
+            expected="an object with file and sha256",
+        )
+    return spec
 
 
 def _triple(path: Path, key: str, value: Any) -> tuple[float, float, float]:

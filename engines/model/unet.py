@@ -89,18 +89,38 @@ class LightUNet3d(nn.Module):
         self.head = nn.Conv3d(chans[0], config.out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_levels(x)[0]
+
+    def forward_levels(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The output and the features of every level, named as :func:`level_names` lists them.
+
+        The confidence (engines/confidence) measures how typical these features are, inside the same pass.
+        """
+        levels: dict[str, torch.Tensor] = {}
         skips: list[torch.Tensor] = []
         for i, encoder in enumerate(self.encoders):
             if i:
                 x = self.pool(x)
             x = encoder(x)
+            levels[f"enc{i}"] = x
             skips.append(x)
         skips.pop()
-        for up, decoder in zip(self.ups, self.decoders, strict=True):
+        for level, up, decoder in zip(
+            range(len(self.encoders) - 2, -1, -1), self.ups, self.decoders, strict=True
+        ):
             x = up(x)
             x = decoder(torch.cat((x, skips.pop()), dim=1))
+            levels[f"dec{level}"] = x
         out: torch.Tensor = self.head(x)
-        return out
+        return out, levels
+
+
+def level_names(config: UNetConfig) -> dict[str, tuple[int, int]]:
+    """Feature levels :meth:`LightUNet3d.forward_levels` returns: name -> (channels, stride). ``enc<k>`` is the
+    encoder at level k (stride 2**k; the last one is the bottleneck), ``dec<k>`` the decoder back at level k."""
+    names = {f"enc{k}": (c, 2**k) for k, c in enumerate(config.channels)}
+    names.update({f"dec{k}": (config.channels[k], 2**k) for k in range(len(config.channels) - 2, -1, -1)})
+    return names
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -7,7 +7,9 @@ evaluation subjects ``sct-agent evaluate`` uses), with the fp32 eager backend as
    :data:`STITCH_TARGET_HU` (half the 1 HU the product promises, as margin for other subjects);
 2. the slab depth: the one that needs the fewest computed slices for the protocol's slice count;
 3. validation metrics of the model and the baseline;
-4. the agreement of each faster backend precision with the reference, which ``auto`` consults.
+4. the agreement of each faster backend precision with the reference, which ``auto`` consults;
+5. the per-voxel confidence: its statistics fitted and its threshold chosen on other normal validation subjects
+   (``engines/confidence/calibrate.py``), written as the manifest's ``confidence`` section and its statistics file.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 from engines.backends.base import BackendOptions, BackendUnavailableError, Precision
 from engines.backends.registry import accuracy_key
 from engines.backends.torch_cpu import TorchEagerBackend, TorchOptimisedBackend
+from engines.confidence.calibrate import calibrate_model
 from engines.evaluation.evaluate import evaluate_phantoms
 from engines.inference.engine import SctEngine, whole_volume_reference
 from engines.model.manifest import MANIFEST_NAME, ModelManifest, SlabSpec, sha256_of
@@ -129,7 +132,7 @@ def package(
         },
     )
     final.write()
-    return ModelManifest.load(run_dir)
+    return calibrate_model(run_dir, threads=threads, report=report)
 
 
 def ship(run_dir: Path, dest: Path) -> ModelManifest:
@@ -137,6 +140,8 @@ def ship(run_dir: Path, dest: Path) -> ModelManifest:
     manifest = ModelManifest.load(run_dir)
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(manifest.weights_path, dest / manifest.weights_file)
+    if manifest.confidence_path is not None:
+        shutil.copyfile(manifest.confidence_path, dest / manifest.confidence_path.name)
     shutil.copyfile(run_dir / MANIFEST_NAME, dest / MANIFEST_NAME)
     return ModelManifest.load(dest)
 
