@@ -280,7 +280,7 @@ def run_demo(
     listener: _Listener | None = None
     thread: threading.Thread | None = None
     try:
-        say("simulating two patients' scans while it starts ...")
+        say("simulating three patients' scans while it starts ...")
         passing = generate_case(seed, SimulationRequest(seed=seed).acquisition())
         deviating = generate_case(
             deviating_seed, SimulationRequest(seed=deviating_seed, settings=(DEVIATION,)).acquisition()
