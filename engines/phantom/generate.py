@@ -8,7 +8,6 @@ import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -387,8 +386,17 @@ class _PathologyAccumulator(_Accumulator):
     """Also adds each overlay object's own signal and HU where it took the tissues' place, and keeps how much
     of each voxel the objects fill (ground truth) and how much of it is metal (field and CT streaks)."""
 
-    def __init__(self, *args: Any, objects: tuple[PlacedObject, ...], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        case_seed: int,
+        acq: Acquisition,
+        geometry: VolumeGeometry,
+        anatomy: Anatomy,
+        subject: SubjectParameters,
+        supersample: int,
+        objects: tuple[PlacedObject, ...],
+    ) -> None:
+        super().__init__(case_seed, acq, geometry, anatomy, subject, supersample)
         self.objects = objects
         shape = self.geometry.shape
         self.object_subvoxels = np.zeros(shape, dtype=np.uint8)
@@ -437,7 +445,7 @@ def _pathological_case(
     """The normal pipeline with the pathology's objects on the render overlay, its effects on each echo before
     noise, metal streaks on the CT before its point-spread, and the ground truth of where it all is."""
     objects = place_objects(seed, subject, anatomy, pathologies)
-    acc = _PathologyAccumulator(seed, acquisition, geometry, anatomy, subject, supersample, objects=objects)
+    acc = _PathologyAccumulator(seed, acquisition, geometry, anatomy, subject, supersample, objects)
     overlay = [stroke for obj in objects for stroke in obj.strokes]
     render_counts(anatomy, geometry, supersample, acc, workers=workers, overlay=overlay)
     has_metal = bool(acc.metal.any())

@@ -58,8 +58,11 @@ SCLEROTIC_DIAMETER_MM = (8.0, 16.0)
 SCLEROTIC_HU = (750.0, 1100.0)
 LYTIC_DIAMETER_MM = (12.0, 20.0)
 LYTIC_HU = (25.0, 55.0)
-#: Share of lytic metastases that break through the cortex into the paravertebral soft tissue.
+#: Share of lytic metastases that break through the cortex into the paravertebral soft tissue, how deep inside
+#: the wall (in radii) their centre lies, and the vertebral body's waist (anatomy: 6 % narrower at mid-height).
 CORTICAL_BREAK_PROBABILITY = 0.5
+BREAK_DEPTH = 0.6
+BODY_WAIST = 0.06
 #: What a lytic metastasis may replace: marrow always; with a cortical break also the cortex and the soft
 #: tissue just outside it (never a vessel, the disc or the canal).
 _LYTIC_INSIDE = frozenset({Tissue.MARROW_BODY})
@@ -329,17 +332,18 @@ def _sclerotic(rng: np.random.Generator, v: Segment, numbering: _Numbering) -> P
 
 
 def _lytic(rng: np.random.Generator, v: Segment, numbering: _Numbering) -> PlacedObject:
-    """Tumour in place of marrow and trabeculae; half of them break through the anterior or a lateral wall,
-    their centre a third of a radius inside the cortex, into the soft tissue outside."""
+    """Tumour in place of marrow and trabeculae; half of them break through the anterior or a lateral wall:
+    their centre lies BREAK_DEPTH radii inside the cortex, so the rest bulges into the soft tissue outside."""
     radii = _blob_radii(rng, LYTIC_DIAMETER_MM)
     r = float(radii.max())
     breaks = bool(rng.random() < CORTICAL_BREAK_PROBABILITY)
     z = rng.uniform(-1.0, 1.0) * max(v.height / 2.0 - r - 1.0, 0.0) * 0.5
     if breaks:
         angle = float(rng.uniform(-0.6, 0.6)) * math.pi  # 0: anterior wall; +-0.6 pi: towards the sides
-        wall = np.array([v.half_width * math.sin(angle), -v.half_depth * math.cos(angle)])
+        waist = 1.0 - BODY_WAIST  # the body is narrowest at mid-height
+        wall = waist * np.array([v.half_width * math.sin(angle), -v.half_depth * math.cos(angle)])
         inward = -wall / np.linalg.norm(wall)
-        xy = wall + inward * (r / 3.0)
+        xy = wall + inward * (BREAK_DEPTH * r)
         local = np.array([xy[0], xy[1], z])
     else:
         local = np.array(
