@@ -1,6 +1,7 @@
 """The data flow: the one place the agent's stages are composed (docs/architecture.md draws it).
 
     watcher -> assembler -> validator -> streamer -> engine -> publisher (ZeroMQ PUB + snapshot ROUTER)
+                   |            |                      |  [-> regions, with a confidence output]
                    |            |                      |    +---> dicom (CT series on disk, C-STORE)
                    +------ journal (SQLite) and metrics (Prometheus): SideServices ------+
 
@@ -19,11 +20,13 @@ from typing import Any
 from agent.dicom_out.dicom_publisher import STORE_BACKLOG, DicomPublisher
 from agent.inference.engine_stage import EngineStage
 from agent.inference.streamer import Streamer
+from agent.inference.untrusted_regions import RegionSearch
+from agent.inference.volume_delivery import VolumeDelivery
 from agent.ingest.assembler import Assembler
 from agent.ingest.pixel_reader import read_pixels
 from agent.ops.config import AgentConfig
 from agent.ops.side_services import SideServices
-from agent.records import ArrivedFile, DicomStoreRequest, Publication, SctVolume, StatusEvent
+from agent.records import ArrivedFile, DicomStoreRequest, Publication, SctVolume, StatusEvent, VolumeToCheck
 from agent.stage_thread import Stage, each
 from agent.validation.protocols import SequenceProtocol
 from agent.validation.validator import ValidatorStage
@@ -33,6 +36,9 @@ from engines.model.manifest import ModelManifest
 #: Finished volumes waiting for the DICOM writer: a few deep, so a slow disk holds the engine back (back-pressure)
 #: rather than memory growing.
 DICOM_QUEUE_DEPTH = 4
+#: Finished volumes waiting for their regions to be found (a model with a confidence output): as few as the DICOM
+#: writer's, for the same reason.
+REGIONS_QUEUE_DEPTH = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +98,18 @@ def compose(
         if dicom is not None:
             dicom.put(volume)
 
+    regions: Stage[VolumeToCheck] | None = None
+    if engine.confidence is not None:
+        # The regions not to trust are found on the whole volume on a thread of their own, and the volume goes
+        # out from there: the engine's thread goes on with the next slab meanwhile.
+        search = RegionSearch(
+            engine.confidence,
+            VolumeDelivery(publish, commit=services.commit_volume, on_volume=volume_done),
+        )
+        regions = Stage(
+            "regions", each(search.handle), depth=REGIONS_QUEUE_DEPTH, on_error=error, batch=False
+        )
+
     engine_stage = EngineStage(
         engine,
         publish,
@@ -101,6 +119,7 @@ def compose(
         committed=services.committed_volume,
         on_failure=services.engine_failed,
         on_cancel=services.stream_cancelled,
+        check=regions.put if regions is not None else None,
     )
     inference = Stage(
         "engine", each(engine_stage.handle), depth=max(2, depth // 16), on_error=error, batch=False
@@ -146,6 +165,6 @@ def compose(
 
     assembling = Stage("assembler", assemble, depth=depth * 4, idle=idle, on_error=error)
 
-    outputs = tuple(stage for stage in (dicom, store) if stage is not None)
+    outputs = tuple(stage for stage in (regions, dicom, store) if stage is not None)
     stages = (assembling, validating, streaming, inference, *outputs)
     return Stages(all=stages, entry=assembling, assembler=assembler, dicom_writer=writer)

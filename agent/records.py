@@ -285,6 +285,14 @@ class SctSlab:
     inference_s: float
     inputs_complete_at: float
     produced_at: float
+    #: ``[size, rows, columns]`` uint8 confidence of the same voxels (255 = as typical as the calibration data,
+    #: 0 = far outside it), computed in the same network pass; None when the model has no confidence output.
+    confidence: npt.NDArray[np.uint8] | None = None
+    #: sha256 of ``confidence``'s bytes ("" without confidence), computed where the slab is made, like ``sha256``.
+    confidence_sha256: str = ""
+    #: The manifest's confidence method and calibrated threshold (what a receiver compares ``confidence`` with).
+    confidence_method: str = ""
+    confidence_threshold: int = 0
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -307,6 +315,89 @@ class SctVolume:
     sources: SourceImages = ()
     #: Published again by a restarted agent from its archive (agent.publish.volume_archive), not newly computed.
     republished: bool = False
+    #: ``[slice, row, column]`` uint8 confidence of every voxel (see ``SctSlab.confidence``); None when the model
+    #: has no confidence output.
+    confidence: npt.NDArray[np.uint8] | None = None
+    confidence_sha256: str = ""
+    confidence_method: str = ""
+    confidence_threshold: int = 0
+    #: The regions the sCT should not be trusted in, found once on the whole volume; None when nothing was
+    #: checked (the model has no confidence output), an empty ``regions`` when it was checked and none was found.
+    flagged: FlagReport | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UntrustedRegion:
+    """One connected region whose confidence is below the model's calibrated threshold.
+
+    Voxel indices of the volume, 0-based, ``*_stop`` exclusive (Python slices); regions are numbered from 1,
+    largest first. A copy of ``engines.confidence.regions.FlaggedRegion`` that the records (and with them the
+    robot's client library, which must not import scipy) can hold.
+    """
+
+    index: int
+    slice_start: int
+    slice_stop: int
+    row_start: int
+    row_stop: int
+    col_start: int
+    col_stop: int
+    voxels: int
+    volume_ml: float
+    #: Lowest confidence inside the region (0-255).
+    min_confidence: int
+
+    def as_json(self) -> dict[str, Any]:
+        """The region as the wire states it: ranges ``[start, stop)`` of 0-based voxel indices."""
+        return {
+            "index": self.index,
+            "slices": [self.slice_start, self.slice_stop],
+            "rows": [self.row_start, self.row_stop],
+            "columns": [self.col_start, self.col_stop],
+            "voxels": self.voxels,
+            "volume_ml": round(self.volume_ml, 3),
+            "min_confidence": self.min_confidence,
+        }
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class FlagReport:
+    """What the confidence check found on one volume: the regions, and the mask they were cut from.
+
+    ``method``, ``threshold`` (voxels below it are untrusted) and ``min_region_mm3`` (smaller connected sets are
+    not flagged) come from the model's manifest, where calibration put them.
+    """
+
+    method: str
+    threshold: int
+    min_region_mm3: float
+    regions: tuple[UntrustedRegion, ...]
+    #: ``[slice, row, column]``, True inside a flagged region (what the DICOM Segmentation and the preview draw).
+    mask: npt.NDArray[np.bool_]
+    #: Seconds the search took (on the regions stage's thread).
+    search_s: float = 0.0
+
+    @property
+    def count(self) -> int:
+        return len(self.regions)
+
+    @property
+    def volume_ml(self) -> float:
+        return sum(r.volume_ml for r in self.regions)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class VolumeToCheck:
+    """A finished volume with confidence, from the engine stage to the regions stage, which finds the regions not
+    to trust before it is sent."""
+
+    volume: SctVolume
+    #: sha256 of the volume committed before a restart (it is then not sent again), else None.
+    committed: str | None = None
+
+    @property
+    def acquisition_id(self) -> str:
+        return self.volume.acquisition_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,6 +427,15 @@ Publication = StatusEvent | SctSlab | SctVolume
 
 #: How HU voxels travel and are hashed: little-endian int16, C order (the wire format's payload dtype).
 PAYLOAD_DTYPE: Final = "<i2"
+
+
+#: How confidence voxels travel and are hashed: unsigned bytes (numpy's notation; byte order does not apply).
+CONFIDENCE_DTYPE: Final = "|u1"
+
+
+def confidence_sha256(confidence: npt.NDArray[np.uint8]) -> str:
+    """sha256 of a confidence array as it travels (uint8, C order): what ``SctSlab.confidence_sha256`` holds."""
+    return hashlib.sha256(np.ascontiguousarray(confidence, dtype=CONFIDENCE_DTYPE).data).hexdigest()
 
 
 def payload_sha256(hu: npt.NDArray[np.int16]) -> str:

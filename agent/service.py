@@ -14,6 +14,7 @@ import logging
 import threading
 from dataclasses import dataclass
 
+from agent.inference.untrusted_regions import stored_regions
 from agent.ingest.store_scp import StoreScp
 from agent.ingest.watcher import Watcher
 from agent.ops import sd_notify
@@ -135,7 +136,11 @@ class AgentService:
                 )
             if engine.device.type == "cuda":
                 self.metrics.watch_gpu_memory(engine.gpu_memory_allocated, engine.gpu_memory_reserved)
-            archive = VolumeArchive(config.state.folder / SNAPSHOT_ARCHIVE, config.publish.snapshot_volumes)
+            archive = VolumeArchive(
+                config.state.folder / SNAPSHOT_ARCHIVE,
+                config.publish.snapshot_volumes,
+                find_regions=stored_regions,
+            )
             dicom_folder = config.dicom_folder
             retention = self._retention = Retention(
                 config.retention,

@@ -10,8 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 from agent.file_labels import redact
-from agent.records import AcquisitionView, StatusEvent, Verdict
+from agent.records import AcquisitionView, FlagReport, SctVolume, StatusEvent, UntrustedRegion, Verdict
 from agent.vocabulary import EndedBy, StatusKind
+
+#: Why a flagged region is not trusted, in words a technologist and a surgeon read the same way: the model's
+#: confidence says the input there is unlike the data it was calibrated on (an implant, a lesion, motion).
+UNTRUSTED_WHY = "outside the conditions the model was validated on"
 
 
 def verdict_event(verdict: Verdict) -> StatusEvent:
@@ -138,3 +142,56 @@ def watch_event(*, available: bool, folder: str, message: str, at: float) -> Sta
         body={"available": available, "folder": folder, "message": message},
         at=at,
     )
+
+
+def slice_words(start: int, stop: int) -> str:
+    """``[start, stop)`` 0-based as people number the sCT series' images (1-based, inclusive): "slices 41-53"."""
+    return f"slice {start + 1}" if stop - start == 1 else f"slices {start + 1}-{stop}"
+
+
+def region_words(region: UntrustedRegion, count: int) -> str:
+    """One region in plain words: "sCT not trusted in slices 41-53 (2.8 mL, region 1 of 2): outside the ..."."""
+    return (
+        f"sCT not trusted in {slice_words(region.slice_start, region.slice_stop)} ({region.volume_ml:.1f} mL, "
+        f"region {region.index} of {count}): {UNTRUSTED_WHY}"
+    )
+
+
+def flagged_words(flagged: FlagReport | None, model: str) -> str:
+    """What the confidence check found on a volume, for the status message and the page's card."""
+    if flagged is None:
+        return f"sCT not checked for regions to distrust: the model {model} has no confidence output"
+    if not flagged.regions:
+        return (
+            f"sCT checked: no region below the confidence threshold ({flagged.method}, threshold "
+            f"{flagged.threshold} of 255)"
+        )
+    return "; ".join(region_words(r, flagged.count) for r in flagged.regions)
+
+
+def flagged_event(volume: SctVolume, at: float) -> StatusEvent:
+    """The regions of a finished volume not to trust (schema 1.4), sent once per published volume.
+
+    ``flagged`` is the number of regions, 0 stated explicitly when the volume was checked and none was found, so
+    that a receiver can tell "checked, nothing" from "not checked" (``checked`` false, ``flagged`` null: the
+    model has no confidence output). Ranges are 0-based voxel indices of the volume, ``[start, stop)``.
+    """
+    flagged = volume.flagged
+    model = f"{volume.model_id} {volume.model_version}"
+    body: dict[str, Any] = {
+        "checked": flagged is not None,
+        "flagged": None if flagged is None else flagged.count,
+        "volume_ml": None if flagged is None else round(flagged.volume_ml, 3),
+        "method": None if flagged is None else flagged.method,
+        "threshold": None if flagged is None else flagged.threshold,
+        "min_region_mm3": None if flagged is None else flagged.min_region_mm3,
+        "slice_count": volume.geometry.shape[0],
+        "regions": [] if flagged is None else [region_body(r, flagged.count) for r in flagged.regions],
+        "message": flagged_words(flagged, model),
+    }
+    return StatusEvent(kind=StatusKind.FLAGGED, acquisition_id=volume.acquisition_id, body=body, at=at)
+
+
+def region_body(region: UntrustedRegion, count: int) -> dict[str, Any]:
+    """One region of the ``flagged`` status: what the confidence volume's header says of it, and in words."""
+    return {**region.as_json(), "message": region_words(region, count)}

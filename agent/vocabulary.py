@@ -160,6 +160,10 @@ class StatusKind(StrEnum):
     WATCH = "watch"
     #: Images of an acquisition arrived: how many of how many (schema 1.3), for a technologist's progress bar.
     RECEIVED = "received"
+    #: The regions of a finished sCT volume the model's confidence says not to trust (schema 1.4): sent once per
+    #: published volume, with ``flagged`` 0 when it was checked and nothing was found, and ``checked`` false when
+    #: the model has no confidence output.
+    FLAGGED = "flagged"
 
 
 # ---------------------------------------------------------------------------------------------- operations
@@ -198,6 +202,7 @@ class LogEvent(StrEnum):
     VERDICT = "verdict"  # an acquisition's final verdict
     STREAM_CANCELLED = "stream_cancelled"  # slabs already streamed were dropped
     VOLUME = "volume"  # the sCT volume was stitched
+    FLAGGED = "flagged"  # the sCT volume's confidence was checked: the regions not to trust, or none
     ARCHIVE = "archive"  # the volume could not be kept for restarts
     DICOM = "dicom"  # the sCT DICOM series was written, stored or failed
     STAGE_ERROR = "stage_error"  # a stage's handler raised

@@ -153,7 +153,8 @@ class Outcome:
     states: dict[str, str]
     #: passing acquisition id -> committed volume sha256.
     volumes: dict[str, str]
-    #: passing acquisition id -> (series folder name, Series Instance UID, file count).
+    #: passing acquisition id -> (series folder name, Series Instance UIDs (the CT's, the Segmentation's if any),
+    #: CT image count).
     series: dict[str, tuple[str, str, int]]
     #: What the subscriber got: (acquisition id, sha256, republished).
     received: tuple[tuple[str, str, bool], ...]
@@ -260,9 +261,11 @@ def _read_outcome(folder: Path, subscriber: Subscriber, seconds: float) -> Outco
         folders = dict(conn.execute("SELECT acquisition_id, dicom_series FROM volumes").fetchall())
     series = {}
     for acquisition_id, name in folders.items():
+        # The CT images, and the DICOM Segmentation beside them when the volume had regions not to trust (its
+        # UIDs are derived from the volume too, so a run that wrote it again must give the same ones).
         files = sorted((folder / "dicom" / name).glob("*.dcm"))
         uids = {str(pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID) for f in files}
-        series[acquisition_id] = (name, ",".join(sorted(uids)), len(files))
+        series[acquisition_id] = (name, ",".join(sorted(uids)), sum(f.name.startswith("CT") for f in files))
     return Outcome(states, volumes, series, tuple(subscriber.volumes), seconds)
 
 

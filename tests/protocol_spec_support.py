@@ -11,13 +11,16 @@ from typing import Any, Final
 import jsonschema
 
 REPOSITORY: Final = Path(__file__).resolve().parent.parent
-SCHEMA_FILE: Final = REPOSITORY / "docs" / "protocol" / "schema" / "sct-edge-1.3.schema.json"
-VECTORS_FILE: Final = REPOSITORY / "docs" / "protocol" / "vectors" / "sct-edge-1.3.vectors.jsonl"
+SCHEMA_FILE: Final = REPOSITORY / "docs" / "protocol" / "schema" / "sct-edge-1.4.schema.json"
+VECTORS_FILE: Final = REPOSITORY / "docs" / "protocol" / "vectors" / "sct-edge-1.4.vectors.jsonl"
+#: The previous minor's artefacts, as published: what a 1.3 receiver was built against.
+SCHEMA_1_3_FILE: Final = REPOSITORY / "docs" / "protocol" / "schema" / "sct-edge-1.3.schema.json"
+VECTORS_1_3_FILE: Final = REPOSITORY / "docs" / "protocol" / "vectors" / "sct-edge-1.3.vectors.jsonl"
 MAKE_VECTORS: Final = REPOSITORY / "docs" / "protocol" / "make_vectors.py"
 
 
-def load_schema() -> dict[str, Any]:
-    loaded: dict[str, Any] = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
+def load_schema(path: Path = SCHEMA_FILE) -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     return loaded
 
 
@@ -34,8 +37,8 @@ def _forbid_unnamed(node: object) -> None:
             _forbid_unnamed(value)
 
 
-def validator(*, strict: bool) -> jsonschema.Draft202012Validator:
-    schema = load_schema()
+def validator(*, strict: bool, path: Path = SCHEMA_FILE) -> jsonschema.Draft202012Validator:
+    schema = load_schema(path)
     if strict:
         schema = copy.deepcopy(schema)
         _forbid_unnamed(schema)

@@ -44,7 +44,7 @@ from real_dicom_support import (
 from agent.cli import check
 from agent.client import ReceivedVolume, SctClient
 from agent.ops.config import AgentConfig
-from agent.publish.wire import SlabMessage, StatusMessage, encode_snapshot_request
+from agent.publish.wire import ConfidenceMessage, SlabMessage, StatusMessage, encode_snapshot_request
 from agent.service import AgentService
 from engines.inference.engine import SctEngine
 from engines.model.manifest import ModelManifest
@@ -81,6 +81,8 @@ class Listener:
     snapshot: str
     statuses: list[StatusMessage] = field(default_factory=list)
     slabs: list[SlabMessage] = field(default_factory=list)
+    #: Schema 1.4: each slab's and volume's confidence message, as delivered.
+    confidences: list[ConfidenceMessage] = field(default_factory=list)
     volumes: list[ReceivedVolume] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -107,6 +109,8 @@ class Listener:
                         self.statuses.append(message)
                     elif isinstance(message, SlabMessage):
                         self.slabs.append(message)
+                    elif isinstance(message, ConfidenceMessage):
+                        self.confidences.append(message)
                     volume = client.pop_volume()
                     if volume is not None:
                         self.volumes.append(volume)
@@ -405,7 +409,7 @@ def test_the_console_series_and_images_received_reach_the_wire_and_listen(
 
     name = siemens_protocol_name(case.acquisition)
     images = case.geometry.shape[0] * len(case.acquisition.echo_times_ms)
-    assert verdict.schema == "sct-edge/1.3"
+    assert verdict.schema == "sct-edge/1.4"
     assert (verdict.body["series_number"], verdict.body["series_description"]) == (
         SIEMENS_SERIES_NUMBER,
         name,
@@ -473,7 +477,7 @@ def test_every_header_a_running_agent_sends_fits_the_protocol_schema(agent: Runn
             assert dealer.poll(10_000), "snapshot reply stalled"
             topic, header, _ = dealer.recv_multipart()
             headers.append(json.loads(header))
-            if topic not in {b"sct.slab", b"sct.volume"}:
+            if topic not in {b"sct.slab", b"sct.volume", b"confidence"}:
                 break
     failures = {
         f"{h['topic']}/{h.get('kind', '')}": schema_errors(check, h)
@@ -483,7 +487,9 @@ def test_every_header_a_running_agent_sends_fits_the_protocol_schema(agent: Runn
     assert not failures, failures
     sent = {f"{h['topic']}/{h.get('kind', '')}" for h in headers}
     assert {"heartbeat/", "sct.slab/", "sct.volume/", "snapshot.end/", "status/verdict", "status/received",
-            "status/progress", "status/dicom"} <= sent, sent  # fmt: skip
+            "status/progress", "status/dicom", "status/flagged"} <= sent, sent  # fmt: skip
+    if ModelManifest.load(agent.model_dir).confidence is not None:
+        assert "confidence/" in sent, sent
 
 
 def test_agent_goes_on_after_bad_files_and_processes_an_enhanced_series(

@@ -11,6 +11,7 @@ from PIL import Image
 
 from agent.cli import main
 from agent.cli.montage import Panel, render_montage, to_lps
+from agent.cli.outline import OUTLINE_RGB
 from sct_core.geometry import Orientation, VolumeGeometry
 
 #: The demo's sCT against its CT (HU-threshold masks): far below the intensity-inversion baseline's error.
@@ -42,7 +43,8 @@ def test_montage_rejects_a_panel_off_the_grid(tmp_path: Path) -> None:
 def test_demo_runs_the_agent_end_to_end_and_stops_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`make demo` in full (eager backend, so no compile warm-up): agent process, paced scanner, subscriber."""
+    """`make demo` in full (eager backend, so no compile warm-up): agent process, paced scanner, subscriber; the
+    third series holds pedicle screws and rods, which the model's confidence flags."""
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--backend", "torch-eager", "--rate", "80"]) == 0
     text = capsys.readouterr().out
@@ -52,12 +54,34 @@ def test_demo_runs_the_agent_end_to_end_and_stops_it(
     assert "agent stopped with exit status 0" in text
     # The technologist's page, read as a browser reads it: both series, their outcomes, the action, the preview.
     page_lines = [line for line in text.splitlines() if line.startswith("  page showed series")]
-    assert len(page_lines) == 2, text
-    passed, rejected = page_lines
+    assert len(page_lines) == 3, text
+    passed, rejected, screws = page_lines
     assert "PASS, published, 200/200 images" in passed
     slabs = re.search(r"(\d+)/(\d+) sCT slabs", passed)
     assert slabs is not None and slabs[1] == slabs[2] != "0"
     assert "REJECT, rejected" in rejected and "Set TE 2 to 4.2 ms (± 0.2)" in rejected
+    # The screws series passes the protocol, and the page shows where its sCT is not to be trusted.
+    assert "PASS, published, 200/200 images" in screws
+    assert "sCT NOT TRUSTED IN PART: sCT not trusted in slice" in screws, screws
+    confidence = [line for line in text.splitlines() if line.startswith("  confidence: ")]
+    assert len(confidence) == 2 and "sCT not trusted in slice" in confidence[1], confidence
+    assert "outside the conditions the model was validated on" in confidence[1]
+    flagged_preview = Image.open(out / "page-preview-flagged.png")
+    orange = (
+        np.abs(np.asarray(flagged_preview.convert("RGB"), dtype=np.int16) - np.array(OUTLINE_RGB)).sum(-1)
+        < 30
+    )
+    assert orange.sum() > 200, "the page's preview outlines the region"
+    flagged_picture = Image.open(out / "scan-flagged.png")
+    orange = (
+        np.abs(np.asarray(flagged_picture.convert("RGB"), dtype=np.int16) - np.array(OUTLINE_RGB)).sum(-1)
+        < 30
+    )
+    assert orange.sum() > 200, "so does the demo's picture"
+    seg_line = next(
+        line for line in text.splitlines() if line.startswith("DICOM Segmentation of the flagged region:")
+    )
+    assert Path(seg_line.split(": ", 1)[1]).is_file(), seg_line
     preview = Image.open(out / "page-preview.png")
     assert preview.width > 300 and np.asarray(preview.convert("L")).std() > 20
     assert "sequence gaps 0" in text
@@ -65,13 +89,13 @@ def test_demo_runs_the_agent_end_to_end_and_stops_it(
     mae = float(sct_line.split("MAE ")[1].split(" HU")[0])
     assert 0 < mae < DEMO_MAE_LIMIT_HU
     received = [p for p in (out / "received").iterdir() if p.is_dir()]
-    assert len(received) == 1
+    assert len(received) == 2
     assert {p.name for p in received[0].iterdir()} >= {"sct.npy", "geometry.json", "preview.png"}
     assert np.load(received[0] / "sct.npy").shape == (100, 338, 338)
     # The agent also wrote the sCT as a DICOM CT series, one file per slice.
     dicom_line = next(line for line in text.splitlines() if line.startswith("sCT DICOM CT series:"))
     series = Path(dicom_line.split(": ", 1)[1])
-    assert series.parent == out / "var" / "dicom" and len(list(series.glob("*.dcm"))) == 100
+    assert series.parent == out / "var" / "dicom" and len(list(series.glob("CT*.dcm"))) == 100
     picture = Image.open(out / "scan.png")
     assert picture.width > 700 and picture.height > 600
     assert np.asarray(picture).std() > 20  # an image, not a blank canvas

@@ -117,8 +117,10 @@ def test_a_volume_written_again_after_a_restart_reuses_its_series_and_tells_the_
     first, again = recorder.events
     assert (first.body["ok"], again.body["ok"]) == (True, True)
     assert again.body["series_folder"] == series.name
-    assert again.body["message"].endswith("(written before a restart)")
-    assert not first.body["message"].endswith("(written before a restart)")
+    assert "(written before a restart);" in again.body["message"]
+    assert "(written before a restart)" not in first.body["message"]
+    # The volume had no confidence: the folder holds no Segmentation, and the event says why.
+    assert first.body["segmentation"] is None and "nothing was checked" in first.body["message"]
 
 
 def test_a_volume_is_written_as_a_series_and_reported(

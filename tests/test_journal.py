@@ -280,8 +280,27 @@ def test_a_version_1_journal_is_migrated_keeping_its_rows(journal_path: Path) ->
         assert journal.finished_acquisitions(MODEL, dicom=True) == {ACQ}
         assert journal.commit_volume("b" * 16, MODEL, sha("b")) is None
     conn = raw(journal_path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     conn.close()
+
+
+def test_a_version_2_journal_gains_the_flagged_columns_keeping_its_volumes(journal_path: Path) -> None:
+    journal_path.parent.mkdir()
+    with Journal(journal_path) as journal:
+        journal.commit_volume(ACQ, MODEL, sha("v"))
+    conn = raw(journal_path)  # as a version 2 agent left it: the volumes table without the confidence columns
+    for column in ("flagged", "flagged_ml", "flagged_regions"):
+        conn.execute(f"ALTER TABLE volumes DROP COLUMN {column}")
+    conn.execute("PRAGMA user_version = 2")
+    conn.commit()
+    conn.close()
+    with Journal(journal_path) as journal:
+        assert journal.committed_volume(ACQ, MODEL) == sha("v")
+        assert journal.flagged(ACQ, MODEL) == (None, None, [])  # committed before: not checked
+        region = {"index": 1, "slices": [40, 53], "volume_ml": 2.8}
+        journal.record_flagged(ACQ, MODEL, flagged=1, volume_ml=2.8, regions=[region])
+        assert journal.flagged(ACQ, MODEL) == (1, 2.8, [region])
+        assert journal.flagged("never", MODEL) is None
 
 
 @pytest.mark.parametrize(

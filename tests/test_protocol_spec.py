@@ -27,11 +27,20 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
-from protocol_spec_support import MAKE_VECTORS, REPOSITORY, VECTORS_FILE, schema_errors, validator
+from protocol_spec_support import (
+    MAKE_VECTORS,
+    REPOSITORY,
+    SCHEMA_1_3_FILE,
+    VECTORS_1_3_FILE,
+    VECTORS_FILE,
+    schema_errors,
+    validator,
+)
 
 from agent.ingest.assembler import Assembler
 from agent.publish.publisher import Publisher
 from agent.publish.wire import (
+    ConfidenceMessage,
     HeartbeatMessage,
     SchemaVersionError,
     SlabMessage,
@@ -59,8 +68,8 @@ DECODERS: dict[str, Callable[[list[bytes]], object]] = {
 }
 
 
-def load_vectors() -> list[dict[str, Any]]:
-    return [json.loads(line) for line in VECTORS_FILE.read_text(encoding="ascii").splitlines()]
+def load_vectors(path: Path = VECTORS_FILE) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="ascii").splitlines()]
 
 
 def make_vectors_module() -> ModuleType:
@@ -72,6 +81,7 @@ def make_vectors_module() -> ModuleType:
 
 
 VECTORS = load_vectors()
+VECTORS_1_3 = load_vectors(VECTORS_1_3_FILE)
 
 
 def strict_json(text: bytes) -> Any:
@@ -102,8 +112,8 @@ def test_vectors_have_unique_names_and_cover_every_topic_and_socket() -> None:
     names = [v["name"] for v in VECTORS]
     assert len(names) == len(set(names))
     accepted_topics = {frames_of(v)[0].decode() for v in VECTORS if v["expect"]["accepted"]}
-    assert accepted_topics == {"status", "sct.slab", "sct.volume", "heartbeat", "snapshot.request", "snapshot.end",
-                               "snapshot.error"}  # fmt: skip
+    assert accepted_topics == {"status", "sct.slab", "sct.volume", "heartbeat", "confidence", "snapshot.request",
+                               "snapshot.end", "snapshot.error"}  # fmt: skip
     assert {v["socket"] for v in VECTORS} == set(DECODERS)
     assert sum(not v["expect"]["accepted"] for v in VECTORS) >= 40
 
@@ -122,6 +132,12 @@ def test_the_reference_decoder_reaches_each_vectors_conclusion(vector: dict[str,
     check_message(decoder(frames), expect["message"])
 
 
+@pytest.mark.parametrize("vector", VECTORS_1_3, ids=[v["name"] for v in VECTORS_1_3])
+def test_a_1_4_decoder_reaches_each_1_3_vectors_conclusion(vector: dict[str, Any]) -> None:
+    """The previous minor's vectors, as published: a 1.4 receiver still reads every 1.3 message the same way."""
+    test_the_reference_decoder_reaches_each_vectors_conclusion(vector)
+
+
 def check_message(message: object, expected: dict[str, Any]) -> None:
     assert isinstance(
         message,
@@ -129,6 +145,7 @@ def check_message(message: object, expected: dict[str, Any]) -> None:
         | StatusMessage
         | SlabMessage
         | VolumeMessage
+        | ConfidenceMessage
         | SnapshotEnd
         | SnapshotError
         | SnapshotRequest,
@@ -150,6 +167,8 @@ def check_message(message: object, expected: dict[str, Any]) -> None:
         assert message.error == expected["error"]
     elif isinstance(message, SnapshotRequest):
         assert (message.reason, message.missed) == (expected.get("reason", ""), expected.get("missed", 0))
+    elif isinstance(message, ConfidenceMessage):
+        check_confidence(message, expected)
     else:
         volume = expected["volume"]
         assert message.geometry.shape == tuple(volume["shape"])
@@ -183,6 +202,34 @@ def check_message(message: object, expected: dict[str, Any]) -> None:
             )
             assert message.stitched_from_slabs == expected["stitched_from_slabs"]
             assert message.republished == expected["republished"]
+        announced = expected.get("confidence")
+        assert message.confidence_sha256 == (None if announced is None else announced["sha256"])
+
+
+def check_confidence(message: ConfidenceMessage, expected: dict[str, Any]) -> None:
+    """A confidence message: the same grid and placement rules as data messages, the uint8 values, the
+    threshold and method, and for a volume the regions."""
+    volume = expected["volume"]
+    assert message.geometry.affine.tobytes() == np.array(volume["affine_lps"], dtype=np.float64).tobytes()
+    assert message.geometry.shape == tuple(volume["shape"])
+    assert (message.accompanies, message.acquisition_id, message.protocol_id, message.sha256) == (
+        expected["accompanies"],
+        expected["acquisition_id"],
+        expected["protocol_id"],
+        expected["sha256"],
+    )
+    slab = expected["slab"]
+    assert (message.slab_index, message.slab_count, message.start, message.size) == (
+        slab["index"], slab["count"], slab["start"], slab["size"],
+    )  # fmt: skip
+    assert (message.method, message.threshold, message.republished) == (
+        expected["method"],
+        expected["threshold"],
+        expected["republished"],
+    )
+    assert message.confidence.tolist() == expected["confidence"]
+    assert message.flagged == expected.get("flagged")
+    assert [r.as_json() for r in message.regions] == expected.get("regions", [])
 
 
 # ------------------------------------------------------------------------------------------------ schema
@@ -200,7 +247,8 @@ def test_every_accepted_vector_fits_the_schema_and_refused_headers_mostly_do_not
             assert not schema_errors(check, header), (vector["name"], schema_errors(check, header))
     # JSON Schema sees a header alone: refusals that need the payload, the frames or geometry are beyond it.
     beyond_schema = {"frames", "topic", "payload", "shape", "sha256", "slab.index", "slab.start/size", "slab.count",
-                     "seq", "volume.affine_lps", "volume.affine_lps[3]", "header"}  # fmt: skip
+                     "seq", "volume.affine_lps", "volume.affine_lps[3]", "header", "regions",
+                     "regions[0].slices"}  # fmt: skip
     for vector in VECTORS:
         expect = vector["expect"]
         if expect["accepted"] or expect["field"] in beyond_schema or expect.get("stop"):
@@ -212,6 +260,19 @@ def test_every_accepted_vector_fits_the_schema_and_refused_headers_mostly_do_not
         assert schema_errors(check, header), (
             f"{vector['name']}: the schema lets through what the decoder refuses"
         )
+
+
+def test_every_1_4_header_on_the_four_1_3_topics_fits_the_1_3_schema() -> None:
+    """What a 1.3 receiver is handed by a 1.4 publisher on the topics it subscribes to: headers its own schema
+    takes (new fields are ignored, as section 9 says), so it is unaffected; the confidence topic it never
+    subscribes to, and the snapshot replies it asks for as 1.3 carry none (tests/test_confidence_wire.py)."""
+    old = validator(strict=False, path=SCHEMA_1_3_FILE)
+    for vector in VECTORS:
+        frames = frames_of(vector)
+        if not vector["expect"]["accepted"] or frames[0] == b"confidence":
+            continue
+        header = strict_json(frames[1])
+        assert not schema_errors(old, header), (vector["name"], schema_errors(old, header))
 
 
 def test_the_schema_and_the_vectors_cite_nothing_outside_the_repository() -> None:
@@ -418,4 +479,38 @@ def test_the_documented_cpp_client_rebuilds_volumes_from_the_agents_publisher(cp
     assert "complete_from_slabs 1 matches 1 republished 0" in first, first
     assert f'"{volume.sha256}"' in second and "complete_from_slabs 0 matches 0 republished 1" in second, (
         second
+    )
+
+
+def test_the_documented_cpp_client_rebuilds_the_confidence_with_the_volume(cpp_client: Path) -> None:
+    """1.4: a late join (slab 0 and its confidence in the snapshot), slab 1 and its confidence live, then the
+    volume handed over with its confidence (equal to the slabs') and the region count; then a volume without."""
+    module = make_vectors_module()
+    slabs, volume = module.slabs_and_volume_with_confidence()
+    _, plain = module.slabs_and_volume()
+    other = replace(plain, acquisition_id="0a1b2c3d4e5f6071")
+    publisher = Publisher("tcp://127.0.0.1:0", snapshot_endpoint="tcp://127.0.0.1:0", heartbeat_s=0.2)
+    publisher.start()
+    try:
+        publisher.submit(slabs[0])
+        assert publisher.snapshot_endpoint is not None
+        with subprocess.Popen(
+            [str(cpp_client), publisher.endpoint, publisher.snapshot_endpoint],
+            stdout=subprocess.PIPE,
+            text=True,
+        ) as client:
+            assert client.stdout is not None
+            time.sleep(1.0)  # connected, subscribed and synchronised
+            publisher.submit(slabs[1])
+            publisher.submit(volume)
+            first = client.stdout.readline()
+            publisher.submit(other)
+            second = client.stdout.readline()
+            client.terminate()
+    finally:
+        publisher.stop()
+    assert first.startswith(f"volume {volume.acquisition_id} ") and "complete_from_slabs 1 matches 1" in first
+    assert f'confidence "{volume.confidence_sha256}" confidence_matches 1 flagged 1' in first, first
+    assert second.startswith(f"volume {other.acquisition_id} ") and second.rstrip().endswith(
+        "confidence none"
     )

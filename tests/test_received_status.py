@@ -181,7 +181,7 @@ def test_received_on_the_wire_and_in_listen(case: PhantomCase, tmp_path: Path) -
     updates = assemble(tmp_path / "export")
     published = validate(updates, tmp_path, SteppedClock(), RECEIVED_INTERVAL_S)
     messages = [decode([bytes(f) for f in encode(e, n, "p", 0.0)]) for n, e in enumerate(published, 1)]
-    assert all(isinstance(m, StatusMessage) and m.schema == SCHEMA == "sct-edge/1.3" for m in messages)
+    assert all(isinstance(m, StatusMessage) and m.schema == SCHEMA == "sct-edge/1.4" for m in messages)
     name = siemens_protocol_name(case.acquisition)
     slices, echoes = case.geometry.shape[0], len(case.acquisition.echo_times_ms)
     lines = [describe_status(m) for m in messages if isinstance(m, StatusMessage)]

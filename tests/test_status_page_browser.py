@@ -70,6 +70,7 @@ CARDS_JS = """JSON.stringify([...document.querySelectorAll('article.card')].map(
   reasons: [...c.querySelectorAll('.reasons li')].map(li => ({attribute: li.dataset.attribute, text: li.innerText})),
   bars: [...c.querySelectorAll('.count')].map(b => b.textContent),
   preview: (() => { const i = c.querySelector('img.preview'); return !!i && i.complete && i.naturalWidth > 0; })(),
+  flagged: (c.querySelector('div.flagged') || {dataset: {}}).dataset.flagged || "",
 })))"""
 
 
@@ -197,13 +198,18 @@ def test_a_passing_series_shows_progress_then_pass_and_a_preview(
     _deliver(files[len(files) // 2 :], export)
     card = _wait_card(
         browser,
-        "c.dataset.state === 'published' && !!c.querySelector('img.preview') && c.querySelector('img.preview').naturalWidth > 0",
-        "the passing series published with its preview",
+        "c.dataset.state === 'published' && !!c.querySelector('img.preview') && c.querySelector('img.preview').naturalWidth > 0"
+        " && !!c.querySelector('div.flagged')",
+        "the passing series published with its preview and what its confidence check found",
     )
     assert card["outcome"] == "pass" and card["final"] == "true"
     assert "PASS" in str(card["text"]) and "sct published" in str(card["text"]).lower()
     assert card["bars"] == [f"{len(files)} / {len(files)}", "3 / 3"], card["bars"]
     assert card["preview"]
+    # What the confidence check found is on the card in words, with its own marker (never colour alone).
+    words = {"clear": "Confidence checked: no region flagged", "flagged": "sCT NOT TRUSTED IN PART",
+             "unchecked": "Confidence not checked"}  # fmt: skip
+    assert card["flagged"] in words and words[card["flagged"]] in str(card["text"]), card
     _no_patient_data(browser)
     _screenshot(browser, root, "status-page-pass.png")
 

@@ -4,15 +4,18 @@ checked on load, damaged files removed and reported rather than sent."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from wire_support import random_hu, sample_volume
 
+from agent.inference.untrusted_regions import flag_report, stored_regions
 from agent.publish.volume_archive import VolumeArchive
-from agent.publish.wire import decode, encode
-from agent.records import SctVolume
+from agent.publish.wire import ConfidenceMessage, decode, encode, encode_confidence
+from agent.records import SctVolume, confidence_sha256
+from engines.confidence.spec import ConfidenceSpec
 from sct_core.geometry import Orientation, VolumeGeometry
 
 
@@ -101,3 +104,38 @@ def test_an_acquisition_id_that_is_not_a_plain_name_is_refused(tmp_path: Path) -
     )
     with pytest.raises(ValueError, match=r"acquisition_id: found '\.\./x'"):
         VolumeArchive(tmp_path, keep=1).save(bad)
+
+
+def test_a_volume_with_confidence_comes_back_with_it_and_its_regions_found_again(tmp_path: Path) -> None:
+    """Schema 1.4: the confidence is kept beside the HU and its regions found again at load with the numbers
+    the volume was checked with; a damaged confidence is refused like damaged HU."""
+    original = volume(7, 100.0)
+    confidence = np.full(original.geometry.shape, 230, dtype=np.uint8)
+    confidence[2:5, 3:6, 1:4] = 12
+    spec = ConfidenceSpec("feature-mahalanobis", 64, 1.0)
+    checked = replace(
+        original,
+        confidence=confidence,
+        confidence_sha256=confidence_sha256(confidence),
+        confidence_method=spec.method,
+        confidence_threshold=spec.threshold,
+        flagged=flag_report(confidence, spec, original.geometry.spacing),
+    )
+    archive = VolumeArchive(tmp_path, keep=2, find_regions=stored_regions)
+    archive.save(checked)
+    archive.save(volume(8, 101.0))  # one without confidence beside it
+    (loaded, plain), problems = archive.load()
+    assert problems == [] and plain.confidence is None and plain.flagged is None
+    assert loaded.confidence is not None and loaded.confidence.tobytes() == confidence.tobytes()
+    assert (loaded.confidence_method, loaded.confidence_threshold) == (spec.method, spec.threshold)
+    assert loaded.flagged is not None and checked.flagged is not None
+    assert loaded.flagged.regions == checked.flagged.regions and loaded.flagged.count == 1
+    assert np.array_equal(loaded.flagged.mask, checked.flagged.mask)
+    companion = decode(encode_confidence(loaded, 9, "pub", 1.0) or [])
+    assert isinstance(companion, ConfidenceMessage) and companion.republished and companion.flagged == 1
+
+    (tmp_path / f"{checked.acquisition_id}.confidence.npy").write_bytes(b"damaged")
+    volumes, problems = VolumeArchive(tmp_path, keep=2, find_regions=stored_regions).load()
+    assert [p.acquisition_id for p in problems] == [checked.acquisition_id]
+    assert [v.acquisition_id for v in volumes] == [plain.acquisition_id]
+    assert not list(tmp_path.glob(f"{checked.acquisition_id}*"))

@@ -147,7 +147,7 @@ def test_slab_header_layout() -> None:
     hu = make_hu(geometry.shape)
     header = header_of(encode(make_slab(geometry, hu, 0, 4, 0), 3, PUBLISHER, 5.0))
 
-    assert header["schema"] == "sct-edge/1.3"
+    assert header["schema"] == "sct-edge/1.4"
     assert header["topic"] == "sct.slab"
     assert header["volume"]["shape"] == [6, 8, 10]
     assert header["volume"]["spacing_mm"] == [2.0, 0.9, 0.8]
@@ -367,9 +367,9 @@ def test_newer_minor_version_is_accepted() -> None:
     assert message.schema == "sct-edge/1.7"
 
 
-@pytest.mark.parametrize("schema", ["sct-edge/1.0", "sct-edge/1.2"])
+@pytest.mark.parametrize("schema", ["sct-edge/1.0", "sct-edge/1.2", "sct-edge/1.3"])
 def test_older_minor_version_is_accepted(schema: str) -> None:
-    """A 1.3 decoder reads what a 1.2 (or 1.0) publisher sends: minors only add fields."""
+    """A 1.4 decoder reads what a 1.3 (or 1.0) publisher sends: minors only add fields."""
     message = decode(with_header(encode_heartbeat(1, PUBLISHER, 0.0), schema=schema))
 
     assert message.schema == schema

@@ -6,13 +6,21 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
-from agent.records import SctSlab, SctVolume, payload_sha256
+from agent.records import (
+    FlagReport,
+    SctSlab,
+    SctVolume,
+    UntrustedRegion,
+    confidence_sha256,
+    payload_sha256,
+)
 from sct_core.geometry import VolumeGeometry
 
 if TYPE_CHECKING:
@@ -117,3 +125,25 @@ def kernel_tcp_buffer_bytes() -> int:
         )
     except (OSError, ValueError, IndexError):
         return 64 * 2**20
+
+
+def with_confidence(
+    publication: SctSlab | SctVolume,
+    confidence: npt.NDArray[np.uint8],
+    *,
+    threshold: int = 64,
+    method: str = "feature-mahalanobis",
+    regions: tuple[UntrustedRegion, ...] | None = None,
+) -> SctSlab | SctVolume:
+    """``publication`` with a confidence array (schema 1.4); a volume also gets the regions found in it."""
+    fields = {
+        "confidence": confidence,
+        "confidence_sha256": confidence_sha256(confidence),
+        "confidence_method": method,
+        "confidence_threshold": threshold,
+    }
+    if isinstance(publication, SctVolume):
+        found = regions if regions is not None else ()
+        flagged = FlagReport(method, threshold, 50.0, found, confidence < threshold)
+        return replace(publication, flagged=flagged, **fields)  # type: ignore[arg-type]
+    return replace(publication, **fields)  # type: ignore[arg-type]

@@ -2,10 +2,13 @@
 
 It starts the agent (``sct-agent run``, a separate process, exactly as systemd would), and a subscriber, then
 plays a scanner: a dual-echo lumbar series that matches the seed protocol is exported file by file at a
-realistic pace into the agent's export folder, followed by one that deviates (TE2 4.8 ms). It prints what the
+realistic pace into the agent's export folder, followed by one that deviates (TE2 4.8 ms), then a third that
+passes the protocol but holds titanium pedicle screws and rods the model never saw. It prints what the
 technologist and the robot see: each verdict with its reasons, the first-image-to-verdict and last-file-to-
-volume latencies, and the error of the received synthetic CT against the phantom's true CT; it writes a
-picture (MR echo 1 | sCT | true CT, sagittal and axial) and stops everything it started. While it runs, the
+volume latencies, the error of the received synthetic CT against the phantom's true CT, and where the model's
+confidence says the sCT is not to be trusted (the screws); it writes a picture (MR echo 1 | sCT | true CT,
+sagittal and axial) and one of the screws series with the flagged region outlined, and stops everything it
+started. While it runs, the
 agent's status page (the technologist's screen) shows both series live at the address it prints; ``--stay``
 keeps the agent and its page up afterwards until Ctrl-C.
 """
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from agent.cli.demo_flagged import flagged_outputs
 from agent.cli.listen import save_volume
 from agent.cli.montage import CT_WINDOW_HU, Panel, render_montage
 from agent.client import ReceivedVolume, SctClient
@@ -32,11 +36,15 @@ from engines.backends.registry import AUTO, BACKENDS
 from engines.evaluation.metrics import compute_metrics, masks_from_ct
 from engines.phantom.case import PhantomCase
 from engines.phantom.generate import generate_case
+from engines.phantom.pathology import Pathology
 from engines.scanner.export import ExportOptions, SimulationRequest, export_case
 
 DEFAULT_SEED = 7
 DEVIATING_SEED = 8
 DEVIATION = "EchoTime2=4.8"
+#: The third series: another subject, scanned with the seed protocol, with pedicle screws and rods.
+SCREWS_SEED = 9
+SCREWS: tuple[Pathology, ...] = (Pathology.SCREWS,)
 #: Files per second: a scanner's DICOM export to a node on the hospital network (the reconstructor itself
 #: emits about 65 images/s, a network export somewhat fewer).
 DEFAULT_RATE = 40.0
@@ -80,9 +88,29 @@ class _Listener:
                         self.volumes.append((now, volume, saved))
                     self.gaps = client.gap_count
 
-    def dicom_reported(self) -> bool:
+    def dicom_reported(self, count: int = 1) -> bool:
         with self.lock:
-            return any(s.kind == "dicom" for _, s in self.statuses)
+            written = sum(1 for _, s in self.statuses if s.kind == "dicom" and s.body.get("step") == "write")
+        return written >= count
+
+    def flagged(self, acquisition_id: str) -> StatusMessage | None:
+        """The ``flagged`` status of an acquisition: what its sCT's confidence check found."""
+        with self.lock:
+            return next(
+                (s for _, s in self.statuses if s.kind == "flagged" and s.acquisition_id == acquisition_id),
+                None,
+            )
+
+    def dicom_folder(self, acquisition_id: str) -> str | None:
+        with self.lock:
+            for _, status in self.statuses:
+                if (
+                    status.kind == "dicom"
+                    and status.acquisition_id == acquisition_id
+                    and status.body.get("ok")
+                ):
+                    return str(status.body.get("series_folder"))
+        return None
 
     def dicom_series(self) -> str | None:
         """The series folder of the first DICOM series the agent reported written, None if it failed."""
@@ -118,6 +146,10 @@ class SeriesOutcome:
     files: int
     export_s: float
     last_file_to_volume_s: float | None
+    #: What the sCT's confidence check said (the ``flagged`` status's message), "" without a volume.
+    flagged: str = ""
+    #: Regions flagged (None: not checked, or no volume).
+    flagged_regions: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,37 +171,58 @@ class DemoResult:
     page_cards: tuple[str, ...] = ()
     #: The page's own preview of the passing series (the PNG the page serves), saved beside the picture.
     page_preview: Path | None = None
+    #: The screws series: the picture with its flagged region outlined, the page's preview of it, and the DICOM
+    #: Segmentation the agent wrote beside its sCT series (None when it wrote none).
+    flagged_picture: Path | None = None
+    flagged_preview: Path | None = None
+    segmentation: Path | None = None
 
 
-def _page(page_url: str, count: int, out: Path) -> tuple[tuple[str, ...], Path | None]:
+def _page(page_url: str, count: int, out: Path) -> tuple[tuple[str, ...], dict[str, Path]]:
     """The status page's cards as a browser reads them (``state.json``), once ``count`` series have their final
-    verdict and the published one its preview, one line each; and that preview, saved to ``out``."""
+    verdict and the published ones their previews and confidence, one line each; and those previews, saved to
+    ``out`` (by acquisition id): ``page-preview.png`` for the first, ``page-preview-flagged.png`` for one
+    whose sCT was flagged."""
     deadline = time.monotonic() + PAGE_TIMEOUT_S
     while True:
         with urllib.request.urlopen(page_url + "state.json", timeout=10) as response:
             cards = json.load(response)["acquisitions"]
         finals = [c for c in cards if c["verdict"] is not None and c["verdict"]["final"]]
         published = [c for c in cards if c["state"] == "published"]
-        if (len(finals) >= count and all(c["preview"] for c in published)) or time.monotonic() > deadline:
+        done = all(c["preview"] and c["flagged"] is not None for c in published)
+        if (len(finals) >= count and done) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    lines, preview = [], None
+    lines: list[str] = []
+    previews: dict[str, Path] = {}
     for card in reversed(cards):  # the page lists the newest first
         verdict = card["verdict"]
         outcome = verdict["outcome"].upper() if verdict is not None else "no verdict"
         actions = "; ".join(r["action"] for r in verdict["reasons"]) if verdict is not None else ""
+        flagged = card["flagged"]
+        confidence = ""
+        if flagged is not None and flagged["verdict"] == "flagged":
+            confidence = f"; sCT NOT TRUSTED IN PART: {'; '.join(flagged['lines'])}"
+        elif flagged is not None:
+            confidence = f"; {flagged['message']}"
         lines.append(
             f"series {card['series_number']} '{card['series_description']}': {outcome}, {card['state']}, "
             f"{card['images_received']}/{card['images_expected']} images, "
-            f"{card['slabs_done']}/{card['slab_count']} sCT slabs" + (f"; {actions}" if actions else "")
+            f"{card['slabs_done']}/{card['slab_count']} sCT slabs"
+            + (f"; {actions}" if actions else "")
+            + confidence
         )
-        if card["preview"] and preview is None:
+        if card["preview"]:
+            flagged_card = flagged is not None and flagged["verdict"] == "flagged"
+            name = "page-preview-flagged.png" if flagged_card else "page-preview.png"
+            if name in {p.name for p in previews.values()}:
+                continue
             with urllib.request.urlopen(
                 f"{page_url}preview/{card['acquisition_id']}.png", timeout=10
             ) as response:
-                preview = out / "page-preview.png"
-                preview.write_bytes(response.read())
-    return tuple(lines), preview
+                previews[card["acquisition_id"]] = out / name
+                previews[card["acquisition_id"]].write_bytes(response.read())
+    return tuple(lines), previews
 
 
 def _metrics(url: str) -> dict[str, float]:
@@ -227,10 +280,13 @@ def run_demo(
     listener: _Listener | None = None
     thread: threading.Thread | None = None
     try:
-        say("simulating two patients' scans while it starts ...")
+        say("simulating three patients' scans while it starts ...")
         passing = generate_case(seed, SimulationRequest(seed=seed).acquisition())
         deviating = generate_case(
             deviating_seed, SimulationRequest(seed=deviating_seed, settings=(DEVIATION,)).acquisition()
+        )
+        screws = generate_case(
+            SCREWS_SEED, SimulationRequest(seed=SCREWS_SEED).acquisition(), pathologies=SCREWS
         )
         process.wait_ready(START_TIMEOUT_S)
         say(f"agent ready, publishing on {endpoint}; metrics on {metrics_url}")
@@ -242,7 +298,12 @@ def run_demo(
         time.sleep(0.5)  # ZeroMQ's slow joiner: let the subscription reach the publisher
 
         exports = []
-        for label, case in (("seed protocol", passing), (f"deviating ({DEVIATION} ms)", deviating)):
+        series = (
+            ("seed protocol", passing),
+            (f"deviating ({DEVIATION} ms)", deviating),
+            ("seed protocol, pedicle screws and rods", screws),
+        )
+        for label, case in series:
             started = time.perf_counter()
             say(f"scanner exports the {label} series at {rate:g} files/s ...")
             first, last, files = _export(case, out / "export" / f"series-{case.seed}", rate)
@@ -250,12 +311,13 @@ def run_demo(
             # As on a scanner, the next series comes after this one has been dealt with.
             if not _wait(partial(listener.finals_at_least, len(exports)), RESULT_TIMEOUT_S):
                 raise RuntimeError(f"no final verdict within {RESULT_TIMEOUT_S:.0f} s; see {agent_log}")
-            if case is passing and not _wait(partial(listener.volumes_at_least, 1), RESULT_TIMEOUT_S):
+            published = 1 if case is passing else 2 if case is screws else 0
+            if published and not _wait(partial(listener.volumes_at_least, published), RESULT_TIMEOUT_S):
                 raise RuntimeError(f"no sCT volume within {RESULT_TIMEOUT_S:.0f} s; see {agent_log}")
-            if case is passing and not _wait(listener.dicom_reported, RESULT_TIMEOUT_S):
+            if published and not _wait(partial(listener.dicom_reported, published), RESULT_TIMEOUT_S):
                 raise RuntimeError(f"no sCT DICOM series within {RESULT_TIMEOUT_S:.0f} s; see {agent_log}")
         metrics = _metrics(metrics_url)
-        page_cards, page_preview = _page(config.page_url, len(exports), out)
+        page_cards, page_previews = _page(config.page_url, len(exports), out)
         if stay:
             say(f"the agent and its status page stay up at {config.page_url}; press Ctrl-C to stop them")
             try:
@@ -275,6 +337,7 @@ def run_demo(
     for (label, _case, first, last, files, export_s), final in zip(exports, finals, strict=True):
         mine = [(t, s) for t, s in verdicts if s.acquisition_id == final.acquisition_id]
         received = next((t for t, v, _ in listener.volumes if v.acquisition_id == final.acquisition_id), None)
+        flagged = listener.flagged(str(final.acquisition_id))
         outcomes.append(
             SeriesOutcome(
                 label=label,
@@ -290,6 +353,8 @@ def run_demo(
                 files=files,
                 export_s=export_s,
                 last_file_to_volume_s=None if received is None else received - last,
+                flagged="" if flagged is None else str(flagged.body.get("message", "")),
+                flagged_regions=None if flagged is None else flagged.body.get("flagged"),
             )
         )
     _, volume, saved = listener.volumes[0]
@@ -310,6 +375,15 @@ def run_demo(
             "mid-sagittal (top) and mid-axial (bottom)"
         ),
     )
+    screws_id = outcomes[-1].acquisition_id
+    folder = listener.dicom_folder(screws_id)
+    flagged_picture, segmentation = flagged_outputs(
+        next((v for _, v, _ in listener.volumes if v.acquisition_id == screws_id), None),
+        screws,
+        out / "var" / "dicom" / folder if folder else None,
+        out,
+    )
+    previews = {p.name: p for p in page_previews.values()}
     return DemoResult(
         series=tuple(outcomes),
         picture=picture,
@@ -323,7 +397,10 @@ def run_demo(
         metrics=metrics,
         page_url=config.page_url,
         page_cards=page_cards,
-        page_preview=page_preview,
+        page_preview=previews.get("page-preview.png"),
+        flagged_picture=flagged_picture,
+        flagged_preview=previews.get("page-preview-flagged.png"),
+        segmentation=segmentation,
     )
 
 
@@ -374,6 +451,8 @@ def _main(args: argparse.Namespace) -> int:
             print(f"  reason: {reason}")
         if series.last_file_to_volume_s is not None:
             print(f"  last file -> sCT volume received: {series.last_file_to_volume_s:.2f} s")
+        if series.flagged:
+            print(f"  confidence: {series.flagged}")
     print(
         f"synthetic CT: {result.model}; MAE {result.mae_hu:.1f} HU in the body against the phantom's CT, "
         f"bone Dice at 200 HU {result.bone_dice_200:.3f}; sequence gaps {result.gaps}"
@@ -385,5 +464,10 @@ def _main(args: argparse.Namespace) -> int:
     for line in result.page_cards:
         print(f"  page showed {line}")
     print(f"  page preview: {result.page_preview or 'NOT SHOWN (see the agent log)'}")
+    print(f"  page preview of the flagged series: {result.flagged_preview or 'NOT SHOWN (nothing flagged?)'}")
+    print(f"picture of the flagged series: {result.flagged_picture or 'NOT MADE'}")
+    print(
+        f"DICOM Segmentation of the flagged region: {result.segmentation or 'NOT WRITTEN (nothing flagged?)'}"
+    )
     print(f"agent stopped with exit status {result.agent_exit_status}")
     return 0 if result.agent_exit_status == 0 else 1

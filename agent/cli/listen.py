@@ -1,7 +1,9 @@
 """``sct-agent listen``: subscribe to an agent, print what it says, and save every finished sCT volume.
 
 One line per status message (verdicts with every reason, progress, errors), per finished volume and per sequence
-gap. Each volume goes to ``DIR/<acquisition_id>/``: ``sct.npy`` (int16 HU, ``[slice, row, column]``),
+gap; the regions of each volume its confidence says not to trust (``flagged``), or that there are none. Each volume
+goes to ``DIR/<acquisition_id>/``: ``sct.npy`` (int16 HU, ``[slice, row, column]``), ``confidence.npy`` (uint8,
+same axes, when the model has a confidence output),
 ``geometry.json`` (voxel-to-LPS affine, shape, spacing, model, protocol, checksum) and ``preview.png``
 (mid-sagittal and mid-axial views, CT window W1500/L300, labelled SYNTHETIC CT). Each file is written to a temp
 name and renamed, ``geometry.json`` last, so a file that exists is whole.
@@ -61,6 +63,7 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 SCT_FILE: Final = "sct.npy"
 GEOMETRY_FILE: Final = "geometry.json"
 PREVIEW_FILE: Final = "preview.png"
+CONFIDENCE_FILE: Final = "confidence.npy"
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,6 +289,8 @@ def _plain_status(kind: str, subject: str, body: Mapping[str, Any]) -> str | Non
     """The line for the kinds that need no more than their body's fields; None for the others."""
     if kind == StatusKind.RECEIVED:
         return _received(subject, body)
+    if kind == StatusKind.FLAGGED:
+        return _flagged(subject, body)
     if kind == StatusKind.PROGRESS:
         if body.get("restarted"):
             return f"progress {subject}: stream restarted ({body.get('reason', '?')})"
@@ -303,6 +308,18 @@ def _plain_status(kind: str, subject: str, body: Mapping[str, Any]) -> str | Non
     }
     line = lines.get(kind)
     return line() if line is not None else None
+
+
+def _flagged(subject: str, body: Mapping[str, Any]) -> str:
+    """``FLAGGED <id>: 2 region(s), 2.8 mL: sCT not trusted in slices 41-53 ...``; in lower case when the volume
+    was checked and nothing was found, or not checked at all."""
+    count = body.get("flagged")
+    message = body.get("message", "")
+    if not body.get("checked") or count is None:
+        return f"flagged {subject}: not checked: {message}"
+    if count == 0:
+        return f"flagged {subject}: 0 regions: {message}"
+    return f"FLAGGED {subject}: {count} region(s), {float(body.get('volume_ml') or 0.0):.1f} mL: {message}"
 
 
 def _reason_text(reason: object) -> str:
@@ -332,10 +349,16 @@ def describe_volume(volume: ReceivedVolume, path: Path) -> str:
         slabs = "from the snapshot (published before this listener connected)"
     else:
         slabs = f"slabs {volume.slabs_received}/{volume.slab_count} (missed some; used the volume message)"
+    if volume.confidence is None:
+        confidence = "no confidence (not checked)"
+    elif volume.flagged:
+        confidence = f"confidence: {volume.flagged} region(s) NOT TO TRUST"
+    else:
+        confidence = "confidence: nothing flagged"
     return (
         f"volume {volume.acquisition_id}: {shape} voxels, spacing {spacing} mm, model {volume.model_id} "
         f"{volume.model_version}, protocol {volume.protocol_id}, checksum ok (sha256 {volume.sha256[:12]}), "
-        f"{slabs}; saved {path}"
+        f"{slabs}; {confidence}; saved {path}"
     )
 
 
@@ -353,6 +376,9 @@ def save_volume(volume: ReceivedVolume, out: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     hu = np.ascontiguousarray(volume.hu, dtype=WIRE_DTYPE)
     _write_atomic(folder / SCT_FILE, lambda f: np.save(f, hu, allow_pickle=False))
+    if volume.confidence is not None:
+        confidence = np.ascontiguousarray(volume.confidence)
+        _write_atomic(folder / CONFIDENCE_FILE, lambda f: np.save(f, confidence, allow_pickle=False))
     preview = io.BytesIO()
     render_preview(hu, volume.geometry).save(preview, format="PNG")
     _write_atomic(folder / PREVIEW_FILE, lambda f: f.write(preview.getvalue()))
@@ -384,6 +410,16 @@ def geometry_record(volume: ReceivedVolume) -> dict[str, Any]:
         "publisher_id": volume.publisher_id,
         "seq": volume.seq,
         "received_at": volume.received_at,
+        "confidence": None
+        if volume.confidence is None
+        else {
+            "file": CONFIDENCE_FILE,
+            "dtype": "|u1",
+            "method": volume.confidence_method,
+            "threshold": volume.confidence_threshold,
+            "flagged": volume.flagged,
+            "regions": [r.as_json() for r in volume.regions],
+        },
     }
 
 

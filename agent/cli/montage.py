@@ -3,6 +3,8 @@
 Volumes are first put into patient (LPS) axis order so that every view is drawn the way radiologists read it
 (sagittal: anterior left, superior up; axial: anterior up, patient's right on the viewer's left) whatever the
 acquisition orientation, and pixels are resampled to square millimetres so anatomy keeps its proportions.
+A panel may carry a mask of regions the sCT is not to be trusted in: the views then go through them and they are
+outlined, hatched and labelled (:mod:`agent.cli.outline`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageDraw
 
+from agent.cli.outline import draw_untrusted, planes_through, resize_mask
 from sct_core.geometry import VolumeGeometry
 
 #: Display resolution of the montage, pixels per millimetre.
@@ -31,6 +34,8 @@ class Panel:
     title: str
     volume: npt.NDArray[np.generic]
     window: tuple[float, float] | None = None
+    #: ``[slice, row, column]`` bool: where the sCT is not to be trusted, outlined on this panel.
+    outline: npt.NDArray[np.bool_] | None = None
 
 
 def to_lps(
@@ -65,12 +70,26 @@ def _to_display(image: npt.NDArray[np.uint8], spacing_rows: float, spacing_cols:
     return Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR)
 
 
+def _planes(
+    lps: npt.NDArray[np.float32], through: tuple[int, int, int] | None
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """The sagittal and axial planes: the middle ones, or those through ``through`` (x, y, z)."""
+    x = lps.shape[0] // 2 if through is None else through[0]
+    z = lps.shape[2] // 2 if through is None else through[2]
+    sagittal = lps[x].T[::-1]  # rows: superior -> inferior; columns: anterior -> posterior
+    axial = lps[:, :, z].T  # rows: anterior -> posterior; columns: patient right -> left
+    return sagittal, axial
+
+
 def _views(
-    lps: npt.NDArray[np.float32], spacing: tuple[float, ...], low: float, high: float
+    lps: npt.NDArray[np.float32],
+    spacing: tuple[float, ...],
+    low: float,
+    high: float,
+    through: tuple[int, int, int] | None = None,
 ) -> tuple[Image.Image, Image.Image]:
     sx, sy, sz = spacing
-    sagittal = lps[lps.shape[0] // 2].T[::-1]  # rows: superior -> inferior; columns: anterior -> posterior
-    axial = lps[:, :, lps.shape[2] // 2].T  # rows: anterior -> posterior; columns: patient right -> left
+    sagittal, axial = _planes(lps, through)
     return (
         _to_display(_window(sagittal, low, high), sz, sy),
         _to_display(_window(axial, low, high), sy, sx),
@@ -78,10 +97,16 @@ def _views(
 
 
 def render_montage(panels: list[Panel], geometry: VolumeGeometry, out: Path, *, caption: str = "") -> Path:
-    """Write a PNG: one column per panel, the mid-sagittal view above the mid-axial view."""
+    """Write a PNG: one column per panel, the sagittal view above the axial view: the middle ones, or those
+    through most of the regions a panel outlines."""
     if not panels:
         raise ValueError("render_montage needs at least one panel")
-    columns: list[tuple[str, Image.Image, Image.Image]] = []
+    through = None
+    for panel in panels:
+        if panel.outline is not None:
+            through = planes_through(to_lps(panel.outline, geometry)[0] > 0)
+            break
+    columns: list[tuple[Panel, Image.Image, Image.Image]] = []
     for panel in panels:
         if panel.volume.shape != geometry.shape:
             raise ValueError(
@@ -92,22 +117,26 @@ def render_montage(panels: list[Panel], geometry: VolumeGeometry, out: Path, *, 
             low, high = 0.0, float(np.percentile(lps, MR_PERCENTILE))
         else:
             low, high = panel.window
-        sag, ax = _views(lps, spacing, low, high)
-        columns.append((panel.title, sag, ax))
+        sag, ax = _views(lps, spacing, low, high, through)
+        columns.append((panel, sag, ax))
     width = sum(max(s.width, a.width) for _, s, a in columns)
     height = LABEL_HEIGHT + max(s.height for _, s, _ in columns) + max(a.height for _, _, a in columns)
     height += LABEL_HEIGHT if caption else 0
-    canvas = Image.new("L", (width, height), 0)
+    canvas = Image.new("RGB", (width, height), (0, 0, 0))
     draw = ImageDraw.Draw(canvas)
     x = 0
     sag_height = max(s.height for _, s, _ in columns)
-    for title, sag, ax in columns:
-        draw.text((x + 4, 2), title, fill=255)
-        canvas.paste(sag, (x, LABEL_HEIGHT))
-        canvas.paste(ax, (x, LABEL_HEIGHT + sag_height))
+    for panel, sag, ax in columns:
+        draw.text((x + 4, 2), panel.title, fill=(255, 255, 255))
+        canvas.paste(sag.convert("RGB"), (x, LABEL_HEIGHT))
+        canvas.paste(ax.convert("RGB"), (x, LABEL_HEIGHT + sag_height))
+        if panel.outline is not None:
+            mask_sag, mask_ax = _planes(to_lps(panel.outline, geometry)[0], through)
+            draw_untrusted(canvas, resize_mask(mask_sag > 0, sag.size), (x, LABEL_HEIGHT))
+            draw_untrusted(canvas, resize_mask(mask_ax > 0, ax.size), (x, LABEL_HEIGHT + sag_height))
         x += max(sag.width, ax.width)
     if caption:
-        draw.text((4, height - LABEL_HEIGHT + 2), caption, fill=200)
+        draw.text((4, height - LABEL_HEIGHT + 2), caption, fill=(200, 200, 200))
     out.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out)
     return out

@@ -19,6 +19,11 @@ This is the client half of the Clone pattern (ZeroMQ guide, chapter 5; docs/prot
 5. when nothing, not even a heartbeat, arrives for ``heartbeat_liveness`` heartbeat intervals, treat the
    publisher as lost: close both sockets, connect afresh and resynchronise.
 
+Since schema 1.4 a slab or volume of a model with a confidence output is followed by its ``confidence`` message,
+with the same sequence number; the data message's header announces it (its sha256). The client expects it next,
+writes it into the volume's confidence array, and treats its absence as a loss (resynchronise). A finished volume
+whose confidence was announced is handed over once the confidence has arrived, with the regions flagged.
+
 Every payload's sha256 is checked; a message that fails is refused, counted, and shows as a gap. Slabs are
 written into a full-volume array as they arrive; when the ``sct.volume`` message comes the client hands over a
 :class:`ReceivedVolume` saying whether the slabs alone made the whole volume and whether they equal the volume
@@ -47,7 +52,8 @@ import zmq
 from agent.publish.curve_keys import CurveClient, apply_client
 from agent.publish.endpoints import default_snapshot_endpoint
 from agent.publish.wire import (
-    ALL_TOPICS,
+    SUBSCRIBED_TOPICS,
+    ConfidenceMessage,
     HeartbeatMessage,
     Message,
     SchemaVersionError,
@@ -61,6 +67,7 @@ from agent.publish.wire import (
     decode_snapshot_reply,
     encode_snapshot_request,
 )
+from agent.records import UntrustedRegion
 from agent.vocabulary import StatusKind
 from sct_core.geometry import VolumeGeometry
 
@@ -119,6 +126,15 @@ class ReceivedVolume:
     from_snapshot: bool = False
     #: A restarted agent sent it again from its archive; the same acquisition may have been received before.
     republished: bool = False
+    #: Schema 1.4: the per-voxel confidence (read-only uint8, the geometry's shape; 255 = as typical as the
+    #: model's calibration data), None when the model has no confidence output (nothing was checked).
+    confidence: npt.NDArray[np.uint8] | None = None
+    confidence_method: str = ""
+    #: Voxels with confidence below this are untrusted (None without confidence).
+    confidence_threshold: int | None = None
+    #: Regions flagged (0: checked and none found; None: not checked) and the regions, largest first.
+    flagged: int | None = None
+    regions: tuple[UntrustedRegion, ...] = ()
 
 
 class _Assembly:
@@ -130,6 +146,13 @@ class _Assembly:
         self.hu = np.zeros(first.geometry.shape, dtype=np.int16)
         self.covered = np.zeros(first.geometry.shape[0], dtype=bool)
         self.indices: set[int] = set()
+        #: The slabs' confidence (schema 1.4), allocated with the first confidence message.
+        self.confidence: npt.NDArray[np.uint8] | None = None
+
+    def add_confidence(self, message: ConfidenceMessage) -> None:
+        if self.confidence is None:
+            self.confidence = np.zeros(self.geometry.shape, dtype=np.uint8)
+        self.confidence[message.start : message.start + message.size] = message.confidence
 
     def add(self, slab: SlabMessage) -> None:
         self.hu[slab.start : slab.start + slab.size] = slab.hu
@@ -191,7 +214,12 @@ class SctClient:
         self._on_volume = on_volume
         self._assemblies: OrderedDict[str, _Assembly] = OrderedDict()
         self._pending: deque[Message] = deque()
-        self._delivered: OrderedDict[tuple[str, int], None] = OrderedDict()
+        #: (publisher id, seq, topic): a confidence message shares its data message's seq.
+        self._delivered: OrderedDict[tuple[str, int, str], None] = OrderedDict()
+        #: The confidence message the last data message announced (publisher id, seq, sha256), due next.
+        self._companion_due: tuple[str, int, str] | None = None
+        #: A finished volume whose confidence was announced, held until it arrives (with ``from_snapshot``).
+        self._volume_held: tuple[VolumeMessage, bool] | None = None
         self._syncing = False
         self._refusals = 0
         self._sync_items = 0
@@ -314,7 +342,7 @@ class SctClient:
         socket.setsockopt(zmq.LINGER, 0)
         if self._curve is not None:
             apply_client(socket, self._curve)
-        for topic in ALL_TOPICS:
+        for topic in SUBSCRIBED_TOPICS:
             socket.setsockopt(zmq.SUBSCRIBE, topic)
         socket.connect(self._endpoint)
         self._last_received = None
@@ -341,6 +369,8 @@ class SctClient:
         self._sync_items = 0
         self._sync_deadline = time.monotonic() + self._snapshot_timeout_s
         self._assemblies.clear()
+        self._companion_due = None
+        self._volume_held = None
 
     def resync(
         self, why: str = "asked by the application", *, reason: str = "application", missed: int = 0
@@ -400,25 +430,35 @@ class SctClient:
             self._sync_deadline = min(self._sync_deadline, time.monotonic() + pause)
             return
         if isinstance(reply, SnapshotEnd):
-            if reply.items != self._sync_items:
-                # A message of the reply was lost or refused: this state has a hole in it.
-                self.resync(
-                    f"snapshot announced {reply.items} message(s), {self._sync_items} arrived intact",
-                    reason="incomplete",
-                )
-                return
-            self._syncing = False
-            self._refusals = 0
-            self.snapshots += 1
-            if reply.publisher_id != self.publisher_id and self.publisher_id is not None:
-                logger.info("publisher changed from %s to %s", self.publisher_id, reply.publisher_id)
-            self.publisher_id = reply.publisher_id
-            self.last_seq = reply.seq
-            self._heartbeat_s = reply.heartbeat_s
-            logger.info("snapshot applied: %d message(s), up to seq %d", reply.items, reply.seq)
+            self._snapshot_ended(reply)
             return
         self._sync_items += 1
+        if not self._companion_in_order(reply):
+            self.resync("snapshot lost an announced confidence message", reason="incomplete")
+            return
         self._accept(reply, from_snapshot=True)
+
+    def _snapshot_ended(self, reply: SnapshotEnd) -> None:
+        if self._companion_due is not None:
+            # The reply's last data message announced a confidence message that never came.
+            self.resync("snapshot ended before an announced confidence message", reason="incomplete")
+            return
+        if reply.items != self._sync_items:
+            # A message of the reply was lost or refused: this state has a hole in it.
+            self.resync(
+                f"snapshot announced {reply.items} message(s), {self._sync_items} arrived intact",
+                reason="incomplete",
+            )
+            return
+        self._syncing = False
+        self._refusals = 0
+        self.snapshots += 1
+        if reply.publisher_id != self.publisher_id and self.publisher_id is not None:
+            logger.info("publisher changed from %s to %s", self.publisher_id, reply.publisher_id)
+        self.publisher_id = reply.publisher_id
+        self.last_seq = reply.seq
+        self._heartbeat_s = reply.heartbeat_s
+        logger.info("snapshot applied: %d message(s), up to seq %d", reply.items, reply.seq)
 
     def _step_live(self, remaining: float | None) -> None:
         socket = self._require(self._socket)
@@ -445,11 +485,41 @@ class SctClient:
             return
         if isinstance(message, HeartbeatMessage) and message.heartbeat_s is not None:
             self._heartbeat_s = message.heartbeat_s
+        if isinstance(message, ConfidenceMessage):
+            self._live_companion(message)
+            return
+        if self._companion_due is not None:
+            # Another message came where the announced confidence message was due: it was lost.
+            _, seq, _ = self._companion_due
+            self._companion_due = None
+            self._record_gap(Gap(expected=seq, got=seq + 1), what="confidence message")
+            self._volume_held = None
+            self.resync(f"confidence message of seq {seq} lost", reason="gap", missed=1)
+            if self._snapshot_endpoint is not None:
+                return
         if self._snapshot_endpoint is None:
             self._track_without_snapshots(message)
             self._accept(message, from_snapshot=False)
         elif self._in_sequence(message):
             self._accept(message, from_snapshot=False)
+
+    def _live_companion(self, message: ConfidenceMessage) -> None:
+        """A confidence message on the SUB socket: applied when it is the one due, dropped otherwise (its data
+        message was before the snapshot, or was itself lost and will come back with it from a snapshot)."""
+        due = self._companion_due
+        if due is not None and due == (message.publisher_id, message.seq, message.sha256):
+            self._companion_due = None
+            self._accept(message, from_snapshot=False)
+
+    def _companion_in_order(self, message: Message) -> bool:
+        """In a snapshot reply: False when a confidence message was due and something else came."""
+        due = self._companion_due
+        if isinstance(message, ConfidenceMessage):
+            if due != (message.publisher_id, message.seq, message.sha256):
+                return False
+            self._companion_due = None
+            return True
+        return due is None
 
     def _in_sequence(self, message: Message) -> bool:
         """True for the next message after the snapshot's number; anything else is dropped or resyncs."""
@@ -491,17 +561,34 @@ class SctClient:
             self._record_gap(Gap(expected=self.last_seq + 1, got=message.seq))
         self.last_seq = message.seq
 
-    def _record_gap(self, gap: Gap) -> None:
+    def _record_gap(self, gap: Gap, *, what: str = "") -> None:
         self.gap_count += 1
         self.missed += max(0, gap.got - gap.expected)
         self.gaps.append(gap)
         del self.gaps[:-MAX_GAPS_KEPT]
-        logger.warning("sequence gap from %s: expected %d, got %d", self.publisher_id, *gap)
+        if what:
+            logger.warning("%s lost from %s: seq %d", what, self.publisher_id, gap.expected)
+        else:
+            logger.warning("sequence gap from %s: expected %d, got %d", self.publisher_id, *gap)
 
     def _accept(self, message: Message, *, from_snapshot: bool) -> None:
         """Apply a message to the volumes being built and hand it over, unless it was handed over before."""
-        key = (message.publisher_id, message.seq)
+        topic = type(message).__name__
+        key = (message.publisher_id, message.seq, topic)
         first_time = key not in self._delivered
+        if isinstance(message, SlabMessage | VolumeMessage) and message.confidence_sha256 is not None:
+            self._companion_due = (message.publisher_id, message.seq, message.confidence_sha256)
+        if isinstance(message, VolumeMessage) and message.confidence_sha256 is not None:
+            # Handed over with its confidence, which comes next; a loss on the way brings both back again.
+            self._volume_held = (message, from_snapshot)
+            return
+        if isinstance(message, ConfidenceMessage):
+            if message.is_volume:
+                self._finish_held(message)
+            else:
+                assembly = self._assemblies.get(message.acquisition_id)
+                if assembly is not None and assembly.geometry == message.geometry:
+                    assembly.add_confidence(message)
         if isinstance(message, SlabMessage):
             self._add_slab(message)
         elif (
@@ -516,12 +603,29 @@ class SctClient:
                 self._finish(message, from_snapshot=from_snapshot)
             else:
                 self._assemblies.pop(message.acquisition_id, None)
+        self._hand_over(message, key, first_time)
+
+    def _hand_over(self, message: Message, key: tuple[str, int, str], first_time: bool) -> None:
         if not first_time:
             return
         self._delivered[key] = None
         while len(self._delivered) > MAX_DELIVERED_KEPT:
             self._delivered.popitem(last=False)
         self._pending.append(message)
+
+    def _finish_held(self, confidence: ConfidenceMessage) -> None:
+        """The volume held for its confidence is finished with it, and both are handed over."""
+        held, self._volume_held = self._volume_held, None
+        if held is None or (held[0].publisher_id, held[0].seq) != (confidence.publisher_id, confidence.seq):
+            return
+        volume, from_snapshot = held
+        key = (volume.publisher_id, volume.seq, type(volume).__name__)
+        first_time = key not in self._delivered
+        if first_time:
+            self._finish(volume, from_snapshot=from_snapshot, confidence=confidence)
+        else:
+            self._assemblies.pop(volume.acquisition_id, None)
+        self._hand_over(volume, key, first_time)
 
     def _add_slab(self, slab: SlabMessage) -> None:
         assembly = self._assemblies.get(slab.acquisition_id)
@@ -533,7 +637,9 @@ class SctClient:
         self._assemblies.move_to_end(slab.acquisition_id)
         assembly.add(slab)
 
-    def _finish(self, volume: VolumeMessage, *, from_snapshot: bool) -> None:
+    def _finish(
+        self, volume: VolumeMessage, *, from_snapshot: bool, confidence: ConfidenceMessage | None = None
+    ) -> None:
         assembly = self._assemblies.pop(volume.acquisition_id, None)
         complete = (
             assembly is not None
@@ -563,6 +669,11 @@ class SctClient:
             received_at=time.time(),
             from_snapshot=from_snapshot,
             republished=volume.republished,
+            confidence=None if confidence is None else confidence.confidence,
+            confidence_method="" if confidence is None else confidence.method,
+            confidence_threshold=None if confidence is None else confidence.threshold,
+            flagged=None if confidence is None else confidence.flagged,
+            regions=() if confidence is None else confidence.regions,
         )
         self.completed_volumes.append(received)
         if self._on_volume is not None:

@@ -24,7 +24,7 @@ from typing import Final
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, SegmentationStorage
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
@@ -44,6 +44,9 @@ STATUS_SUCCESS: Final = 0x0000
 WARNING_STATUSES: Final = frozenset({0xB000, 0xB006, 0xB007})
 #: AE titles are 1-16 characters of the default repertoire, no backslash or control characters (PS3.5 §6.2).
 _AE_TITLE_MAX: Final = 16
+#: What a series folder holds: the sCT's CT images and, for a flagged volume, the Segmentation of its untrusted
+#: regions (agent.dicom_out.untrusted_segmentation).
+STORED_SOP_CLASSES: Final = (CTImageStorage, SegmentationStorage)
 _PEER_FORM: Final = re.compile(r"^(?P<aet>[^@]+)@(?P<host>[^:@]+|\[[0-9A-Fa-f:.]+\]):(?P<port>\d+)$")
 
 
@@ -176,7 +179,8 @@ def _attempt(
 ) -> tuple[list[Path], int, str]:
     """One association: returns (files still to send, C-STOREs that failed, what went wrong or "")."""
     ae = AE(ae_title=calling_ae)
-    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    for sop_class in STORED_SOP_CLASSES:
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     ae.connection_timeout = timeout_s
     ae.acse_timeout = timeout_s
     ae.dimse_timeout = timeout_s
@@ -227,6 +231,11 @@ def _attempt(
             except (OSError, InvalidDicomError) as error:
                 remaining.append(path)
                 failures.append(f"{path.name}: unreadable ({type(error).__name__})")
+                continue
+            if not _accepted(assoc, str(dataset.get("SOPClassUID", ""))):
+                # Said, and tried again at the next attempt; the other instances go on this association.
+                remaining.append(path)
+                failures.append(f"{path.name}: the peer accepted no presentation context for its SOP class")
                 continue
             status = _send(assoc, dataset)
             if status is None:
@@ -280,6 +289,11 @@ def _close_transport(assoc: Association) -> None:
 def _note_connected(_event: evt.Event, connected: list[bool]) -> None:
     """Records that the TCP connection opened, which tells a hung peer from one that is not there."""
     connected.append(True)
+
+
+def _accepted(assoc: Association, sop_class: str) -> bool:
+    """The peer accepted a presentation context for ``sop_class`` (a PACS may take CT and refuse SEG)."""
+    return any(context.abstract_syntax == sop_class for context in assoc.accepted_contexts)
 
 
 def _established(assoc: Association) -> bool:

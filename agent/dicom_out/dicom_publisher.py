@@ -155,12 +155,12 @@ class DicomPublisher:
             return
         if self._on_series is not None:
             self._on_series(volume, written.folder.name)
-        self._written(key, written)
+        self._written(key, volume, written)
         # A reused series is sent again: whether it reached the peer before the restart is not known, and a peer
         # receiving instances it holds (same SOP Instance UIDs, derived) keeps one copy.
         self._forward(key, written)
 
-    def _written(self, key: str, written: WrittenSeries) -> None:
+    def _written(self, key: str, volume: SctVolume, written: WrittenSeries) -> None:
         if written.reused:
             logger.info(
                 "acquisition %s: sCT DICOM series %s was complete before the restart",
@@ -190,15 +190,17 @@ class DicomPublisher:
             ok=True,
             step="write",
             message=f"{len(written.files)} files in {written.folder.name}"
-            + (" (written before a restart)" if written.reused else ""),
+            + (" (written before a restart)" if written.reused else "")
+            + f"; {_segmentation_words(volume, written)}",
             series_folder=written.folder.name,
             clipped_voxels=written.clipped_voxels,
+            segmentation=None if written.segmentation is None else written.segmentation.name,
         )
 
     def _forward(self, key: str, written: WrittenSeries) -> None:
         if self._peer is None:
             return
-        request = DicomStoreRequest(key, written.folder.name, tuple(written.files))
+        request = DicomStoreRequest(key, written.folder.name, written.all_files)
         self._hold(request.series_folder, +1)
         if self._forward_store is None:
             self.store(request)
@@ -307,6 +309,19 @@ class DicomPublisher:
     def _count(callback: Callable[[str], None] | None, outcome: str) -> None:
         if callback is not None:
             callback(outcome)
+
+
+def _segmentation_words(volume: SctVolume, written: WrittenSeries) -> str:
+    """What the folder holds besides the CT images: the Segmentation of the regions not to trust, or why not."""
+    flagged = volume.flagged
+    if written.segmentation is not None and flagged is not None:
+        return (
+            f"DICOM Segmentation of the {flagged.count} region(s) not to trust ({flagged.volume_ml:.1f} mL) in "
+            f"{written.segmentation.name}"
+        )
+    if flagged is None:
+        return "no DICOM Segmentation (the model has no confidence output: nothing was checked)"
+    return "no DICOM Segmentation (nothing flagged)"
 
 
 def _fields(acquisition_id: str, step: str, outcome: str) -> dict[str, object]:

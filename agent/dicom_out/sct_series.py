@@ -14,6 +14,10 @@ every source file belongs to the same study and frame of reference. Patient iden
 only: log lines and exception messages name the acquisition by its id and a source file by its label
 (:func:`agent.file_labels.file_label`), never by a UID, a file name or anything about the patient.
 
+A volume with regions its confidence says not to trust also gets a DICOM Segmentation of them
+(:mod:`agent.dicom_out.untrusted_segmentation`), written in the same folder and the same atomic step, so the sCT
+images are never on disk without the mark of where not to trust them.
+
 A series is written into a hidden temporary folder inside ``out_folder``, every file and the folder are
 fsynced, and only then is the folder renamed to its final name in one step, so that a reader (a DICOM sender,
 a PACS import folder, a person) never sees a half-written series. On any failure the temporary folder is
@@ -51,6 +55,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian
 from pydicom.valuerep import format_number_as_ds
 
+from agent.dicom_out.untrusted_segmentation import SEGMENTATION_FILE, SERIES_NUMBER_OFFSET, segmentation_of
 from agent.file_labels import file_label
 from agent.records import ImageRef, SctVolume
 from agent.vocabulary import LogEvent
@@ -170,6 +175,13 @@ class WrittenSeries:
     seconds: float
     #: The series was already complete on disk (written before a restart) and was not written again.
     reused: bool = False
+    #: The DICOM Segmentation of the regions not to trust, in the same folder; None when none was flagged.
+    segmentation: Path | None = None
+
+    @property
+    def all_files(self) -> tuple[Path, ...]:
+        """Every file of the folder, what C-STORE sends: the CT images, then the Segmentation if any."""
+        return self.files if self.segmentation is None else (*self.files, self.segmentation)
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,8 +232,10 @@ def write_sct_series(
     series_uid = derived_uid(volume, "series")
     sop_uids = tuple(derived_uid(volume, f"instance {k}") for k in range(geometry.shape[0]))
     names = [f"CT{k + 1:04d}.dcm" for k in range(geometry.shape[0])]
+    flagged = volume.flagged if volume.flagged is not None and volume.flagged.regions else None
+    segmentation_name = SEGMENTATION_FILE if flagged is not None else None
     base = f"sct-{volume.acquisition_id[:16]}-{series_number}"
-    existing = _written_before(out_folder, base, series_uid, names)
+    existing = _written_before(out_folder, base, series_uid, [*names, *filter(None, [segmentation_name])])
     if existing is not None:
         logger.info(
             "sCT series for acquisition %s already complete in %s (written before a restart); not written again",
@@ -236,6 +250,7 @@ def write_sct_series(
             clipped_voxels=clipped,
             seconds=time.perf_counter() - started,
             reused=True,
+            segmentation=existing / segmentation_name if segmentation_name else None,
         )
     produced = datetime.fromtimestamp(volume.produced_at or time.time()).astimezone()
     shared = _series_dataset(volume, template, series_uid, series_number, produced, institution)
@@ -250,17 +265,29 @@ def write_sct_series(
             "out_folder", _os_error(error, None), "a writable folder", errno=error.errno
         ) from error
     current = temp.name
+    images: list[Dataset] = []
     try:
         for k, name in enumerate(names):
             ds = _slice_dataset(shared, geometry, k, sop_uids[k], stored[k], volume.sources[k], files)
-            # Encoded in memory first, so that an I/O error is the operating system's, not wrapped by pydicom.
-            buffer = BytesIO()
-            ds.save_as(buffer, enforce_file_format=True)
             current = name
-            with (temp / name).open("xb") as handle:
-                handle.write(buffer.getbuffer())
-                handle.flush()
-                os.fsync(handle.fileno())
+            _write_dataset(ds, temp / name)
+            del ds.PixelData  # the Segmentation needs the images' attributes, not their pixels
+            images.append(ds)
+        if flagged is not None and segmentation_name is not None:
+            current = segmentation_name
+            _write_dataset(
+                segmentation_of(
+                    volume,
+                    flagged,
+                    images,
+                    series_uid=derived_uid(volume, "segmentation series"),
+                    instance_uid=derived_uid(volume, "segmentation instance"),
+                    series_number=series_number + SERIES_NUMBER_OFFSET,
+                    software_version=agent_version(),
+                    produced=produced,
+                ),
+                temp / segmentation_name,
+            )
         current = temp.name
         _fsync_directory(temp)
         final = _rename_free(temp, out_folder, base)
@@ -276,7 +303,7 @@ def write_sct_series(
         if isinstance(error, Exception):
             # Only the type: an encoder's message may quote the value it refused, a patient's name or a UID.
             raise SctSeriesError(
-                "file", f"{type(error).__name__} while encoding", "the series written to disk"
+                "file", f"{type(error).__name__} while encoding {current}", "the series written to disk"
             ) from error
         raise
 
@@ -306,7 +333,19 @@ def write_sct_series(
         sop_instance_uids=sop_uids,
         clipped_voxels=clipped,
         seconds=seconds,
+        segmentation=final / segmentation_name if segmentation_name else None,
     )
+
+
+def _write_dataset(ds: Dataset, path: Path) -> None:
+    """Encoded in memory first, so that an I/O error is the operating system's, not wrapped by pydicom; then
+    written to a new file and fsynced."""
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    with path.open("xb") as handle:
+        handle.write(buffer.getbuffer())
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 # ----------------------------------------------------------------------------------------------- checks

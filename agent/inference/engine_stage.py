@@ -11,6 +11,12 @@ acquisition whose volume was committed before a restart but whose work is not fi
 written) is inferred again from the export folder; its slabs and volume are then not sent a second time
 (``committed`` says so at its first slab), and only the stages after the wire (DICOM) get the volume.
 
+With a model that has a confidence output (its manifest's ``confidence`` section), each slab's confidence is
+computed in the same network pass, travels with the slab (``SctSlab.confidence``, uint8, hashed here too) and
+is stitched like the HU. A finished volume with confidence is handed to the regions stage
+(agent.inference.untrusted_regions), which finds the regions not to trust on the whole volume, off this
+thread, and then sends it; a volume without goes out from here (agent.inference.volume_delivery).
+
 A slab the engine cannot compute (its worker process killed by the kernel's OOM killer, the GPU out of
 memory, anything the backend raises) fails its series, not the agent: what was computed of the volume is
 dropped, the series is reported (an ``error`` status naming the acquisition, the engine and the cause, then
@@ -27,11 +33,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
+from agent.inference.untrusted_regions import RegionSearch
+from agent.inference.volume_delivery import VolumeDelivery
 from agent.records import (
     Publication,
     SctSlab,
@@ -39,6 +47,8 @@ from agent.records import (
     SlabRequest,
     StatusEvent,
     StreamControl,
+    VolumeToCheck,
+    confidence_sha256,
     payload_sha256,
 )
 from agent.status_events import error_event, progress_event
@@ -69,6 +79,8 @@ class _Volume:
     protocol_id: str
     slab_count: int
     hu: npt.NDArray[np.int16]
+    #: The volume's confidence, filled slab by slab like ``hu``; None when the model has no confidence output.
+    confidence: npt.NDArray[np.uint8] | None = None
     done: set[int] = field(default_factory=set)
     finalize: StreamControl | None = None
     #: sha256 of this acquisition's volume committed before a restart; its slabs and volume are not sent again.
@@ -89,14 +101,20 @@ class EngineStage:
         committed: Callable[[str], str | None] | None = None,
         on_failure: Callable[[str, str], None] | None = None,
         on_cancel: Callable[[str], None] | None = None,
+        check: Callable[[VolumeToCheck], object] | None = None,
     ) -> None:
         """``on_failure(acquisition_id, cause)`` is told each series the engine failed (cause: see
-        :func:`failure_cause`)."""
+        :func:`failure_cause`). ``check`` takes a finished volume with confidence to the regions stage; without
+        it the regions are found here, on this thread (tools and tests)."""
         self._engine = engine
         self._publish = publish
         self._on_slab = on_slab
-        self._on_volume = on_volume
-        self._commit = commit
+        self._delivery = VolumeDelivery(publish, commit=commit, on_volume=on_volume)
+        spec = engine.confidence
+        self._spec = spec
+        if check is None and spec is not None:
+            check = RegionSearch(spec, self._delivery).handle
+        self._check = check
         self._committed = committed
         self._on_failure = on_failure
         #: Told, before subscribers are, that an acquisition's slabs so far are void (the journal forgets them).
@@ -131,6 +149,7 @@ class EngineStage:
                 protocol_id=request.protocol_id,
                 slab_count=request.slab_count,
                 hu=self._engine.new_output(grid.shape),
+                confidence=self._engine.new_confidence_output(grid.shape) if self._spec is not None else None,
                 committed=self._committed(request.acquisition_id) if self._committed else None,
             )
             self._volumes[request.acquisition_id] = volume
@@ -142,14 +161,12 @@ class EngineStage:
                 )
         plan = self._engine.plan(grid.shape[0])
         window = plan.windows[request.slab_index]
+        core = slice(window.core_start, window.core_stop)
+        confidence = volume.confidence[core] if volume.confidence is not None else None
         started = time.perf_counter()
         try:
             hu = self._engine.run_slab(
-                request.volume,
-                plan,
-                window,
-                request.scale,
-                out=volume.hu[window.core_start : window.core_stop],
+                request.volume, plan, window, request.scale, out=volume.hu[core], confidence_out=confidence
             )
         except Exception as error:  # one series lost, never the stage: see the module's docstring
             self._fail(request, error)
@@ -172,6 +189,7 @@ class EngineStage:
             inference_s=inference_s,
             inputs_complete_at=request.inputs_complete_at,
             produced_at=time.time(),
+            **self._confidence_fields(confidence),
         )
         if volume.committed is None:
             self._publish(slab)
@@ -261,30 +279,22 @@ class EngineStage:
             produced_at=time.time(),
             last_image_at=volume.finalize.last_image_at,
             sources=volume.finalize.sources,
+            **self._confidence_fields(volume.confidence),
         )
-        prior = self._commit(finished) if self._commit is not None else volume.committed
-        if prior is None:
-            self._publish(finished)
-        elif prior != finished.sha256:
-            # Inference is deterministic on one backend; a difference means the backend or its engine changed
-            # under the same model version. What the robots got stays the published volume.
-            logger.error(
-                "acquisition %s: the sCT volume inferred again has sha256 %s…, the one published before the "
-                "restart %s…; not sent again",
-                acquisition_id,
-                finished.sha256[:12],
-                prior[:12],
-            )
-            self._publish(
-                error_event(
-                    acquisition_id,
-                    stage="engine",
-                    message=(
-                        f"volume inferred again after a restart differs from the published one (sha256 "
-                        f"{finished.sha256[:12]}…, published {prior[:12]}…); the published one stands"
-                    ),
-                    at=time.time(),
-                )
-            )
-        if self._on_volume is not None:
-            self._on_volume(finished, volume.finalize.last_image_at)
+        if volume.confidence is not None and self._check is not None:
+            # The regions are found on the whole volume, off this thread; that stage sends it.
+            self._check(VolumeToCheck(finished, volume.committed))
+        else:
+            self._delivery.deliver(finished, volume.committed)
+
+    def _confidence_fields(self, confidence: npt.NDArray[np.uint8] | None) -> dict[str, Any]:
+        """The confidence fields of a slab or volume record (none without a confidence output)."""
+        spec = self._spec
+        if confidence is None or spec is None:
+            return {}
+        return {
+            "confidence": confidence,
+            "confidence_sha256": confidence_sha256(confidence),
+            "confidence_method": spec.method,
+            "confidence_threshold": spec.threshold,
+        }

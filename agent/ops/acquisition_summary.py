@@ -90,6 +90,8 @@ class AcquisitionSummary:
     #: For failed: the stage and the error (type and text, without paths or UIDs).
     failed_stage: str = ""
     error: str = ""
+    #: Regions of the volume its confidence says not to trust (0: checked, none); None: not checked or no volume.
+    flagged: int | None = None
 
     def fields(self) -> dict[str, object]:
         """The structured fields of the line (JSON format)."""
@@ -118,6 +120,7 @@ class AcquisitionSummary:
             "dicom": self.dicom,
             "stage": self.failed_stage,
             "error": self.error,
+            "flagged": self.flagged,
         }
 
     def text(self) -> str:
@@ -144,6 +147,7 @@ class _Entry:
     inference_s: float = 0.0
     volume_sent: bool = False
     last_image_to_volume_s: float | None = None
+    flagged: int | None = None
     dicom: str = ""
     failed_stage: str = ""
     error: str = ""
@@ -206,14 +210,18 @@ class AcquisitionSummaries:
                 entry.read_s += read_s
                 entry.inference_s += inference_s
 
-    def volume_sent(self, acquisition_id: str, last_image_to_volume_s: float) -> None:
-        """The volume went out on the wire (publisher thread); not called for republished volumes."""
+    def volume_sent(
+        self, acquisition_id: str, last_image_to_volume_s: float, flagged: int | None = None
+    ) -> None:
+        """The volume went out on the wire (publisher thread); not called for republished volumes.
+        ``flagged``: the regions its confidence says not to trust (None: not checked)."""
         with self._lock:
             entry = self._entry(acquisition_id)
             if entry is None:
                 return
             entry.volume_sent = True
             entry.last_image_to_volume_s = last_image_to_volume_s
+            entry.flagged = flagged
             summary = self._end_if_done(entry)
         self._emit_outside_lock(summary)
 
@@ -314,6 +322,7 @@ class AcquisitionSummaries:
             dicom=dicom,
             failed_stage=entry.failed_stage,
             error=entry.error,
+            flagged=entry.flagged,
         )
 
     def _remember_ended(self, acquisition_id: str) -> None:

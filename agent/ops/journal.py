@@ -81,7 +81,7 @@ from sct_core.errors import SctError
 logger = logging.getLogger(__name__)
 
 #: The schema this code writes, kept in ``PRAGMA user_version``. Bump it with a step in ``_MIGRATIONS``.
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 #: How long a write waits for another process's lock (an operator's shell mid-transaction) before failing.
 BUSY_TIMEOUT_S: Final = 5.0
 #: New journal files are readable by their owner only: paths may name patients (module docstring).
@@ -207,9 +207,17 @@ _VOLUMES_V2: Final = (
         PRIMARY KEY (acquisition_id, model)
     )""",
 )
+#: Version 3: what the confidence check found on each committed volume (issue #17): the number of regions not to
+#: trust (NULL: not checked, the model has no confidence output), their volume and the regions themselves (JSON:
+#: 0-based ranges, mL, lowest confidence), so that "was this sCT flagged?" is answered after the fact.
+_FLAGGED_V3: Final = (
+    "ALTER TABLE volumes ADD COLUMN flagged INTEGER",
+    "ALTER TABLE volumes ADD COLUMN flagged_ml REAL",
+    "ALTER TABLE volumes ADD COLUMN flagged_regions TEXT",
+)
 _TABLES: Final = frozenset({"files", "acquisitions", "verdicts", "slabs", "publications", "volumes"})
 #: Statements that take a journal from version N (the key) to N + 1.
-_MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {1: _VOLUMES_V2}
+_MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {1: _VOLUMES_V2, 2: _FLAGGED_V3}
 
 #: Tables of detail rows, pruned by age (module docstring); each has an ``at`` column.
 DETAIL_TABLES: Final = ("files", "verdicts", "slabs", "publications")
@@ -658,6 +666,39 @@ class Journal:
                 (AcquisitionState.PUBLISHED.value, now, acquisition_id, AcquisitionState.PUBLISHED.value),
             )
             return None if row is None else str(row[0])
+
+    def record_flagged(
+        self,
+        acquisition_id: str,
+        model: str,
+        *,
+        flagged: int | None,
+        volume_ml: float | None,
+        regions: list[dict[str, Any]],
+    ) -> None:
+        """Record what the confidence check found on the committed volume of ``acquisition_id`` by ``model``:
+        ``flagged`` regions (0: checked, none; None: not checked) of ``volume_ml`` mL in all, and the regions."""
+        with self._transaction() as conn:
+            conn.execute(
+                "UPDATE volumes SET flagged = ?, flagged_ml = ?, flagged_regions = ? "
+                "WHERE acquisition_id = ? AND model = ?",
+                (flagged, volume_ml, json.dumps(regions, separators=(",", ":")), acquisition_id, model),
+            )
+
+    def flagged(self, acquisition_id: str, model: str) -> tuple[int | None, float | None, list[Any]] | None:
+        """(regions flagged, their mL, the regions) of a committed volume; None when no volume is committed."""
+        rows = self._read(
+            "SELECT flagged, flagged_ml, flagged_regions FROM volumes WHERE acquisition_id = ? AND model = ?",
+            (acquisition_id, model),
+        )
+        if not rows:
+            return None
+        count, volume_ml, regions = rows[0]
+        return (
+            None if count is None else int(count),
+            None if volume_ml is None else float(volume_ml),
+            json.loads(regions) if regions else [],
+        )
 
     def record_dicom_series(
         self, acquisition_id: str, model: str, sha256: str, series_folder: str, *, at: float | None = None

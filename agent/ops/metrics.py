@@ -52,7 +52,7 @@ REASON_CATEGORIES: Final = (
     "consistency",
 )
 #: ZeroMQ topics the publisher sends on.
-TOPICS: Final = ("status", "sct.slab", "sct.volume", "heartbeat")
+TOPICS: Final = ("status", "sct.slab", "sct.volume", "heartbeat", "confidence")
 #: Pipeline stages that can report an error.
 STAGES: Final = (
     "watcher",
@@ -60,12 +60,16 @@ STAGES: Final = (
     "validator",
     "streamer",
     "engine",
+    "regions",
     "publisher",
     "dicom",
     "dicom_store",
     "journal",
     "retention",
 )
+#: What the confidence check found on a published volume: regions flagged, none, or not checked (the model has no
+#: confidence output).
+FLAGGED_OUTCOMES: Final = ("flagged", "clear", "unchecked")
 #: The publisher's sockets, and why a peer failed the security handshake (agent.publish.publisher).
 PUBLISH_SOCKETS: Final = ("publish", "snapshot")
 REJECT_REASONS: Final = ("auth", "protocol", "handshake")
@@ -235,6 +239,27 @@ class AgentMetrics:
         self._slabs_published = Counter("slabs_published", "sCT slabs published.", namespace=ns, registry=reg)
         self._volumes_published = Counter(
             "volumes_published", "sCT volumes published.", namespace=ns, registry=reg
+        )
+        self._flagged_volumes = Counter(
+            "flagged_volumes",
+            "sCT volumes published, by what their confidence check found: flagged (regions not to trust), "
+            "clear (checked, none), unchecked (the model has no confidence output).",
+            ["outcome"],
+            namespace=ns,
+            registry=reg,
+        )
+        self._flagged_regions = Counter(
+            "flagged_regions",
+            "Regions of published sCT volumes flagged as not to trust (confidence below the calibrated threshold).",
+            namespace=ns,
+            registry=reg,
+        )
+        self._region_search = Histogram(
+            "region_search_seconds",
+            "Time to find the regions not to trust in a finished volume (the regions stage's thread).",
+            namespace=ns,
+            registry=reg,
+            buckets=INFERENCE_BUCKETS_S,
         )
         self._messages = Counter(
             "published_messages", "Messages published, by topic.", ["topic"], namespace=ns, registry=reg
@@ -448,6 +473,8 @@ class AgentMetrics:
             self._drops.labels(topic=topic)
         for stage in STAGES:
             self._errors.labels(stage=stage)
+        for outcome in FLAGGED_OUTCOMES:
+            self._flagged_volumes.labels(outcome=outcome)
         for socket_name in PUBLISH_SOCKETS:
             for reason in REJECT_REASONS:
                 self._rejected.labels(socket=socket_name, reason=reason)
@@ -536,6 +563,20 @@ class AgentMetrics:
         """Count one volume published, with the time from its acquisition's last image."""
         self._volume_latency.observe(_seconds("latency_s", latency_s))
         self._volumes_published.inc()
+
+    def volume_flagged(self, regions: int | None, search_s: float | None = None) -> None:
+        """What the confidence check found on a published volume: ``regions`` flagged (0: none; None: the model
+        has no confidence output, nothing was checked), and how long the search took."""
+        if regions is None:
+            outcome = "unchecked"
+        elif regions < 0:
+            raise ValueError(f"regions must be >= 0 or None; got {regions}")
+        else:
+            outcome = "flagged" if regions else "clear"
+            self._flagged_regions.inc(regions)
+        self._flagged_volumes.labels(outcome=outcome).inc()
+        if search_s is not None:
+            self._region_search.observe(_seconds("search_s", search_s))
 
     def published(self, topic: str, nbytes: int) -> None:
         """Count one message sent on ``topic`` and its size in bytes (all frames)."""

@@ -177,9 +177,18 @@ class SideServices:
         if self.journal.committed_volume(volume.acquisition_id, model) is None:
             self._archive(volume)
         prior: list[str | None] = [None]
+        flagged = volume.flagged
 
         def commit() -> None:
             prior[0] = self.journal.commit_volume(volume.acquisition_id, model, volume.sha256)
+            if prior[0] is None:  # what the confidence check found, with the volume it was found on
+                self.journal.record_flagged(
+                    volume.acquisition_id,
+                    model,
+                    flagged=None if flagged is None else flagged.count,
+                    volume_ml=None if flagged is None else flagged.volume_ml,
+                    regions=[] if flagged is None else [r.as_json() for r in flagged.regions],
+                )
 
         # A journal that cannot take the commit (disk full) must not cost the surgery its volume: it is sent
         # uncommitted (counted and reported by journal_writes); a restart before the disk has room may send it
@@ -229,6 +238,8 @@ class SideServices:
     def sent(self, item: Publication, seq: int, sent_at: float) -> None:
         if isinstance(item, SctSlab):
             self.metrics.published("sct.slab", int(item.hu.nbytes))
+            if item.confidence is not None:
+                self.metrics.published("confidence", int(item.confidence.nbytes))
             last = item.slab_index == item.slab_count - 1
             self.metrics.slab_published(sent_at - item.inputs_complete_at if last else None)
             self.journal_writes.write(
@@ -239,10 +250,16 @@ class SideServices:
             )
         elif isinstance(item, SctVolume):
             self.metrics.published("sct.volume", int(item.hu.nbytes))
+            if item.confidence is not None:
+                self.metrics.published("confidence", int(item.confidence.nbytes))
             if item.republished:
                 return  # counted and journalled when it was first published, before the restart
             latency = max(0.0, sent_at - item.last_image_at)
             self.metrics.volume_published(latency)
+            flagged = item.flagged
+            self.metrics.volume_flagged(
+                None if flagged is None else flagged.count, None if flagged is None else flagged.search_s
+            )
             self.journal_writes.write(
                 "publications",
                 lambda: self.journal.record_publication(item.acquisition_id, "volume", seq, item.sha256),
@@ -251,7 +268,9 @@ class SideServices:
                 item.acquisition_id, AcquisitionState.PUBLISHED, protocol_id=item.protocol_id
             )
             if self.summaries is not None:
-                self.summaries.volume_sent(item.acquisition_id, latency)
+                self.summaries.volume_sent(
+                    item.acquisition_id, latency, None if flagged is None else flagged.count
+                )
         elif isinstance(item, StatusEvent):
             self.metrics.published("status", 0)
 

@@ -50,7 +50,15 @@ from zmq.utils.monitor import recv_monitor_message
 from agent.publish.curve_keys import CurveServer, apply_server
 from agent.publish.snapshot_server import RETRY_S, SnapshotServer
 from agent.publish.snapshot_store import SnapshotStore
-from agent.publish.wire import TOPIC_SLAB, TOPIC_STATUS, TOPIC_VOLUME, encode, encode_heartbeat
+from agent.publish.wire import (
+    TOPIC_CONFIDENCE,
+    TOPIC_SLAB,
+    TOPIC_STATUS,
+    TOPIC_VOLUME,
+    encode,
+    encode_confidence,
+    encode_heartbeat,
+)
 from agent.records import Publication, SctSlab, SctVolume
 from sct_core.errors import SctError
 
@@ -479,6 +487,12 @@ class Publisher:
         sent_at = time.time()
         try:
             frames = encode(item, seq, self.publisher_id, sent_at)
+            # The confidence companion takes the data message's seq, not a number of its own (schema 1.4).
+            companion = (
+                encode_confidence(item, seq, self.publisher_id, sent_at)
+                if isinstance(item, SctSlab | SctVolume)
+                else None
+            )
         except Exception as error:
             # A bad record must not cost the next one: log it, count it, keep the sequence unbroken.
             self._errors += 1
@@ -486,9 +500,13 @@ class Publisher:
             return
         # The store keeps the message whether or not this send succeeds: a subscriber that misses it (here or
         # in its own queue) gets it back from a snapshot.
-        self._store.record(item, seq, frames)
+        self._store.record(item, seq, frames, companion)
         if not self._send(socket, frames, seq, _topic_of(item)):
             return
+        if companion is not None:
+            # Right behind its data message, so a subscriber finds it next; a data message that could not go
+            # out takes its companion with it (the gap it leaves is healed by a snapshot holding both).
+            self._send_companion(socket, companion, seq)
         if self._on_sent is not None:
             try:
                 self._on_sent(item, seq, sent_at)
@@ -501,6 +519,17 @@ class Publisher:
         frames = encode_heartbeat(seq, self.publisher_id, time.time(), self._heartbeat_s)
         if self._send(socket, frames, seq, "heartbeat"):
             self._heartbeats += 1
+
+    def _send_companion(self, socket: zmq.Socket[bytes], frames: list[bytes | memoryview], seq: int) -> None:
+        """Send a confidence message with the seq of the data message before it; the sequence does not move."""
+        self._last_send = time.monotonic()
+        try:
+            socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self._count_drop(TOPIC_CONFIDENCE.decode(), seq, "socket refused it (high-water mark)")
+        except zmq.ZMQError as error:
+            self._errors += 1
+            self._count_drop(TOPIC_CONFIDENCE.decode(), seq, str(error))
 
     def _send(
         self, socket: zmq.Socket[bytes], frames: list[bytes | memoryview], seq: int, topic: str

@@ -26,7 +26,14 @@ from typing import Final
 import zmq
 
 from agent.publish.snapshot_store import Frames, SnapshotStore
-from agent.publish.wire import WireError, decode_snapshot_request, encode_snapshot_end, encode_snapshot_error
+from agent.publish.wire import (
+    CONFIDENCE_MINOR,
+    WireError,
+    decode_snapshot_request,
+    encode_snapshot_end,
+    encode_snapshot_error,
+    schema_minor,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -94,17 +101,22 @@ class SnapshotServer:
             self._refuse(identity, current_seq, f"busy: {self._max_sessions} snapshots in progress", "busy")
             return
         stored = self._store.messages()
-        pending: deque[Frames] = deque(m.frames for m in stored)
+        # Confidence companions only to a client of 1.4 or later: an older one refuses the unknown topic, and
+        # would then find its reply short of ``items`` and ask again for ever.
+        confidence = schema_minor(request.schema) >= CONFIDENCE_MINOR
+        pending: deque[Frames] = deque(frames for m in stored for frames in m.replay(confidence=confidence))
+        items = len(pending)
         pending.append(
             list(
                 encode_snapshot_end(
-                    current_seq, self._publisher_id, now, items=len(stored), heartbeat_s=self._heartbeat_s
+                    current_seq, self._publisher_id, now, items=items, heartbeat_s=self._heartbeat_s
                 )
             )
         )
+        nbytes = sum(m.nbytes + (m.companion_nbytes if confidence else 0) for m in stored)
         # A repeated request from the same peer replaces its unfinished reply: it has given up on that one.
         self._sessions.pop(identity, None)
-        self._sessions[identity] = _Session(pending, len(stored), sum(m.nbytes for m in stored))
+        self._sessions[identity] = _Session(pending, items, nbytes)
 
     def pump(self, socket: zmq.Socket[bytes]) -> None:
         """Send what every session's peer can take now; drop finished, vanished and stalled sessions."""

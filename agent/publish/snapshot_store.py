@@ -6,7 +6,8 @@ acquisition still streaming (at most ``max_in_flight`` of them). Messages are ke
 for the PUB socket (same header, same sequence number, same payload buffer, not a copy), so a snapshot replays
 them byte for byte and a subscriber cannot tell a replayed slab from a live one.
 
-A volume supersedes its slabs; a ``cancelled`` status drops the slabs of an acquisition whose stream was
+A data message with a confidence companion (schema 1.4) is kept with it, and replayed right after it to clients
+that know the ``confidence`` topic (:meth:`StoredMessage.replay`). A volume supersedes its slabs; a ``cancelled`` status drops the slabs of an acquisition whose stream was
 abandoned, and so does ``IN_FLIGHT_EXPIRY_S`` without a new slab; a slab on a different grid than the slabs held (the grid was placed again) starts the acquisition
 afresh. Only the publisher thread uses a store, so it needs no lock.
 """
@@ -36,6 +37,15 @@ class StoredMessage:
     seq: int
     frames: Frames
     nbytes: int
+    #: The ``confidence`` message that followed it with the same ``seq`` (schema 1.4), if any.
+    companion: Frames | None = None
+    companion_nbytes: int = 0
+
+    def replay(self, *, confidence: bool) -> list[Frames]:
+        """The messages a snapshot sends for this one: the companion too when the client knows its topic."""
+        if confidence and self.companion is not None:
+            return [self.frames, self.companion]
+        return [self.frames]
 
 
 @dataclass(slots=True)
@@ -60,10 +70,14 @@ class SnapshotStore:
         self._volumes: OrderedDict[str, StoredMessage] = OrderedDict()
         self._in_flight: OrderedDict[str, _InFlight] = OrderedDict()
 
-    def record(self, item: Publication, seq: int, frames: Frames) -> None:
-        """Keep what a snapshot must replay of a message just framed with ``seq``."""
+    def record(self, item: Publication, seq: int, frames: Frames, companion: Frames | None = None) -> None:
+        """Keep what a snapshot must replay of a message just framed with ``seq`` (and of its confidence
+        ``companion``, framed with the same ``seq``)."""
+        extra = 0
+        if companion is not None and isinstance(item, SctSlab | SctVolume) and item.confidence is not None:
+            extra = int(item.confidence.nbytes)
         if isinstance(item, SctSlab):
-            stored = StoredMessage(seq, frames, int(item.hu.nbytes))
+            stored = StoredMessage(seq, frames, int(item.hu.nbytes), companion, extra)
             flight = self._in_flight.get(item.acquisition_id)
             if flight is None or flight.geometry != item.geometry:
                 flight = _InFlight(item.geometry)
@@ -76,7 +90,9 @@ class SnapshotStore:
         elif isinstance(item, SctVolume):
             self._in_flight.pop(item.acquisition_id, None)
             self._volumes.pop(item.acquisition_id, None)
-            self._volumes[item.acquisition_id] = StoredMessage(seq, frames, int(item.hu.nbytes))
+            self._volumes[item.acquisition_id] = StoredMessage(
+                seq, frames, int(item.hu.nbytes), companion, extra
+            )
             while len(self._volumes) > self._keep_volumes:
                 self._volumes.popitem(last=False)
         elif isinstance(item, StatusEvent) and item.kind == StatusKind.CANCELLED and item.acquisition_id:
@@ -106,4 +122,4 @@ class SnapshotStore:
     @property
     def nbytes(self) -> int:
         """Payload bytes held (shared with nothing once the PUB socket has sent them)."""
-        return sum(m.nbytes for m in self.messages())
+        return sum(m.nbytes + m.companion_nbytes for m in self.messages())

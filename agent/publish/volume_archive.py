@@ -11,6 +11,11 @@ puts them back into the snapshot store. A file that fails its check is reported 
 Retention (``prune``, run by agent.ops.retention on its own thread) also bounds the archive by age and size,
 oldest first; the size bound never removes the newest volume, the one a restart during a surgical list needs.
 A lock keeps ``save`` and ``prune`` apart, so a volume is never pruned half-written.
+
+A volume with confidence (schema 1.4) keeps it too (``<acquisition id>.confidence.npy``, its sha256, method and
+threshold in the description), so that a republished volume comes with its confidence and the regions flagged,
+which are found again from it (``find_regions``, passed in by the service: the same search the regions stage ran,
+so the same regions).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +34,14 @@ from typing import Any, Final
 
 import numpy as np
 
-from agent.records import SctVolume, payload_sha256
+from agent.records import FlagReport, SctVolume, confidence_sha256, payload_sha256
 from sct_core.geometry import VolumeGeometry
 
 logger = logging.getLogger(__name__)
 
 ARRAY_SUFFIX: Final = ".npy"
+#: The confidence array beside the HU (it ends in ARRAY_SUFFIX too: ``_key_of`` tells them apart).
+CONFIDENCE_SUFFIX: Final = ".confidence.npy"
 META_SUFFIX: Final = ".json"
 #: Suffix of the hidden file a volume is written to before it is renamed into place.
 TEMP_SUFFIX: Final = ".tmp"
@@ -63,11 +71,14 @@ class VolumeArchive:
     """``save`` runs on the engine stage's thread, ``load`` once at start-up before it, ``prune`` on the retention
     thread: ``save`` and ``prune`` take the archive's lock."""
 
-    def __init__(self, folder: Path, keep: int) -> None:
+    def __init__(self, folder: Path, keep: int, *, find_regions: FindRegions | None = None) -> None:
+        """``find_regions(confidence, spacing, method, threshold, min_region_mm3)`` finds the regions of a stored
+        confidence again at load; without it a republished volume carries its confidence but no regions."""
         if keep < 1:
             raise ValueError(f"VolumeArchive keep: found {keep}; expected >= 1")
         self._folder = folder
         self._keep = keep
+        self._find_regions = find_regions
         self._lock = threading.Lock()
 
     @property
@@ -81,6 +92,11 @@ class VolumeArchive:
         with self._lock:
             self._folder.mkdir(parents=True, exist_ok=True)
             _write_atomically(self._folder / f"{key}{ARRAY_SUFFIX}", lambda f: np.save(f, volume.hu))
+            if volume.confidence is not None:
+                confidence = volume.confidence
+                _write_atomically(
+                    self._folder / f"{key}{CONFIDENCE_SUFFIX}", lambda f: np.save(f, confidence)
+                )
             try:
                 _write_atomically(
                     self._folder / f"{key}{META_SUFFIX}",
@@ -119,7 +135,9 @@ class VolumeArchive:
             return []
         entries = []
         keys = {path.stem for path in self._folder.glob(f"*{META_SUFFIX}")}
-        keys |= {path.stem for path in self._folder.glob(f"*{ARRAY_SUFFIX}")}  # an array a crash left alone
+        keys |= {
+            _key_of(path) for path in self._folder.glob(f"*{ARRAY_SUFFIX}")
+        }  # an array a crash left alone
         for key in keys:
             try:
                 produced_at = float(
@@ -128,7 +146,7 @@ class VolumeArchive:
             except (OSError, ValueError, KeyError, TypeError):
                 produced_at = float("-inf")
             size = 0
-            for suffix in (META_SUFFIX, ARRAY_SUFFIX):
+            for suffix in (META_SUFFIX, ARRAY_SUFFIX, CONFIDENCE_SUFFIX):
                 with suppress(FileNotFoundError):
                     size += (self._folder / f"{key}{suffix}").stat().st_size
             entries.append((produced_at, key, size))
@@ -145,7 +163,7 @@ class VolumeArchive:
         for meta_path in sorted(self._folder.glob(f"*{META_SUFFIX}")):
             key = meta_path.stem
             try:
-                volumes.append(_load(meta_path, self._folder / f"{key}{ARRAY_SUFFIX}"))
+                volumes.append(_load(meta_path, self._folder / f"{key}{ARRAY_SUFFIX}", self._find_regions))
             except (OSError, ValueError, KeyError, TypeError) as error:
                 problems.append(ArchiveProblem(key, f"{type(error).__name__}: {error}"))
                 logger.error("stored sCT volume %s is unusable and is removed: %s", key, error)
@@ -166,7 +184,7 @@ class VolumeArchive:
             self._remove(key)
 
     def _remove(self, key: str) -> None:
-        for suffix in (META_SUFFIX, ARRAY_SUFFIX):
+        for suffix in (META_SUFFIX, ARRAY_SUFFIX, CONFIDENCE_SUFFIX):
             (self._folder / f"{key}{suffix}").unlink(missing_ok=True)
 
 
@@ -190,10 +208,68 @@ def _describe(volume: SctVolume) -> dict[str, Any]:
         "slab_count": volume.slab_count,
         "produced_at": volume.produced_at,
         "last_image_at": volume.last_image_at,
+        **(
+            {
+                "confidence": {
+                    "sha256": volume.confidence_sha256,
+                    "method": volume.confidence_method,
+                    "threshold": volume.confidence_threshold,
+                    "min_region_mm3": volume.flagged.min_region_mm3 if volume.flagged is not None else 0.0,
+                }
+            }
+            if volume.confidence is not None
+            else {}
+        ),
     }
 
 
-def _load(meta_path: Path, array_path: Path) -> SctVolume:
+#: ``find_regions(confidence, spacing_mm, method, threshold, min_region_mm3)``: the regions of a stored volume.
+FindRegions = Callable[
+    [np.ndarray[Any, np.dtype[np.uint8]], tuple[float, float, float], str, int, float], FlagReport
+]
+
+
+def _key_of(path: Path) -> str:
+    """The acquisition key of an array file: ``<key>.npy`` or ``<key>.confidence.npy``."""
+    name = path.name
+    return name[: -len(CONFIDENCE_SUFFIX)] if name.endswith(CONFIDENCE_SUFFIX) else path.stem
+
+
+def _load_confidence(
+    meta: dict[str, Any], path: Path, geometry: VolumeGeometry, find_regions: FindRegions | None
+) -> dict[str, Any]:
+    """The confidence fields of a stored volume (none when it was stored without)."""
+    described = meta.get("confidence")
+    if described is None:
+        return {}
+    confidence = np.load(path, allow_pickle=False)
+    if confidence.dtype != np.uint8 or confidence.shape != geometry.shape:
+        raise ValueError(
+            f"confidence: found {confidence.dtype} {confidence.shape}, expected uint8 {geometry.shape}"
+        )
+    confidence = np.ascontiguousarray(confidence)
+    found = confidence_sha256(confidence)
+    if found != described["sha256"]:
+        raise ValueError(
+            f"confidence sha256: found {found}, expected {described['sha256']} (the array changed)"
+        )
+    confidence.flags.writeable = False
+    method, threshold = str(described["method"]), int(described["threshold"])
+    flagged = (
+        find_regions(confidence, geometry.spacing, method, threshold, float(described["min_region_mm3"]))
+        if find_regions is not None
+        else None
+    )
+    return {
+        "confidence": confidence,
+        "confidence_sha256": found,
+        "confidence_method": method,
+        "confidence_threshold": threshold,
+        "flagged": flagged,
+    }
+
+
+def _load(meta_path: Path, array_path: Path, find_regions: FindRegions | None = None) -> SctVolume:
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != ARCHIVE_FORMAT:
         raise ValueError(f"format: found {meta.get('format')!r}, expected {ARCHIVE_FORMAT}")
@@ -226,6 +302,9 @@ def _load(meta_path: Path, array_path: Path) -> SctVolume:
         produced_at=float(meta["produced_at"]),
         last_image_at=float(meta["last_image_at"]),
         republished=True,
+        **_load_confidence(
+            meta, array_path.with_name(f"{meta_path.stem}{CONFIDENCE_SUFFIX}"), geometry, find_regions
+        ),
     )
 
 

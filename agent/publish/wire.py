@@ -17,6 +17,14 @@ A volume message is framed like a slab that covers the whole volume: ``slab`` is
 size slices}`` so a consumer may treat both alike; ``stitched_from_slabs`` says how many ``sct.slab`` messages
 preceded it.
 
+Since 1.4 a slab or volume of a model with a confidence output is followed by a ``confidence`` message: the
+same geometry and placement, a uint8 payload (255 = as typical as the calibration data), the method and the
+calibrated threshold, and for the volume the regions flagged. It reuses the ``seq`` of the ``sct.slab`` or
+``sct.volume`` it accompanies instead of taking a number of its own, so the sequence of the four topics above is
+unchanged and a 1.3 subscriber, which does not subscribe to ``confidence``, sees no gap; a 1.4 subscriber knows
+one is due from the ``confidence`` field of the data message's header (its sha256) and resynchronises if it does
+not come next.
+
 The snapshot exchange (the Clone pattern's state request; schema 1.1) uses the same three-frame messages on a
 second socket: a subscriber sends ``snapshot.request``; the publisher answers with the stored ``sct.volume`` and
 ``sct.slab`` messages exactly as they were first sent (same header, same seq, same payload), then
@@ -38,14 +46,22 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 import zmq
 
-from agent.records import PAYLOAD_DTYPE, Publication, SctSlab, SctVolume, StatusEvent
+from agent.records import (
+    CONFIDENCE_DTYPE,
+    PAYLOAD_DTYPE,
+    Publication,
+    SctSlab,
+    SctVolume,
+    StatusEvent,
+    UntrustedRegion,
+)
 from sct_core.errors import SctError
 from sct_core.geometry import VolumeGeometry
 
@@ -56,17 +72,26 @@ SCHEMA_NAME: Final = "sct-edge"
 SCHEMA_MAJOR: Final = 1
 #: 1.1 added the snapshot exchange and ``heartbeat_s`` in heartbeats; 1.2 the status kind ``watch`` and why a
 #: subscriber asks for a snapshot (``reason``, ``missed`` in ``snapshot.request``); 1.3 the status kind
-#: ``received`` and the console's series number and description in verdicts.
-SCHEMA_MINOR: Final = 3
+#: ``received`` and the console's series number and description in verdicts; 1.4 the ``confidence`` topic (a
+#: companion of the data messages, outside the sequence), the ``confidence`` field of data messages and the
+#: status kind ``flagged``.
+SCHEMA_MINOR: Final = 4
 SCHEMA: Final = f"{SCHEMA_NAME}/{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 
 TOPIC_STATUS: Final = b"status"
 TOPIC_SLAB: Final = b"sct.slab"
 TOPIC_VOLUME: Final = b"sct.volume"
 TOPIC_HEARTBEAT: Final = b"heartbeat"
-#: Every topic a publisher sends on; a subscriber must take all of them for sequence gaps to mean loss. The
-#: set is fixed within a major version: a new broadcast topic would look like loss to every older subscriber.
+#: Every topic of the broadcast sequence; a subscriber must take all of them for sequence gaps to mean loss.
+#: The set is fixed within a major version: a new sequenced topic would look like loss to every older subscriber.
 ALL_TOPICS: Final = (TOPIC_STATUS, TOPIC_SLAB, TOPIC_VOLUME, TOPIC_HEARTBEAT)
+#: 1.4: the per-voxel confidence of a slab or volume, sent right after it with its ``seq`` (not a new number).
+TOPIC_CONFIDENCE: Final = b"confidence"
+#: What a 1.4 subscriber subscribes to: the sequenced topics and the confidence companion.
+SUBSCRIBED_TOPICS: Final = (*ALL_TOPICS, TOPIC_CONFIDENCE)
+#: The first minor version that knows the confidence topic: snapshot replies carry confidence messages only to
+#: requests of this minor or later (a 1.3 client would refuse the unknown topic and count its reply incomplete).
+CONFIDENCE_MINOR: Final = 4
 #: The snapshot exchange, on the snapshot socket only (never broadcast).
 TOPIC_SNAPSHOT_REQUEST: Final = b"snapshot.request"
 TOPIC_SNAPSHOT_END: Final = b"snapshot.end"
@@ -80,6 +105,10 @@ SNAPSHOT_REASONS: Final = ("join", "reconnect", "gap", "publisher_changed", "inc
 #: Payload dtype (numpy's notation: little-endian signed 16-bit), units and axis order.
 WIRE_DTYPE: Final = PAYLOAD_DTYPE
 UNITS: Final = "HU"
+#: The confidence payload: one unsigned byte per voxel, 0 (far outside the calibration data) to 255.
+CONFIDENCE_WIRE_DTYPE: Final = CONFIDENCE_DTYPE
+CONFIDENCE_UNITS: Final = "confidence"
+CONFIDENCE_RANGE: Final = (0, 255)
 AXES: Final = "slice,row,column"
 FRAME_COUNT: Final = 3
 
@@ -216,6 +245,9 @@ class _DataMessage(_Envelope):
     hu: npt.NDArray[np.int16]
     sha256: str
     produced_at: float
+    #: 1.4: the sha256 of the ``confidence`` message that follows this one (same ``seq``); None when none
+    #: follows (the model has no confidence output, or the publisher is older than 1.4).
+    confidence_sha256: str | None = field(default=None, kw_only=True)
 
     def verify(self) -> None:
         """Raise :class:`ChecksumError` unless the payload hashes to the header's sha256."""
@@ -245,7 +277,47 @@ class VolumeMessage(_DataMessage):
     republished: bool = False
 
 
-Message = StatusMessage | SlabMessage | VolumeMessage | HeartbeatMessage
+@dataclass(frozen=True, slots=True, eq=False)
+class ConfidenceMessage(_Envelope):
+    """1.4: the per-voxel confidence of the slab or volume sent just before it with the same ``seq``.
+
+    ``confidence`` is a read-only uint8 view of the payload (255 = as typical as the model's calibration data,
+    0 = far outside it), on the grid and placement the header states, which are those of the data message it
+    accompanies. Voxels below ``threshold`` are untrusted; the volume's message lists the regions flagged.
+    """
+
+    accompanies: str
+    acquisition_id: str
+    protocol_id: str
+    model_id: str
+    model_version: str
+    geometry: VolumeGeometry
+    slab_index: int
+    slab_count: int
+    start: int
+    size: int
+    confidence: npt.NDArray[np.uint8]
+    sha256: str
+    method: str
+    threshold: int
+    produced_at: float
+    #: Volume only: how many regions were flagged (0: checked, none) and the regions; None on a slab's.
+    flagged: int | None = None
+    regions: tuple[UntrustedRegion, ...] = ()
+    republished: bool = False
+
+    @property
+    def is_volume(self) -> bool:
+        return self.accompanies == TOPIC_VOLUME.decode()
+
+    def verify(self) -> None:
+        """Raise :class:`ChecksumError` unless the payload hashes to the header's sha256."""
+        found = hashlib.sha256(self.confidence.data).hexdigest()
+        if found != self.sha256:
+            raise ChecksumError(TOPIC_CONFIDENCE.decode(), self.seq, self.sha256, found)
+
+
+Message = StatusMessage | SlabMessage | VolumeMessage | HeartbeatMessage | ConfidenceMessage
 
 
 # ------------------------------------------------------------------------------------------------ encoding
@@ -293,26 +365,89 @@ def encode(publication: Publication, seq: int, publisher_id: str, sent_at: float
     if not _SHA256_HEX.fullmatch(publication.sha256):
         raise WireError("sha256", publication.sha256, "64 lower-case hex digits")
     header["topic"] = topic.decode()
+    header.update(_data_fields(publication, slab, hu.shape, publication.sha256))
+    header.update(dtype=WIRE_DTYPE, units=UNITS, **extra)
+    if publication.confidence is not None:
+        header["confidence"] = {
+            "sha256": publication.confidence_sha256,
+            "dtype": CONFIDENCE_WIRE_DTYPE,
+            "method": publication.confidence_method,
+            "threshold": publication.confidence_threshold,
+        }
+    else:
+        header["confidence"] = None
+    return [topic, _dump_header(header), hu.data.cast("B")]
+
+
+def encode_confidence(
+    publication: SctSlab | SctVolume, seq: int, publisher_id: str, sent_at: float
+) -> list[bytes | memoryview] | None:
+    """Frame the ``confidence`` message that follows the data message of ``publication`` (with the same ``seq``),
+    or None when the publication has no confidence. The payload is a view of the record's array."""
+    if publication.confidence is None:
+        return None
+    geometry = publication.geometry
+    if isinstance(publication, SctSlab):
+        slab = {"index": publication.slab_index, "count": publication.slab_count, "start": publication.start,
+                "size": publication.size}  # fmt: skip
+        accompanies = TOPIC_SLAB
+        expected_shape: tuple[int, ...] = (publication.size, geometry.shape[1], geometry.shape[2])
+    else:
+        slab = {"index": 0, "count": 1, "start": 0, "size": geometry.shape[0]}
+        accompanies = TOPIC_VOLUME
+        expected_shape = geometry.shape
+    _check_slab_placement(slab, geometry, f"{type(publication).__name__}.")
+    confidence = np.asarray(publication.confidence)
+    if confidence.dtype != np.uint8:
+        raise WireError(f"{type(publication).__name__}.confidence.dtype", str(confidence.dtype), "uint8")
+    if confidence.shape != expected_shape:
+        raise WireError(
+            f"{type(publication).__name__}.confidence.shape", confidence.shape, f"{expected_shape}, as the HU"
+        )
+    confidence = np.ascontiguousarray(confidence)
+    if not _SHA256_HEX.fullmatch(publication.confidence_sha256):
+        raise WireError("confidence.sha256", publication.confidence_sha256, "64 lower-case hex digits")
+    header = _envelope_header(seq, publisher_id, sent_at)
+    header["topic"] = TOPIC_CONFIDENCE.decode()
+    header["accompanies"] = accompanies.decode()
+    header.update(_data_fields(publication, slab, confidence.shape, publication.confidence_sha256))
     header.update(
-        acquisition_id=publication.acquisition_id,
-        volume={
+        dtype=CONFIDENCE_WIRE_DTYPE,
+        units=CONFIDENCE_UNITS,
+        method=publication.confidence_method,
+        threshold=publication.confidence_threshold,
+    )
+    if isinstance(publication, SctVolume):
+        header["stitched_from_slabs"] = publication.slab_count
+        if publication.republished:
+            header["republished"] = True
+        if publication.flagged is not None:
+            header["flagged"] = publication.flagged.count
+            header["regions"] = [r.as_json() for r in publication.flagged.regions]
+    return [TOPIC_CONFIDENCE, _dump_header(header), confidence.data.cast("B")]
+
+
+def _data_fields(
+    publication: SctSlab | SctVolume, slab: Mapping[str, int], shape: tuple[int, ...], sha256: str
+) -> dict[str, Any]:
+    """The header fields data and confidence messages share: the acquisition, the whole grid, the placement."""
+    geometry = publication.geometry
+    return {
+        "acquisition_id": publication.acquisition_id,
+        "volume": {
             "shape": list(geometry.shape),
             "spacing_mm": list(geometry.spacing),
             "affine_lps": geometry.affine.tolist(),
             "axes": AXES,
         },
-        slab=slab,
-        dtype=WIRE_DTYPE,
-        units=UNITS,
-        shape=list(hu.shape),
-        sha256=publication.sha256,
-        model={"id": publication.model_id, "version": publication.model_version},
-        protocol_id=publication.protocol_id,
-        synthetic=True,
-        produced_at=publication.produced_at,
-        **extra,
-    )
-    return [topic, _dump_header(header), hu.data.cast("B")]
+        "slab": dict(slab),
+        "shape": list(shape),
+        "sha256": sha256,
+        "model": {"id": publication.model_id, "version": publication.model_version},
+        "protocol_id": publication.protocol_id,
+        "synthetic": True,
+        "produced_at": publication.produced_at,
+    }
 
 
 def encode_heartbeat(
@@ -432,7 +567,7 @@ def decode(frames: Sequence[Frame], *, verify: bool = True) -> Message:
 
     Arrays are read-only views of the payload frame: receiving with ``copy=False`` makes the whole path zero-copy.
     """
-    message = _decode(frames, ALL_TOPICS, verify=verify)
+    message = _decode(frames, SUBSCRIBED_TOPICS, verify=verify)
     assert not isinstance(message, SnapshotRequest | SnapshotEnd | SnapshotError)
     return message
 
@@ -441,7 +576,14 @@ def decode_snapshot_reply(
     frames: Sequence[Frame], *, verify: bool = True
 ) -> Message | SnapshotEnd | SnapshotError:
     """Parse one message of a snapshot reply: a stored slab or volume, ``snapshot.end`` or ``snapshot.error``."""
-    topics = (TOPIC_SLAB, TOPIC_VOLUME, TOPIC_STATUS, TOPIC_SNAPSHOT_END, TOPIC_SNAPSHOT_ERROR)
+    topics = (
+        TOPIC_SLAB,
+        TOPIC_VOLUME,
+        TOPIC_CONFIDENCE,
+        TOPIC_STATUS,
+        TOPIC_SNAPSHOT_END,
+        TOPIC_SNAPSHOT_ERROR,
+    )
     message = _decode(frames, topics, verify=verify)
     assert not isinstance(message, SnapshotRequest)
     return message
@@ -511,7 +653,11 @@ def _decode(
             body=_get(header, "body", dict),
             at=_get_number(header, "at"),
         )
-    message = _decode_data(topic, header, envelope, payload)
+    message: SlabMessage | VolumeMessage | ConfidenceMessage
+    if topic == TOPIC_CONFIDENCE:
+        message = _decode_confidence(header, envelope, payload)
+    else:
+        message = _decode_data(topic, header, envelope, payload)
     if verify:
         message.verify()
     return message
@@ -526,37 +672,10 @@ def _decode_data(
         raise WireError("dtype", header["dtype"], repr(WIRE_DTYPE))
     if _get(header, "units", str) != UNITS:
         raise WireError("units", header["units"], repr(UNITS))
-    geometry = _decode_geometry(_get(header, "volume", dict))
-    slab_obj = header.get("slab")
-    if topic == TOPIC_VOLUME and slab_obj is None:
-        slab_obj = {"index": 0, "count": 1, "start": 0, "size": geometry.shape[0]}
-    if not isinstance(slab_obj, dict):
-        raise WireError("slab", slab_obj, "an object {index, count, start, size}")
-    slab = {key: _get_int(slab_obj, key, path=f"slab.{key}") for key in ("index", "count", "start", "size")}
-    _check_slab_placement(slab, geometry, "")
-    if topic == TOPIC_VOLUME and (slab["start"], slab["size"]) != (0, geometry.shape[0]):
-        raise WireError(
-            "slab.start/size", (slab["start"], slab["size"]), f"(0, {geometry.shape[0]}) for a volume"
-        )
-    shape = _get_shape(header, "shape")
-    expected = (slab["size"], geometry.shape[1], geometry.shape[2])
-    if shape != expected:
-        raise WireError("shape", list(shape), f"{list(expected)} (slab size x volume rows x columns)")
-    hu = _payload_array(payload, shape)
-    model = _get(header, "model", dict)
-    common = {
-        **envelope,
-        "acquisition_id": _get(header, "acquisition_id", str),
-        "protocol_id": _get(header, "protocol_id", str),
-        "model_id": _get(model, "id", str, path="model.id"),
-        "model_version": _get(model, "version", str, path="model.version"),
-        "geometry": geometry,
-        "hu": hu,
-        "sha256": _get(header, "sha256", str),
-        "produced_at": _get_number(header, "produced_at"),
-    }
-    if not _SHA256_HEX.fullmatch(common["sha256"]):
-        raise WireError("sha256", common["sha256"], "64 lower-case hex digits")
+    volume_like = topic == TOPIC_VOLUME
+    _, slab, shape, common = _decode_placement(header, envelope, volume_like=volume_like)
+    common["hu"] = _payload_array(payload, shape)
+    common["confidence_sha256"] = _decode_confidence_field(header)
     if topic == TOPIC_SLAB:
         return SlabMessage(
             **common,
@@ -574,6 +693,149 @@ def _decode_data(
         stitched_from_slabs=_get_int(header, "stitched_from_slabs", minimum=1),
         republished=republished,
     )
+
+
+def _decode_placement(
+    header: dict[str, Any], envelope: dict[str, Any], *, volume_like: bool
+) -> tuple[VolumeGeometry, dict[str, int], tuple[int, int, int], dict[str, Any]]:
+    """The grid, the slab's place in it, the payload's shape and the fields data and confidence messages share,
+    each checked (section 4.5)."""
+    geometry = _decode_geometry(_get(header, "volume", dict))
+    slab_obj = header.get("slab")
+    if volume_like and slab_obj is None:
+        slab_obj = {"index": 0, "count": 1, "start": 0, "size": geometry.shape[0]}
+    if not isinstance(slab_obj, dict):
+        raise WireError("slab", slab_obj, "an object {index, count, start, size}")
+    slab = {key: _get_int(slab_obj, key, path=f"slab.{key}") for key in ("index", "count", "start", "size")}
+    _check_slab_placement(slab, geometry, "")
+    if volume_like and (slab["start"], slab["size"]) != (0, geometry.shape[0]):
+        raise WireError(
+            "slab.start/size", (slab["start"], slab["size"]), f"(0, {geometry.shape[0]}) for a volume"
+        )
+    shape = _get_shape(header, "shape")
+    expected = (slab["size"], geometry.shape[1], geometry.shape[2])
+    if shape != expected:
+        raise WireError("shape", list(shape), f"{list(expected)} (slab size x volume rows x columns)")
+    model = _get(header, "model", dict)
+    common = {
+        **envelope,
+        "acquisition_id": _get(header, "acquisition_id", str),
+        "protocol_id": _get(header, "protocol_id", str),
+        "model_id": _get(model, "id", str, path="model.id"),
+        "model_version": _get(model, "version", str, path="model.version"),
+        "geometry": geometry,
+        "sha256": _get(header, "sha256", str),
+        "produced_at": _get_number(header, "produced_at"),
+    }
+    if not _SHA256_HEX.fullmatch(common["sha256"]):
+        raise WireError("sha256", common["sha256"], "64 lower-case hex digits")
+    return geometry, slab, shape, common
+
+
+def _decode_confidence_field(header: dict[str, Any]) -> str | None:
+    """1.4: the sha256 of the confidence message a data message announces; None for null or absent (1.3)."""
+    value = header.get("confidence")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise WireError("confidence", value, "an object {sha256, dtype, method, threshold} or null")
+    digest = _get(value, "sha256", str, path="confidence.sha256")
+    if not _SHA256_HEX.fullmatch(digest):
+        raise WireError("confidence.sha256", digest, "64 lower-case hex digits")
+    return str(digest)
+
+
+def _decode_confidence(
+    header: dict[str, Any], envelope: dict[str, Any], payload: memoryview
+) -> ConfidenceMessage:
+    if _get(header, "synthetic", bool) is not True:
+        raise WireError("synthetic", header["synthetic"], "true: every image on this wire is synthetic CT")
+    accompanies = _get(header, "accompanies", str)
+    if accompanies not in (TOPIC_SLAB.decode(), TOPIC_VOLUME.decode()):
+        raise WireError("accompanies", accompanies, "'sct.slab' or 'sct.volume'")
+    if _get(header, "dtype", str) != CONFIDENCE_WIRE_DTYPE:
+        raise WireError("dtype", header["dtype"], repr(CONFIDENCE_WIRE_DTYPE))
+    if _get(header, "units", str) != CONFIDENCE_UNITS:
+        raise WireError("units", header["units"], repr(CONFIDENCE_UNITS))
+    volume_like = accompanies == TOPIC_VOLUME.decode()
+    _, slab, shape, common = _decode_placement(header, envelope, volume_like=volume_like)
+    expected_bytes = math.prod(shape)
+    if payload.nbytes != expected_bytes:
+        raise WireError("shape", list(shape), f"a shape matching the {payload.nbytes}-byte payload")
+    confidence = np.frombuffer(payload, dtype=np.uint8).reshape(shape)
+    confidence.flags.writeable = False
+    threshold = _get_int(header, "threshold", minimum=CONFIDENCE_RANGE[0] + 1)
+    if threshold > CONFIDENCE_RANGE[1]:
+        raise WireError("threshold", threshold, f"an integer 1..{CONFIDENCE_RANGE[1]}")
+    flagged: int | None = None
+    regions: tuple[UntrustedRegion, ...] = ()
+    if volume_like and "flagged" in header:
+        flagged = _get_int(header, "flagged")
+        regions = _decode_regions(_get(header, "regions", list), common["geometry"].shape)
+        if len(regions) != flagged:
+            raise WireError("regions", f"{len(regions)} regions", f"{flagged}, as 'flagged' says")
+    republished = header.get("republished", False)
+    if not isinstance(republished, bool):
+        raise WireError("republished", republished, "true or false (absent: false)")
+    return ConfidenceMessage(
+        **common,
+        accompanies=accompanies,
+        slab_index=slab["index"],
+        slab_count=slab["count"],
+        start=slab["start"],
+        size=slab["size"],
+        confidence=confidence,
+        method=_get(header, "method", str),
+        threshold=threshold,
+        flagged=flagged,
+        regions=regions,
+        republished=republished,
+    )
+
+
+def _decode_regions(items: list[Any], shape: tuple[int, int, int]) -> tuple[UntrustedRegion, ...]:
+    regions = []
+    for n, item in enumerate(items):
+        path = f"regions[{n}]"
+        if not isinstance(item, dict):
+            raise WireError(path, item, "an object")
+        bounds = []
+        for key, extent in zip(("slices", "rows", "columns"), shape, strict=True):
+            pair = _get(item, key, list, path=f"{path}.{key}")
+            if (
+                len(pair) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+                or not 0 <= pair[0] < pair[1] <= extent
+            ):
+                raise WireError(f"{path}.{key}", pair, f"[start, stop) with 0 <= start < stop <= {extent}")
+            bounds.extend(pair)
+        volume_ml = _get_number(item, "volume_ml", path=f"{path}.volume_ml")
+        if volume_ml < 0:
+            raise WireError(f"{path}.volume_ml", volume_ml, "a number >= 0")
+        lowest = _get_int(item, "min_confidence", path=f"{path}.min_confidence")
+        if lowest > CONFIDENCE_RANGE[1]:
+            raise WireError(f"{path}.min_confidence", lowest, f"an integer 0..{CONFIDENCE_RANGE[1]}")
+        regions.append(
+            UntrustedRegion(
+                index=_get_int(item, "index", minimum=1, path=f"{path}.index"),
+                slice_start=bounds[0],
+                slice_stop=bounds[1],
+                row_start=bounds[2],
+                row_stop=bounds[3],
+                col_start=bounds[4],
+                col_stop=bounds[5],
+                voxels=_get_int(item, "voxels", minimum=1, path=f"{path}.voxels"),
+                volume_ml=volume_ml,
+                min_confidence=lowest,
+            )
+        )
+    return tuple(regions)
+
+
+def schema_minor(schema: str) -> int:
+    """The minor version of a ``sct-edge/1.N`` schema string (0 for one that does not parse)."""
+    match = _SCHEMA_RE.fullmatch(schema)
+    return int(match["minor"]) if match is not None else 0
 
 
 def _decode_geometry(volume: dict[str, Any]) -> VolumeGeometry:
@@ -660,12 +922,12 @@ def _get_int(obj: Mapping[str, Any], key: str, *, minimum: int = 0, path: str | 
     return int(value)
 
 
-def _get_number(obj: Mapping[str, Any], key: str) -> float:
+def _get_number(obj: Mapping[str, Any], key: str, *, path: str | None = None) -> float:
     if key not in obj:
-        raise WireError(key, "missing", "a number")
+        raise WireError(path or key, "missing", "a number")
     value = obj[key]
     if not _is_number(value) or not math.isfinite(value):
-        raise WireError(key, value, "a finite number")
+        raise WireError(path or key, value, "a finite number")
     return float(value)
 
 

@@ -60,6 +60,19 @@ class VerdictLine:
 
 
 @dataclass(frozen=True, slots=True)
+class FlaggedLine:
+    """What the sCT's confidence check found (the ``flagged`` status), for the card."""
+
+    #: "flagged" (regions not to trust), "clear" (checked, none), "unchecked" (the model has no confidence).
+    verdict: str
+    regions: int | None
+    volume_ml: float | None
+    #: The whole finding in plain words, and one line per region ("sCT not trusted in slices 41-53 ...").
+    message: str
+    lines: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class AcquisitionCard:
     """One acquisition as the page shows it."""
 
@@ -87,6 +100,8 @@ class AcquisitionCard:
     #: A preview PNG is ready at /preview/<acquisition_id>.png.
     preview: bool
     updated_at: float
+    #: Where the sCT should not be trusted, once the volume's confidence was checked (None before).
+    flagged: FlaggedLine | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +180,7 @@ class _Card:
     note: str = ""
     preview: bool = False
     updated_at: float = 0.0
+    flagged: FlaggedLine | None = None
 
 
 @dataclass(slots=True)
@@ -358,6 +374,8 @@ class StatusBoard:
         elif kind == StatusKind.REFUSED:
             card.waiting = True
             card.note = str(body.get("message", ""))
+        elif kind == StatusKind.FLAGGED:
+            card.flagged = _flagged(body)
 
     def _images(self, card: _Card, body: Mapping[str, Any]) -> None:
         if "series_number" in body:
@@ -530,4 +548,24 @@ class StatusBoard:
             note=card.note,
             preview=card.preview,
             updated_at=card.updated_at,
+            flagged=card.flagged,
         )
+
+
+def _flagged(body: Mapping[str, Any]) -> FlaggedLine:
+    """The ``flagged`` status as the card shows it."""
+    count = body.get("flagged")
+    regions = int(count) if isinstance(count, int | float) else None
+    volume_ml = body.get("volume_ml")
+    if not body.get("checked") or regions is None:
+        verdict = "unchecked"
+    else:
+        verdict = "flagged" if regions > 0 else "clear"
+    lines = tuple(str(r.get("message", "")) for r in body.get("regions", ()) if isinstance(r, Mapping))
+    return FlaggedLine(
+        verdict=verdict,
+        regions=regions,
+        volume_ml=float(volume_ml) if isinstance(volume_ml, int | float) else None,
+        message=str(body.get("message", "")),
+        lines=lines,
+    )

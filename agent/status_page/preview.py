@@ -6,8 +6,10 @@ a PNG rendered on the agent (no imaging library in the browser), bone window for
 what it is. It carries no patient data: no text from any header is drawn.
 
 The plane is the one that is sagittal in patient space (normal along left-right), found from the volume's
-geometry whatever the acquisition orientation; for a sagittal acquisition only the middle slice of echo 1 is
-read from disk. Rendering runs on a thread of its own, once per volume, after the volume was handed to the
+geometry whatever the acquisition orientation: the middle one, or for a volume with regions its confidence says
+not to trust, the one through most of them, with the regions outlined, hatched and labelled on both panels
+(:mod:`agent.cli.outline`) and named in words under the picture. For a sagittal acquisition only that one slice
+of echo 1 is read from disk. Rendering runs on a thread of its own, once per volume, after the volume was handed to the
 publisher, so it never slows the engine; the last :data:`MAX_PREVIEWS` PNGs are kept in memory.
 """
 
@@ -28,8 +30,10 @@ import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFont
 
 from agent.cli.montage import MR_PERCENTILE, to_lps
+from agent.cli.outline import OUTLINE_RGB, draw_untrusted, planes_through, resize_mask
 from agent.file_labels import error_text
 from agent.records import ImageRef, SctVolume
+from agent.status_events import region_words
 from sct_core.geometry import VolumeGeometry
 
 logger = logging.getLogger(__name__)
@@ -46,6 +50,9 @@ MARK: Final = "SYNTHETIC CT — not for diagnosis"
 _GAP_PX: Final = 12
 _TITLE_PX: Final = 34
 _FOOTER_PX: Final = 40
+#: Lines of words about the regions not to trust under the picture, and their height.
+_MAX_LINES: Final = 3
+_LINE_PX: Final = 22
 _MARK_COLOUR: Final = (255, 214, 0)
 #: Fonts tried in turn (Pillow searches the system's font folders for a bare name).
 _FONTS: Final = ("DejaVuSans-Bold.ttf", "DejaVuSans.ttf")
@@ -54,52 +61,72 @@ PixelReader = Callable[[Path, Sequence[int | None]], npt.NDArray[Any]]
 
 
 def render_preview(volume: SctVolume, reader: PixelReader) -> bytes:
-    """The PNG: echo 1 (left) and the sCT (right) on their mid-sagittal plane, the mark burnt in."""
+    """The PNG: echo 1 (left) and the sCT (right) on their sagittal plane, the mark burnt in; a volume with
+    regions not to trust is shown through them, outlined."""
     geometry = volume.geometry
-    sct_plane, rows_mm, cols_mm = mid_sagittal(volume.hu, geometry)
+    flagged = volume.flagged if volume.flagged is not None and volume.flagged.regions else None
+    plane_x: int | None = None
+    if flagged is not None:
+        planes = planes_through(to_lps(flagged.mask, geometry)[0] > 0)
+        plane_x = planes[0] if planes is not None else None
+    sct_plane, rows_mm, cols_mm = mid_sagittal(volume.hu, geometry, plane_x)
     sct = _panel(_window(sct_plane, *BONE_WINDOW_HU), rows_mm, cols_mm)
     try:
-        echo = _echo_one(volume, reader)
+        echo = _echo_one(volume, reader, plane_x)
     except (OSError, ValueError) as error:
         # Retention or the scanner removed the files since: the sCT is still worth showing.
         logger.warning("acquisition %s: preview without echo 1: %s", volume.acquisition_id, error_text(error))
         echo = None
     if echo is not None:
-        mr_plane = mid_sagittal(echo, geometry)[0]
+        mr_plane = mid_sagittal(echo, geometry, plane_x)[0]
         body = mr_plane[mr_plane > 0]
         high = float(np.percentile(body, MR_PERCENTILE)) if body.size else 1.0
         mr = _panel(_window(mr_plane, 0.0, high), rows_mm, cols_mm)
     else:
         mr = Image.new("L", sct.size, 0)
-    return _compose(mr, sct, mr_title="MR echo 1" if echo is not None else "MR echo 1: not readable")
+    outline = None
+    words = ""
+    if flagged is not None:
+        outline = resize_mask(mid_sagittal(flagged.mask, geometry, plane_x)[0] > 0, sct.size)
+        words = "; ".join(region_words(r, flagged.count) for r in flagged.regions[:2])
+        if flagged.count > 2:
+            words += f"; and {flagged.count - 2} more"
+    return _compose(
+        mr,
+        sct,
+        mr_title="MR echo 1" if echo is not None else "MR echo 1: not readable",
+        outline=outline,
+        flagged_words=words,
+    )
 
 
 def mid_sagittal(
-    volume: npt.NDArray[np.generic], geometry: VolumeGeometry
+    volume: npt.NDArray[np.generic], geometry: VolumeGeometry, x: int | None = None
 ) -> tuple[npt.NDArray[np.float32], float, float]:
-    """The plane through the middle of the volume whose normal is left-right, as radiologists read it
-    (superior up, anterior left), and its row and column spacing in mm."""
+    """The plane whose normal is left-right, as radiologists read it (superior up, anterior left): the middle
+    one, or the one ``x`` voxels from the patient's right; and its row and column spacing in mm."""
     lps, (_, sy, sz) = to_lps(volume, geometry)
-    plane = lps[lps.shape[0] // 2].T[::-1]  # rows: superior -> inferior; columns: anterior -> posterior
+    index = lps.shape[0] // 2 if x is None else x
+    plane = lps[index].T[::-1]  # rows: superior -> inferior; columns: anterior -> posterior
     return np.ascontiguousarray(plane), sz, sy
 
 
-def sagittal_slice_index(geometry: VolumeGeometry) -> int | None:
-    """The array slice that holds the mid-sagittal plane when slices are sagittal, else None (every slice
-    contributes a line of it)."""
+def sagittal_slice_index(geometry: VolumeGeometry, x: int | None = None) -> int | None:
+    """The array slice that holds the sagittal plane ``x`` (the middle one by default) when slices are
+    sagittal, else None (every slice contributes a line of it)."""
     slice_direction = np.asarray(geometry.slice_direction)
     if int(np.argmax(np.abs(slice_direction))) != 0:
         return None
-    middle = geometry.shape[0] // 2
-    return middle if slice_direction[0] > 0 else geometry.shape[0] - 1 - middle
+    index = geometry.shape[0] // 2 if x is None else x
+    return index if slice_direction[0] > 0 else geometry.shape[0] - 1 - index
 
 
-def _echo_one(volume: SctVolume, reader: PixelReader) -> npt.NDArray[np.float32] | None:
-    """Echo 1 on the volume's grid, read only where the mid-sagittal plane needs it."""
+def _echo_one(volume: SctVolume, reader: PixelReader, x: int | None = None) -> npt.NDArray[np.float32] | None:
+    """Echo 1 on the volume's grid, read only where the sagittal plane ``x`` needs it."""
     sources = volume.sources
     if len(sources) != volume.geometry.shape[0] or not all(sources):
         return None
-    only = sagittal_slice_index(volume.geometry)
+    only = sagittal_slice_index(volume.geometry, x)
     wanted = range(len(sources)) if only is None else (only,)
     refs: dict[Path, list[tuple[int, ImageRef]]] = {}
     for index in wanted:
@@ -145,12 +172,25 @@ def _drawable(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont) -> 
     return text if "DejaVu" in str(getattr(font, "path", "")) else text.replace("—", "-")
 
 
-def _compose(mr: Image.Image, sct: Image.Image, *, mr_title: str) -> bytes:
+def _compose(
+    mr: Image.Image,
+    sct: Image.Image,
+    *,
+    mr_title: str,
+    outline: npt.NDArray[np.bool_] | None = None,
+    flagged_words: str = "",
+) -> bytes:
     width = mr.width + _GAP_PX + sct.width
-    height = _TITLE_PX + PANEL_HEIGHT_PX + _FOOTER_PX
+    words_font = _font(17)
+    lines = _wrap(_drawable(flagged_words, words_font), words_font, width - 16) if flagged_words else []
+    height = _TITLE_PX + PANEL_HEIGHT_PX + _FOOTER_PX + (_LINE_PX * len(lines) + 8 if lines else 0)
     canvas = Image.new("RGB", (width, height), (0, 0, 0))
     canvas.paste(mr.convert("RGB"), (0, _TITLE_PX))
     canvas.paste(sct.convert("RGB"), (mr.width + _GAP_PX, _TITLE_PX))
+    if outline is not None:
+        label_font = _font(16)
+        for left in (0, mr.width + _GAP_PX):  # the same voxels on both panels
+            draw_untrusted(canvas, outline, (left, _TITLE_PX), font=label_font)
     draw = ImageDraw.Draw(canvas)
     title = _font(22)
     draw.text((4, 4), mr_title, fill=(255, 255, 255), font=title)
@@ -170,7 +210,8 @@ def _compose(mr: Image.Image, sct: Image.Image, *, mr_title: str) -> bytes:
     )
     draw.text((mark_x, mark_y - box[1]), words, fill=_MARK_COLOUR, font=mark)
     footer = _font(24)
-    text = _drawable(f"{MARK.upper()}  ·  mid-sagittal", footer)
+    plane = "sagittal" if outline is not None else "mid-sagittal"  # a flagged one goes through the region
+    text = _drawable(f"{MARK.upper()}  ·  {plane}", footer)
     box = draw.textbbox((0, 0), text, font=footer)
     draw.text(
         ((width - (box[2] - box[0])) // 2, _TITLE_PX + PANEL_HEIGHT_PX + 6),
@@ -178,9 +219,35 @@ def _compose(mr: Image.Image, sct: Image.Image, *, mr_title: str) -> bytes:
         fill=_MARK_COLOUR,
         font=footer,
     )
+    for n, line in enumerate(lines):
+        draw.text(
+            (8, _TITLE_PX + PANEL_HEIGHT_PX + _FOOTER_PX + n * _LINE_PX),
+            line,
+            fill=OUTLINE_RGB,
+            font=words_font,
+        )
     out = io.BytesIO()
     canvas.save(out, format="PNG", optimize=False)
     return out.getvalue()
+
+
+def _wrap(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width_px: int) -> list[str]:
+    """``text`` in lines no wider than ``width_px`` (at most ``_MAX_LINES``; the last ends in "..." if cut)."""
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines: list[str] = []
+    current = ""
+    for word in text.split():
+        candidate = f"{current} {word}".strip()
+        if current and measure.textlength(candidate, font=font) > width_px:
+            lines.append(current)
+            current = word
+        else:
+            current = candidate
+    if current:
+        lines.append(current)
+    if len(lines) > _MAX_LINES:
+        lines = [*lines[: _MAX_LINES - 1], lines[_MAX_LINES - 1] + " ..."]
+    return lines
 
 
 class PreviewRenderer:

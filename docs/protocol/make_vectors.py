@@ -1,6 +1,6 @@
-"""Write the sct-edge/1.3 test vectors: recorded frames a vendor's test suite replays through its own decoder.
+"""Write the sct-edge/1.4 test vectors: recorded frames a vendor's test suite replays through its own decoder.
 
-Each line of ``vectors/sct-edge-1.3.vectors.jsonl`` is one JSON object:
+Each line of ``vectors/sct-edge-1.4.vectors.jsonl`` is one JSON object:
 
 - ``name``: a stable identifier; ``description``: what the vector exercises;
 - ``socket``: where the frames arrive: ``"broadcast"`` (the SUB socket), ``"snapshot_reply"`` (the DEALER
@@ -8,14 +8,16 @@ Each line of ``vectors/sct-edge-1.3.vectors.jsonl`` is one JSON object:
 - ``frames``: the message's frames, each base64 (RFC 4648, with padding) of the exact bytes;
 - ``expect``: what a conforming decoder concludes. Either ``{"accepted": true, "message": {...}}`` with the
   values it must read (numbers are compared as IEEE-754 doubles, exactly; ``hu`` is the payload as nested
-  lists ``[slice][row][column]``; ``body`` of a status message is the whole JSON object), or
+  lists ``[slice][row][column]``, and ``confidence`` likewise for a confidence message's uint8 payload;
+  ``body`` of a status message is the whole JSON object), or
   ``{"accepted": false, "field": "..."}`` naming the field that makes the message invalid, as docs/protocol.md
   names it (``also`` lists other names a decoder may give, e.g. ``header`` where a strict JSON parser refuses
   the text before reading the field). ``"stop": true`` marks a header of another schema major: refuse it and
   stop using the stream (section 9), never resynchronise.
 
 The vectors are made with the agent's own encoder from fixed inputs (no clock, no randomness), then altered by
-hand for the refusals, so running this again gives the same bytes; ``tests/test_protocol_spec.py`` checks that,
+hand for the refusals, so running this again gives the same bytes (``vectors/sct-edge-1.3.vectors.jsonl``, the
+previous minor's file, stays as it was published: a 1.4 decoder reaches each of its conclusions too); ``tests/test_protocol_spec.py`` checks that,
 and replays every vector through the reference decoder. It lives beside the document and its schema because
 the three are the specification a vendor takes away; it is not part of the agent.
 
@@ -41,17 +43,31 @@ import numpy.typing as npt
 
 from agent.publish.wire import (
     encode,
+    encode_confidence,
     encode_heartbeat,
     encode_snapshot_end,
     encode_snapshot_error,
     encode_snapshot_request,
 )
-from agent.records import Reason, SctSlab, SctVolume, StatusEvent, Verdict
-from agent.status_events import progress_event, verdict_event
+from agent.records import (
+    FlagReport,
+    Reason,
+    SctSlab,
+    SctVolume,
+    StatusEvent,
+    UntrustedRegion,
+    Verdict,
+    confidence_sha256,
+)
+from agent.status_events import flagged_event, progress_event, verdict_event
 from agent.vocabulary import Outcome, StatusKind
 from sct_core.geometry import Orientation, VolumeGeometry
 
-VECTORS_FILE: Final = Path(__file__).resolve().parent / "vectors" / "sct-edge-1.3.vectors.jsonl"
+VECTORS_FILE: Final = Path(__file__).resolve().parent / "vectors" / "sct-edge-1.4.vectors.jsonl"
+#: The confidence method and calibrated threshold of the vectors' model (values an implementer recognises).
+METHOD: Final = "feature-mahalanobis"
+THRESHOLD: Final = 64
+MIN_REGION_MM3: Final = 0.5
 PUBLISHER: Final = "9c1e5b7a2f3d4e60"
 ACQUISITION: Final = "3f9a1c0e7b2d4a68"
 SENT_AT: Final = 1767225601.7352
@@ -117,6 +133,32 @@ def slabs_and_volume() -> tuple[list[SctSlab], SctVolume]:
     whole = SctVolume(acquisition_id=ACQUISITION, protocol_id=PROTOCOL, model_id=MODEL[0], model_version=MODEL[1],
                       geometry=grid, hu=volume, sha256=sha(volume), slab_count=2, produced_at=PRODUCED_AT)  # fmt: skip
     return slabs, whole
+
+
+def confidence_of(shape: tuple[int, int, int]) -> npt.NDArray[np.uint8]:
+    """Confidence with one low corner: slices 0-1, row 0, columns 0-1 below the threshold, the rest typical."""
+    values = np.full(shape, 230, dtype=np.uint8)
+    values[0:2, 0, 0:2] = (12, 40)
+    return values
+
+
+#: The region the low corner makes (0.9 x 0.7421875 x 0.7421875 mm voxels, 4 of them).
+REGION: Final = UntrustedRegion(1, 0, 2, 0, 1, 0, 2, 4, 0.001983, 12)
+
+
+def slabs_and_volume_with_confidence() -> tuple[list[SctSlab], SctVolume]:
+    """The same slabs and volume, of a model with a confidence output (schema 1.4)."""
+    slabs, volume = slabs_and_volume()
+    confidence = confidence_of(volume.geometry.shape)
+    fields: dict[str, Any] = {"confidence_method": METHOD, "confidence_threshold": THRESHOLD}
+    out = []
+    for slab in slabs:
+        part = np.ascontiguousarray(confidence[slab.start : slab.start + slab.size])
+        out.append(replace(slab, confidence=part, confidence_sha256=confidence_sha256(part), **fields))
+    flagged = FlagReport(METHOD, THRESHOLD, MIN_REGION_MM3, (REGION,), confidence < THRESHOLD)
+    whole = replace(volume, confidence=confidence, confidence_sha256=confidence_sha256(confidence), flagged=flagged,
+                    **fields)  # fmt: skip
+    return out, whole
 
 
 def verdict_status() -> StatusEvent:
@@ -208,6 +250,13 @@ def message_of(frames: Frames, payload_shape: tuple[int, ...] | None = None) -> 
     if fields["topic"] == "sct.volume":
         fields.setdefault("slab", {"index": 0, "count": 1, "start": 0, "size": fields["volume"]["shape"][0]})
         fields.setdefault("republished", False)
+    if fields["topic"] in ("sct.slab", "sct.volume"):
+        fields.setdefault("confidence", None)  # absent from a 1.3 publisher: nothing follows
+    if fields["topic"] == "confidence":
+        fields.setdefault("republished", False)
+        if payload_shape is not None:
+            fields["confidence"] = np.frombuffer(frames[2], dtype="|u1").reshape(payload_shape).tolist()
+        return fields
     if payload_shape is not None:
         fields["hu"] = np.frombuffer(frames[2], dtype="<i2").reshape(payload_shape).tolist()
     return fields
@@ -273,6 +322,18 @@ def vectors() -> list[Vector]:
     end = frames_of(encode_snapshot_end(42, PUBLISHER, 1767225700.5, items=3, heartbeat_s=1.0))
     error = frames_of(encode_snapshot_error(42, PUBLISHER, 1767225700.5, "busy: 16 snapshots in progress"))
     request = frames_of(encode_snapshot_request(1767225700.4, reason="gap", missed=17))
+    # 1.4: the same slabs and volume of a model with a confidence output, each followed by its confidence.
+    cslabs, cvolume = slabs_and_volume_with_confidence()
+    cslab0 = frames_of(encode(cslabs[0], 17, PUBLISHER, SENT_AT))
+    conf0 = frames_of(encode_confidence(cslabs[0], 17, PUBLISHER, SENT_AT) or [])
+    conf1 = frames_of(encode_confidence(cslabs[1], 18, PUBLISHER, SENT_AT + 0.001) or [])
+    cvol = frames_of(encode(cvolume, 21, PUBLISHER, SENT_AT + 0.07))
+    confvol = frames_of(encode_confidence(cvolume, 21, PUBLISHER, SENT_AT + 0.07) or [])
+    flagged = frames_of(encode(flagged_event(cvolume, 1767225601.801), 20, PUBLISHER, SENT_AT + 0.069))
+    nothing = np.zeros(cvolume.geometry.shape, dtype=bool)
+    clear = replace(cvolume, flagged=FlagReport(METHOD, THRESHOLD, MIN_REGION_MM3, (), nothing))
+    flagged_none = frames_of(encode(flagged_event(clear, 1767225601.801), 20, PUBLISHER, SENT_AT + 0.069))
+    unchecked = frames_of(encode(flagged_event(volume, 1767225601.801), 20, PUBLISHER, SENT_AT + 0.069))
     b, s, r = "broadcast", "snapshot_reply", "snapshot_request"
 
     def pretty(frames: Frames) -> Frames:
@@ -330,7 +391,27 @@ def vectors() -> list[Vector]:
         accepted("snapshot-end-empty", "The end of a snapshot of a publisher that has sent nothing (seq 0).", s,
                  with_header(end, lambda h: h.update(seq=0, items=0))),
         accepted("snapshot-error", "A refused snapshot (busy): retry after the back-off of section 7.4.", s, error),
-        accepted("snapshot-request", "A 1.3 client's request after a gap of 17 messages.", r, request),
+        # ---- accepted: confidence (1.4)
+        accepted("slab-0-announcing-confidence", "Slab 0 of a model with a confidence output: its header names the "
+                 "confidence message that follows (sha256).", b, cslab0, voxels=True),
+        accepted("confidence-slab-0", "The confidence of slab 0: same seq (17), grid and placement; uint8.", b, conf0,
+                 voxels=True),
+        accepted("confidence-slab-1", "The confidence of slab 1 (seq 18).", b, conf1, voxels=True),
+        accepted("volume-announcing-confidence", "The volume (seq 21) announcing its confidence.", b, cvol,
+                 voxels=True),
+        accepted("confidence-volume", "The confidence of the volume (seq 21) with the one region flagged.", b,
+                 confvol, voxels=True),
+        accepted("confidence-volume-republished", "A republished volume's confidence.", b,
+                 with_header(confvol, setting("republished", True)), voxels=True),
+        accepted("volume-1.3-no-confidence-field", "A 1.3 publisher's volume: no confidence field, none follows.", b,
+                 with_header(vol, lambda h: (h.pop("confidence"), h.update(schema="sct-edge/1.3"))), voxels=True),
+        accepted("snapshot-confidence", "A stored confidence in a snapshot reply to a 1.4 client, counted in items.",
+                 s, confvol, voxels=True),
+        accepted("status-flagged", "1.4: the region of the volume not to trust, sent just before it.", b, flagged),
+        accepted("status-flagged-none", "1.4: checked, nothing flagged: flagged 0, stated.", b, flagged_none),
+        accepted("status-flagged-unchecked", "1.4: a model without confidence: checked false, flagged null.", b,
+                 unchecked),
+        accepted("snapshot-request", "A 1.4 client's request after a gap of 17 messages.", r, request),
         accepted("snapshot-request-1.1", "A 1.1 client's request: no reason, no missed.", r,
                  with_header(request, lambda h: (h.pop("reason"), h.pop("missed"), h.update(schema="sct-edge/1.1")))),
         # ---- refused: framing
@@ -425,6 +506,29 @@ def vectors() -> list[Vector]:
                 "items"),
         refused("snapshot-error-missing-text", "snapshot.error without error.", s,
                 with_header(error, setting("error", ...)), "error"),
+        # ---- refused: confidence (1.4)
+        refused("confidence-dtype", "A confidence message with dtype <i2.", b, with_header(conf0, setting("dtype", "<i2")),
+                "dtype"),
+        refused("confidence-units", "A confidence message in HU.", b, with_header(conf0, setting("units", "HU")), "units"),
+        refused("confidence-accompanies", "accompanies a topic that has no payload.", b,
+                with_header(conf0, setting("accompanies", "status")), "accompanies"),
+        refused("confidence-threshold-zero", "threshold 0 (1..255: below it is untrusted).", b,
+                with_header(conf0, setting("threshold", 0)), "threshold"),
+        refused("confidence-not-synthetic", "synthetic false on a confidence message.", b,
+                with_header(conf0, setting("synthetic", False)), "synthetic"),
+        refused("confidence-payload-length", "A confidence payload one byte short.", b, [*conf0[:2], conf0[2][:-1]],
+                "shape"),
+        refused("confidence-sha256-mismatch", "One confidence bit flipped.", b, flipped(conf0), "sha256"),
+        refused("confidence-regions-count", "flagged 2 with one region listed.", b,
+                with_header(confvol, setting("flagged", 2)), "regions"),
+        refused("confidence-region-outside", "A region past the last slice.", b,
+                with_header(confvol, lambda h: h["regions"][0].update(slices=[1, 4])), "regions[0].slices"),
+        refused("confidence-volume-placement", "A volume's confidence that does not cover the volume.", b,
+                with_header(confvol, lambda h: h["slab"].update(start=1, size=2)), "slab.start/size"),
+        refused("announcement-sha256", "A data message announcing a confidence digest that is not hex.", b,
+                with_header(cslab0, setting("confidence.sha256", "z" * 64)), "confidence.sha256"),
+        refused("announcement-type", "A data message whose confidence field is a string.", b,
+                with_header(cslab0, setting("confidence", "yes")), "confidence"),
     ]  # fmt: skip
     return out
 

@@ -76,6 +76,33 @@ function bar(parent, label, done, total) {
   parent.append(el("span", "", label), track, el("span", "count", `${done} / ${total ?? "?"}`));
 }
 
+// What the sCT's confidence check found: a hatched block with an icon and words where regions are flagged (colour
+// is never the only signal), a quiet line otherwise.
+const FLAGGED_WORDS = {
+  flagged: ["⛔", "sCT NOT TRUSTED IN PART"],
+  clear: ["✔", "Confidence checked: no region flagged"],
+  unchecked: ["○", "Confidence not checked (the model has none)"],
+};
+
+function renderFlagged(flagged) {
+  const [icon, words] = FLAGGED_WORDS[flagged.verdict] || ["", flagged.verdict];
+  const block = el("div", `flagged is-${flagged.verdict}`);
+  block.dataset.flagged = flagged.verdict;
+  block.dataset.regions = flagged.regions === null ? "" : String(flagged.regions);
+  const head = el("div", "flagged-head");
+  head.append(el("span", "flagged-icon", icon), el("span", "flagged-word", words));
+  if (flagged.verdict === "flagged" && flagged.volume_ml !== null) {
+    head.append(el("span", "flagged-size", ` · ${flagged.regions} region${flagged.regions === 1 ? "" : "s"}, ${flagged.volume_ml.toFixed(1)} mL`));
+  }
+  block.append(head);
+  if (flagged.lines.length) {
+    const list = el("ul", "flagged-regions");
+    for (const line of flagged.lines) list.append(el("li", "", line));
+    block.append(list);
+  }
+  return block;
+}
+
 function renderCard(card, index) {
   const verdict = card.verdict;
   const outcome = verdict ? verdict.outcome : "";
@@ -131,6 +158,7 @@ function renderCard(card, index) {
     body.append(list);
   }
   if (card.note) body.append(el("p", "note", `⚠ ${card.note}`));
+  if (card.flagged) body.append(renderFlagged(card.flagged));
   const latency = [];
   if (card.first_image_to_verdict_s !== null) latency.push(`first image → verdict ${secs(card.first_image_to_verdict_s)}`);
   if (card.last_image_to_volume_s !== null) latency.push(`last image → sCT ${secs(card.last_image_to_volume_s)}`);
@@ -141,7 +169,9 @@ function renderCard(card, index) {
   if (card.preview) {
     const image = el("img", "preview");
     image.src = `/preview/${card.acquisition_id}.png`;
-    image.alt = "Mid-sagittal preview: MR echo 1 beside the synthetic CT (not for diagnosis)";
+    image.alt = card.flagged && card.flagged.verdict === "flagged"
+      ? "Sagittal preview through the region not to trust, outlined and hatched on MR echo 1 and the synthetic CT (not for diagnosis)"
+      : "Mid-sagittal preview: MR echo 1 beside the synthetic CT (not for diagnosis)";
     node.append(image);
   }
   return node;
