@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engines.confidence.regions import find_flagged_regions
+from engines.confidence.regions import FOV_MARGIN_MM, find_flagged_regions
 from engines.confidence.spec import ConfidenceSpec, ConfidenceSpecError
 
 SPACING = (0.9, 0.74, 0.74)
 VOXEL_MM3 = 0.9 * 0.74 * 0.74
+#: In-plane offset that puts the test patterns inside the searched area (past the field-of-view margin).
+O = 20
 
 
 def _spec(threshold: int = 128, min_region_mm3: float = 10.0) -> ConfidenceSpec:
@@ -17,29 +19,29 @@ def _spec(threshold: int = 128, min_region_mm3: float = 10.0) -> ConfidenceSpec:
 
 
 def test_regions_are_connected_components_below_threshold_largest_first() -> None:
-    conf = np.full((40, 30, 30), 250, dtype=np.uint8)
-    conf[5:10, 5:10, 5:10] = 100  # 125 voxels
-    conf[20:30, 10:20, 10:20] = 30  # 1000 voxels, the larger one
-    conf[20, 10, 10] = 3
-    conf[35, 25, 25] = 0  # one voxel: below the size rule
-    conf[0:3, 0:3, 0:3] = 128  # at the threshold: trusted (strictly below is flagged)
+    conf = np.full((40, 30 + 2 * O, 30 + 2 * O), 250, dtype=np.uint8)
+    conf[5:10, O + 5 : O + 10, O + 5 : O + 10] = 100  # 125 voxels
+    conf[20:30, O + 10 : O + 20, O + 10 : O + 20] = 30  # 1000 voxels, the larger one
+    conf[20, O + 10, O + 10] = 3
+    conf[35, O + 25, O + 25] = 0  # one voxel: below the size rule
+    conf[0:3, O : O + 3, O : O + 3] = 128  # at the threshold: trusted (strictly below is flagged)
     flagged = find_flagged_regions(conf, _spec(), SPACING)
     assert [r.voxels for r in flagged.regions] == [1000, 125]
     big, small = flagged.regions
     assert (big.index, big.slice_start, big.slice_stop, big.min_confidence) == (1, 20, 30, 3)
-    assert (big.row_start, big.row_stop, big.col_start, big.col_stop) == (10, 20, 10, 20)
+    assert (big.row_start, big.row_stop, big.col_start, big.col_stop) == (O + 10, O + 20, O + 10, O + 20)
     assert small.slices == range(5, 10)
     assert big.volume_ml == pytest.approx(1000 * VOXEL_MM3 / 1000)
-    assert int(flagged.labels[25, 15, 15]) == 1 and int(flagged.labels[7, 7, 7]) == 2
-    assert int(flagged.labels[35, 25, 25]) == 0
+    assert int(flagged.labels[25, O + 15, O + 15]) == 1 and int(flagged.labels[7, O + 7, O + 7]) == 2
+    assert int(flagged.labels[35, O + 25, O + 25]) == 0
     assert flagged.flagged_voxels == int(flagged.mask.sum()) == 1125
     assert flagged.slice_spans == ((5, 10), (20, 30))
 
 
 def test_diagonal_neighbours_form_one_region() -> None:
-    conf = np.full((20, 20, 20), 255, dtype=np.uint8)
+    conf = np.full((20, 20 + 2 * O, 20 + 2 * O), 255, dtype=np.uint8)
     for i in range(15):
-        conf[2 + i, 2 + i, 2 + i] = 0  # a thin oblique line: touching only at corners
+        conf[2 + i, O + 2 + i, O + 2 + i] = 0  # a thin oblique line: touching only at corners
     flagged = find_flagged_regions(conf, _spec(min_region_mm3=5.0), SPACING)
     assert len(flagged.regions) == 1 and flagged.regions[0].voxels == 15
 
@@ -47,6 +49,17 @@ def test_diagonal_neighbours_form_one_region() -> None:
 def test_no_region_in_a_confident_volume() -> None:
     flagged = find_flagged_regions(np.full((8, 8, 8), 200, np.uint8), _spec(), SPACING)
     assert flagged.regions == () and flagged.slice_spans == () and not flagged.mask.any()
+
+
+def test_the_edge_of_the_field_of_view_is_not_searched() -> None:
+    """A region inside the in-plane margin is not reported, one just past it is; slices are searched to the end."""
+    margin = int(np.ceil(FOV_MARGIN_MM / SPACING[1]))
+    conf = np.full((30, 100, 100), 255, dtype=np.uint8)
+    conf[0:10, 40:50, 0:margin] = 0  # the left edge band: not searched
+    conf[10:20, 100 - margin : 100, 40:50] = 0  # the bottom edge band: not searched
+    conf[20:30, 40:50, margin : margin + 10] = 0  # just inside the searched area, touching the first slices' end
+    flagged = find_flagged_regions(conf, _spec(), SPACING)
+    assert [(r.slice_start, r.col_start) for r in flagged.regions] == [(20, margin)]
 
 
 def test_wrong_input_is_refused_naming_it() -> None:
