@@ -9,8 +9,11 @@ up, on which ``sct-agent evaluate`` measures the result):
    :data:`SPAN_QUANTILE` quantile sets the level's scale, so that the levels' scores are comparable.
 2. **Threshold** (``check_seeds``): the combined score ``b = max over levels of ln(score / median) / ln(q / median)``
    on every voxel of other normal subjects, exactly as the network's head computes it (same windows, same
-   upsampling). For each subject the *series score* is the largest ``b`` at which it would still show a flagged
-   region of ``min_region_mm3``. The operating point ``beta`` is the larger of the highest series score seen and a
+   upsampling), outside the field-of-view margin the region search skips (``regions.searched_mask``). For each
+   subject the *series score* is the largest ``b`` at which it would still show a *false* flag: a region of
+   ``min_region_mm3`` in which the sCT is in fact right (fewer than half its voxels off the phantom's CT by more
+   than :data:`WRONG_HU`). A region where the sCT is wrong is a flag the confidence should raise, even on a
+   normal subject (the shipped model maps bowel gas to bone in places), so it does not push the threshold up. The operating point ``beta`` is the larger of the highest series score seen and a
    normal tail fitted to the series scores at :data:`SERIES_FALSE_FLAG_RATE` (so calibration subjects are never
    flagged and a held-out normal subject is flagged at that stated rate), times :data:`BETA_MARGIN`.
 
@@ -38,8 +41,9 @@ from scipy import ndimage
 
 from engines.confidence.density import METHOD, FeatureDensity, TapDensity, fit_tap, set_mapping, tap_levels
 from engines.confidence.input_features import INPUT_TAP
+from engines.confidence.regions import FOV_MARGIN_MM, searched_mask
 from engines.confidence.spec import CONFIDENCE_MAX, ConfidenceSpec
-from engines.inference.engine import network_input
+from engines.inference.engine import network_input, to_hu
 from engines.inference.slabs import SlabPlan
 from engines.model.manifest import MANIFEST_NAME, ModelManifest, sha256_of
 from engines.model.unet import LightUNet3d
@@ -70,6 +74,9 @@ BETA_MARGIN = 1.1
 #: Validation subjects fitted on and checked on by default (disjoint; evaluation seeds are never used).
 DEFAULT_FIT_SEEDS = tuple(VALIDATION_SEED_BASE + i for i in range(8))
 DEFAULT_CHECK_SEEDS = tuple(VALIDATION_SEED_BASE + 8 + i for i in range(8))
+#: A voxel whose sCT is off the phantom's CT by more than this is wrong (HU): a region mostly of such voxels is a
+#: right flag, not a false one (module docstring).
+WRONG_HU = 300.0
 #: Resolution of the series-score search (combined-score units; the operating point is ~1-3).
 _SCORE_RESOLUTION = 0.005
 _CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
@@ -108,10 +115,12 @@ class SeriesCheck:
     """One normal check subject at the chosen operating point."""
 
     seed: int
-    #: Largest combined score at which the subject would show a flagged region (its series score).
+    #: Largest combined score at which the subject would show a false flag (its series score).
     series_score: float
     flagged_ml: float
     bone_ml: float
+    #: Of the flagged volume, the regions where the sCT is in fact wrong (right flags), ml.
+    right_flag_ml: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,16 +200,18 @@ def calibrate(
         report(f"confidence fit: level {name}: median score {median:.3f}, q{SPAN_QUANTILE:g} {quantile:.3f}")
     head = FeatureDensity(taps).eval()
 
-    maps: list[tuple[int, F32, float]] = []
+    maps: list[tuple[int, F32, float, npt.NDArray[np.bool_]]] = []
     voxel_mm3 = float(np.prod(manifest.spacing_mm))
     scores: list[float] = []
     for seed in settings.check_seeds:
         t0 = time.perf_counter()
         case = generate_case(seed, SEED_PROTOCOL)
-        score = combined_score(manifest, unet, head, case.echoes)
+        score, hu = combined_score(manifest, unet, head, case.echoes)
+        score[~searched_mask(score.shape, manifest.spacing_mm)] = -np.inf
+        wrong = np.abs(hu - case.ct_hu) > WRONG_HU
         bone_ml = float(np.isin(case.labels, _bone_labels()).sum()) * voxel_mm3 / 1000
-        maps.append((seed, score, bone_ml))
-        scores.append(series_score(score, settings.min_region_mm3, voxel_mm3))
+        maps.append((seed, score, bone_ml, wrong))
+        scores.append(series_score(score, settings.min_region_mm3, voxel_mm3, wrong))
         report(
             f"confidence check: subject {seed} series score {scores[-1]:.3f} ({time.perf_counter() - t0:.0f} s)"
         )
@@ -214,8 +225,9 @@ def calibrate(
             round(value, 4),
             round(flagged_volume_ml(score, beta, settings.min_region_mm3, voxel_mm3), 3),
             round(bone_ml, 2),
+            round(flagged_volume_ml(score, beta, settings.min_region_mm3, voxel_mm3, wrong, right=True), 3),
         )
-        for (seed, score, bone_ml), value in zip(maps, scores, strict=True)
+        for (seed, score, bone_ml, wrong), value in zip(maps, scores, strict=True)
     )
     report(
         f"confidence threshold: operating point {beta:.3f} (series scores {', '.join(f'{s:.2f}' for s in scores)}); "
@@ -240,9 +252,17 @@ def calibrate(
         "b = max over levels of ln(score / median) / ln(q / median)",
         "operating_point": round(beta, 4),
         "series_false_flag_rate": SERIES_FALSE_FLAG_RATE,
+        "wrong_hu": WRONG_HU,
+        "fov_margin_mm": FOV_MARGIN_MM,
         "margin": BETA_MARGIN,
         "check_series": [
-            {"seed": c.seed, "series_score": c.series_score, "flagged_ml": c.flagged_ml, "bone_ml": c.bone_ml}
+            {
+                "seed": c.seed,
+                "series_score": c.series_score,
+                "flagged_ml": c.flagged_ml,
+                "right_flag_ml": c.right_flag_ml,
+                "bone_ml": c.bone_ml,
+            }
             for c in checks
         ],
         "torch": torch.__version__,
@@ -271,18 +291,19 @@ def operating_point(series_scores: Sequence[float]) -> float:
 
 def combined_score(
     manifest: ModelManifest, unet: LightUNet3d, head: FeatureDensity, echoes: npt.NDArray[Any]
-) -> F32:
+) -> tuple[F32, F32]:
     """``b`` per voxel ``[S, rows, cols]``: the head's combined score before the uint8 mapping, slab by slab as the
-    engine computes it. Reads the provisional mapping (each level's slope = 1 / ln(q / median))."""
+    engine computes it, and the sCT in HU of the same pass. Reads the provisional mapping (each level's slope =
+    1 / ln(q / median))."""
     plan = SlabPlan.for_volume(echoes.shape[1], manifest.slab.depth, manifest.slab.halo)
     scale = manifest.normalisation.scale(echoes)
     rows, cols = echoes.shape[-2:]
     out = np.empty(echoes.shape[1:], dtype=np.float32)
+    hu = np.empty(echoes.shape[1:], dtype=np.float32)
     for window in plan.windows:
         x = torch.from_numpy(network_input(manifest, echoes, plan.slice_indices(window), scale))[None]
         with torch.inference_mode():
-            network = any(name != INPUT_TAP for name in head.taps)
-            features = unet.forward_levels(x)[1] if network else {}
+            raw, features = unet.forward_levels(x)
             features[INPUT_TAP] = x
             combined: torch.Tensor | None = None
             for name, tap in head.taps.items():
@@ -294,38 +315,70 @@ def combined_score(
         assert combined is not None
         core = window.core_stop - window.core_start
         out[window.core_start : window.core_stop] = combined[0, 0, plan.halo : plan.halo + core, :rows, :cols]
-    return out
+        hu[window.core_start : window.core_stop] = to_hu(
+            manifest, raw[0, 0, plan.halo : plan.halo + core, :rows, :cols].float().numpy()
+        )
+    return out, hu
 
 
-def series_score(score: F32, min_region_mm3: float, voxel_mm3: float) -> float:
-    """The highest operating point at which ``score`` still has a flagged region (connected voxels above it of at
-    least ``min_region_mm3``); regions only shrink as the point rises, so it is found by bisection."""
-    low, high = float(np.min(score)), float(np.max(score))
-    if _largest_region_mm3(score, low, voxel_mm3) < min_region_mm3:
+def series_score(
+    score: F32, min_region_mm3: float, voxel_mm3: float, wrong: npt.NDArray[np.bool_] | None = None
+) -> float:
+    """The highest operating point at which ``score`` still has a false flag: connected voxels above it of at
+    least ``min_region_mm3`` where the sCT is right (``wrong``: voxels where it is not; None: all right). Regions
+    only shrink as the point rises, so it is found by bisection."""
+    finite = score[np.isfinite(score)]
+    if finite.size == 0:
+        return 0.0
+    low, high = float(np.min(finite)), float(np.max(finite))
+    if _largest_false_region_mm3(score, low, voxel_mm3, wrong) < min_region_mm3:
         return low
     while high - low > _SCORE_RESOLUTION:
         middle = (low + high) / 2
-        if _largest_region_mm3(score, middle, voxel_mm3) >= min_region_mm3:
+        if _largest_false_region_mm3(score, middle, voxel_mm3, wrong) >= min_region_mm3:
             low = middle
         else:
             high = middle
     return low
 
 
-def flagged_volume_ml(score: F32, beta: float, min_region_mm3: float, voxel_mm3: float) -> float:
-    """Volume of the regions flagged at operating point ``beta``, ml."""
-    sizes = _region_sizes_mm3(score, beta, voxel_mm3)
-    return float(sizes[sizes >= min_region_mm3].sum()) / 1000
+def flagged_volume_ml(
+    score: F32,
+    beta: float,
+    min_region_mm3: float,
+    voxel_mm3: float,
+    wrong: npt.NDArray[np.bool_] | None = None,
+    *,
+    right: bool = False,
+) -> float:
+    """Volume of the regions flagged at operating point ``beta``, ml; with ``right``, only those where the sCT is
+    wrong (right flags)."""
+    sizes, wrong_share = _regions(score, beta, voxel_mm3, wrong)
+    keep = sizes >= min_region_mm3
+    if right:
+        keep &= wrong_share >= 0.5
+    return float(sizes[keep].sum()) / 1000
 
 
-def _largest_region_mm3(score: F32, beta: float, voxel_mm3: float) -> float:
-    sizes = _region_sizes_mm3(score, beta, voxel_mm3)
-    return float(sizes.max()) if sizes.size else 0.0
+def _largest_false_region_mm3(
+    score: F32, beta: float, voxel_mm3: float, wrong: npt.NDArray[np.bool_] | None
+) -> float:
+    sizes, wrong_share = _regions(score, beta, voxel_mm3, wrong)
+    false = sizes[wrong_share < 0.5]
+    return float(false.max()) if false.size else 0.0
 
 
-def _region_sizes_mm3(score: F32, beta: float, voxel_mm3: float) -> npt.NDArray[np.float64]:
+def _regions(
+    score: F32, beta: float, voxel_mm3: float, wrong: npt.NDArray[np.bool_] | None
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Per region above ``beta``: its volume (mm³) and the share of its voxels where the sCT is wrong."""
     labels, count = ndimage.label(score > beta, structure=_CONNECTIVITY)
-    return np.asarray(np.bincount(labels.ravel(), minlength=count + 1)[1:] * voxel_mm3, dtype=np.float64)
+    counts = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    if wrong is None:
+        share = np.zeros(count)
+    else:
+        share = np.bincount(labels.ravel(), weights=wrong.ravel(), minlength=count + 1)[1:] / np.maximum(counts, 1)
+    return np.asarray(counts * voxel_mm3, dtype=np.float64), np.asarray(share, dtype=np.float64)
 
 
 def _stitched_levels(
