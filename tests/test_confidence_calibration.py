@@ -12,6 +12,7 @@ from engines.confidence.calibrate import (
     operating_point,
     series_score,
 )
+from engines.confidence.features import block_fraction
 
 VOXEL_MM3 = 0.5
 MIN_REGION_MM3 = 20.0  # 40 voxels
@@ -60,3 +61,15 @@ def test_operating_point_covers_the_highest_subject_and_the_fitted_tail() -> Non
     point = operating_point(scores)
     assert point > max(scores) * BETA_MARGIN
     assert point < 1.2 * BETA_MARGIN
+
+
+def test_block_fractions_are_on_the_level_grid() -> None:
+    """What the fit leaves out: per block of a level, the share of voxels where the sCT is wrong (padding right)."""
+    wrong = np.zeros((10, 9, 9), dtype=bool)
+    wrong[0:4, 0:4, 0:4] = True  # one whole block
+    wrong[8:10, 8, 8] = True  # 2 voxels of the last, padded block
+    share = block_fraction(wrong, 4, (3, 3, 3))
+    assert share.shape == (3, 3, 3)
+    assert share[0, 0, 0] == 1.0
+    assert share[2, 2, 2] == pytest.approx(2 / 64)
+    assert float(share.sum()) == pytest.approx(1 + 2 / 64)

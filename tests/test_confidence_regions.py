@@ -57,7 +57,9 @@ def test_the_edge_of_the_field_of_view_is_not_searched() -> None:
     conf = np.full((30, 100, 100), 255, dtype=np.uint8)
     conf[0:10, 40:50, 0:margin] = 0  # the left edge band: not searched
     conf[10:20, 100 - margin : 100, 40:50] = 0  # the bottom edge band: not searched
-    conf[20:30, 40:50, margin : margin + 10] = 0  # just inside the searched area, touching the first slices' end
+    conf[20:30, 40:50, margin : margin + 10] = (
+        0  # just inside the searched area, touching the first slices' end
+    )
     flagged = find_flagged_regions(conf, _spec(), SPACING)
     assert [(r.slice_start, r.col_start) for r in flagged.regions] == [(20, margin)]
 
