@@ -134,9 +134,7 @@ def find_flagged_regions(
     return FlaggedRegions(tuple(regions), labels, spec.threshold)
 
 
-def searched_mask(
-    shape: tuple[int, ...], spacing_mm: tuple[float, float, float]
-) -> npt.NDArray[np.bool_]:
+def searched_mask(shape: tuple[int, ...], spacing_mm: tuple[float, float, float]) -> npt.NDArray[np.bool_]:
     """Voxels searched for regions: all but the :data:`FOV_MARGIN_MM` band along the in-plane edges."""
     mask = np.ones(shape, dtype=bool)
     rows = min(int(np.ceil(FOV_MARGIN_MM / spacing_mm[1])), shape[1] // 2)
