@@ -58,13 +58,20 @@ def volume_seconds(engine: SctEngine, echoes: np.ndarray) -> float:
     for window in plan.windows:
         core = slice(window.core_start, window.core_stop)
         engine.run_slab(
-            volume, plan, window, scale, out[core], confidence_out=None if confidence is None else confidence[core]
+            volume,
+            plan,
+            window,
+            scale,
+            out[core],
+            confidence_out=None if confidence is None else confidence[core],
         )
     return time.perf_counter() - started
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--backend", default=AUTO, help="backend name (default: the auto choice on this CPU)")
@@ -76,7 +83,7 @@ def main() -> int:
         return 1
     backend = args.backend
     if backend == AUTO:
-        name, precision, _ = resolve_auto(shipped)
+        name, _precision, _ = resolve_auto(shipped)
         backend = name
     echoes = generate_case(BENCH_SEED, SEED_PROTOCOL).echoes
     with tempfile.TemporaryDirectory(prefix="sct-bench-confidence-") as tmp:
@@ -87,7 +94,7 @@ def main() -> int:
             "with confidence": SctEngine.load(shipped, backend=backend, options=options),
         }
         times: dict[str, list[float]] = {name: [] for name in engines}
-        for name, engine in engines.items():
+        for engine in engines.values():
             volume_seconds(engine, echoes)  # a first volume each, outside the figures
         for _ in range(args.runs):
             for name, engine in engines.items():
@@ -106,12 +113,16 @@ def main() -> int:
         "ratio": ratio,
         "target_ratio": TARGET_RATIO,
     }
-    print(f"{shipped.label}, lumbar volume 2x100x338x338, {info.backend} {info.precision}, {args.threads} threads")
-    print("| engine | s/volume (median of %d) | runs |" % args.runs)
+    print(
+        f"{shipped.label}, lumbar volume 2x100x338x338, {info.backend} {info.precision}, {args.threads} threads"
+    )
+    print(f"| engine | s/volume (median of {args.runs}) | runs |")
     print("|---|---|---|")
     for name, values in times.items():
         print(f"| {name} | {medians[name]:.2f} | {', '.join(f'{v:.2f}' for v in values)} |")
-    print(f"\nconfidence costs {ratio:.3f} x today's time; target <= {TARGET_RATIO} x -> {'met' if ratio <= TARGET_RATIO else 'NOT met'}")
+    print(
+        f"\nconfidence costs {ratio:.3f} x today's time; target <= {TARGET_RATIO} x -> {'met' if ratio <= TARGET_RATIO else 'NOT met'}"
+    )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -11,7 +11,7 @@ from engines.confidence.spec import ConfidenceSpec, ConfidenceSpecError
 SPACING = (0.9, 0.74, 0.74)
 VOXEL_MM3 = 0.9 * 0.74 * 0.74
 #: In-plane offset that puts the test patterns inside the searched area (past the field-of-view margin).
-O = 20
+OFF = 20
 
 
 def _spec(threshold: int = 128, min_region_mm3: float = 10.0) -> ConfidenceSpec:
@@ -19,29 +19,34 @@ def _spec(threshold: int = 128, min_region_mm3: float = 10.0) -> ConfidenceSpec:
 
 
 def test_regions_are_connected_components_below_threshold_largest_first() -> None:
-    conf = np.full((40, 30 + 2 * O, 30 + 2 * O), 250, dtype=np.uint8)
-    conf[5:10, O + 5 : O + 10, O + 5 : O + 10] = 100  # 125 voxels
-    conf[20:30, O + 10 : O + 20, O + 10 : O + 20] = 30  # 1000 voxels, the larger one
-    conf[20, O + 10, O + 10] = 3
-    conf[35, O + 25, O + 25] = 0  # one voxel: below the size rule
-    conf[0:3, O : O + 3, O : O + 3] = 128  # at the threshold: trusted (strictly below is flagged)
+    conf = np.full((40, 30 + 2 * OFF, 30 + 2 * OFF), 250, dtype=np.uint8)
+    conf[5:10, OFF + 5 : OFF + 10, OFF + 5 : OFF + 10] = 100  # 125 voxels
+    conf[20:30, OFF + 10 : OFF + 20, OFF + 10 : OFF + 20] = 30  # 1000 voxels, the larger one
+    conf[20, OFF + 10, OFF + 10] = 3
+    conf[35, OFF + 25, OFF + 25] = 0  # one voxel: below the size rule
+    conf[0:3, OFF : OFF + 3, OFF : OFF + 3] = 128  # at the threshold: trusted (strictly below is flagged)
     flagged = find_flagged_regions(conf, _spec(), SPACING)
     assert [r.voxels for r in flagged.regions] == [1000, 125]
     big, small = flagged.regions
     assert (big.index, big.slice_start, big.slice_stop, big.min_confidence) == (1, 20, 30, 3)
-    assert (big.row_start, big.row_stop, big.col_start, big.col_stop) == (O + 10, O + 20, O + 10, O + 20)
+    assert (big.row_start, big.row_stop, big.col_start, big.col_stop) == (
+        OFF + 10,
+        OFF + 20,
+        OFF + 10,
+        OFF + 20,
+    )
     assert small.slices == range(5, 10)
     assert big.volume_ml == pytest.approx(1000 * VOXEL_MM3 / 1000)
-    assert int(flagged.labels[25, O + 15, O + 15]) == 1 and int(flagged.labels[7, O + 7, O + 7]) == 2
-    assert int(flagged.labels[35, O + 25, O + 25]) == 0
+    assert int(flagged.labels[25, OFF + 15, OFF + 15]) == 1 and int(flagged.labels[7, OFF + 7, OFF + 7]) == 2
+    assert int(flagged.labels[35, OFF + 25, OFF + 25]) == 0
     assert flagged.flagged_voxels == int(flagged.mask.sum()) == 1125
     assert flagged.slice_spans == ((5, 10), (20, 30))
 
 
 def test_diagonal_neighbours_form_one_region() -> None:
-    conf = np.full((20, 20 + 2 * O, 20 + 2 * O), 255, dtype=np.uint8)
+    conf = np.full((20, 20 + 2 * OFF, 20 + 2 * OFF), 255, dtype=np.uint8)
     for i in range(15):
-        conf[2 + i, O + 2 + i, O + 2 + i] = 0  # a thin oblique line: touching only at corners
+        conf[2 + i, OFF + 2 + i, OFF + 2 + i] = 0  # a thin oblique line: touching only at corners
     flagged = find_flagged_regions(conf, _spec(min_region_mm3=5.0), SPACING)
     assert len(flagged.regions) == 1 and flagged.regions[0].voxels == 15
 
