@@ -59,14 +59,22 @@ def test_no_region_in_a_confident_volume() -> None:
 def test_the_edge_of_the_field_of_view_is_not_searched() -> None:
     """A region inside the in-plane margin is not reported, one just past it is; slices are searched to the end."""
     margin = int(np.ceil(FOV_MARGIN_MM / SPACING[1]))
-    conf = np.full((30, 100, 100), 255, dtype=np.uint8)
+    conf = np.full((30, 140, 140), 255, dtype=np.uint8)
     conf[0:10, 40:50, 0:margin] = 0  # the left edge band: not searched
-    conf[10:20, 100 - margin : 100, 40:50] = 0  # the bottom edge band: not searched
+    conf[10:20, 140 - margin : 140, 40:50] = 0  # the bottom edge band: not searched
     conf[20:30, 40:50, margin : margin + 10] = (
         0  # just inside the searched area, touching the first slices' end
     )
     flagged = find_flagged_regions(conf, _spec(), SPACING)
     assert [(r.slice_start, r.col_start) for r in flagged.regions] == [(20, margin)]
+
+
+def test_a_small_field_of_view_keeps_its_centre() -> None:
+    """The band is at most a tenth of the field of view per edge: 40 voxels of 0.74 mm keep 4 on each side."""
+    conf = np.full((10, 40, 40), 255, dtype=np.uint8)
+    conf[2:8, 4:10, 4:10] = 0
+    flagged = find_flagged_regions(conf, _spec(), SPACING)
+    assert [(r.row_start, r.col_start, r.voxels) for r in flagged.regions] == [(4, 4, 216)]
 
 
 def test_wrong_input_is_refused_naming_it() -> None:

@@ -34,6 +34,7 @@ def _untrained_candidate(folder: Path) -> ModelManifest:
     data = shipped.to_dict()
     data["weights"] = {**data["weights"], "sha256": sha256_of(weights)}
     data["version"] = "0.0.1-untrained"
+    data.pop("confidence", None)  # an uncalibrated network: packaging calibrates a trained one
     ModelManifest.from_dict(folder, data).write()
     (folder / RECORD_NAME).write_text(json.dumps({"steps": 0}) + "\n")
     return ModelManifest.load(folder)

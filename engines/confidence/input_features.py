@@ -42,12 +42,22 @@ class InputStatistics(nn.Module):
         square = F.avg_pool3d(base * base, STRIDE)
         parts = [mean, _std(mean, square)]
         for size in CONTEXTS:
-            context = F.avg_pool3d(mean, size, stride=1, padding=size // 2, count_include_pad=False)
-            context_square = F.avg_pool3d(
-                mean * mean, size, stride=1, padding=size // 2, count_include_pad=False
-            )
+            context = _context_mean(mean, size)
+            context_square = _context_mean(mean * mean, size)
             parts += [context, _std(context, context_square)]
         return torch.cat(parts, dim=1)
+
+
+def _context_mean(blocks: torch.Tensor, size: int) -> torch.Tensor:
+    """Mean over a ``size``³ neighbourhood of blocks, over the blocks that exist (edges: fewer), at every block.
+
+    The same numbers as ``avg_pool3d(padding=size // 2, count_include_pad=False)``, written as two pools of
+    zero-padded tensors so that a window narrower than the neighbourhood (a small field of view: 4 blocks across)
+    is computed too instead of refused."""
+    pad = (size // 2,) * 6
+    total = F.avg_pool3d(F.pad(blocks, pad), size, stride=1)
+    count = F.avg_pool3d(F.pad(torch.ones_like(blocks[:, :1]), pad), size, stride=1)
+    return total / count
 
 
 def _std(mean: torch.Tensor, square: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,8 @@ _CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
 MM3_PER_ML = 1000.0
 #: In-plane band along the edges of the field of view that is not searched for regions, mm (module docstring).
 FOV_MARGIN_MM = 9.0
+#: ... but at most this fraction (1/10) of the field of view per edge, so a small field of view keeps its centre.
+FOV_MARGIN_MAX_SHARE = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,10 +137,11 @@ def find_flagged_regions(
 
 
 def searched_mask(shape: tuple[int, ...], spacing_mm: tuple[float, float, float]) -> npt.NDArray[np.bool_]:
-    """Voxels searched for regions: all but the :data:`FOV_MARGIN_MM` band along the in-plane edges."""
+    """Voxels searched for regions: all but the :data:`FOV_MARGIN_MM` band along the in-plane edges (at most a
+    tenth of the field of view on each side)."""
     mask = np.ones(shape, dtype=bool)
-    rows = min(int(np.ceil(FOV_MARGIN_MM / spacing_mm[1])), shape[1] // 2)
-    cols = min(int(np.ceil(FOV_MARGIN_MM / spacing_mm[2])), shape[2] // 2)
+    rows = min(int(np.ceil(FOV_MARGIN_MM / spacing_mm[1])), shape[1] // FOV_MARGIN_MAX_SHARE)
+    cols = min(int(np.ceil(FOV_MARGIN_MM / spacing_mm[2])), shape[2] // FOV_MARGIN_MAX_SHARE)
     mask[:, :rows] = False
     mask[:, shape[1] - rows :] = False
     mask[:, :, :cols] = False
