@@ -16,6 +16,10 @@ from agent.vocabulary import EndedBy, StatusKind
 #: Why a flagged region is not trusted, in words a technologist and a surgeon read the same way: the model's
 #: confidence says the input there is unlike the data it was calibrated on (an implant, a lesion, motion).
 UNTRUSTED_WHY = "outside the conditions the model was validated on"
+#: Regions named one by one in the status message; beyond this the message summarises (count, volume, slices)
+#: and names the largest, because a line a technologist reads at the console must stay a line. Every region is
+#: still in the body's ``regions`` list for machines.
+REGIONS_LISTED = 3
 
 
 def verdict_event(verdict: Verdict) -> StatusEvent:
@@ -166,7 +170,45 @@ def flagged_words(flagged: FlagReport | None, model: str) -> str:
             f"sCT checked: no region below the confidence threshold ({flagged.method}, threshold "
             f"{flagged.threshold} of 255)"
         )
-    return "; ".join(region_words(r, flagged.count) for r in flagged.regions)
+    return regions_summary(flagged, REGIONS_LISTED)
+
+
+def regions_summary(flagged: FlagReport, listed: int) -> str:
+    """The flagged regions in words, each one while there are at most ``listed``; otherwise one summary ("sCT not
+    trusted in 11 regions, 24.3 mL in all, slices 12-40 and 55-80: ...") followed by the ``listed`` largest."""
+    regions = flagged.regions
+    if len(regions) <= listed:
+        return "; ".join(region_words(r, flagged.count) for r in regions)
+    spans = merged_spans([(r.slice_start, r.slice_stop) for r in regions])
+    where = spans_words(spans)
+    largest = sorted(regions, key=lambda r: (-r.volume_ml, r.index))[:listed]
+    named = "; ".join(
+        f"{slice_words(r.slice_start, r.slice_stop)} ({r.volume_ml:.1f} mL, region {r.index} of {flagged.count})"
+        for r in largest
+    )
+    return (
+        f"sCT not trusted in {flagged.count} regions, {flagged.volume_ml:.1f} mL in all, {where}: {UNTRUSTED_WHY}; "
+        f"largest: {named}"
+    )
+
+
+def spans_words(spans: list[tuple[int, int]]) -> str:
+    """Several ``[start, stop)`` ranges as people number slices: "slices 2-4, 9 and 12-20"."""
+    if len(spans) == 1:
+        return slice_words(*spans[0])
+    numbers = [f"{start + 1}" if stop - start == 1 else f"{start + 1}-{stop}" for start, stop in spans]
+    return f"slices {', '.join(numbers[:-1])} and {numbers[-1]}"
+
+
+def merged_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges joined where they overlap or touch, in slice order."""
+    merged: list[tuple[int, int]] = []
+    for start, stop in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], stop))
+        else:
+            merged.append((start, stop))
+    return merged
 
 
 def flagged_event(volume: SctVolume, at: float) -> StatusEvent:

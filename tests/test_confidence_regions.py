@@ -51,6 +51,22 @@ def test_diagonal_neighbours_form_one_region() -> None:
     assert len(flagged.regions) == 1 and flagged.regions[0].voxels == 15
 
 
+def test_a_cavity_enclosed_by_a_region_belongs_to_it_an_open_cup_does_not() -> None:
+    """A screw's void core can score as typical (air-like) inside its flagged rim: the region takes it in. A cup
+    open on one side encloses nothing, so the confident voxels in it stay out."""
+    conf = np.full((30, 30 + 2 * OFF, 60 + 2 * OFF), 250, dtype=np.uint8)
+    conf[5:15, OFF + 5 : OFF + 15, OFF + 5 : OFF + 15] = 40  # shell: 10^3 block ...
+    conf[7:13, OFF + 7 : OFF + 13, OFF + 7 : OFF + 13] = 250  # ... with a confident 6^3 core
+    conf[5:15, OFF + 5 : OFF + 15, OFF + 35 : OFF + 45] = 40  # cup: the same ...
+    conf[7:15, OFF + 7 : OFF + 13, OFF + 37 : OFF + 43] = 250  # ... with its core open through slice 14
+    flagged = find_flagged_regions(conf, _spec(), SPACING)
+    assert [r.voxels for r in flagged.regions] == [1000, 1000 - 8 * 36]
+    shell = flagged.regions[0]
+    assert flagged.labels[10, OFF + 10, OFF + 10] == shell.index and shell.col_stop == OFF + 15
+    assert flagged.labels[10, OFF + 10, OFF + 40] == 0
+    assert shell.min_confidence == 40
+
+
 def test_no_region_in_a_confident_volume() -> None:
     flagged = find_flagged_regions(np.full((8, 8, 8), 200, np.uint8), _spec(), SPACING)
     assert flagged.regions == () and flagged.slice_spans == () and not flagged.mask.any()

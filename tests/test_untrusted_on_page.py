@@ -76,6 +76,33 @@ def test_the_flagged_status_names_slices_volume_and_why_and_states_zero_explicit
     assert "has no confidence output" in unchecked["message"]
 
 
+def with_bars(volume: SctVolume, count: int) -> SctVolume:
+    """``count`` separate low-confidence bars, each wider than the one before (a screws series has a dozen)."""
+    confidence = np.full(volume.geometry.shape, 230, dtype=np.uint8)
+    for k in range(count):
+        confidence[1 + (k % 2) * 4 : 4 + (k % 2) * 4, 20 : 24 + 2 * k, 14 + 10 * k : 20 + 10 * k] = 15
+    return checked(volume, confidence)
+
+
+def test_many_regions_are_summarised_and_the_largest_named_every_one_stays_on_the_wire(
+    exported: SctVolume,
+) -> None:
+    body = flagged_event(with_bars(exported, 5), at=5.0).body
+    assert body["flagged"] == 5 and len(body["regions"]) == 5
+    message = str(body["message"])
+    assert (
+        message.startswith("sCT not trusted in 5 regions, ") and " mL in all, slices 2-4 and 6-8: " in message
+    )
+    assert "outside the conditions the model was validated on; largest: slices 2-4 (" in message
+    assert message.count("region ") == 3 and "region 1 of 5" in message and "region 4 of 5" not in message
+    board = StatusBoard([], set(), history_hours=1)
+    board.feed(flagged_event(replace(with_bars(exported, 5), acquisition_id="a1"), at=time.time()))
+    (card,) = board.snapshot().acquisitions
+    assert card.flagged is not None and card.flagged.lines == (message,)
+    three = flagged_event(with_bars(exported, 3), at=5.0).body
+    assert str(three["message"]).count("sCT not trusted in slices") == 3, "three are still named one by one"
+
+
 def test_the_card_says_where_and_how_much_and_tells_flagged_from_clear_and_unchecked(
     exported: SctVolume,
 ) -> None:

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
 from agent.records import Publication, Reason, SctVolume, StatusEvent
+from agent.status_events import REGIONS_LISTED
 from agent.status_page.plain_words import explain
 from agent.validation.protocols import CountRule, SequenceProtocol
 from agent.vocabulary import Outcome, PageState, StatusKind
@@ -562,6 +563,10 @@ def _flagged(body: Mapping[str, Any]) -> FlaggedLine:
     else:
         verdict = "flagged" if regions > 0 else "clear"
     lines = tuple(str(r.get("message", "")) for r in body.get("regions", ()) if isinstance(r, Mapping))
+    if len(lines) > REGIONS_LISTED:
+        # A screws series has a dozen regions: the card shows the status message's summary (count, volume,
+        # slices, the largest), not a dozen near-identical lines.
+        lines = (str(body.get("message", "")),)
     return FlaggedLine(
         verdict=verdict,
         regions=regions,

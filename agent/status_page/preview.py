@@ -33,7 +33,7 @@ from agent.cli.montage import MR_PERCENTILE, to_lps
 from agent.cli.outline import OUTLINE_RGB, draw_untrusted, planes_through, resize_mask
 from agent.file_labels import error_text
 from agent.records import ImageRef, SctVolume
-from agent.status_events import region_words
+from agent.status_events import regions_summary
 from sct_core.geometry import VolumeGeometry
 
 logger = logging.getLogger(__name__)
@@ -46,6 +46,8 @@ PREVIEW_BACKLOG: Final = 4
 BONE_WINDOW_HU: Final = (-500.0, 1300.0)
 #: Height of each panel on the PNG, pixels (a 1920 x 1080 console shows two side by side at full size).
 PANEL_HEIGHT_PX: Final = 440
+#: Regions the preview names one by one under the picture (more are summarised: count, volume, slices, largest).
+PREVIEW_REGIONS_LISTED: Final = 2
 MARK: Final = "SYNTHETIC CT — not for diagnosis"
 _GAP_PX: Final = 12
 _TITLE_PX: Final = 34
@@ -88,9 +90,7 @@ def render_preview(volume: SctVolume, reader: PixelReader) -> bytes:
     words = ""
     if flagged is not None:
         outline = resize_mask(mid_sagittal(flagged.mask, geometry, plane_x)[0] > 0, sct.size)
-        words = "; ".join(region_words(r, flagged.count) for r in flagged.regions[:2])
-        if flagged.count > 2:
-            words += f"; and {flagged.count - 2} more"
+        words = regions_summary(flagged, PREVIEW_REGIONS_LISTED)
     return _compose(
         mr,
         sct,

@@ -8,6 +8,10 @@ context is cut off by the field of view, for the network and for the confidence'
 normal validation phantoms the low confidence there was the commonest flag on tissue the sCT got right; the spine
 a surgeon navigates on is centred in the field of view, never within a centimetre of its edge. The published
 confidence volume is not altered: a reader sees the low values, only no region is reported for them.
+
+A cavity that a region encloses on every side belongs to the region. The void core of a metal screw has no MR
+signal, so its statistics can look like those of air, a normal tissue, while its rim is flagged; a surgeon must
+not read "trusted" in the middle of an untrusted shell.
 """
 
 from __future__ import annotations
@@ -90,14 +94,17 @@ def find_flagged_regions(
     """Connected regions of ``confidence < spec.threshold`` of at least ``spec.min_region_mm3``.
 
     ``confidence`` is ``[slice, row, column]`` uint8; ``spacing_mm`` the (slice, row, column) voxel spacing.
-    Regions are numbered by size, largest first, so region 1 is the one to look at first.
+    Regions are numbered by size, largest first, so region 1 is the one to look at first. Cavities a region
+    encloses are part of it (module docstring).
     """
     if confidence.ndim != 3 or confidence.dtype != np.uint8:
         raise ValueError(
             f"confidence: found {confidence.dtype} {confidence.shape}, expected uint8 [slice, row, col]"
         )
     voxel_mm3 = float(np.prod(spacing_mm))
-    low = (confidence < spec.threshold) & searched_mask(confidence.shape, spacing_mm)
+    low = ndimage.binary_fill_holes(
+        (confidence < spec.threshold) & searched_mask(confidence.shape, spacing_mm)
+    )
     raw, count = ndimage.label(low, structure=_CONNECTIVITY)
     labels = np.zeros(confidence.shape, dtype=np.int32)
     if count == 0:
