@@ -62,9 +62,12 @@ def test_demo_runs_the_agent_end_to_end_and_stops_it(
     assert "REJECT, rejected" in rejected and "Set TE 2 to 4.2 ms (± 0.2)" in rejected
     # The screws series passes the protocol, and the page shows where its sCT is not to be trusted.
     assert "PASS, published, 200/200 images" in screws
-    assert "sCT NOT TRUSTED IN PART: sCT not trusted in slice" in screws, screws
+    # One line per region up to three, a summary beyond (a screws series has about a dozen).
+    assert re.search(r"sCT NOT TRUSTED IN PART: sCT not trusted in (slice|\d+ regions, )", screws), screws
     confidence = [line for line in text.splitlines() if line.startswith("  confidence: ")]
-    assert len(confidence) == 2 and "sCT not trusted in slice" in confidence[1], confidence
+    assert len(confidence) == 2 and re.search(r"sCT not trusted in (slice|\d+ regions, )", confidence[1]), (
+        confidence
+    )
     assert "outside the conditions the model was validated on" in confidence[1]
     flagged_preview = Image.open(out / "page-preview-flagged.png")
     orange = (
