@@ -27,10 +27,12 @@ from engines.backends.base import BackendOptions, BackendUnavailableError
 from engines.backends.registry import AUTO, BACKENDS
 from engines.confidence.calibrate import (
     DEFAULT_CHECK_SEEDS,
+    DEFAULT_COMPONENTS,
     DEFAULT_FIT_SEEDS,
     CalibrationSettings,
     calibrate_model,
 )
+from engines.confidence.input_features import CONTEXTS, Context
 from engines.inference.engine import SctEngine
 from engines.model.manifest import ManifestError, ModelManifest, default_manifest
 
@@ -72,8 +74,40 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         metavar="N",
         help="other validation phantoms the threshold is chosen on",
     )
+    calibrate.add_argument(
+        "--components",
+        type=int,
+        default=DEFAULT_COMPONENTS,
+        metavar="K",
+        help=f"Gaussian components of the density (default {DEFAULT_COMPONENTS})",
+    )
+    calibrate.add_argument(
+        "--contexts",
+        type=parse_contexts,
+        default=CONTEXTS,
+        metavar="SxRxC,...",
+        help="neighbourhoods of the input statistics in 4-voxel blocks, slices x rows x columns, odd "
+        f"(default {format_contexts(CONTEXTS)})",
+    )
     calibrate.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     calibrate.set_defaults(handler=run_calibrate)
+
+
+def parse_contexts(text: str) -> tuple[Context, ...]:
+    """``"3x3x3,5x9x9"`` -> ((3, 3, 3), (5, 9, 9)); argparse reports the ValueError with the option's name."""
+    try:
+        contexts = tuple(tuple(int(k) for k in part.split("x")) for part in text.split(",") if part.strip())
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"found {text!r}, expected e.g. 3x3x3,5x9x9") from error
+    if not contexts or any(len(c) != 3 or min(c) < 1 or any(k % 2 == 0 for k in c) for c in contexts):
+        raise argparse.ArgumentTypeError(
+            f"found {text!r}, expected odd slices x rows x columns, e.g. 3x3x3,5x9x9"
+        )
+    return tuple((c[0], c[1], c[2]) for c in contexts)
+
+
+def format_contexts(contexts: tuple[Context, ...]) -> str:
+    return ",".join("x".join(str(k) for k in c) for c in contexts)
 
 
 class ProgressBar:
@@ -170,6 +204,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     settings = CalibrationSettings(
         fit_seeds=tuple(first + i for i in range(args.fit)),
         check_seeds=tuple(first + args.fit + i for i in range(args.check)),
+        components=args.components,
+        contexts=args.contexts,
     )
     try:
         manifest = calibrate_model(

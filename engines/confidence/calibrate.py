@@ -42,7 +42,7 @@ from scipy import ndimage
 
 from engines.confidence.density import METHOD, FeatureDensity, TapDensity, fit_tap, set_mapping, tap_levels
 from engines.confidence.features import block_fraction, volume_levels
-from engines.confidence.input_features import INPUT_TAP
+from engines.confidence.input_features import CONTEXTS, INPUT_TAP, Context
 from engines.confidence.regions import FOV_MARGIN_MM, searched_mask
 from engines.confidence.spec import CONFIDENCE_MAX, ConfidenceSpec
 from engines.inference.engine import network_input, to_hu
@@ -99,6 +99,8 @@ class CalibrationSettings:
     min_region_mm3: float = DEFAULT_MIN_REGION_MM3
     samples_per_subject: int = SAMPLES_PER_SUBJECT
     seed: int = 2027
+    #: Neighbourhoods of the input statistics, (slices, rows, columns) in blocks; saved with the statistics.
+    contexts: tuple[Context, ...] = CONTEXTS
 
     def __post_init__(self) -> None:
         clash = sorted(set(self.fit_seeds) & set(self.check_seeds))
@@ -189,7 +191,10 @@ def calibrate(
         case = generate_case(seed, SEED_PROTOCOL)
         hu = np.empty(case.ct_hu.shape, dtype=np.float32)
         wrong = None
-        for name, features in _stitched_levels(manifest, unet, case.echoes, settings.taps, hu).items():
+        stitched = volume_levels(
+            manifest, unet, case.echoes, settings.taps, hu_out=hu, contexts=settings.contexts
+        )
+        for name, features in stitched.items():
             if wrong is None:
                 wrong = np.abs(hu - case.ct_hu) > WRONG_HU
             right = block_fraction(wrong, levels[name][1], features.shape[1:]).ravel() <= FIT_WRONG_SHARE
@@ -205,7 +210,12 @@ def calibrate(
     spans: dict[str, tuple[float, float]] = {}
     for name in settings.taps:
         tap, fitted = fit_tap(
-            np.concatenate(samples[name]), settings.components, levels[name][1], settings.seed, name=name
+            np.concatenate(samples[name]),
+            settings.components,
+            levels[name][1],
+            settings.seed,
+            name=name,
+            contexts=settings.contexts,
         )
         median = float(np.median(fitted))
         quantile = float(np.quantile(fitted, SPAN_QUANTILE))
@@ -255,9 +265,10 @@ def calibrate(
         "check_seeds": list(settings.check_seeds),
         "levels": {
             name: {
-                "channels": levels[name][0],
+                "channels": taps[name].channels,
                 "stride": levels[name][1],
                 "components": settings.components,
+                **({"contexts": [list(c) for c in settings.contexts]} if name == INPUT_TAP else {}),
                 "median_score": round(spans[name][0], 5),
                 f"q{SPAN_QUANTILE:g}_score": round(spans[name][1], 5),
             }
@@ -398,12 +409,6 @@ def _regions(
             counts, 1
         )
     return np.asarray(counts * voxel_mm3, dtype=np.float64), np.asarray(share, dtype=np.float64)
-
-
-def _stitched_levels(
-    manifest: ModelManifest, unet: LightUNet3d, echoes: npt.NDArray[Any], taps: Sequence[str], hu_out: F32
-) -> dict[str, F32]:
-    return volume_levels(manifest, unet, echoes, taps, hu_out=hu_out)
 
 
 def _bone_labels() -> list[int]:

@@ -35,7 +35,7 @@ from scipy.cluster.vq import kmeans2
 from torch import nn
 
 from engines.confidence.input_features import CHANNELS as INPUT_CHANNELS
-from engines.confidence.input_features import INPUT_TAP, InputStatistics
+from engines.confidence.input_features import CONTEXTS, INPUT_TAP, LEGACY_CONTEXTS, Context, InputStatistics
 from engines.confidence.input_features import STRIDE as INPUT_STRIDE
 from engines.confidence.spec import CONFIDENCE_MAX
 from engines.model.unet import LightUNet3d, UNetConfig, level_names
@@ -84,6 +84,11 @@ class TapDensity(nn.Module):
         self.channels = channels
         self.components = components
         self.stride_value = stride
+        if isinstance(extractor, InputStatistics) and extractor.channels != channels:
+            raise ValueError(
+                f"tap density: found {channels} channels, expected the input statistics' {extractor.channels} channels "
+                f"(neighbourhoods {extractor.sizes})"
+            )
 
     def score(self, features: torch.Tensor) -> torch.Tensor:
         """Squared Mahalanobis distance to the nearest component, per channel: ``[N, 1, d, h, w]`` fp32."""
@@ -155,7 +160,14 @@ class FeatureDensity(nn.Module):
                 raise ValueError(f"confidence statistics: tap {name} lacks {', '.join(missing)}")
             channels = int(state[prefix + "whiten_weight"].shape[0])
             components = int(state[prefix + "centre_weight"].shape[0])
-            extractor = InputStatistics() if name == INPUT_TAP else None
+            extractor = None
+            if name == INPUT_TAP:
+                key = prefix + "extractor.contexts"
+                if key not in state:
+                    # Saved before the neighbourhoods were a buffer: the statistics they were fitted with.
+                    state = {**state, key: torch.tensor(LEGACY_CONTEXTS, dtype=torch.int64)}
+                contexts = tuple((int(d), int(r), int(c)) for d, r, c in state[key].tolist())
+                extractor = InputStatistics(contexts)
             taps[name] = TapDensity(channels, components, int(state[prefix + "stride"]), extractor)
         head = cls(taps)
         head.load_state_dict(dict(state), strict=True)
@@ -184,8 +196,30 @@ def tap_levels(config: UNetConfig) -> dict[str, tuple[int, int]]:
     return {**level_names(config), INPUT_TAP: (INPUT_CHANNELS, INPUT_STRIDE)}
 
 
+def head_levels_wrong(head: FeatureDensity, config: UNetConfig) -> dict[str, tuple[int, int]]:
+    """Levels the head reads with another (channels, stride) than this network has; the input tap is checked
+    against its own statistics' channels (older calibrations used fewer neighbourhoods)."""
+    expected = tap_levels(config)
+    wrong: dict[str, tuple[int, int]] = {}
+    for name, shape in head.levels().items():
+        want = expected.get(name)
+        tap = head.taps[name]
+        extractor = tap.extractor if isinstance(tap, TapDensity) else None
+        if name == INPUT_TAP and want is not None and isinstance(extractor, InputStatistics):
+            want = (extractor.channels, want[1])
+        if want != shape:
+            wrong[name] = shape
+    return wrong
+
+
 def fit_tap(
-    samples: npt.NDArray[np.float32], components: int, stride: int, seed: int, *, name: str = ""
+    samples: npt.NDArray[np.float32],
+    components: int,
+    stride: int,
+    seed: int,
+    *,
+    name: str = "",
+    contexts: tuple[Context, ...] = CONTEXTS,
 ) -> tuple[TapDensity, F64]:
     """Fit one tap on feature samples ``[n, channels]`` from normal calibration data; returns the tap (slope 1,
     median 1 until calibration sets them) and the samples' raw scores."""
@@ -208,7 +242,7 @@ def fit_tap(
     whiten = _inverse_sqrt(within)
     z = (x - mean) @ whiten.T
     m = (means - mean) @ whiten.T
-    tap = TapDensity(channels, components, stride, InputStatistics() if name == INPUT_TAP else None)
+    tap = TapDensity(channels, components, stride, InputStatistics(contexts) if name == INPUT_TAP else None)
     with torch.no_grad():
         tap.whiten_weight.copy_(torch.from_numpy(whiten).float()[:, :, None, None, None])
         tap.whiten_bias.copy_(torch.from_numpy(-(whiten @ mean)).float())

@@ -15,7 +15,7 @@ import numpy.typing as npt
 import torch
 
 from engines.confidence.density import tap_levels
-from engines.confidence.input_features import INPUT_TAP, InputStatistics
+from engines.confidence.input_features import CONTEXTS, INPUT_TAP, Context, InputStatistics
 from engines.inference.engine import network_input, to_hu
 from engines.inference.slabs import SlabPlan
 from engines.model.manifest import ModelManifest
@@ -31,12 +31,15 @@ def volume_levels(
     levels: Iterable[str],
     *,
     hu_out: F32 | None = None,
+    contexts: tuple[Context, ...] = CONTEXTS,
 ) -> dict[str, F32]:
     """``{level: [channels, ceil(S/stride), rows_padded/stride, cols_padded/stride]}`` for a volume
     ``[echo, S, rows, cols]``: each slab window's core, stitched along the slice axis. With ``hu_out``
-    (``[S, rows, cols]`` float32) the sCT of the same pass is written into it, in HU."""
+    (``[S, rows, cols]`` float32) the sCT of the same pass is written into it, in HU. ``contexts``: the input
+    statistics' neighbourhoods."""
     wanted = tuple(levels)
     strides = tap_levels(manifest.architecture)
+    statistics = InputStatistics(contexts)
     network = hu_out is not None or any(name != INPUT_TAP for name in wanted)
     plan = SlabPlan.for_volume(echoes.shape[1], manifest.slab.depth, manifest.slab.halo)
     scale = manifest.normalisation.scale(echoes)
@@ -48,7 +51,7 @@ def volume_levels(
         with torch.inference_mode():
             raw, features = unet.forward_levels(x) if network else (None, {})
             if INPUT_TAP in wanted:
-                features[INPUT_TAP] = InputStatistics()(x)
+                features[INPUT_TAP] = statistics(x)
         if hu_out is not None and raw is not None:
             hu_out[window.core_start : window.core_stop] = to_hu(
                 manifest, raw[0, 0, plan.halo : plan.halo + core, :rows, :cols].float().numpy()

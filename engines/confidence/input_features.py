@@ -8,10 +8,15 @@ pile-up at its rim, where normal anatomy has none. These features describe that 
 same density model (``density.py``) can score it.
 
 Per voxel of a 4x4x4 grid (stride 4, as the network's third level), from ``log(echo + floor)`` of both echoes and
-their log ratio (three channels): the mean and standard deviation over the 4³ block, and over 3³ and 5³ blocks of
-block means (12 and 20 voxels, 9-18 mm) the mean and standard deviation of the block means: 3 x 6 = 18 channels.
-Only pooling and elementwise arithmetic: every backend compiles them with the network; the receptive field
-(20 voxels) is far inside the slab halo, so stitching stays exact.
+their log ratio (three channels): the mean and standard deviation over the 4³ block, and over neighbourhoods of
+blocks (:data:`CONTEXTS`: 3³ and 5³ blocks, 12 and 20 voxels, 9-18 mm) the mean and standard deviation of the block
+means: 3 x 2 x (1 + neighbourhoods) = 18 channels. Only pooling and elementwise arithmetic: every backend compiles
+them with the network; the receptive field (20 voxels) is far inside the slab halo, so stitching stays exact.
+
+The neighbourhoods are a buffer of the module (``contexts``, (slices, rows, columns) in blocks), saved with the
+fitted statistics, so a calibration may use others (an anisotropic 5 x 9 x 9 one, wide in the sagittal plane
+and no deeper across slices, was measured: docs/model.md, Confidence) and every statistics file still scores with
+the neighbourhoods it was fitted with. Files written before the buffer existed used :data:`LEGACY_CONTEXTS`.
 """
 
 from __future__ import annotations
@@ -24,16 +29,39 @@ from torch import nn
 INPUT_TAP = "input"
 #: Grid stride of the statistics (voxels per block edge).
 STRIDE = 4
-#: Context sizes in blocks (3 blocks = 12 voxels, 5 blocks = 20 voxels).
-CONTEXTS = (3, 5)
+#: A neighbourhood of blocks: (slices, rows, columns), odd sizes.
+Context = tuple[int, int, int]
+#: Neighbourhoods a new calibration fits, in blocks (3 blocks = 12 voxels, 5 = 20).
+CONTEXTS: tuple[Context, ...] = ((3, 3, 3), (5, 5, 5))
+#: Neighbourhoods of statistics saved without a ``contexts`` buffer (calibrations before 2026-12-05).
+LEGACY_CONTEXTS: tuple[Context, ...] = ((3, 3, 3), (5, 5, 5))
 #: Added before the logarithm: normalised echoes are about 0..1.2 (the 99th percentile is 1); 0.02 is below tissue
 #: and above the noise floor of air, so voids stay finite and noise does not dominate.
 LOG_FLOOR = 0.02
-CHANNELS = 3 * 2 * (1 + len(CONTEXTS))
+
+
+def channel_count(contexts: tuple[Context, ...]) -> int:
+    """Statistics per block: mean and standard deviation of 3 log channels, in the block and each neighbourhood."""
+    return 3 * 2 * (1 + len(contexts))
+
+
+CHANNELS = channel_count(CONTEXTS)
 
 
 class InputStatistics(nn.Module):
-    """``[N, 2, D, H, W]`` normalised echoes -> ``[N, 18, D/4, H/4, W/4]`` statistics (fp32)."""
+    """``[N, 2, D, H, W]`` normalised echoes -> ``[N, channels, D/4, H/4, W/4]`` statistics (fp32)."""
+
+    contexts: torch.Tensor
+
+    def __init__(self, contexts: tuple[Context, ...] = CONTEXTS) -> None:
+        super().__init__()
+        if not contexts or any(len(c) != 3 or min(c) < 1 or any(k % 2 == 0 for k in c) for c in contexts):
+            raise ValueError(
+                f"input statistics: contexts {contexts}; expected (slices, rows, columns), odd, >= 1"
+            )
+        self.sizes: tuple[Context, ...] = tuple((int(c[0]), int(c[1]), int(c[2])) for c in contexts)
+        self.register_buffer("contexts", torch.tensor(self.sizes, dtype=torch.int64))
+        self.channels = channel_count(self.sizes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logs = torch.log(x.float().clamp_min(0.0) + LOG_FLOOR)
@@ -41,20 +69,21 @@ class InputStatistics(nn.Module):
         mean = F.avg_pool3d(base, STRIDE)
         square = F.avg_pool3d(base * base, STRIDE)
         parts = [mean, _std(mean, square)]
-        for size in CONTEXTS:
+        for size in self.sizes:
             context = _context_mean(mean, size)
             context_square = _context_mean(mean * mean, size)
             parts += [context, _std(context, context_square)]
         return torch.cat(parts, dim=1)
 
 
-def _context_mean(blocks: torch.Tensor, size: int) -> torch.Tensor:
-    """Mean over a ``size``³ neighbourhood of blocks, over the blocks that exist (edges: fewer), at every block.
+def _context_mean(blocks: torch.Tensor, size: Context) -> torch.Tensor:
+    """Mean over a ``size`` neighbourhood of blocks, over the blocks that exist (edges: fewer), at every block.
 
     The same numbers as ``avg_pool3d(padding=size // 2, count_include_pad=False)``, written as two pools of
     zero-padded tensors so that a window narrower than the neighbourhood (a small field of view: 4 blocks across)
     is computed too instead of refused."""
-    pad = (size // 2,) * 6
+    depth, rows, cols = (k // 2 for k in size)
+    pad = (cols, cols, rows, rows, depth, depth)
     total = F.avg_pool3d(F.pad(blocks, pad), size, stride=1)
     count = F.avg_pool3d(F.pad(torch.ones_like(blocks[:, :1]), pad), size, stride=1)
     return total / count

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from engines.confidence.density import METHOD as FEATURE_DENSITY_METHOD
-from engines.confidence.density import ConfidentUNet3d, FeatureDensity, tap_levels
+from engines.confidence.density import ConfidentUNet3d, FeatureDensity, head_levels_wrong, tap_levels
 from engines.confidence.spec import ConfidenceSpec, ConfidenceSpecError
 from engines.model.normalisation import Normalisation
 from engines.model.unet import LightUNet3d, UNetConfig
@@ -341,7 +341,7 @@ class ModelManifest:
             return unet
         head = self.build_confidence_head()
         levels = tap_levels(self.architecture)
-        wrong = {name: shape for name, shape in head.levels().items() if levels.get(name) != shape}
+        wrong = head_levels_wrong(head, self.architecture)
         if wrong:
             raise ConfidenceStatisticsError(
                 f"{self.confidence_path}: confidence statistics for levels (channels, stride) {wrong}; this "
