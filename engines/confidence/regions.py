@@ -16,6 +16,7 @@ not read "trusted" in the middle of an untrusted shell.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,10 +103,9 @@ def find_flagged_regions(
             f"confidence: found {confidence.dtype} {confidence.shape}, expected uint8 [slice, row, col]"
         )
     voxel_mm3 = float(np.prod(spacing_mm))
-    low = ndimage.binary_fill_holes(
-        (confidence < spec.threshold) & searched_mask(confidence.shape, spacing_mm)
-    )
+    low = (confidence < spec.threshold) & searched_mask(confidence.shape, spacing_mm)
     raw, count = ndimage.label(low, structure=_CONNECTIVITY)
+    _fill_enclosed(raw, voxel_mm3, spec.min_region_mm3)
     labels = np.zeros(confidence.shape, dtype=np.int32)
     if count == 0:
         return FlaggedRegions((), labels, spec.threshold)
@@ -141,6 +141,19 @@ def find_flagged_regions(
         )
     labels = remap[raw]
     return FlaggedRegions(tuple(regions), labels, spec.threshold)
+
+
+def _fill_enclosed(raw: I32, voxel_mm3: float, min_region_mm3: float) -> None:
+    """Give each component the empty voxels it encloses (module docstring), in place.
+
+    Per component, inside its bounding box: filling the holes of the whole volume took about half a second on a
+    lumbar volume, on the path from the last image to the published sCT; the boxes of the few components that
+    could reach the size rule are small. Another component inside a cavity stays itself."""
+    for k, box in enumerate(ndimage.find_objects(raw), start=1):
+        if box is None or math.prod(s.stop - s.start for s in box) * voxel_mm3 < min_region_mm3:
+            continue
+        window = raw[box]
+        window[ndimage.binary_fill_holes(window == k) & (window == 0)] = k
 
 
 def searched_mask(shape: tuple[int, ...], spacing_mm: tuple[float, float, float]) -> npt.NDArray[np.bool_]:
