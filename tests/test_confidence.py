@@ -126,6 +126,24 @@ def test_statistics_that_do_not_fit_the_network_are_refused(model_copy: Path) ->
         ModelManifest.load(model_copy).build_model()
 
 
+def test_statistics_reading_beyond_the_slab_halo_are_refused(model_copy: Path) -> None:
+    """A neighbourhood 7 blocks deep across slices reads 20 slices each side, past the 16-slice halo: stitched slabs
+    would not equal a whole-volume pass, so the model is refused naming the reach and the halo."""
+    manifest = ModelManifest.load(model_copy)
+    path = manifest.confidence_path
+    assert path is not None
+    state = torch.load(path, weights_only=True)
+    state["taps.input.extractor.contexts"] = torch.tensor([[3, 3, 3], [7, 5, 5]])
+    torch.save(state, path)
+    data = json.loads((model_copy / MANIFEST_NAME).read_text())
+    data["confidence"]["statistics"]["sha256"] = sha256_of(path)
+    (model_copy / MANIFEST_NAME).write_text(json.dumps(data))
+    with pytest.raises(ConfidenceStatisticsError) as excinfo:
+        ModelManifest.load(model_copy).build_model()
+    assert "reads 20 slices on each side, beyond the slab halo of 16" in str(excinfo.value)
+    assert excinfo.value.found == 20
+
+
 @pytest.mark.parametrize(
     ("change", "attribute"),
     [

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - torch's own convention
 
 from agent.cli.engine import format_contexts, parse_contexts
+from engines.confidence.calibrate import CalibrationSettings, calibrate
 from engines.confidence.density import FeatureDensity, TapDensity
 from engines.confidence.input_features import (
     CHANNELS,
@@ -20,7 +21,9 @@ from engines.confidence.input_features import (
     STRIDE,
     InputStatistics,
     _context_mean,
+    slice_reach,
 )
+from engines.model.manifest import default_manifest
 
 
 def _echoes(shape: tuple[int, int, int], seed: int = 0) -> torch.Tensor:
@@ -99,3 +102,15 @@ def test_calibration_takes_neighbourhoods_on_the_command_line() -> None:
     for bad in ("3x3,5x5x5", "4x3x3", "a", ""):
         with pytest.raises(argparse.ArgumentTypeError, match=f"found {bad!r}"):
             parse_contexts(bad)
+
+
+def test_the_slices_read_on_each_side_follow_the_deepest_neighbourhood() -> None:
+    assert slice_reach(CONTEXTS) == 16 == slice_reach(((3, 3, 3), (5, 9, 9)))
+    assert slice_reach(((7, 7, 7),)) == 20
+
+
+def test_calibration_refuses_neighbourhoods_deeper_than_the_halo_before_any_work() -> None:
+    manifest = default_manifest()
+    settings = CalibrationSettings(contexts=((3, 3, 3), (7, 9, 9)))
+    with pytest.raises(ValueError, match=r"read 20 slices on each side; expected at most the slab halo, 16"):
+        calibrate(manifest, settings, report=lambda line: pytest.fail(f"work started: {line}"))

@@ -42,7 +42,7 @@ from scipy import ndimage
 
 from engines.confidence.density import METHOD, FeatureDensity, TapDensity, fit_tap, set_mapping, tap_levels
 from engines.confidence.features import block_fraction, volume_levels
-from engines.confidence.input_features import CONTEXTS, INPUT_TAP, Context
+from engines.confidence.input_features import CONTEXTS, INPUT_TAP, Context, slice_reach
 from engines.confidence.regions import FOV_MARGIN_MM, searched_mask
 from engines.confidence.spec import CONFIDENCE_MAX, ConfidenceSpec
 from engines.inference.engine import network_input, to_hu
@@ -183,6 +183,11 @@ def calibrate(
     unknown = [t for t in settings.taps if t not in levels]
     if unknown:
         raise ValueError(f"calibration: levels {unknown} do not exist; this network has {sorted(levels)}")
+    if INPUT_TAP in settings.taps and slice_reach(settings.contexts) > manifest.slab.halo:
+        raise ValueError(
+            f"calibration: contexts {settings.contexts} read {slice_reach(settings.contexts)} slices on each side; "
+            f"expected at most the slab halo, {manifest.slab.halo} (a shallower neighbourhood across slices)"
+        )
     unet = manifest.build_unet()
     rng = np.random.default_rng(settings.seed)
     samples: dict[str, list[F32]] = {t: [] for t in settings.taps}

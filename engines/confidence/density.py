@@ -35,7 +35,14 @@ from scipy.cluster.vq import kmeans2
 from torch import nn
 
 from engines.confidence.input_features import CHANNELS as INPUT_CHANNELS
-from engines.confidence.input_features import CONTEXTS, INPUT_TAP, LEGACY_CONTEXTS, Context, InputStatistics
+from engines.confidence.input_features import (
+    CONTEXTS,
+    INPUT_TAP,
+    LEGACY_CONTEXTS,
+    Context,
+    InputStatistics,
+    slice_reach,
+)
 from engines.confidence.input_features import STRIDE as INPUT_STRIDE
 from engines.confidence.spec import CONFIDENCE_MAX
 from engines.model.unet import LightUNet3d, UNetConfig, level_names
@@ -141,6 +148,18 @@ class FeatureDensity(nn.Module):
             for name, tap in self.taps.items()
             if isinstance(tap, TapDensity)
         }
+
+    def slice_reach(self) -> int:
+        """Slices on each side the input statistics read (0 without an input tap; the network's own levels are
+        inside its receptive field, which the halo was chosen for)."""
+        return max(
+            (
+                slice_reach(tap.extractor.sizes)
+                for tap in self.taps.values()
+                if isinstance(tap, TapDensity) and isinstance(tap.extractor, InputStatistics)
+            ),
+            default=0,
+        )
 
     def tap_scores(self, levels: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Raw scores per tap at each tap's own resolution (calibration and measurement)."""

@@ -48,6 +48,13 @@ def channel_count(contexts: tuple[Context, ...]) -> int:
 CHANNELS = channel_count(CONTEXTS)
 
 
+def slice_reach(contexts: tuple[Context, ...]) -> int:
+    """Slices on each side of an output voxel that its confidence reads: its block, the neighbour block the
+    trilinear upsampling reads, and the deepest neighbourhood's half-depth in blocks. Slab stitching is exact only
+    while this stays within the slab halo (5 blocks deep: 16, the shipped halo; 7 deep would need 20)."""
+    return STRIDE * (max(c[0] for c in contexts) // 2 + 2)
+
+
 class InputStatistics(nn.Module):
     """``[N, 2, D, H, W]`` normalised echoes -> ``[N, channels, D/4, H/4, W/4]`` statistics (fp32)."""
 

@@ -350,6 +350,15 @@ class ModelManifest:
                 found=wrong,
                 expected=f"levels of {levels}",
             )
+        reach = head.slice_reach()
+        if reach > self.slab.halo:
+            raise ConfidenceStatisticsError(
+                f"{self.confidence_path}: the confidence reads {reach} slices on each side, beyond the slab halo "
+                f"of {self.slab.halo}: stitched slabs would differ from a whole-volume pass",
+                attribute="confidence.statistics",
+                found=reach,
+                expected=f"at most slab.halo = {self.slab.halo} slices",
+            )
         return ConfidentUNet3d(unet, head).eval()
 
 
