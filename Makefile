@@ -3,9 +3,14 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# `sct-agent serve` (Triton through PyTriton) runs in its own environment: PyTriton's model stub loads the
+# system's libpython, so this one is made from the system's Python 3.11 (docs/scale-out.md).
+SERVE_PYTHON ?= /usr/bin/python3.11
+SERVE_VENV := .venv-serve
+SERVE_STAMP := $(SERVE_VENV)/.installed-stamp
 DEMO_OUT ?= demo-output
 
-.PHONY: demo test lint pytest clean
+.PHONY: demo test lint pytest clean serve-env
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +18,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+$(SERVE_STAMP): pyproject.toml
+	$(SERVE_PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(SERVE_VENV)/bin/python -m pip install --quiet -e '.[serve]'
+	touch $(SERVE_STAMP)
+
+serve-env: $(SERVE_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/sct-agent demo --out $(DEMO_OUT)
@@ -24,8 +37,8 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-pytest: $(STAMP)
+pytest: $(STAMP) $(SERVE_STAMP)
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(SERVE_VENV) $(DEMO_OUT) .mypy_cache .ruff_cache .pytest_cache

@@ -110,7 +110,9 @@ class AgentService:
                 self.manifest,
                 backend=config.engine.backend,
                 options=BackendOptions(
-                    threads=config.engine.threads or None, cache_dir=config.engine_cache_dir
+                    threads=config.engine.threads or None,
+                    cache_dir=config.engine_cache_dir,
+                    remote=config.triton.link(observer=self.metrics),
                 ),
                 slab_depth=config.engine.slab_depth or None,
             )

@@ -37,6 +37,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "agent.cli.doctor",
         "check the configuration, model, engine cache, keys, ports and folders before the service starts",
     ),
+    "serve": (
+        "agent.cli.serve",
+        "serve the sCT engine to agents through Triton Inference Server (a GPU pool for several scanners)",
+    ),
     "keys": ("agent.cli.keys", "create CURVE key pairs for the publisher and its subscribers"),
     "page-user": ("agent.cli.page_user", "add or change a status page user (basic auth), or remove one"),
     "page-token": ("agent.cli.page_token", "make the status page's access token file (token auth, kiosks)"),

@@ -54,7 +54,9 @@ from agent.records import (
 from agent.status_events import error_event, progress_event
 from agent.vocabulary import LogEvent, StatusKind, StreamAction
 from engines.backends.aot_worker import EngineWorkerEndedError
+from engines.backends.remote_link import RemoteInferenceError
 from engines.inference.engine import EngineOutOfMemoryError, SctEngine
+from engines.serving.contract import ServedModelMismatchError
 from sct_core.geometry import VolumeGeometry
 
 logger = logging.getLogger(__name__)
@@ -70,6 +72,8 @@ def failure_cause(error: BaseException) -> str:
         return "worker_ended"
     if isinstance(error, EngineOutOfMemoryError):
         return "out_of_memory"
+    if isinstance(error, RemoteInferenceError | ServedModelMismatchError):
+        return "remote"
     return "error"
 
 

@@ -26,11 +26,14 @@ import ipaddress
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from agent.publish.endpoints import default_snapshot_endpoint
 from agent.vocabulary import FileNames, LogFormat
 from sct_core.errors import SctError
+
+if TYPE_CHECKING:
+    from engines.backends.remote_link import RemoteCallObserver, RemoteLink
 
 #: Prefix of the environment overrides: ``SCT_AGENT_<SECTION>_<KEY>``.
 ENV_PREFIX = "SCT_AGENT_"
@@ -262,6 +265,65 @@ class EngineConfig:
                 self.slab_depth,
                 f"0 (the manifest's) or a positive multiple of {SLAB_DEPTH_MULTIPLE}",
             )
+
+
+@dataclass(frozen=True, slots=True)
+class TritonConfig:
+    """The Triton server that computes slab windows when ``engine.backend = "triton"`` (docs/scale-out.md)."""
+
+    #: ``host:port`` of the server's gRPC endpoint (``sct-agent serve``); required with the triton backend.
+    url: str = ""
+    #: Patience for one window (s); a call without an answer by then counts as a timeout.
+    timeout_s: float = 60.0
+    #: Calls per window before it counts as failed; the wait between them doubles from ``backoff_s``.
+    attempts: int = 3
+    backoff_s: float = 0.5
+    #: Local backend for windows the server fails ("" = none: the series fails with a clear status; "auto").
+    fallback: str = ""
+    #: With a fallback, the server is tried again after ``retry_s``, doubling up to ``max_retry_s`` (s).
+    retry_s: float = 5.0
+    max_retry_s: float = 120.0
+    #: CA of the server's certificate: TLS on (required when the server is on another host).
+    tls_ca_file: Path | None = None
+    #: Client certificate and key, for a server that requires them (mutual TLS).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    #: File holding the server's access token (``sct-agent serve --token-file``).
+    token_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.fallback:
+            names = backend_names()
+            if self.fallback not in names or self.fallback == "triton":
+                local = [name for name in names if name != "triton"]
+                raise ConfigError(
+                    "triton.fallback", self.fallback, '"" (none) or one of ' + ", ".join(map(repr, local))
+                )
+        self.link()  # every other value is checked where the backend reads it
+
+    def link(self, observer: RemoteCallObserver | None = None) -> RemoteLink | None:
+        """The backend's link settings (None while no url is set); ConfigError naming the key otherwise."""
+        from engines.backends.remote_link import RemoteLink, RemoteLinkError  # noqa: PLC0415
+
+        if not self.url:
+            return None
+        try:
+            return RemoteLink(
+                url=self.url,
+                timeout_s=self.timeout_s,
+                attempts=self.attempts,
+                backoff_s=self.backoff_s,
+                fallback=self.fallback,
+                retry_s=self.retry_s,
+                max_retry_s=self.max_retry_s,
+                tls_ca_file=self.tls_ca_file,
+                tls_cert_file=self.tls_cert_file,
+                tls_key_file=self.tls_key_file,
+                token_file=self.token_file,
+                observer=observer,
+            )
+        except RemoteLinkError as error:
+            raise ConfigError(error.attribute, error.found, error.expected) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -669,6 +731,7 @@ class AgentConfig:
     assembly: AssemblyConfig = field(default_factory=AssemblyConfig)
     protocols: ProtocolsConfig = field(default_factory=ProtocolsConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    triton: TritonConfig = field(default_factory=TritonConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
     dicom: DicomConfig = field(default_factory=DicomConfig)
     receive: ReceiveConfig = field(default_factory=ReceiveConfig)
@@ -677,6 +740,14 @@ class AgentConfig:
     status_page: StatusPageConfig = field(default_factory=StatusPageConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        if self.engine.backend == "triton" and not self.triton.url:
+            raise ConfigError(
+                "triton.url",
+                "",
+                'host:port of the Triton server (sct-agent serve) when engine.backend = "triton"',
+            )
 
     #: Name of the folder under ``state.folder`` that holds engine caches when ``engine.cache_dir`` is unset.
     ENGINE_CACHE_NAME: ClassVar[str] = "engine-cache"

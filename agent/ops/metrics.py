@@ -100,7 +100,9 @@ DISK_FOLDERS: Final = ("state", "dicom")
 JOURNAL_TABLES: Final = ("files", "acquisitions", "verdicts", "slabs", "publications", "volumes")
 #: Why the engine failed a series (agent.inference.engine_stage): its worker process ended (killed by the
 #: kernel's OOM killer, a crash), the GPU ran out of memory, or anything else the engine raised.
-ENGINE_FAILURE_CAUSES: Final = ("worker_ended", "out_of_memory", "error")
+ENGINE_FAILURE_CAUSES: Final = ("worker_ended", "out_of_memory", "remote", "error")
+#: How a call to the Triton server ended (engines.backends.remote_link.RemoteOutcome; a test checks they agree).
+REMOTE_OUTCOMES: Final = ("ok", "unavailable", "timeout", "capacity", "refused", "mismatch", "error")
 #: Why a snapshot request got no snapshot: refused (too many in progress, a malformed request), or the reply was
 #: abandoned (the peer took nothing for the stall limit, or went away).
 SNAPSHOT_FAILURES: Final = ("busy", "malformed", "stalled", "gone")
@@ -324,6 +326,32 @@ class AgentMetrics:
             namespace=ns,
             registry=reg,
         )
+        self._remote_calls = Counter(
+            "remote_inference_calls",
+            "Calls to the Triton server (identity probes and windows), by outcome.",
+            ["outcome"],
+            namespace=ns,
+            registry=reg,
+        )
+        self._remote_seconds = Histogram(
+            "remote_inference_seconds",
+            "Time of each answered call to the Triton server, the window's transfer both ways included.",
+            namespace=ns,
+            registry=reg,
+            buckets=INFERENCE_BUCKETS_S,
+        )
+        self._remote_fallback = Counter(
+            "remote_fallback_windows",
+            "Windows the local fallback engine computed because the Triton server failed them.",
+            namespace=ns,
+            registry=reg,
+        )
+        self._remote_up = Gauge(
+            "remote_server_up",
+            "1 while the Triton server is connected and serves the manifest's model; 0 otherwise.",
+            namespace=ns,
+            registry=reg,
+        )
         self._watch_folder = Gauge(
             "watch_folder_available",
             "1 while the export folder is watched; 0 while it is missing, unreadable or unmounted.",
@@ -484,6 +512,8 @@ class AgentMetrics:
             self._store.labels(outcome=outcome)
         for cause in ENGINE_FAILURE_CAUSES:
             self._engine_failures.labels(cause=cause)
+        for outcome in REMOTE_OUTCOMES:
+            self._remote_calls.labels(outcome=outcome)
         for reason in SNAPSHOT_FAILURES:
             self._snapshot_failures.labels(reason=reason)
         for reason in SNAPSHOT_REQUEST_REASONS:
@@ -620,6 +650,19 @@ class AgentMetrics:
     def engine_failure(self, cause: str) -> None:
         """Count one series the engine failed, by cause (see ``ENGINE_FAILURE_CAUSES``)."""
         self._engine_failures.labels(cause=_check_label("cause", cause, ENGINE_FAILURE_CAUSES)).inc()
+
+    # The engines.backends.remote_link.RemoteCallObserver protocol: told on the engine thread, returns at once.
+    def remote_call(self, outcome: str, seconds: float) -> None:
+        """Count one call to the Triton server by outcome; time the answered ones."""
+        self._remote_calls.labels(outcome=_check_label("outcome", outcome, REMOTE_OUTCOMES)).inc()
+        if outcome == "ok":
+            self._remote_seconds.observe(seconds)
+
+    def remote_fallback(self) -> None:
+        self._remote_fallback.inc()
+
+    def remote_connected(self, up: bool) -> None:
+        self._remote_up.set(1 if up else 0)
 
     def set_curve(self, on: bool) -> None:
         self._security.set(1 if on else 0)

@@ -59,6 +59,7 @@ UNCACHED_BACKENDS: Final[Mapping[str, str]] = {
     "torch-eager": "runs the model eagerly: nothing to build, the slowest backend per slab",
     "torch-optimised": "compiles with torch.compile at every start (23 to 50 s on 2 cores); nothing is cached ahead",
     "onnxruntime": "exports an ONNX file at its first start and reuses it from the cache after that",
+    "triton": "windows computed by the Triton server in [triton] url; its model identity is checked at start",
 }
 #: Permission bits that let the secret key file's group read or change it.
 _GROUP_ACCESS: Final = stat.S_IRGRP | stat.S_IWGRP

@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from engines.backends.remote_link import RemoteLink
 from engines.model.manifest import ModelManifest
 from sct_core.errors import SctError
 
@@ -60,6 +61,8 @@ class BackendOptions:
     cache_dir: Path | None = None
     #: Told ``(step, fraction done)`` while an engine is built (``sct-agent engine build`` draws a bar).
     progress: Callable[[str, float], None] | None = None
+    #: The link to a remote server, for the ``triton`` backend (engines.backends.remote_link); ignored by others.
+    remote: RemoteLink | None = None
 
 
 @dataclass(frozen=True, slots=True)

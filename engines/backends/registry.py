@@ -29,6 +29,7 @@ from engines.backends.onnx_runtime import OnnxRuntimeBackend
 from engines.backends.tensorrt import TensorRtBackend
 from engines.backends.torch_cpu import TorchEagerBackend, TorchOptimisedBackend
 from engines.backends.torch_cuda import TorchCudaBackend
+from engines.backends.triton_client import TritonBackend
 from engines.model.manifest import ModelManifest
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ BACKENDS: dict[str, type[InferenceBackend]] = {
         OnnxRuntimeBackend,
         TorchCudaBackend,
         TensorRtBackend,
+        TritonBackend,
     )
 }
 #: GPU candidates ``auto`` tries before the CPU default, fastest first.
@@ -94,6 +96,8 @@ def load_backend(
     options: BackendOptions = BackendOptions(),
 ) -> InferenceBackend:
     """Load, warm up and return backend ``name`` (or the ``auto`` choice) for windows of ``input_shape``."""
+    if name == TritonBackend.name:
+        return _load_remote(manifest, input_shape, options)
     if name != AUTO:
         return _backend_class(name).load(manifest, input_shape, options)
     passed_over: list[str] = []
@@ -122,6 +126,27 @@ def load_backend(
         passed_over.append(str(exc))
         backend = TorchOptimisedBackend.load(manifest, input_shape, cpu_options)
     backend.passed_over = passed_over
+    return backend
+
+
+def _load_remote(
+    manifest: ModelManifest, input_shape: tuple[int, int, int, int], options: BackendOptions
+) -> TritonBackend:
+    """The ``triton`` backend, and the local backend it falls back to when the link names one (loaded and warmed
+    first, so that the first window the server fails costs no compile)."""
+    link = options.remote
+    local = None
+    if link is not None and link.fallback:
+        if link.fallback == TritonBackend.name:
+            raise ValueError("triton.fallback: found 'triton', expected a local backend or auto")
+        local = load_backend(link.fallback, manifest, input_shape, dataclasses.replace(options, remote=None))
+    try:
+        backend = TritonBackend.load(manifest, input_shape, options)
+    except BaseException:
+        if local is not None:
+            local.close()
+        raise
+    backend.fallback = local
     return backend
 
 

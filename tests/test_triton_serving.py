@@ -1,0 +1,335 @@
+"""Many scanners, one GPU pool: the ``triton`` backend against a real Triton server started by ``sct-agent serve``.
+
+The server runs in its own process from the serve environment (tests/triton_support.py), on loopback, with the
+eager CPU engine; the agent side is the real ``triton`` backend over gRPC. What must hold across the network:
+stitched sCT equal to the local engine's, a server with other weights refused with both named, a token and TLS
+that are really required, and a server killed mid-series that gives the configured behaviour (the window fails
+after the configured attempts, or the local fallback computes it) without hanging.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from agent_support import SMALL_FOV_MM, SMALL_SLAB_DEPTH
+from test_status_page_access import make_certificate
+from triton_support import RunningServer, served
+
+from engines.backends.base import BackendOptions
+from engines.backends.remote_link import RemoteInferenceError, RemoteLink, RemoteLinkError, RemoteOutcome
+from engines.backends.triton_client import classify
+from engines.inference.engine import SctEngine
+from engines.model.manifest import DEFAULT_MODEL_DIR, ModelManifest, default_manifest
+from engines.phantom.generate import generate_case
+from engines.scanner.export import SimulationRequest
+from engines.serving.contract import ServedIdentity, ServedModelMismatchError, served_model_name
+from engines.serving.triton_server import ServeConfigError, ServeSettings, serve_environment_problem
+from engines.serving.window_runner import WindowRunner, WindowShapeError
+
+#: The small phantom's in-plane matrix (SMALL_FOV_MM at 0.74 mm): windows of 2 x 48 x 168 x 168.
+MATRIX = "162x162"
+SERVE_ARGS = ("--backend", "torch-eager", "--slab-depth", str(SMALL_SLAB_DEPTH), "--matrix", MATRIX)
+
+
+@dataclass
+class Recorder:
+    """The agent's metrics as the backend sees them (engines.backends.remote_link.RemoteCallObserver)."""
+
+    calls: list[tuple[str, float]] = field(default_factory=list)
+    fallbacks: int = 0
+    connected: list[bool] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def remote_call(self, outcome: str, seconds: float) -> None:
+        with self.lock:
+            self.calls.append((outcome, seconds))
+
+    def remote_fallback(self) -> None:
+        self.fallbacks += 1
+
+    def remote_connected(self, up: bool) -> None:
+        self.connected.append(up)
+
+    def outcomes(self) -> list[str]:
+        return [outcome for outcome, _ in self.calls]
+
+
+@pytest.fixture(scope="module")
+def echoes() -> np.ndarray:
+    request = SimulationRequest(seed=900211, settings=(), echoes=None, fov_mm=SMALL_FOV_MM, supersample=1)
+    return generate_case(900211, request.acquisition(), supersample=1).echoes
+
+
+@pytest.fixture(scope="module")
+def local_hu(echoes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    engine = SctEngine.load(backend="torch-eager", in_plane=echoes.shape[-2:], slab_depth=SMALL_SLAB_DEPTH)
+    try:
+        return engine.infer_volume_with_confidence(echoes)
+    finally:
+        engine.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    with served(tmp_path_factory.mktemp("serve"), *SERVE_ARGS) as running:
+        yield running
+
+
+def remote_engine(
+    link: RemoteLink, in_plane: tuple[int, int], manifest: ModelManifest | None = None
+) -> SctEngine:
+    return SctEngine.load(
+        manifest,
+        backend="triton",
+        options=BackendOptions(remote=link),
+        in_plane=in_plane,
+        slab_depth=SMALL_SLAB_DEPTH,
+    )
+
+
+def test_stitched_sct_through_triton_equals_the_local_engine(
+    server: RunningServer, echoes: np.ndarray, local_hu: tuple[np.ndarray, np.ndarray]
+) -> None:
+    recorder = Recorder()
+    engine = remote_engine(
+        RemoteLink(url=server.url, observer=recorder), (echoes.shape[-2], echoes.shape[-1])
+    )
+    try:
+        hu, confidence = engine.infer_volume_with_confidence(echoes)
+        info = engine.info
+    finally:
+        engine.close()
+    expected_hu, expected_confidence = local_hu
+    assert float(np.max(np.abs(hu - expected_hu))) <= 1.0
+    assert np.array_equal(np.round(hu).astype(np.int16), np.round(expected_hu).astype(np.int16))
+    assert np.array_equal(confidence, expected_confidence)
+    # Identity probe, warm-up window, then one call per slab window; all answered.
+    windows = -(-echoes.shape[1] // SMALL_SLAB_DEPTH)
+    assert recorder.outcomes() == ["ok"] * (2 + windows)
+    assert recorder.connected == [True, False]  # connected once; closed with the engine
+    assert info.backend == "triton" and info.device == f"triton://{server.url}"
+    assert info.details["engine"] == "torch-eager fp32 on cpu"
+    assert info.details["served_model"] == served_model_name(info.model_id, info.model_version)
+
+
+def test_a_server_with_other_weights_is_refused_naming_both(server: RunningServer, tmp_path: Path) -> None:
+    # The agent's model: the shipped network with one weight changed, so its manifest hash differs.
+    folder = tmp_path / "model"
+    shutil.copytree(DEFAULT_MODEL_DIR, folder)
+    manifest_path = folder / "manifest.json"
+    data = json.loads(manifest_path.read_text())
+    weights = torch.load(folder / data["weights"]["file"], weights_only=True)
+    first = next(iter(weights))
+    weights[first] = weights[first] + 1e-3
+    torch.save(weights, folder / data["weights"]["file"])
+    data["weights"]["sha256"] = hashlib.sha256((folder / data["weights"]["file"]).read_bytes()).hexdigest()
+    manifest_path.write_text(json.dumps(data, indent=2))
+    ours = ModelManifest.load(folder)
+    served_sha = default_manifest().weights_sha256
+
+    recorder = Recorder()
+    with pytest.raises(ServedModelMismatchError) as refused:
+        remote_engine(RemoteLink(url=server.url, observer=recorder), (162, 162), ours)
+    message = str(refused.value)
+    assert f"weights_sha256: server {served_sha!r}, manifest {ours.weights_sha256!r}" in message
+    assert server.url in message and "refusing" in message
+    assert refused.value.attribute == "triton.model"
+    assert "mismatch" in recorder.outcomes() and recorder.connected == []
+
+
+def test_a_server_on_another_port_is_told_apart_from_a_slow_one() -> None:
+    assert (
+        classify("StatusCode.UNAVAILABLE", "failed to connect to all addresses") is RemoteOutcome.UNAVAILABLE
+    )
+    assert classify("StatusCode.DEADLINE_EXCEEDED", "Deadline Exceeded") is RemoteOutcome.TIMEOUT
+    assert classify("StatusCode.UNAVAILABLE", "Exceeds maximum queue size") is RemoteOutcome.CAPACITY
+    assert (
+        classify("StatusCode.UNAVAILABLE", "This protocol is restricted, expecting header 'triton-grpc-…'")
+        is RemoteOutcome.REFUSED
+    )
+    assert (
+        classify("StatusCode.NOT_FOUND", "Request for unknown model: 'x' is not found")
+        is RemoteOutcome.UNAVAILABLE
+    )
+    assert classify("StatusCode.INVALID_ARGUMENT", "unexpected shape") is RemoteOutcome.REFUSED
+    assert classify("StatusCode.INTERNAL", "boom") is RemoteOutcome.ERROR
+
+
+def test_token_and_tls_are_required_and_a_server_killed_mid_series_fails_or_falls_back(
+    tmp_path: Path, echoes: np.ndarray, local_hu: tuple[np.ndarray, np.ndarray]
+) -> None:
+    certificate, key = make_certificate(tmp_path, "serve")
+    token = tmp_path / "token"
+    token.write_text("a-long-random-token\n")
+    wrong = tmp_path / "wrong-token"
+    wrong.write_text("not-the-token\n")
+    in_plane = (echoes.shape[-2], echoes.shape[-1])
+    arguments = (
+        *SERVE_ARGS,
+        "--tls-cert",
+        str(certificate),
+        "--tls-key",
+        str(key),
+        "--token-file",
+        str(token),
+    )
+    with served(tmp_path / "serve", *arguments, ssl_ca=certificate) as server:
+        # Without the token, or with another one: refused at start, at once, and not retried.
+        for token_file in (None, wrong):
+            recorder = Recorder()
+            started = time.monotonic()
+            with pytest.raises(RemoteInferenceError) as refused:
+                remote_engine(
+                    RemoteLink(
+                        url=server.url, tls_ca_file=certificate, token_file=token_file, observer=recorder
+                    ),
+                    in_plane,
+                )
+            assert refused.value.outcome is RemoteOutcome.REFUSED, refused.value
+            assert recorder.outcomes() == ["refused"] and time.monotonic() - started < 10
+        # Plaintext against the TLS endpoint does not get through either.
+        with pytest.raises(RemoteInferenceError):
+            engine = remote_engine(
+                RemoteLink(url=server.url, token_file=token, attempts=1, timeout_s=5), in_plane
+            )
+            engine.infer_volume(echoes)
+
+        link = partial(
+            RemoteLink,
+            url=server.url,
+            tls_ca_file=certificate,
+            token_file=token,
+            attempts=2,
+            backoff_s=0.2,
+            timeout_s=30,
+        )
+        failing, falling_back = Recorder(), Recorder()
+        plain = remote_engine(link(observer=failing), in_plane)
+        with_fallback = remote_engine(link(fallback="torch-eager", observer=falling_back), in_plane)
+        try:
+            expected_hu, _ = local_hu
+            first = plain.infer_volume(echoes)
+            assert np.array_equal(np.round(first), np.round(expected_hu))
+
+            server.kill()  # mid-series for both engines: the next windows find no server
+
+            started = time.monotonic()
+            with pytest.raises(RemoteInferenceError) as failed:
+                plain.infer_volume(echoes)
+            assert failed.value.outcome is RemoteOutcome.UNAVAILABLE
+            assert "after 2 attempts" in str(failed.value) and server.url in str(failed.value)
+            assert time.monotonic() - started < 30, "a dead server must not hold the series for long"
+            assert (
+                failing.outcomes()[-2:] == ["unavailable", "unavailable"] and failing.connected[-1] is False
+            )
+
+            hu = with_fallback.infer_volume(echoes)
+            assert np.array_equal(np.round(hu), np.round(expected_hu))
+            windows = -(-echoes.shape[1] // SMALL_SLAB_DEPTH)
+            assert falling_back.fallbacks == windows
+            # The first failed window tried the server; the next ones waited for retry_s without calling it.
+            assert falling_back.outcomes().count("unavailable") == 2
+        finally:
+            plain.close()
+            with_fallback.close()
+
+    # A server down when the agent starts: the engine loads (warning) and each window fails clearly.
+    recorder = Recorder()
+    down = remote_engine(RemoteLink(url=server.url, attempts=1, observer=recorder), in_plane)
+    try:
+        with pytest.raises(RemoteInferenceError) as failed:
+            down.infer_volume(echoes)
+        assert failed.value.outcome is RemoteOutcome.UNAVAILABLE
+    finally:
+        down.close()
+
+
+def test_link_settings_that_cannot_work_are_refused_by_name(tmp_path: Path) -> None:
+    with pytest.raises(RemoteLinkError, match=r"triton\.url: found 'gpu-1', expected host:port"):
+        RemoteLink(url="gpu-1")
+    with pytest.raises(RemoteLinkError, match=r"triton\.attempts"):
+        RemoteLink(url="gpu-1:8001", attempts=0)
+    with pytest.raises(RemoteLinkError, match="both"):
+        RemoteLink(url="gpu-1:8001", tls_ca_file=tmp_path / "ca", tls_cert_file=tmp_path / "c")
+    with pytest.raises(RemoteLinkError, match=r"triton\.token_file"):
+        RemoteLink(url="gpu-1:8001", token_file=tmp_path / "missing").token()
+
+
+def test_serve_refuses_to_serve_other_hosts_in_the_clear(tmp_path: Path) -> None:
+    manifest = default_manifest()
+    with pytest.raises(ServeConfigError, match=r"serve\.address: found '0\.0\.0\.0'.*TLS"):
+        ServeSettings(manifest, address="0.0.0.0").check()
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    cert.write_text("x")
+    key.write_text("x")
+    with pytest.raises(ServeConfigError, match=r"serve\.token_file"):
+        ServeSettings(manifest, address="10.1.2.3", tls_cert_file=cert, tls_key_file=key).check()
+    ServeSettings(
+        manifest, address="10.1.2.3", tls_cert_file=cert, tls_key_file=key, tls_client_ca_file=cert
+    ).check()
+    ServeSettings(manifest, address="0.0.0.0", insecure=True).check()
+    ServeSettings(manifest).check()
+    with pytest.raises(ServeConfigError, match="three different ports"):
+        ServeSettings(manifest, grpc_port=9000, metrics_port=9000).check()
+
+
+def test_serve_in_an_environment_without_pytriton_says_how_to_get_one() -> None:
+    # The agent's own environment has no PyTriton (it lives in the serve environment): refused, not a traceback.
+    problem = serve_environment_problem()
+    assert problem is not None and "sct-edge-agent[serve]" in problem
+    result = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "serve"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 2 and problem in result.stderr
+
+
+def test_identity_names_every_difference_and_ignores_the_engine() -> None:
+    ours = ServedIdentity.of(default_manifest())
+    theirs = ServedIdentity(
+        ours.model_id,
+        "2.0.0",
+        "f" * 64,
+        ours.confidence_sha256,
+        ours.outputs,
+        engine="tensorrt fp16 on cuda:0",
+    )
+    assert theirs.differences(ours) == [
+        f"model_version: server '2.0.0', manifest {ours.model_version!r}",
+        f"weights_sha256: server {'f' * 64!r}, manifest {ours.weights_sha256!r}",
+    ]
+    same_model = ServedIdentity(**{**json.loads(ours.to_json()), "engine": "torch-cuda fp16 on cuda:0"})
+    same_model.check(ours, "gpu-1:8001")
+    with pytest.raises(ServedModelMismatchError, match="served model identity"):
+        ServedIdentity.from_json(b"<html>")
+
+
+def test_the_window_runner_refuses_shapes_the_network_cannot_take_and_batches_exactly() -> None:
+    manifest = default_manifest()
+    runner = WindowRunner(manifest, "torch-eager", BackendOptions(), max_shapes=1)
+    try:
+        for shape in ((3, 48, 64, 64), (2, 48, 60, 64), (2, 512, 512, 512)):
+            with pytest.raises(WindowShapeError, match="window shape"):
+                runner.check(shape)
+        rng = np.random.default_rng(1)
+        windows = rng.random((2, 2, 40, 32, 32), dtype=np.float32)
+        batch = runner.run(windows)
+        alone = runner.run(windows[1:])
+        assert batch.shape == (2, manifest.network_outputs, 40, 32, 32)
+        assert np.array_equal(batch[1], alone[0])
+        runner.run(rng.random((1, 2, 40, 32, 40), dtype=np.float32))
+        assert runner.shapes == [(2, 40, 32, 40)]  # the least recently used engine was closed
+    finally:
+        runner.close()
