@@ -16,7 +16,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,10 +40,11 @@ from real_dicom_support import (
     SIEMENS_SPLIT_ECHO2,
     shared_dicom,
 )
+from triton_support import served
 
 from agent.cli import check
 from agent.client import ReceivedVolume, SctClient
-from agent.ops.config import AgentConfig
+from agent.ops.config import AgentConfig, TritonConfig
 from agent.publish.wire import ConfidenceMessage, SlabMessage, StatusMessage, encode_snapshot_request
 from agent.service import AgentService
 from engines.inference.engine import SctEngine
@@ -571,3 +572,60 @@ def test_metrics_are_served_and_pass_promtool(agent: RunningAgent) -> None:
         [promtool, "check", "metrics"], input=text, capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_second_agent_gets_its_sct_from_a_triton_server_with_the_same_bytes(
+    tmp_path: Path, passing_case: PhantomCase
+) -> None:
+    """The scale-out path end to end: ``sct-agent serve`` in its own process and environment, an agent whose
+    engine is the ``triton`` backend, and a subscriber that receives exactly what local inference gives."""
+    protocols = write_test_protocol(tmp_path / "protocols")
+    model = write_test_model(tmp_path / "model")
+    serve_arguments = ("--model", str(model), "--backend", "torch-eager", "--slab-depth", str(SMALL_SLAB_DEPTH))
+    rows, cols = passing_case.geometry.shape[1:]
+    with served(tmp_path / "serve", *serve_arguments, "--matrix", f"{rows}x{cols}") as server:
+        base = agent_config(tmp_path, protocols, model, quiet_period_s=3.0)
+        config = replace(base, engine=replace(base.engine, backend="triton"), triton=TritonConfig(url=server.url))
+        with running_agent(config, model) as agent:
+            agent.export_series(passing_case, "pass-remote", rate_files_per_s=200.0)
+            agent.listener.wait(lambda listener: len(listener.volumes) >= 1)
+            volume = agent.listener.volumes[-1]
+            text = agent.metrics_text()
+
+            # The server dies; the next series fails with a status that says why, and the agent goes on.
+            server.kill()
+            agent.export_series(simulate_case(PASSING_SEED + 7), "after-server-died", rate_files_per_s=200.0)
+            agent.listener.wait(
+                lambda listener: any(s.kind == "error" and s.body.get("stage") == "engine" for s in listener.statuses)
+            )
+            error = next(s for s in agent.listener.statuses if s.kind == "error")
+            agent.listener.wait(
+                lambda listener: any(
+                    s.kind == "cancelled" and s.acquisition_id == error.acquisition_id for s in listener.statuses
+                )
+            )
+            after = agent.metrics_text()
+            assert len(agent.listener.volumes) == 1
+    assert "engine triton" in error.body["message"] and "unavailable" in error.body["message"]
+    assert server.url in error.body["message"]
+    assert metric(after, 'sct_agent_engine_failures_total{cause="remote"}') == 1
+    assert metric(after, "sct_agent_remote_server_up") == 0
+    verdict = agent.listener.final_verdict(volume.acquisition_id)
+    assert verdict is not None and verdict.body["outcome"] == "pass"
+    assert volume.complete_from_slabs and volume.matches_volume_message and agent.listener.gaps == 0
+
+    engine = SctEngine.load(
+        ModelManifest.load(model), backend="torch-eager", in_plane=(rows, cols), slab_depth=SMALL_SLAB_DEPTH
+    )
+    try:
+        local = np.round(engine.infer_volume(passing_case.echoes)).astype(np.int16)
+    finally:
+        engine.close()
+    assert volume.hu.tobytes() == local.tobytes()
+
+    # Hospital IT sees the remote engine and its calls: the identity probe, the warm-up and one call per slab.
+    assert metric(text, 'sct_agent_remote_inference_calls_total{outcome="ok"}') >= 2 + volume.slab_count
+    assert metric(text, 'sct_agent_remote_inference_calls_total{outcome="unavailable"}') == 0
+    assert metric(text, "sct_agent_remote_server_up") == 1
+    assert metric(text, "sct_agent_remote_fallback_windows_total") == 0
+    assert f'device="triton://{server.url}"' in text and 'backend="triton"' in text
