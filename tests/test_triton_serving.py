@@ -9,6 +9,7 @@ after the configured attempts, or the local fallback computes it) without hangin
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -26,8 +27,10 @@ import pytest
 import torch
 from agent_support import SMALL_FOV_MM, SMALL_SLAB_DEPTH
 from test_status_page_access import make_certificate
-from triton_support import RunningServer, served
+from triton_support import RunningServer, free_ports, served
 
+from agent.ops.config import AgentConfig, EngineConfig, TritonConfig
+from agent.ops.preflight import Status, check_engine
 from engines.backends.base import BackendOptions
 from engines.backends.remote_link import RemoteInferenceError, RemoteLink, RemoteLinkError, RemoteOutcome
 from engines.backends.triton_client import classify
@@ -333,3 +336,19 @@ def test_the_window_runner_refuses_shapes_the_network_cannot_take_and_batches_ex
         assert runner.shapes == [(2, 40, 32, 40)]  # the least recently used engine was closed
     finally:
         runner.close()
+
+
+def test_doctor_says_whether_the_server_answers_with_the_manifests_model(server: RunningServer) -> None:
+    manifest = default_manifest()
+    config = dataclasses.replace(
+        AgentConfig(), engine=EngineConfig(backend="triton"), triton=TritonConfig(url=server.url)
+    )
+    check = check_engine(config, manifest)
+    assert check.status is Status.OK and check.attribute == "triton.url", check
+    assert manifest.weights_sha256[:16] in check.message and "torch-eager fp32 on cpu" in check.message
+
+    (port,) = free_ports(1)
+    nobody = dataclasses.replace(config, triton=TritonConfig(url=f"127.0.0.1:{port}", fallback="torch-eager"))
+    check = check_engine(nobody, manifest)
+    assert check.status is Status.WARN and "unavailable" in check.message, check
+    assert "the local 'torch-eager' fallback computes" in check.message

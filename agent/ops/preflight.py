@@ -267,10 +267,47 @@ def check_engine_cache_dir(config: AgentConfig) -> Check:
     )
 
 
+def check_triton_server(config: AgentConfig, manifest: ModelManifest) -> Check:
+    """Whether the Triton server answers and serves the manifest's model; nothing is computed."""
+    from engines.backends.remote_link import RemoteInferenceError, RemoteLinkError, RemoteOutcome  # noqa: PLC0415
+    from engines.backends.triton_client import probe_server  # noqa: PLC0415
+    from engines.serving.contract import ServedModelMismatchError  # noqa: PLC0415
+
+    link = config.triton.link()
+    if link is None:  # AgentConfig refuses this combination; kept for a hand-built config
+        return Check("engine", Status.FAIL, "triton.url", 'not set, and engine.backend = "triton" needs it')
+    try:
+        served = probe_server(manifest, link)
+    except ServedModelMismatchError as error:
+        return Check("engine", Status.FAIL, "triton.url", str(error))
+    except RemoteLinkError as error:
+        return Check("engine", Status.FAIL, error.attribute, str(error))
+    except RemoteInferenceError as error:
+        status = Status.FAIL if error.outcome is RemoteOutcome.REFUSED else Status.WARN
+        fallback = f"the local {link.fallback!r} fallback computes" if link.fallback else "series fail"
+        return Check("engine", status, "triton.url", f"{error}; until the server answers, {fallback}")
+    return Check(
+        "engine",
+        Status.OK,
+        "triton.url",
+        f"{link.url} serves {served.model_id} {served.model_version} (weights {served.weights_sha256[:16]}…, as "
+        f"the manifest) on {served.engine or 'an unnamed engine'}, {'TLS' if link.tls else 'plaintext'}",
+    )
+
+
 def check_engine(
     config: AgentConfig, manifest: ModelManifest | None, config_path: Path | None = None
 ) -> Check:
-    """Whether the engine the start would use is cached and accepted on this machine; nothing is built."""
+    """Whether the engine the start would use is cached and accepted on this machine, or (``triton``) whether its
+    server answers with the manifest's model; nothing is built or computed."""
+    if manifest is not None and config.engine.backend == "triton":
+        return check_triton_server(config, manifest)
+    return _check_local_engine(config, manifest, config_path)
+
+
+def _check_local_engine(
+    config: AgentConfig, manifest: ModelManifest | None, config_path: Path | None
+) -> Check:
     attribute = "engine.backend"
     if manifest is None:
         return Check("engine", Status.WARN, attribute, "not checked: the model did not load (see model)")

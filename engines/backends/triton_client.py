@@ -32,13 +32,14 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 import torch
 
-from engines.backends.base import BackendUnavailableError, InferenceBackend
+from engines.backends.base import BackendOptions, BackendUnavailableError, InferenceBackend
 from engines.backends.remote_link import (
     RETRIED,
     RemoteInferenceError,
     RemoteLink,
     RemoteOutcome,
 )
+from engines.model.manifest import ModelManifest
 from engines.serving.contract import (
     GRPC_TOKEN_HEADER,
     IDENTITY_OUTPUT,
@@ -92,6 +93,31 @@ class TritonBackend(InferenceBackend):
     warmed_by_prepare = True
 
     def _prepare(self) -> None:
+        self._setup()
+        link = self.link
+        try:
+            self._connect()
+            started = time.perf_counter()
+            self._remote(torch.zeros(self.input_shape, dtype=torch.float32))
+            logger.info(
+                "Triton server %s: model %s verified, window %s warm in %.1f s",
+                link.url,
+                self.served,
+                "x".join(map(str, self.input_shape)),
+                time.perf_counter() - started,
+            )
+        except RemoteInferenceError as exc:
+            if exc.outcome is RemoteOutcome.REFUSED:
+                raise  # a wrong token or certificate does not heal: tell IT now
+            logger.warning(
+                "Triton server %s not usable at start (%s): series %s until it is; the link keeps trying",
+                link.url,
+                exc,
+                "are computed by the local fallback" if link.fallback else "fail with a clear status",
+            )
+
+    def _setup(self) -> None:
+        """The link's settings and state; no connection yet."""
         link = self.options.remote
         if link is None:
             raise BackendUnavailableError(
@@ -121,26 +147,6 @@ class TritonBackend(InferenceBackend):
             raise ValueError(
                 f"slab window {'x'.join(map(str, self.input_shape))}: found {nbytes} bytes, expected at most "
                 f"{MAX_MESSAGE_BYTES} (gRPC's message limit); configure a smaller engine.slab_depth"
-            )
-        try:
-            self._connect()
-            started = time.perf_counter()
-            self._remote(torch.zeros(self.input_shape, dtype=torch.float32))
-            logger.info(
-                "Triton server %s: model %s verified, window %s warm in %.1f s",
-                link.url,
-                self.served,
-                "x".join(map(str, self.input_shape)),
-                time.perf_counter() - started,
-            )
-        except RemoteInferenceError as exc:
-            if exc.outcome is RemoteOutcome.REFUSED:
-                raise  # a wrong token or certificate does not heal: tell IT now
-            logger.warning(
-                "Triton server %s not usable at start (%s): series %s until it is; the link keeps trying",
-                link.url,
-                exc,
-                "are computed by the local fallback" if link.fallback else "fail with a clear status",
             )
 
     # -- the link ------------------------------------------------------------------------------------------
@@ -335,3 +341,20 @@ class TritonBackend(InferenceBackend):
         if self.fallback is not None:
             details["fallback"] = f"{self.fallback.name} {self.fallback.precision.value}"
         return details
+
+
+def probe_server(manifest: ModelManifest, link: RemoteLink) -> ServedIdentity:
+    """Connect and check the server's identity against the manifest, computing nothing (``sct-agent doctor``).
+
+    Raises :class:`RemoteInferenceError` (unreachable, refused) or :class:`ServedModelMismatchError`."""
+    factor = manifest.architecture.downsampling_factor
+    backend = TritonBackend(
+        manifest, (manifest.architecture.in_channels, factor, factor, factor), BackendOptions(remote=link)
+    )
+    backend._setup()
+    try:
+        backend._connect()
+        assert backend.server_identity is not None
+        return backend.server_identity
+    finally:
+        backend._disconnect()
