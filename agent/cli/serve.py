@@ -80,6 +80,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         metavar="ROWSxCOLS",
         help="in-plane matrix agents send (repeatable; default the manifest's): warmed before ready",
     )
+    parser.add_argument(
+        "--max-shapes",
+        type=int,
+        default=4,
+        metavar="N",
+        help="window shapes kept built and warm (least used closed)",
+    )
     parser.add_argument("--tls-cert", type=Path, metavar="FILE", help="server certificate (PEM)")
     parser.add_argument("--tls-key", type=Path, metavar="FILE", help="server key (PEM)")
     parser.add_argument(
@@ -131,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
             batch_delay_us=args.batch_delay_us,
             max_queue=args.max_queue,
             warm_windows=windows,
+            max_shapes=args.max_shapes,
             tls_cert_file=args.tls_cert,
             tls_key_file=args.tls_key,
             tls_client_ca_file=args.tls_client_ca,

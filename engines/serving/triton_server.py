@@ -126,6 +126,12 @@ class ServeSettings:
                 (self.max_batch, self.max_queue, self.batch_delay_us),
                 "max_batch >= 1, max_queue >= 1, batch_delay_us >= 0",
             )
+        if self.max_shapes < 1 or len(self.warm_windows) > self.max_shapes:
+            raise ServeConfigError(
+                "serve.max_shapes",
+                self.max_shapes,
+                f"1 or more, and at least the {len(self.warm_windows)} windows to warm (--slab-depth x --matrix)",
+            )
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ServeConfigError(
                 "serve.tls_cert_file/tls_key_file", (self.tls_cert_file, self.tls_key_file), "both or neither"
