@@ -29,7 +29,9 @@ from agent_support import SMALL_FOV_MM, SMALL_SLAB_DEPTH
 from test_status_page_access import make_certificate
 from triton_support import RunningServer, free_ports, served
 
+from agent.inference.engine_stage import failure_cause
 from agent.ops.config import AgentConfig, EngineConfig, TritonConfig
+from agent.ops.metrics import ENGINE_FAILURE_CAUSES, REMOTE_OUTCOMES
 from agent.ops.preflight import Status, check_engine
 from engines.backends.base import BackendOptions
 from engines.backends.remote_link import RemoteInferenceError, RemoteLink, RemoteLinkError, RemoteOutcome
@@ -352,3 +354,11 @@ def test_doctor_says_whether_the_server_answers_with_the_manifests_model(server:
     check = check_engine(nobody, manifest)
     assert check.status is Status.WARN and "unavailable" in check.message, check
     assert "the local 'torch-eager' fallback computes" in check.message
+
+
+def test_the_metric_labels_are_the_links_outcomes_and_a_remote_failure_has_its_cause() -> None:
+    assert tuple(outcome.value for outcome in RemoteOutcome) == REMOTE_OUTCOMES
+    error = RemoteInferenceError("down", outcome=RemoteOutcome.UNAVAILABLE, server="gpu-1:8001")
+    mismatch = ServedModelMismatchError("other weights", found="{}", expected="{}")
+    assert failure_cause(error) == failure_cause(mismatch) == "remote"
+    assert "remote" in ENGINE_FAILURE_CAUSES
