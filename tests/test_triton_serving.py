@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -223,7 +224,9 @@ def test_token_and_tls_are_required_and_a_server_killed_mid_series_fails_or_fall
         )
         failing, falling_back = Recorder(), Recorder()
         plain = remote_engine(link(observer=failing), in_plane)
-        with_fallback = remote_engine(link(fallback="torch-eager", observer=falling_back), in_plane)
+        with_fallback = remote_engine(
+            link(fallback="torch-eager", retry_s=600.0, max_retry_s=600.0, observer=falling_back), in_plane
+        )
         try:
             expected_hu, _ = local_hu
             first = plain.infer_volume(echoes)
@@ -245,7 +248,7 @@ def test_token_and_tls_are_required_and_a_server_killed_mid_series_fails_or_fall
             assert np.array_equal(np.round(hu), np.round(expected_hu))
             windows = -(-echoes.shape[1] // SMALL_SLAB_DEPTH)
             assert falling_back.fallbacks == windows
-            # The first failed window tried the server; the next ones waited for retry_s without calling it.
+            # The first failed window tried the server (twice); the next ones wait retry_s without calling it.
             assert falling_back.outcomes().count("unavailable") == 2
         finally:
             plain.close()
@@ -362,3 +365,25 @@ def test_the_metric_labels_are_the_links_outcomes_and_a_remote_failure_has_its_c
     mismatch = ServedModelMismatchError("other weights", found="{}", expected="{}")
     assert failure_cause(error) == failure_cause(mismatch) == "remote"
     assert "remote" in ENGINE_FAILURE_CAUSES
+
+
+def test_windows_through_shared_memory_give_the_same_sct_and_leave_no_region_behind(
+    server: RunningServer, echoes: np.ndarray, local_hu: tuple[np.ndarray, np.ndarray]
+) -> None:
+    mine = f"sct-{os.getpid()}-"
+    before = {p.name for p in Path("/dev/shm").glob(f"{mine}*")}
+    engine = remote_engine(
+        RemoteLink(url=server.url, shared_memory=True), (echoes.shape[-2], echoes.shape[-1])
+    )
+    try:
+        regions = {p for p in Path("/dev/shm").glob(f"{mine}*") if p.name not in before}
+        assert len(regions) == 2 and all(p.stat().st_mode & 0o777 == 0o660 for p in regions)
+        hu, confidence = engine.infer_volume_with_confidence(echoes)
+        assert engine.info.details["shared_memory"] is True
+    finally:
+        engine.close()
+    expected_hu, expected_confidence = local_hu
+    assert np.array_equal(np.round(hu), np.round(expected_hu)) and np.array_equal(
+        confidence, expected_confidence
+    )
+    assert {p.name for p in Path("/dev/shm").glob(f"{mine}*")} == before

@@ -290,6 +290,8 @@ class TritonConfig:
     tls_key_file: Path | None = None
     #: File holding the server's access token (``sct-agent serve --token-file``).
     token_file: Path | None = None
+    #: Agent and server on one host: windows through system shared memory instead of gRPC messages.
+    shared_memory: bool = False
 
     def __post_init__(self) -> None:
         if self.fallback:
@@ -320,6 +322,7 @@ class TritonConfig:
                 tls_cert_file=self.tls_cert_file,
                 tls_key_file=self.tls_key_file,
                 token_file=self.token_file,
+                shared_memory=self.shared_memory,
                 observer=observer,
             )
         except RemoteLinkError as error:

@@ -75,6 +75,8 @@ class RemoteLink:
     #: TLS client certificate and key, for a server that requires mutual TLS.
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    #: Agent and server on one host: windows through system shared memory instead of gRPC messages.
+    shared_memory: bool = False
     #: File holding the access token the server requires (``sct-agent serve --token-file``); None = none.
     token_file: Path | None = None
     #: Told every call, fallback and connection change (the agent's metrics); None in tools and tests.

@@ -39,6 +39,7 @@ from engines.backends.remote_link import (
     RemoteLink,
     RemoteOutcome,
 )
+from engines.backends.triton_shared_memory import SharedMemoryWindows
 from engines.model.manifest import ModelManifest
 from engines.serving.contract import (
     GRPC_TOKEN_HEADER,
@@ -137,6 +138,8 @@ class TritonBackend(InferenceBackend):
         #: The server's own identity, as it last answered (its engine is shown in the agent's engine info).
         self.server_identity: ServedIdentity | None = None
         self._client: grpcclient.InferenceServerClient | None = None
+        #: The window's regions while connected with ``shared_memory``.
+        self._shared: SharedMemoryWindows | None = None
         self._headers: dict[str, str] = {}
         #: A local backend for windows the server fails (``RemoteLink.fallback``); set by the registry.
         self.fallback: InferenceBackend | None = None
@@ -182,6 +185,8 @@ class TritonBackend(InferenceBackend):
             client.close()
             raise
         self._check_identity(answer.as_numpy(IDENTITY_OUTPUT))
+        if link.shared_memory:
+            self._share_memory(client)
         self._client = client
         if link.observer is not None:
             link.observer.remote_connected(True)
@@ -189,8 +194,35 @@ class TritonBackend(InferenceBackend):
             "Triton server %s: connected, serves %s as the manifest says", link.url, self.manifest.label
         )
 
+    def _share_memory(self, client: grpcclient.InferenceServerClient) -> None:
+        """Regions for this window shape, registered with the server; a server elsewhere cannot map them."""
+        shared = SharedMemoryWindows(self.input_shape, self.outputs)
+        try:
+            shared.register(client, self._headers, self._call)
+        except RemoteInferenceError as exc:
+            shared.unregister(client, self._headers)
+            shared.close()
+            client.close()
+            outcome = exc.outcome if exc.outcome in RETRIED else RemoteOutcome.REFUSED
+            raise RemoteInferenceError(
+                f"{exc}; shared memory needs the server on this host and its shared-memory protocol open to this "
+                "agent (triton.shared_memory = false otherwise)",
+                outcome=outcome,
+                server=self.link.url,
+            ) from None
+        except BaseException:
+            shared.close()
+            client.close()
+            raise
+        self._shared = shared
+
     def _disconnect(self) -> None:
         client, self._client = getattr(self, "_client", None), None
+        shared, self._shared = getattr(self, "_shared", None), None
+        if shared is not None:
+            if client is not None:
+                shared.unregister(client, self._headers)
+            shared.close()
         if client is not None:
             client.close()
             if self.link.observer is not None:
@@ -250,13 +282,17 @@ class TritonBackend(InferenceBackend):
                     self._connect()
                 client = self._client
                 assert client is not None
-                request = grpcclient.InferInput(WINDOW_INPUT, list(host.shape), "FP32")
-                request.set_data_from_numpy(host)
+                if self._shared is not None:
+                    request, outputs = self._shared.request(host)
+                else:
+                    request, outputs = grpcclient.InferInput(WINDOW_INPUT, list(host.shape), "FP32"), None
+                    request.set_data_from_numpy(host)
                 result = self._call(
                     partial(
                         client.infer,
                         self.served,
                         [request],
+                        outputs=outputs,
                         headers=self._headers,
                         client_timeout=link.timeout_s,
                     )
@@ -268,15 +304,16 @@ class TritonBackend(InferenceBackend):
                 last = exc
                 continue
             self._check_identity(result.as_numpy(IDENTITY_OUTPUT))
-            out = result.as_numpy(OUTPUTS_OUTPUT)
+            described = result.get_output(OUTPUTS_OUTPUT)
+            found = tuple(described.shape) if described is not None else None
             expected = (1, self.outputs, *self.input_shape[1:])
-            if out is None or tuple(out.shape) != expected:
+            if found != expected:
                 raise RemoteInferenceError(
-                    f"Triton server {link.url}: output shape found {None if out is None else out.shape}, "
-                    f"expected {expected}",
+                    f"Triton server {link.url}: output shape found {found}, expected {expected}",
                     outcome=RemoteOutcome.ERROR,
                     server=link.url,
                 )
+            out = self._shared.result() if self._shared is not None else result.as_numpy(OUTPUTS_OUTPUT)
             return torch.from_numpy(np.array(out[0], dtype=np.float32, copy=True))
         assert last is not None
         raise RemoteInferenceError(
@@ -335,7 +372,12 @@ class TritonBackend(InferenceBackend):
         return f"triton://{self.options.remote.url}" if self.options.remote else "triton"
 
     def _details(self) -> dict[str, Any]:
-        details: dict[str, Any] = {"server": self.link.url, "served_model": self.served, "tls": self.link.tls}
+        details: dict[str, Any] = {
+            "server": self.link.url,
+            "served_model": self.served,
+            "tls": self.link.tls,
+            "shared_memory": self.link.shared_memory,
+        }
         if self.server_identity is not None:
             details["engine"] = self.server_identity.engine
         if self.fallback is not None:

@@ -66,6 +66,10 @@ MAX_SOCKET_PATH: Final = 107
 _SOCKET_SUFFIX: Final = "_0_0-server.sock"
 
 
+#: What PyTriton's own token guards on a server without one of ours.
+ADMINISTRATIVE: Final = ("model-repository", "statistics", "trace", "logging")
+
+
 class ServeConfigError(SctError, ValueError):
     def __init__(self, attribute: str, found: object, expected: str) -> None:
         super().__init__(
@@ -272,8 +276,10 @@ def serve(settings: ServeSettings, *, on_ready: Callable[[str], None] | None = N
         log_verbose=0,
     )
     token = settings.token()
-    security = (
-        TritonSecurityConfig(access_token=token, restricted_endpoints=list(TOKEN_GUARDED)) if token else None
+    # Without a token (loopback), PyTriton's own random token still guards the administrative endpoints; shared
+    # memory stays open to agents on this host (triton.shared_memory), who can only offer memory of their own.
+    security = TritonSecurityConfig(
+        access_token=token, restricted_endpoints=list(TOKEN_GUARDED if token else ADMINISTRATIVE)
     )
     if not is_loopback(settings.address) and settings.insecure:
         logger.warning(
