@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -387,3 +388,20 @@ def test_windows_through_shared_memory_give_the_same_sct_and_leave_no_region_beh
         confidence, expected_confidence
     )
     assert {p.name for p in Path("/dev/shm").glob(f"{mine}*")} == before
+
+
+def test_tritons_own_metrics_are_served_beside_ours_and_pass_promtool(server: RunningServer) -> None:
+    # After the other tests of this module, the served model has answered requests.
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    name = served_model_name(default_manifest().model_id, default_manifest().version)
+    success = [line for line in text.splitlines() if line.startswith("nv_inference_request_success{")]
+    assert any(f'model="{name}"' in line for line in success), text[:2000]
+    assert "nv_inference_queue_duration_us" in text and "nv_inference_exec_count" in text
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool is not installed (Debian: prometheus; .ci/run installs it)")
+    result = subprocess.run(
+        ["promtool", "check", "metrics"], input=text, capture_output=True, text=True, check=False
+    )
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if "error" in line.lower()]
+    assert not errors, errors
