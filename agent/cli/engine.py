@@ -25,6 +25,7 @@ from agent.ops.config import ConfigError
 from agent.ops.config_loader import load_config
 from engines.backends.base import BackendOptions, BackendUnavailableError
 from engines.backends.registry import AUTO, BACKENDS
+from engines.backends.remote_link import RemoteInferenceError
 from engines.confidence.calibrate import (
     DEFAULT_CHECK_SEEDS,
     DEFAULT_COMPONENTS,
@@ -35,6 +36,7 @@ from engines.confidence.calibrate import (
 from engines.confidence.input_features import CONTEXTS, Context
 from engines.inference.engine import SctEngine
 from engines.model.manifest import ManifestError, ModelManifest, default_manifest
+from engines.serving.contract import ServedModelMismatchError
 
 EXIT_CONFIG = 78
 BAR_WIDTH = 30
@@ -149,12 +151,16 @@ def run(args: argparse.Namespace) -> int:
             manifest,
             backend=backend,
             options=BackendOptions(
-                threads=config.engine.threads or None, cache_dir=cache_dir, progress=ProgressBar(sys.stderr)
+                threads=config.engine.threads or None,
+                cache_dir=cache_dir,
+                progress=ProgressBar(sys.stderr),
+                # triton: the server checked, and its engine for this window built and warmed there.
+                remote=config.triton.link(),
             ),
             in_plane=(args.in_plane[0], args.in_plane[1]) if args.in_plane else None,
             slab_depth=config.engine.slab_depth or None,
         )
-    except BackendUnavailableError as error:
+    except (BackendUnavailableError, RemoteInferenceError, ServedModelMismatchError) as error:
         print(f"sct-agent engine build: {error}", file=sys.stderr)
         return 1
     info = engine.info
