@@ -27,9 +27,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import tritonclient.grpc as grpcclient
 from agent_support import SMALL_FOV_MM, SMALL_SLAB_DEPTH
 from test_status_page_access import make_certificate
 from triton_support import RunningServer, free_ports, served
+from tritonclient.utils import InferenceServerException
 
 from agent.inference.engine_stage import failure_cause
 from agent.ops.config import AgentConfig, EngineConfig, TritonConfig
@@ -42,10 +44,18 @@ from engines.inference.engine import SctEngine
 from engines.model.manifest import DEFAULT_MODEL_DIR, ModelManifest, default_manifest
 from engines.phantom.generate import generate_case
 from engines.scanner.export import SimulationRequest
-from engines.serving.contract import ServedIdentity, ServedModelMismatchError, served_model_name
+from engines.serving.contract import (
+    GRPC_TOKEN_HEADER,
+    WINDOW_INPUT,
+    ServedIdentity,
+    ServedModelMismatchError,
+    served_model_name,
+)
 from engines.serving.triton_server import ServeConfigError, ServeSettings, serve_environment_problem
 from engines.serving.window_runner import WindowRunner, WindowShapeError
 
+#: The served model's id and version.
+IDENTITY = (default_manifest().model_id, default_manifest().version)
 #: The small phantom's in-plane matrix (SMALL_FOV_MM at 0.74 mm): windows of 2 x 48 x 168 x 168.
 MATRIX = "162x162"
 SERVE_ARGS = ("--backend", "torch-eager", "--slab-depth", str(SMALL_SLAB_DEPTH), "--matrix", MATRIX)
@@ -192,8 +202,14 @@ def test_token_and_tls_are_required_and_a_server_killed_mid_series_fails_or_fall
         str(key),
         "--token-file",
         str(token),
+        # One window computing and one waiting at most: a third agent's window is refused at once.
+        "--max-batch",
+        "1",
+        "--max-queue",
+        "1",
     )
     with served(tmp_path / "serve", *arguments, ssl_ca=certificate) as server:
+        assert_full_queue_refuses_at_once(server.url, certificate, token.read_text().strip())
         # Without the token, or with another one: refused at start, at once, and not retried.
         for token_file in (None, wrong):
             recorder = Recorder()
@@ -264,6 +280,48 @@ def test_token_and_tls_are_required_and_a_server_killed_mid_series_fails_or_fall
         assert failed.value.outcome is RemoteOutcome.UNAVAILABLE
     finally:
         down.close()
+
+
+def assert_full_queue_refuses_at_once(url: str, certificate: Path, token: str) -> None:
+    """Four windows at once against a server that computes one and queues one: the others are refused at once,
+    as "capacity", which the link retries with backoff."""
+    window = np.zeros((1, 2, 48, 168, 168), dtype=np.float32)
+    outcomes: list[str] = []
+
+    def send() -> None:
+        client = grpcclient.InferenceServerClient(url, ssl=True, root_certificates=str(certificate))
+        request = grpcclient.InferInput(WINDOW_INPUT, list(window.shape), "FP32")
+        request.set_data_from_numpy(window)
+        try:
+            client.infer(served_model_name(*IDENTITY[:2]), [request], headers={GRPC_TOKEN_HEADER: token})
+            outcomes.append("ok")
+        except InferenceServerException as exc:
+            outcomes.append(classify(str(exc.status()), str(exc.message())).value)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=send) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert outcomes.count("capacity") >= 1 and outcomes.count("ok") >= 1, outcomes
+    assert set(outcomes) <= {"ok", "capacity"}, outcomes
+
+
+def test_a_slow_server_times_out_and_the_window_fails_after_its_attempts(
+    server: RunningServer, echoes: np.ndarray
+) -> None:
+    recorder = Recorder()
+    link = RemoteLink(url=server.url, timeout_s=0.05, attempts=2, backoff_s=0.1, observer=recorder)
+    engine = remote_engine(link, (echoes.shape[-2], echoes.shape[-1]))  # its warm-up times out: a warning
+    try:
+        with pytest.raises(RemoteInferenceError) as failed:
+            engine.infer_volume(echoes)
+    finally:
+        engine.close()
+    assert failed.value.outcome is RemoteOutcome.TIMEOUT and "after 2 attempts" in str(failed.value)
+    assert recorder.outcomes().count("timeout") >= 3  # warm-up, then both attempts of the first window
 
 
 def test_link_settings_that_cannot_work_are_refused_by_name(tmp_path: Path) -> None:
