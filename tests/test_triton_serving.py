@@ -463,3 +463,36 @@ def test_tritons_own_metrics_are_served_beside_ours_and_pass_promtool(server: Ru
     )
     errors = [line for line in (result.stdout + result.stderr).splitlines() if "error" in line.lower()]
     assert not errors, errors
+
+
+def test_the_link_goes_back_to_a_server_that_restarted(
+    tmp_path: Path, echoes: np.ndarray, local_hu: tuple[np.ndarray, np.ndarray]
+) -> None:
+    in_plane = (echoes.shape[-2], echoes.shape[-1])
+    expected = np.round(local_hu[0])
+    windows = -(-echoes.shape[1] // SMALL_SLAB_DEPTH)
+    with served(tmp_path / "first", *SERVE_ARGS) as first:
+        ports = first.ports
+        falling_back, failing = Recorder(), Recorder()
+        link = partial(RemoteLink, url=first.url, attempts=1, retry_s=0.5, max_retry_s=0.5)
+        with_fallback = remote_engine(link(fallback="torch-eager", observer=falling_back), in_plane)
+        plain = remote_engine(link(observer=failing), in_plane)
+        first.kill()
+    try:
+        assert np.array_equal(np.round(with_fallback.infer_volume(echoes)), expected)
+        assert falling_back.fallbacks == windows
+        with pytest.raises(RemoteInferenceError):
+            plain.infer_volume(echoes)  # this series fails: no fallback
+
+        with served(tmp_path / "second", *SERVE_ARGS, ports=ports):
+            time.sleep(0.6)  # past retry_s: the next window tries the server again
+            assert np.array_equal(np.round(with_fallback.infer_volume(echoes)), expected)
+            assert np.array_equal(np.round(plain.infer_volume(echoes)), expected)  # the next series works
+    finally:
+        with_fallback.close()
+        plain.close()
+    assert falling_back.fallbacks == windows, (
+        "the restarted server computed every window of the second series"
+    )
+    assert falling_back.outcomes()[-windows:] == ["ok"] * windows
+    assert falling_back.connected.count(True) == 2 and failing.connected.count(True) == 2

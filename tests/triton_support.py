@@ -55,6 +55,11 @@ class RunningServer:
     grpc_port: int
     metrics_port: int
     log: Path
+    http_port: int = 0
+
+    @property
+    def ports(self) -> tuple[int, int, int]:
+        return self.grpc_port, self.http_port, self.metrics_port
 
     @property
     def url(self) -> str:
@@ -89,9 +94,12 @@ def ready(url: str, *, ssl_ca: Path | None = None) -> bool:
 
 
 @contextmanager
-def served(folder: Path, *arguments: str, ssl_ca: Path | None = None) -> Iterator[RunningServer]:
-    """``sct-agent serve ARGUMENTS`` on free loopback ports, yielded once Triton says ready; stopped after."""
-    grpc_port, http_port, metrics_port = free_ports(3)
+def served(
+    folder: Path, *arguments: str, ssl_ca: Path | None = None, ports: tuple[int, int, int] | None = None
+) -> Iterator[RunningServer]:
+    """``sct-agent serve ARGUMENTS`` on free loopback ports (or ``ports``: gRPC, HTTP, metrics), yielded once its
+    models are loaded; stopped after."""
+    grpc_port, http_port, metrics_port = ports or free_ports(3)
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "serve.log"
     command: Sequence[str] = [
@@ -111,7 +119,7 @@ def served(folder: Path, *arguments: str, ssl_ca: Path | None = None) -> Iterato
         process = subprocess.Popen(
             command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-    server = RunningServer(process, grpc_port, metrics_port, log)
+    server = RunningServer(process, grpc_port, metrics_port, log, http_port)
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not ready(server.url, ssl_ca=ssl_ca):
