@@ -581,11 +581,20 @@ def test_a_second_agent_gets_its_sct_from_a_triton_server_with_the_same_bytes(
     engine is the ``triton`` backend, and a subscriber that receives exactly what local inference gives."""
     protocols = write_test_protocol(tmp_path / "protocols")
     model = write_test_model(tmp_path / "model")
-    serve_arguments = ("--model", str(model), "--backend", "torch-eager", "--slab-depth", str(SMALL_SLAB_DEPTH))
+    serve_arguments = (
+        "--model",
+        str(model),
+        "--backend",
+        "torch-eager",
+        "--slab-depth",
+        str(SMALL_SLAB_DEPTH),
+    )
     rows, cols = passing_case.geometry.shape[1:]
     with served(tmp_path / "serve", *serve_arguments, "--matrix", f"{rows}x{cols}") as server:
         base = agent_config(tmp_path, protocols, model, quiet_period_s=3.0)
-        config = replace(base, engine=replace(base.engine, backend="triton"), triton=TritonConfig(url=server.url))
+        config = replace(
+            base, engine=replace(base.engine, backend="triton"), triton=TritonConfig(url=server.url)
+        )
         with running_agent(config, model) as agent:
             agent.export_series(passing_case, "pass-remote", rate_files_per_s=200.0)
             agent.listener.wait(lambda listener: len(listener.volumes) >= 1)
@@ -596,12 +605,15 @@ def test_a_second_agent_gets_its_sct_from_a_triton_server_with_the_same_bytes(
             server.kill()
             agent.export_series(simulate_case(PASSING_SEED + 7), "after-server-died", rate_files_per_s=200.0)
             agent.listener.wait(
-                lambda listener: any(s.kind == "error" and s.body.get("stage") == "engine" for s in listener.statuses)
+                lambda listener: any(
+                    s.kind == "error" and s.body.get("stage") == "engine" for s in listener.statuses
+                )
             )
             error = next(s for s in agent.listener.statuses if s.kind == "error")
             agent.listener.wait(
                 lambda listener: any(
-                    s.kind == "cancelled" and s.acquisition_id == error.acquisition_id for s in listener.statuses
+                    s.kind == "cancelled" and s.acquisition_id == error.acquisition_id
+                    for s in listener.statuses
                 )
             )
             after = agent.metrics_text()
