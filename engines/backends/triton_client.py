@@ -303,7 +303,11 @@ class TritonBackend(InferenceBackend):
                     raise
                 last = exc
                 continue
-            self._check_identity(result.as_numpy(IDENTITY_OUTPUT))
+            try:
+                self._check_identity(result.as_numpy(IDENTITY_OUTPUT))
+            except ServedModelMismatchError:
+                self._disconnect()  # a server swapped under the link: the next window reconnects and asks again
+                raise
             described = result.get_output(OUTPUTS_OUTPUT)
             found = tuple(described.shape) if described is not None else None
             expected = (1, self.outputs, *self.input_shape[1:])
