@@ -10,6 +10,9 @@
 #   bash bench/gpu.sh engine training    # both (over the 10 minutes one device call may take)
 #   bash bench/gpu.sh continue-training  # continue the run in runs/train-v2 (carried along) on the GPU for
 #                                        # SCT_TRAIN_SECONDS (default 420) and bring it back in $OUT
+#   bash bench/gpu.sh triton             # bench/scale_out.py: 1, 2, 4 CPU agents against one `sct-agent serve` on the
+#                                        # GPU, and inferring locally (estimated 5-9 minutes, not yet run there); needs
+#                                        # PyTriton from PyPI or from wheels in .whl/serve/ (carried), else skipped
 # Each step has its own time limit so that a hang in one still leaves the others' figures.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -71,5 +74,43 @@ timeout "${SCT_TRAIN_SECONDS:-420}" python3 -m agent.cli train --out "$RUN" --de
   2>&1 | tee "$OUT/train-run.txt" | tail -5
 echo "train run exit ${PIPESTATUS[0]} (124: stopped by the time limit, resumable)" | tee -a "$OUT/summary.txt"
 mkdir -p "$OUT/$RUN" && cp -r "$RUN"/. "$OUT/$RUN/"
+fi
+if want triton; then
+log "bench/scale_out.py: 1, 2, 4 agents (CPU processes) against one sct-agent serve on the GPU (--backend auto), and inferring locally"
+# The server runs from its own environment made from the system's python3 (PyTriton's model stub loads the system's
+# libpython); --system-site-packages keeps this machine's CUDA torch, PYTHONPATH the agent and the wheels above.
+# Without PyPI, PyTriton's wheels come from .whl/serve/ (pip download nvidia-pytriton==0.7.0 'tritonclient[grpc]'
+# --only-binary=:all: --python-version 3.12 -d .whl/serve, on a machine with PyPI). Any failure skips this part.
+SERVE_VENV=/tmp/sct-bench-serve-env
+serve_problem=""
+if [ ! -x "$SERVE_VENV/bin/python" ] && ! python3 -m venv --system-site-packages "$SERVE_VENV" >"$OUT/serve-env.txt" 2>&1; then
+  serve_problem="python3 -m venv failed (see serve-env.txt)"
+fi
+if [ -z "$serve_problem" ] && ! "$SERVE_VENV/bin/python" -c "import pytriton, tritonclient.grpc" 2>/dev/null; then
+  if compgen -G ".whl/serve/*.whl" >/dev/null; then
+    timeout 300 "$SERVE_VENV/bin/python" -m pip install -q --no-cache-dir --no-index --find-links .whl/serve \
+      nvidia-pytriton==0.7.0 'tritonclient[grpc]>=2.50' >>"$OUT/serve-env.txt" 2>&1 \
+      || serve_problem="PyTriton did not install from .whl/serve/ (see serve-env.txt)"
+  else
+    timeout 180 "$SERVE_VENV/bin/python" -m pip install -q --no-cache-dir --retries 1 --timeout 10 \
+      nvidia-pytriton==0.7.0 'tritonclient[grpc]>=2.50' >>"$OUT/serve-env.txt" 2>&1 \
+      || serve_problem="PyTriton could not be installed (no PyPI from here and no wheels in .whl/serve/; see serve-env.txt)"
+  fi
+fi
+if [ -z "$serve_problem" ]; then
+  # Empty when PyTriton can serve here; else why not (e.g. no libpython3.12.so.1.0 for its model stub).
+  serve_problem=$("$SERVE_VENV/bin/python" -c "from engines.serving.triton_server import serve_environment_problem as p
+print(p() or '')" 2>>"$OUT/serve-env.txt") || serve_problem="the serve environment does not import the agent (see serve-env.txt)"
+fi
+if [ -n "$serve_problem" ]; then
+  echo "triton SKIPPED: no serve environment here: $serve_problem" | tee -a "$OUT/summary.txt"
+else
+  rm -rf /tmp/sct-bench-triton
+  timeout 540 "$SERVE_VENV/bin/python" bench/scale_out.py --device cuda --serve-python "$SERVE_VENV/bin/python" \
+    --agents 1,2,4 --runs 2 --server-cache-dir "$CACHE" --keep /tmp/sct-bench-triton --json "$OUT/triton.json" 2>&1 \
+    | tee "$OUT/triton.txt" | tail -22
+  echo "triton exit ${PIPESTATUS[0]}" | tee -a "$OUT/summary.txt"
+  mkdir -p "$OUT/triton-logs" && cp /tmp/sct-bench-triton/serve/serve.log "$OUT/triton-logs/" 2>/dev/null
+fi
 fi
 log "done"
