@@ -17,6 +17,7 @@ server through stays on loopback.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -24,7 +25,7 @@ import platform
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -112,7 +113,6 @@ class ServeSettings:
     insecure: bool = False
     #: Where PyTriton puts the server's binaries and model store; None = a new temporary folder.
     workspace: Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
         """Refuse settings that would serve patient data in the clear or to anyone, naming what is missing."""
@@ -255,7 +255,7 @@ def serve(settings: ServeSettings, *, on_ready: Callable[[str], None] | None = N
     for shape in windows:
         info = runner.warm(shape)
         engine = f"{info.backend} {info.precision} on {info.device}"
-    identity = ServedIdentity(**{**_fields(ServedIdentity.of(manifest)), "engine": engine})
+    identity = dataclasses.replace(ServedIdentity.of(manifest), engine=engine)
     served = ServedModel(runner, identity)
     name = served_model_name(manifest.model_id, manifest.version)
 
@@ -267,7 +267,6 @@ def serve(settings: ServeSettings, *, on_ready: Callable[[str], None] | None = N
         http_port=settings.http_port,
         metrics_address=settings.address,
         metrics_port=settings.metrics_port,
-        allow_gpu_metrics=None,
         grpc_use_ssl=True if tls else None,
         grpc_use_ssl_mutual=True if settings.tls_client_ca_file is not None else None,
         grpc_server_cert=settings.tls_cert_file,
@@ -339,10 +338,6 @@ def serve(settings: ServeSettings, *, on_ready: Callable[[str], None] | None = N
             triton.serve()
     finally:
         runner.close()
-
-
-def _fields(identity: ServedIdentity) -> dict[str, Any]:
-    return {name: getattr(identity, name) for name in identity.__dataclass_fields__}
 
 
 def serve_environment_problem() -> str | None:
