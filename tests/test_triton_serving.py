@@ -37,9 +37,9 @@ from agent.inference.engine_stage import failure_cause
 from agent.ops.config import AgentConfig, EngineConfig, TritonConfig
 from agent.ops.metrics import ENGINE_FAILURE_CAUSES, REMOTE_OUTCOMES
 from agent.ops.preflight import Status, check_engine
-from engines.backends.base import BackendOptions
+from engines.backends.base import BackendOptions, Precision
 from engines.backends.remote_link import RemoteInferenceError, RemoteLink, RemoteLinkError, RemoteOutcome
-from engines.backends.triton_client import classify
+from engines.backends.triton_client import TritonBackend, classify
 from engines.inference.engine import SctEngine
 from engines.model.manifest import DEFAULT_MODEL_DIR, ModelManifest, default_manifest
 from engines.phantom.generate import generate_case
@@ -496,3 +496,16 @@ def test_the_link_goes_back_to_a_server_that_restarted(
     )
     assert falling_back.outcomes()[-windows:] == ["ok"] * windows
     assert falling_back.connected.count(True) == 2 and failing.connected.count(True) == 2
+
+
+def test_the_agent_reports_the_servers_precision_once_it_has_answered() -> None:
+    manifest = default_manifest()
+    backend = TritonBackend(manifest, (2, 48, 32, 32), BackendOptions(remote=RemoteLink(url="gpu-1:8001")))
+    seen = [backend.precision]  # nothing heard yet: the options' default
+    backend.server_identity = dataclasses.replace(
+        ServedIdentity.of(manifest), engine="tensorrt fp16 on cuda:0", precision="fp16"
+    )
+    seen.append(backend.precision)
+    backend.server_identity = dataclasses.replace(backend.server_identity, precision="fp4")
+    seen.append(backend.precision)  # a precision this agent has no name for
+    assert seen == [Precision.FP32, Precision.FP16, Precision.FP32]

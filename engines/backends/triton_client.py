@@ -24,6 +24,7 @@ back.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from functools import partial
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 import torch
 
-from engines.backends.base import BackendOptions, BackendUnavailableError, InferenceBackend
+from engines.backends.base import BackendOptions, BackendUnavailableError, InferenceBackend, Precision
 from engines.backends.remote_link import (
     RETRIED,
     RemoteInferenceError,
@@ -371,6 +372,15 @@ class TritonBackend(InferenceBackend):
             assert self.fallback is not None
             self.fallback.close()
             self.fallback = None
+
+    @property
+    def precision(self) -> Precision:
+        """The server engine's precision once it has answered (what computes the sCT); the options' before."""
+        served = getattr(self, "server_identity", None)
+        if served is not None and served.precision:
+            with contextlib.suppress(ValueError):  # a newer server's precision this agent has no name for
+                return Precision(served.precision)
+        return super().precision
 
     def _device(self) -> str:
         return f"triton://{self.options.remote.url}" if self.options.remote else "triton"

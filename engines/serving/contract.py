@@ -39,7 +39,7 @@ TOKEN_HEADER: Final = "triton-access-token"
 GRPC_TOKEN_HEADER: Final = f"triton-grpc-protocol-{TOKEN_HEADER}"
 
 #: Identity fields that describe the server rather than the model.
-_NOT_COMPARED: Final = frozenset({"engine"})
+_NOT_COMPARED: Final = frozenset({"engine", "precision"})
 _NOT_ALLOWED_IN_NAME = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -65,6 +65,8 @@ class ServedIdentity:
     outputs: int
     #: What computes it, e.g. "torch-cuda fp16 on cuda:0": for logs and the agent's engine info, never compared.
     engine: str = ""
+    #: The server engine's precision ("fp16"): the agent reports it as its own (metrics, summaries); not compared.
+    precision: str = ""
 
     @classmethod
     def of(cls, manifest: ModelManifest) -> ServedIdentity:
@@ -91,6 +93,7 @@ class ServedIdentity:
                 confidence_sha256=str(data["confidence_sha256"]),
                 outputs=int(data["outputs"]),
                 engine=str(data.get("engine", "")),
+                precision=str(data.get("precision", "")),
             )
         except (ValueError, TypeError, KeyError) as exc:
             raise ServedModelMismatchError(

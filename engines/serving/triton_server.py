@@ -251,11 +251,11 @@ def serve(settings: ServeSettings, *, on_ready: Callable[[str], None] | None = N
     )
     runner = WindowRunner(manifest, settings.backend, options, max_shapes=settings.max_shapes)
     windows = settings.warm_windows or default_warm_windows(manifest, [manifest.slab.depth])
-    engine = ""
+    engine, precision = "", ""
     for shape in windows:
         info = runner.warm(shape)
-        engine = f"{info.backend} {info.precision} on {info.device}"
-    identity = dataclasses.replace(ServedIdentity.of(manifest), engine=engine)
+        engine, precision = f"{info.backend} {info.precision} on {info.device}", info.precision
+    identity = dataclasses.replace(ServedIdentity.of(manifest), engine=engine, precision=precision)
     served = ServedModel(runner, identity)
     name = served_model_name(manifest.model_id, manifest.version)
 
