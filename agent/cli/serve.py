@@ -115,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         ServeSettings,
         serve,
         serve_environment_problem,
+        warm_windows,
     )
 
     problem = serve_environment_problem()
@@ -123,7 +124,11 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_BAD_ARGUMENTS
     try:
         manifest = ModelManifest.load(args.model) if args.model else default_manifest()
-        windows = _warm_windows(args, manifest)
+        windows = warm_windows(
+            manifest,
+            args.slab_depth or [manifest.slab.depth],
+            [_matrix(text) for text in args.matrix] if args.matrix else [manifest.matrix],
+        )
         settings = ServeSettings(
             manifest=manifest,
             backend=args.backend,
@@ -169,30 +174,6 @@ def run(args: argparse.Namespace) -> int:
     finally:
         sd_notify.stopping()
     return EXIT_OK
-
-
-def _warm_windows(args: argparse.Namespace, manifest: object) -> tuple[tuple[int, int, int, int], ...]:
-    """The windows ``--slab-depth`` × ``--matrix`` make (defaults: the manifest's)."""
-    from engines.model.manifest import ModelManifest  # noqa: PLC0415
-
-    assert isinstance(manifest, ModelManifest)
-    depths = args.slab_depth or [manifest.slab.depth]
-    matrices = [manifest.matrix] if not args.matrix else [_matrix(text) for text in args.matrix]
-    factor = manifest.architecture.downsampling_factor
-    windows = []
-    for depth in depths:
-        if depth < 1 or depth % factor:
-            raise ValueError(f"--slab-depth: found {depth}, expected a positive multiple of {factor}")
-        for rows, cols in matrices:
-            windows.append(
-                (
-                    manifest.architecture.in_channels,
-                    depth + 2 * manifest.slab.halo,
-                    -(-rows // factor) * factor,
-                    -(-cols // factor) * factor,
-                )
-            )
-    return tuple(dict.fromkeys(windows))
 
 
 def _matrix(text: str) -> tuple[int, int]:

@@ -198,15 +198,25 @@ def is_loopback(address: str) -> bool:
         return False
 
 
-def default_warm_windows(
-    manifest: ModelManifest, slab_depths: Sequence[int]
+def warm_windows(
+    manifest: ModelManifest, slab_depths: Sequence[int], matrices: Sequence[tuple[int, int]]
 ) -> tuple[tuple[int, int, int, int], ...]:
-    """The windows agents send for the manifest's matrix at the given slab depths."""
+    """The windows agents send for these slab depths and in-plane matrices (padded as the engine pads them)."""
     factor = manifest.architecture.downsampling_factor
-    rows, cols = (-(-n // factor) * factor for n in manifest.matrix)
+    for depth in slab_depths:
+        if depth < 1 or depth % factor:
+            raise ServeConfigError("serve.slab_depth", depth, f"a positive multiple of {factor}")
     return tuple(
-        (manifest.architecture.in_channels, depth + 2 * manifest.slab.halo, rows, cols)
-        for depth in dict.fromkeys(slab_depths)
+        dict.fromkeys(
+            (
+                manifest.architecture.in_channels,
+                depth + 2 * manifest.slab.halo,
+                -(-rows // factor) * factor,
+                -(-cols // factor) * factor,
+            )
+            for depth in slab_depths
+            for rows, cols in matrices
+        )
     )
 
 
@@ -250,7 +260,7 @@ def serve(settings: ServeSettings, *, on_ready: Callable[[str], None] | None = N
         threads=settings.threads, precision=settings.precision, cache_dir=settings.cache_dir
     )
     runner = WindowRunner(manifest, settings.backend, options, max_shapes=settings.max_shapes)
-    windows = settings.warm_windows or default_warm_windows(manifest, [manifest.slab.depth])
+    windows = settings.warm_windows or warm_windows(manifest, [manifest.slab.depth], [manifest.matrix])
     engine, precision = "", ""
     for shape in windows:
         info = runner.warm(shape)
